@@ -1,0 +1,232 @@
+//! Decoding of the ERP's messages (SPEC §3) into domain commands, at the edge:
+//! past this point nothing is bytes or JSON, and every name is valid.
+
+use chrono::NaiveDate;
+use serde::Deserialize;
+
+use crate::domain::commands::{Allocate, ChangeBatchQuantity, CreateBatch};
+use crate::domain::{BatchRef, Command, InvalidName, OrderId, Sku};
+
+/// The three inbound message types, one per inbound topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InboundKind {
+    BatchCreated,
+    BatchQuantityChanged,
+    AllocationRequired,
+}
+
+impl InboundKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundKind::BatchCreated => "BatchCreated",
+            InboundKind::BatchQuantityChanged => "BatchQuantityChanged",
+            InboundKind::AllocationRequired => "AllocationRequired",
+        }
+    }
+}
+
+/// Why a payload is not a command. Both are permanent: the message is
+/// dead-lettered, with `malformed-json` or `invalid-message`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("value is not a JSON document: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Deserialize)]
+struct BatchCreatedDto {
+    #[serde(rename = "ref")]
+    reference: String,
+    sku: String,
+    qty: i64,
+    #[serde(default)]
+    eta: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct BatchQuantityChangedDto {
+    #[serde(rename = "ref", alias = "batchref")]
+    reference: String,
+    qty: i64,
+}
+
+#[derive(Deserialize)]
+struct AllocationRequiredDto {
+    orderid: String,
+    sku: String,
+    qty: i64,
+}
+
+/// Decodes the value of a message of `kind`. Unknown fields are ignored.
+pub fn decode(kind: InboundKind, payload: Option<&[u8]>) -> Result<Command, DecodeError> {
+    let payload =
+        payload.ok_or_else(|| DecodeError::Malformed("the message has no value".into()))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !value.is_object() {
+        return Err(DecodeError::Invalid(format!(
+            "{} must be a JSON object",
+            kind.as_str()
+        )));
+    }
+    let invalid = |e: serde_json::Error| DecodeError::Invalid(format!("{}: {e}", kind.as_str()));
+    match kind {
+        InboundKind::BatchCreated => {
+            let dto: BatchCreatedDto = serde_json::from_value(value).map_err(invalid)?;
+            let eta = match dto.eta.as_deref() {
+                None => None,
+                Some(text) => Some(NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|e| {
+                    DecodeError::Invalid(format!("eta {text:?} is not a YYYY-MM-DD date: {e}"))
+                })?),
+            };
+            Ok(Command::CreateBatch(CreateBatch {
+                reference: name("ref", BatchRef::parse(dto.reference))?,
+                sku: name("sku", Sku::parse(dto.sku))?,
+                qty: quantity(dto.qty, 0)?,
+                eta,
+            }))
+        }
+        InboundKind::BatchQuantityChanged => {
+            let dto: BatchQuantityChangedDto = serde_json::from_value(value).map_err(invalid)?;
+            Ok(Command::ChangeBatchQuantity(ChangeBatchQuantity {
+                reference: name("ref", BatchRef::parse(dto.reference))?,
+                qty: quantity(dto.qty, 0)?,
+            }))
+        }
+        InboundKind::AllocationRequired => {
+            let dto: AllocationRequiredDto = serde_json::from_value(value).map_err(invalid)?;
+            Ok(Command::Allocate(Allocate {
+                orderid: name("orderid", OrderId::parse(dto.orderid))?,
+                sku: name("sku", Sku::parse(dto.sku))?,
+                qty: quantity(dto.qty, 1)?,
+            }))
+        }
+    }
+}
+
+fn name<T>(field: &str, parsed: Result<T, InvalidName>) -> Result<T, DecodeError> {
+    parsed.map_err(|e| DecodeError::Invalid(format!("{field} {e}")))
+}
+
+fn quantity(qty: i64, min: i64) -> Result<u32, DecodeError> {
+    if qty < min {
+        return Err(DecodeError::Invalid(format!(
+            "qty {qty} is less than {min}"
+        )));
+    }
+    u32::try_from(qty).map_err(|_| DecodeError::Invalid(format!("qty {qty} is too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_str(kind: InboundKind, s: &str) -> Result<Command, DecodeError> {
+        decode(kind, Some(s.as_bytes()))
+    }
+
+    #[test]
+    fn decodes_each_message_and_ignores_unknown_fields() {
+        let c = decode_str(
+            InboundKind::BatchCreated,
+            r#"{"ref":"b1","sku":"LAMP","qty":10,"eta":"2011-01-02","extra":[1]}"#,
+        )
+        .unwrap();
+        let Command::CreateBatch(c) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(c.eta, NaiveDate::from_ymd_opt(2011, 1, 2));
+        let c = decode_str(
+            InboundKind::BatchCreated,
+            r#"{"ref":"b1","sku":"LAMP","qty":0,"eta":null}"#,
+        )
+        .unwrap();
+        let Command::CreateBatch(c) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!((c.qty, c.eta), (0, None));
+        let c = decode_str(
+            InboundKind::BatchQuantityChanged,
+            r#"{"batchref":"b1","qty":5}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            c,
+            Command::ChangeBatchQuantity(ChangeBatchQuantity { qty: 5, .. })
+        ));
+        let c = decode_str(
+            InboundKind::AllocationRequired,
+            r#"{"orderid":"o1","sku":"LAMP","qty":1}"#,
+        )
+        .unwrap();
+        assert!(matches!(c, Command::Allocate(Allocate { qty: 1, .. })));
+    }
+
+    #[test]
+    fn tells_malformed_from_invalid() {
+        let malformed = [&b"{not json"[..], b"\xff\xfe", b""];
+        for bytes in malformed {
+            let r = decode(InboundKind::BatchCreated, Some(bytes));
+            assert!(
+                matches!(r, Err(DecodeError::Malformed(_))),
+                "{bytes:?}: {r:?}"
+            );
+        }
+        assert!(matches!(
+            decode(InboundKind::BatchCreated, None),
+            Err(DecodeError::Malformed(_))
+        ));
+        let invalid = [
+            (InboundKind::BatchCreated, r#"[1,2]"#),
+            (
+                InboundKind::BatchCreated,
+                r#"{"ref":"b","sku":"s","qty":-1}"#,
+            ),
+            (
+                InboundKind::BatchCreated,
+                r#"{"ref":"b","sku":"s","qty":"3"}"#,
+            ),
+            (
+                InboundKind::BatchCreated,
+                r#"{"ref":"b","sku":"s","qty":1.5}"#,
+            ),
+            (
+                InboundKind::BatchCreated,
+                r#"{"ref":"b","sku":"s","qty":99999999999999999999}"#,
+            ),
+            (
+                InboundKind::BatchCreated,
+                r#"{"ref":"b","sku":"s","qty":4294967296}"#,
+            ),
+            (
+                InboundKind::BatchCreated,
+                r#"{"ref":"b","sku":"s","qty":1,"eta":"2011-13-01"}"#,
+            ),
+            (InboundKind::BatchCreated, r#"{"ref":"","sku":"s","qty":1}"#),
+            (InboundKind::BatchCreated, r#"{"sku":"s","qty":1}"#),
+            (
+                InboundKind::BatchQuantityChanged,
+                r#"{"ref":"b","batchref":"b","qty":1}"#,
+            ),
+            (
+                InboundKind::AllocationRequired,
+                r#"{"orderid":"o","sku":"s","qty":0}"#,
+            ),
+            (
+                InboundKind::AllocationRequired,
+                r#"{"orderid":1,"sku":"s","qty":1}"#,
+            ),
+        ];
+        for (kind, s) in invalid {
+            let r = decode_str(kind, s);
+            assert!(matches!(r, Err(DecodeError::Invalid(_))), "{s}: {r:?}");
+        }
+        let long = format!(r#"{{"orderid":"{}","sku":"s","qty":1}}"#, "o".repeat(256));
+        assert!(matches!(
+            decode_str(InboundKind::AllocationRequired, &long),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+}

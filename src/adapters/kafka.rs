@@ -1,0 +1,174 @@
+//! Kafka clients: the consumer of the ERP topics and the producer the relay
+//! publishes with, configured from our settings plus any librdkafka property
+//! the operator passes through (TLS, SASL, timeouts).
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
+
+use super::inbound::InboundKind;
+use super::outbox::{InboundMessage, OutboxKind};
+
+/// Every topic name the worker uses (SPEC §3–5), defaults in the CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    pub batch_created: String,
+    pub batch_quantity_changed: String,
+    pub allocation_required: String,
+    pub allocated: String,
+    pub deallocated: String,
+    pub out_of_stock: String,
+    pub dead_letter: String,
+}
+
+impl Topics {
+    pub fn inbound(&self) -> [&str; 3] {
+        [
+            &self.batch_created,
+            &self.batch_quantity_changed,
+            &self.allocation_required,
+        ]
+    }
+
+    pub fn inbound_kind(&self, topic: &str) -> Option<InboundKind> {
+        if topic == self.batch_created {
+            Some(InboundKind::BatchCreated)
+        } else if topic == self.batch_quantity_changed {
+            Some(InboundKind::BatchQuantityChanged)
+        } else if topic == self.allocation_required {
+            Some(InboundKind::AllocationRequired)
+        } else {
+            None
+        }
+    }
+
+    pub fn outbound(&self, kind: OutboxKind) -> &str {
+        match kind {
+            OutboxKind::Allocated => &self.allocated,
+            OutboxKind::Deallocated => &self.deallocated,
+            OutboxKind::OutOfStock => &self.out_of_stock,
+            OutboxKind::DeadLetter => &self.dead_letter,
+        }
+    }
+}
+
+/// Connection settings shared by the consumer and the producer.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub bootstrap_servers: String,
+    pub group_id: String,
+    /// Passed to librdkafka last, so an operator can override any default here.
+    pub properties: Vec<(String, String)>,
+}
+
+impl KafkaSettings {
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set_log_level(RDKafkaLogLevel::Warning);
+        config
+    }
+
+    fn apply_properties(&self, config: &mut ClientConfig) {
+        for (key, value) in &self.properties {
+            config.set(key, value);
+        }
+    }
+
+    /// A consumer that stores offsets only when told to (after the message's
+    /// effects are durable) and auto-commits what was stored.
+    pub fn consumer(&self) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
+        let mut config = self.base();
+        config
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest");
+        self.apply_properties(&mut config);
+        config.create_with_context(WorkerContext)
+    }
+
+    /// An idempotent producer: retries never duplicate or reorder within a
+    /// partition, which the per-SKU order of events relies on.
+    pub fn producer(&self) -> Result<FutureProducer<WorkerContext>, KafkaError> {
+        let mut config = self.base();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000");
+        self.apply_properties(&mut config);
+        config.create_with_context(WorkerContext)
+    }
+}
+
+/// Sends librdkafka's logs and rebalances to `tracing`.
+pub struct WorkerContext;
+
+impl ClientContext for WorkerContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = ?partition_names(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = ?partition_names(tpl), "partitions revoked")
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
+fn partition_names(tpl: &rdkafka::TopicPartitionList) -> Vec<String> {
+    tpl.elements()
+        .iter()
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect()
+}
+
+/// An owned, Kafka-type-free copy of a consumed message. Taken at once so
+/// that no borrowed message outlives the poll (a consumer dropped while one is
+/// alive blocks forever).
+pub fn to_inbound<M: Message>(message: &M) -> InboundMessage {
+    let headers = message
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    InboundMessage {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        payload: message.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}

@@ -1,0 +1,8 @@
+//! Adapters: the outside world behind the service layer's traits. PostgreSQL
+//! (repository, unit of work, outbox), Kafka (decoding, consumer, relay).
+
+pub mod inbound;
+pub mod kafka;
+pub mod outbox;
+pub mod postgres;
+pub mod relay;

@@ -1,0 +1,235 @@
+//! The transactional outbox: what the worker will publish, as rows written in
+//! the same transaction as the change that caused them. This module turns
+//! domain events and dead letters into those rows, with their CloudEvents
+//! headers (Kafka binding, binary mode) decided once, at decision time.
+
+use chrono::{SecondsFormat, Utc};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::domain::Event;
+
+/// `ce_source` of every event this service publishes.
+pub const CE_SOURCE: &str = "allocation-worker";
+
+/// Namespace of the name-based (v5) UUIDs used as `ce_id`.
+const CE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5c1f_3a8e_0d6b_4f4e_9c1e_2a7b_6d40_a11c);
+
+/// What the inbound message contributes to the records it causes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageContext {
+    /// `ce_id` header when present, otherwise `topic/partition/offset`.
+    pub idempotency_key: String,
+    /// W3C trace context, carried to every event the message causes.
+    pub traceparent: Option<Vec<u8>>,
+}
+
+/// Where a row is published; the topic name is looked up at publish time, so a
+/// renamed topic applies to rows not yet sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutboxKind {
+    Allocated,
+    Deallocated,
+    OutOfStock,
+    DeadLetter,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Allocated => "Allocated",
+            OutboxKind::Deallocated => "Deallocated",
+            OutboxKind::OutOfStock => "OutOfStock",
+            OutboxKind::DeadLetter => "DeadLetter",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        [
+            OutboxKind::Allocated,
+            OutboxKind::Deallocated,
+            OutboxKind::OutOfStock,
+            OutboxKind::DeadLetter,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == value)
+    }
+}
+
+/// One Kafka record to publish, minus its topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    pub kind: OutboxKind,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The record of a domain event. `ce_id` is derived from the inbound message's
+/// idempotency key and the event's position among the events it caused, so the
+/// same decision always carries the same id, even when decided again after a
+/// crash or a concurrency retry.
+pub fn event_record(event: &Event, context: &MessageContext, position: usize) -> OutboxRecord {
+    let (kind, payload) = match event {
+        Event::Allocated(e) => (
+            OutboxKind::Allocated,
+            json!({"orderid": e.orderid.as_str(), "sku": e.sku.as_str(), "qty": e.qty, "batchref": e.batchref.as_str()}),
+        ),
+        Event::Deallocated(e) => (
+            OutboxKind::Deallocated,
+            json!({"orderid": e.orderid.as_str(), "sku": e.sku.as_str(), "qty": e.qty}),
+        ),
+        Event::OutOfStock(e) => (
+            OutboxKind::OutOfStock,
+            json!({"sku": e.sku.as_str(), "orderid": e.orderid.as_str(), "qty": e.qty}),
+        ),
+    };
+    let ce_id = Uuid::new_v5(
+        &CE_ID_NAMESPACE,
+        format!("{}#{position}", context.idempotency_key).as_bytes(),
+    );
+    let mut headers = vec![
+        ("ce_specversion".to_owned(), b"1.0".to_vec()),
+        ("ce_id".to_owned(), ce_id.to_string().into_bytes()),
+        (
+            "ce_type".to_owned(),
+            format!("allocation.{}", event.name()).into_bytes(),
+        ),
+        ("ce_source".to_owned(), CE_SOURCE.as_bytes().to_vec()),
+        (
+            "ce_time".to_owned(),
+            Utc::now()
+                .to_rfc3339_opts(SecondsFormat::Micros, true)
+                .into_bytes(),
+        ),
+        ("content-type".to_owned(), b"application/json".to_vec()),
+    ];
+    if let Some(traceparent) = &context.traceparent {
+        headers.push(("traceparent".to_owned(), traceparent.clone()));
+    }
+    OutboxRecord {
+        kind,
+        key: Some(event.sku().as_str().as_bytes().to_vec()),
+        payload: Some(payload.to_string().into_bytes()),
+        headers,
+    }
+}
+
+/// Why a message was dead-lettered: the `dlq.reason` header (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterReason {
+    MalformedJson,
+    InvalidMessage,
+    UnknownSku,
+    UnknownBatch,
+    DuplicateBatch,
+    DuplicateLine,
+    UnknownTopic,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::MalformedJson => "malformed-json",
+            DeadLetterReason::InvalidMessage => "invalid-message",
+            DeadLetterReason::UnknownSku => "unknown-sku",
+            DeadLetterReason::UnknownBatch => "unknown-batch",
+            DeadLetterReason::DuplicateBatch => "duplicate-batch",
+            DeadLetterReason::DuplicateLine => "duplicate-line",
+            DeadLetterReason::UnknownTopic => "unknown-topic",
+        }
+    }
+}
+
+/// An inbound Kafka message as the worker keeps it: owned, Kafka-type free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// `None` is a header with a null value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl InboundMessage {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// `ce_id` when the producer set one (so a re-publish is recognised),
+    /// otherwise the message's position, which a redelivery shares.
+    pub fn context(&self) -> MessageContext {
+        let idempotency_key = match self.header("ce_id").map(String::from_utf8_lossy) {
+            Some(id) if !id.trim().is_empty() => format!("ce_id:{id}"),
+            _ => format!("{}/{}/{}", self.topic, self.partition, self.offset),
+        };
+        MessageContext {
+            idempotency_key,
+            traceparent: self.header("traceparent").map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// The dead letter of `message`: its key, value and headers as they came,
+/// plus why it was rejected and where it came from.
+pub fn dead_letter_record(
+    message: &InboundMessage,
+    reason: DeadLetterReason,
+    error: &str,
+) -> OutboxRecord {
+    let mut headers: Vec<(String, Vec<u8>)> = message
+        .headers
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    headers.extend([
+        ("dlq.reason".to_owned(), reason.as_str().as_bytes().to_vec()),
+        ("dlq.error".to_owned(), error.as_bytes().to_vec()),
+        (
+            "dlq.original.topic".to_owned(),
+            message.topic.as_bytes().to_vec(),
+        ),
+        (
+            "dlq.original.partition".to_owned(),
+            message.partition.to_string().into_bytes(),
+        ),
+        (
+            "dlq.original.offset".to_owned(),
+            message.offset.to_string().into_bytes(),
+        ),
+    ]);
+    OutboxRecord {
+        kind: OutboxKind::DeadLetter,
+        key: message.key.clone(),
+        payload: message.payload.clone(),
+        headers,
+    }
+}
+
+pub(crate) async fn insert(
+    conn: &mut sqlx::PgConnection,
+    record: &OutboxRecord,
+) -> Result<(), sqlx::Error> {
+    let (names, values): (Vec<&str>, Vec<&[u8]>) = record
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .unzip();
+    sqlx::query(
+        "INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(record.kind.as_str())
+    .bind(record.key.as_deref())
+    .bind(record.payload.as_deref())
+    .bind(names)
+    .bind(values)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The outbox relay: publishes committed outbox rows in id order, waits for the
+//! broker to acknowledge them, then marks them sent. At least once: a crash
+//! between publish and mark sends the rows again, with the same `ce_id`.
+//!
+//! One relay publishes at a time across all instances (a PostgreSQL advisory
+//! lock held for the pass), because two relays interleaving rows of one SKU
+//! would break the per-SKU order of events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::kafka::{Topics, WorkerContext};
+use super::outbox::OutboxKind;
+use super::postgres::classify;
+use crate::service_layer::RepositoryError;
+
+/// Arbitrary constant naming the relay's advisory lock.
+const RELAY_LOCK: i64 = 0x616c_6c6f_6372_6c79;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Database(#[from] RepositoryError),
+    #[error("publishing failed after {published} of {attempted} records: {error}")]
+    Publish {
+        published: usize,
+        attempted: usize,
+        error: String,
+    },
+}
+
+type OutboxRow = (
+    i64,
+    String,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<String>,
+    Vec<Vec<u8>>,
+);
+
+pub struct Relay {
+    pool: PgPool,
+    producer: FutureProducer<WorkerContext>,
+    topics: Topics,
+    /// Rung by the worker after each commit, so events leave without waiting
+    /// for the next poll.
+    wake: Arc<Notify>,
+    batch_size: i64,
+    poll_interval: Duration,
+}
+
+impl Relay {
+    pub fn new(
+        pool: PgPool,
+        producer: FutureProducer<WorkerContext>,
+        topics: Topics,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self {
+            pool,
+            producer,
+            topics,
+            wake,
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// Publishes one batch of unsent rows; returns how many were marked sent.
+    /// Zero when there was nothing to send or another instance holds the lock.
+    pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        if !locked {
+            return Ok(0);
+        }
+        let rows: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT id, kind, message_key, payload, header_names, header_values FROM outbox \
+             WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(self.batch_size)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+
+        let mut deliveries = Vec::with_capacity(rows.len());
+        let mut failure = None;
+        for (id, kind, key, payload, names, values) in &rows {
+            let Some(kind) = OutboxKind::parse(kind) else {
+                // Written by a newer version; stop here rather than skip it and
+                // publish later rows of its SKU out of order.
+                failure = Some(format!("outbox row {id} has unknown kind {kind:?}"));
+                break;
+            };
+            let headers = names.iter().zip(values).fold(
+                OwnedHeaders::new_with_capacity(names.len()),
+                |hs, (n, v)| {
+                    hs.insert(Header {
+                        key: n,
+                        value: Some(v),
+                    })
+                },
+            );
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(self.topics.outbound(kind)).headers(headers);
+            if let Some(key) = key {
+                record = record.key(key.as_slice());
+            }
+            if let Some(payload) = payload {
+                record = record.payload(payload.as_slice());
+            }
+            match self.producer.send_result(record) {
+                Ok(delivery) => deliveries.push((*id, delivery)),
+                Err((e, _)) => {
+                    failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+
+        // Only the prefix acknowledged in order is marked: a row after a failed
+        // one is sent again next pass, so no SKU's events skip ahead.
+        let attempted = deliveries.len();
+        let mut sent = Vec::with_capacity(attempted);
+        for (id, delivery) in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) if failure.is_none() => sent.push(id),
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    failure.get_or_insert_with(|| e.to_string());
+                }
+                Err(_) => {
+                    failure.get_or_insert_with(|| "producer dropped the delivery".to_owned());
+                }
+            }
+        }
+        if !sent.is_empty() {
+            sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+                .bind(&sent)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        match failure {
+            None => Ok(sent.len()),
+            Some(error) => Err(RelayError::Publish {
+                published: sent.len(),
+                attempted: rows.len(),
+                error,
+            }),
+        }
+    }
+
+    /// Publishes until `shutdown`, then makes a last pass and flushes the
+    /// producer, each bounded by `drain_timeout`.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken, drain_timeout: Duration) {
+        let mut backoff = Backoff::default();
+        loop {
+            let more = match self.publish_pending().await {
+                Ok(n) => {
+                    if backoff.failures > 0 {
+                        tracing::info!("outbox relay recovered");
+                    }
+                    backoff.reset();
+                    n as i64 == self.batch_size
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "outbox relay failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                    false
+                }
+            };
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if !more {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.poll_interval) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            }
+        }
+        let last_pass = async {
+            while let Ok(n) = self.publish_pending().await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(drain_timeout, last_pass)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "outbox relay stopped before the outbox was empty; the rest is sent on restart"
+            );
+        }
+        if let Err(error) = self.producer.flush(drain_timeout) {
+            tracing::warn!(%error, "producer flush did not complete");
+        }
+        tracing::info!("outbox relay stopped");
+    }
+}
+
+/// Exponential back-off from 100 ms to 5 s, for outages of the database or broker.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(6)));
+        self.failures = self.failures.saturating_add(1);
+        delay.min(Duration::from_secs(5))
+    }
+
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}

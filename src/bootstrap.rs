@@ -1,0 +1,145 @@
+//! Wiring: builds the adapters from validated settings, applies migrations,
+//! starts the outbox relay and runs the worker until the shutdown token fires.
+//! Stops in order: the worker (stop fetching, finish, commit offsets), then the
+//! relay (publish what was committed, flush), then the database pool.
+
+use std::sync::Arc;
+
+use sqlx::migrate::MigrateError;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapters::postgres::{lazy_pool, MIGRATOR};
+use crate::adapters::relay::{Backoff, Relay};
+use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
+use crate::entrypoints::worker::Worker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// A setting the clients refused (say, an unknown librdkafka property).
+    #[error("invalid setting {setting}: {reason}")]
+    Config {
+        setting: &'static str,
+        reason: String,
+    },
+    #[error("database migration failed: {0}")]
+    Migration(#[from] MigrateError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+}
+
+impl BootstrapError {
+    /// Exit code: 2 for a bad setting (SPEC §7), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BootstrapError::Config { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn kafka_config_error(error: rdkafka::error::KafkaError) -> BootstrapError {
+    BootstrapError::Config {
+        setting: "KAFKA_PROPERTIES (--kafka-property)",
+        reason: error.to_string(),
+    }
+}
+
+/// `allocation-worker migrate`: fails at once if the database is unreachable.
+pub async fn migrate(settings: &DatabaseSettings) -> Result<(), BootstrapError> {
+    let pool = lazy_pool(settings.options.clone(), 1);
+    MIGRATOR.run(&pool).await?;
+    pool.close().await;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+/// Applies migrations, waiting out a database that is not up yet.
+async fn migrate_when_reachable(
+    pool: &PgPool,
+    shutdown: &CancellationToken,
+) -> Result<(), BootstrapError> {
+    let mut backoff = Backoff::default();
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(MigrateError::Execute(
+                error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)),
+            )) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "database unreachable; waiting to migrate");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// `allocation-worker run`.
+pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(), BootstrapError> {
+    // Clients first: a bad librdkafka property is a configuration error and
+    // must stop the binary before it touches anything.
+    let consumer = settings.kafka.consumer().map_err(kafka_config_error)?;
+    let producer = settings.kafka.producer().map_err(kafka_config_error)?;
+    let pool = lazy_pool(
+        settings.database.options.clone(),
+        settings.database.max_connections,
+    );
+    if settings.migrate {
+        migrate_when_reachable(&pool, &shutdown).await?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        tracing::info!("migrations applied");
+    }
+
+    let wake = Arc::new(Notify::new());
+    let relay = Relay::new(
+        pool.clone(),
+        producer,
+        settings.topics.clone(),
+        Arc::clone(&wake),
+    );
+    let relay_stop = CancellationToken::new();
+    let relay_task =
+        tokio::spawn(relay.run_until_stopped(relay_stop.clone(), settings.worker.shutdown_timeout));
+
+    let worker = Worker::new(
+        pool.clone(),
+        consumer,
+        settings.topics,
+        wake,
+        settings.worker,
+    );
+    let result = worker.run_until_stopped(shutdown).await;
+
+    relay_stop.cancel();
+    if let Err(error) = relay_task.await {
+        tracing::error!(%error, "outbox relay task failed");
+    }
+    pool.close().await;
+    tracing::info!("stopped");
+    result.map_err(BootstrapError::from)
+}
+
+/// A token cancelled on the first SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> std::io::Result<CancellationToken> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+        trigger.cancel();
+    });
+    Ok(token)
+}

@@ -1,0 +1,23 @@
+//! allocation-worker: a Kafka worker that allocates ERP order lines to stock in
+//! PostgreSQL and publishes what it decided (see `README.md` and SPEC).
+//!
+//! # Layout
+//!
+//! Layers as in cosmicpython; dependencies point inward only.
+//!
+//! - [`domain`]: `Product`, `Batch`, `OrderLine`, commands and events. Pure
+//!   Rust: imports nothing else of this crate and no I/O, async, sqlx or rdkafka.
+//! - [`service_layer`]: the message bus, the handlers and the unit-of-work
+//!   trait. Imports only `domain`.
+//! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
+//!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
+//!   traits; never imports `entrypoints`.
+//! - [`entrypoints`]: the command line and the worker loop, which owns the one
+//!   place where a message's transaction begins and ends.
+//! - [`bootstrap`]: builds the pieces from the settings and wires them.
+
+pub mod adapters;
+pub mod bootstrap;
+pub mod domain;
+pub mod entrypoints;
+pub mod service_layer;

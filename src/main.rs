@@ -1,0 +1,65 @@
+//! The `allocation-worker` binary: parse settings, set up logging, run.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use allocation_worker::bootstrap;
+use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
+use allocation_worker::entrypoints::telemetry;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e));
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(cli.log_format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            CommandLine::Migrate(args) => {
+                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
+                bootstrap::migrate(&settings)
+                    .await
+                    .map_err(|e| (e.exit_code(), e.to_string()))
+            }
+            CommandLine::Run(args) => {
+                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
+                let shutdown = bootstrap::shutdown_on_signals()
+                    .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
+                bootstrap::run(settings, shutdown)
+                    .await
+                    .map_err(|e| (e.exit_code(), e.to_string()))
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, message)) => {
+            // A bad setting is one line and nothing else (SPEC §7).
+            if code != 2 {
+                tracing::error!(error = %message, "exiting");
+            }
+            eprintln!("error: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
