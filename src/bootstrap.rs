@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::postgres::{lazy_pool, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
-use crate::entrypoints::worker::Worker;
+use crate::entrypoints::worker::{Processor, Worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
@@ -108,13 +108,8 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let relay_task =
         tokio::spawn(relay.run_until_stopped(relay_stop.clone(), settings.worker.shutdown_timeout));
 
-    let worker = Worker::new(
-        pool.clone(),
-        consumer,
-        settings.topics,
-        wake,
-        settings.worker,
-    );
+    let processor = Processor::new(pool.clone(), settings.topics, wake);
+    let worker = Worker::new(processor, consumer, settings.worker);
     let result = worker.run_until_stopped(shutdown).await;
 
     relay_stop.cancel();

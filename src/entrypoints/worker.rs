@@ -10,6 +10,7 @@
 //! messages are recognised by their idempotency key.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,29 +55,29 @@ pub enum Outcome {
 /// Optimistic-concurrency conflicts retried at once before backing off.
 const CONFLICT_RETRIES: u32 = 20;
 
-pub struct Worker {
+/// Handles messages, one transaction each, with no Kafka client of its own:
+/// tests drive it directly against a real database.
+pub struct Processor {
     pool: PgPool,
-    consumer: Arc<StreamConsumer<WorkerContext>>,
     topics: Topics,
+    /// Rung after each commit, so the relay publishes without waiting to poll.
     relay_wake: Arc<Notify>,
-    settings: WorkerSettings,
+    conflict_retries: AtomicU64,
 }
 
-impl Worker {
-    pub fn new(
-        pool: PgPool,
-        consumer: StreamConsumer<WorkerContext>,
-        topics: Topics,
-        relay_wake: Arc<Notify>,
-        settings: WorkerSettings,
-    ) -> Self {
+impl Processor {
+    pub fn new(pool: PgPool, topics: Topics, relay_wake: Arc<Notify>) -> Self {
         Self {
             pool,
-            consumer: Arc::new(consumer),
             topics,
             relay_wake,
-            settings,
+            conflict_retries: AtomicU64::new(0),
         }
+    }
+
+    /// Optimistic-concurrency conflicts retried so far.
+    pub fn conflict_retries(&self) -> u64 {
+        self.conflict_retries.load(Ordering::Relaxed)
     }
 
     /// Handles one message once. `give_up` turns an unknown reference into a
@@ -145,6 +146,7 @@ impl Worker {
                 }
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
+                    self.conflict_retries.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%why, conflicts, "concurrent change; retrying");
                 }
                 Err(e) => return Err(e),
@@ -172,9 +174,33 @@ impl Worker {
                     self.relay_wake.notify_one();
                     return Ok(Outcome::DeadLettered(reason));
                 }
-                Err(RepositoryError::Conflict(_)) if conflicts < CONFLICT_RETRIES => conflicts += 1,
+                Err(RepositoryError::Conflict(_)) if conflicts < CONFLICT_RETRIES => {
+                    conflicts += 1;
+                    self.conflict_retries.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// The consumer loop around a [`Processor`].
+pub struct Worker {
+    processor: Processor,
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    pub fn new(
+        processor: Processor,
+        consumer: StreamConsumer<WorkerContext>,
+        settings: WorkerSettings,
+    ) -> Self {
+        Self {
+            processor,
+            consumer: Arc::new(consumer),
+            settings,
         }
     }
 
@@ -188,7 +214,7 @@ impl Worker {
     ) -> Option<Outcome> {
         let mut backoff = Backoff::default();
         loop {
-            match self.process_one(message, give_up).await {
+            match self.processor.process_one(message, give_up).await {
                 Ok(outcome) => {
                     if backoff.failures() > 0 {
                         tracing::info!("database reachable again; resumed");
@@ -214,8 +240,8 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Result<(), rdkafka::error::KafkaError> {
         let this = Arc::new(self);
-        this.consumer.subscribe(&this.topics.inbound())?;
-        tracing::info!(topics = ?this.topics.inbound(), "consuming");
+        this.consumer.subscribe(&this.processor.topics.inbound())?;
+        tracing::info!(topics = ?this.processor.topics.inbound(), "consuming");
         let tracker = TaskTracker::new();
         let mut partitions: HashMap<(String, i32), mpsc::Sender<InboundMessage>> = HashMap::new();
         let mut errors = Backoff::default();
@@ -364,6 +390,7 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Option<Outcome> {
         let kind = self
+            .processor
             .topics
             .inbound_kind(&message.topic)
             .map_or("unknown", |k| k.as_str());

@@ -1,0 +1,454 @@
+//! The PostgreSQL adapters and the message processor against a real database:
+//! one fresh database per test. Needs DATABASE_URL (see scripts/services.sh).
+
+use std::sync::Arc;
+
+use allocation_worker::adapters::kafka::Topics;
+use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, MessageContext};
+use allocation_worker::adapters::postgres::{lazy_pool, Claim, PgUnitOfWork, MIGRATOR};
+use allocation_worker::domain::{OrderId, OrderLine, Sku};
+use allocation_worker::entrypoints::worker::{Outcome, Processor};
+use allocation_worker::service_layer::{ProductRepository, RepositoryError, UnitOfWork};
+use rand::Rng;
+use serde_json::json;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgPool};
+use tokio::sync::Notify;
+
+fn topics() -> Topics {
+    Topics {
+        batch_created: "erp.batch-created".into(),
+        batch_quantity_changed: "erp.batch-quantity-changed".into(),
+        allocation_required: "erp.allocation-required".into(),
+        allocated: "allocation.allocated".into(),
+        deallocated: "allocation.deallocated".into(),
+        out_of_stock: "allocation.out-of-stock".into(),
+        dead_letter: "allocation.dead-letter".into(),
+    }
+}
+
+/// A new, migrated database on the server of DATABASE_URL.
+async fn fresh_database() -> PgPool {
+    let url = std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL is not set: run `source scripts/services.sh` first");
+    let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
+    let name = format!("aw_test_{:016x}", rand::rng().random::<u64>());
+    let mut admin = sqlx::PgConnection::connect_with(&base)
+        .await
+        .expect("cannot connect to DATABASE_URL: is PostgreSQL running? (scripts/services.sh)");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("cannot create a test database (the role needs CREATEDB)");
+    let pool = lazy_pool(base.database(&name), 20);
+    MIGRATOR.run(&pool).await.expect("migrations must apply");
+    pool
+}
+
+fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {
+    raw_message(topic, offset, value.to_string().into_bytes())
+}
+
+fn raw_message(topic: &str, offset: i64, payload: Vec<u8>) -> InboundMessage {
+    InboundMessage {
+        topic: topic.into(),
+        partition: 0,
+        offset,
+        key: Some(b"key".to_vec()),
+        payload: Some(payload),
+        headers: vec![],
+    }
+}
+
+fn processor(pool: &PgPool) -> Processor {
+    Processor::new(pool.clone(), topics(), Arc::new(Notify::new()))
+}
+
+async fn outbox_kinds(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT kind FROM outbox ORDER BY id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn allocated_to(pool: &PgPool, orderid: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT b.reference FROM allocations a JOIN batches b ON b.id = a.batch_id WHERE a.orderid = $1",
+    )
+    .bind(orderid)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn stores_and_reloads_a_product_with_its_allocations_in_order() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let steps = [
+        message(
+            &t.batch_created,
+            0,
+            json!({"ref": "ship", "sku": "LAMP", "qty": 10, "eta": "2011-01-02"}),
+        ),
+        message(
+            &t.batch_created,
+            1,
+            json!({"ref": "stock", "sku": "LAMP", "qty": 3}),
+        ),
+        message(
+            &t.allocation_required,
+            0,
+            json!({"orderid": "o1", "sku": "LAMP", "qty": 2}),
+        ),
+        message(
+            &t.allocation_required,
+            1,
+            json!({"orderid": "o2", "sku": "LAMP", "qty": 2}),
+        ),
+        message(
+            &t.allocation_required,
+            2,
+            json!({"orderid": "o3", "sku": "LAMP", "qty": 2}),
+        ),
+    ];
+    for m in &steps {
+        assert_eq!(p.process_one(m, false).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("stock"));
+    assert_eq!(allocated_to(&pool, "o2").await.as_deref(), Some("ship"));
+
+    let mut uow = PgUnitOfWork::begin(&pool, context("reload")).await.unwrap();
+    let product = uow
+        .products()
+        .get(&Sku::parse("LAMP").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(product.version_number(), 5);
+    let refs: Vec<_> = product
+        .batches()
+        .iter()
+        .map(|b| b.reference().as_str())
+        .collect();
+    assert_eq!(
+        refs,
+        ["ship", "stock"],
+        "batches come back in creation order"
+    );
+    let ship: Vec<_> = product.batches()[0]
+        .allocations()
+        .iter()
+        .map(|l| l.orderid.as_str())
+        .collect();
+    assert_eq!(
+        ship,
+        ["o2", "o3"],
+        "allocations come back in allocation order"
+    );
+    assert_eq!(
+        product.batches()[0].eta().map(|d| d.to_string()).as_deref(),
+        Some("2011-01-02")
+    );
+
+    // The LIFO rule sees the stored order: dropping the shipment to 2 frees o3.
+    let drop = message(
+        &t.batch_quantity_changed,
+        0,
+        json!({"ref": "ship", "qty": 2}),
+    );
+    assert_eq!(p.process_one(&drop, false).await.unwrap(), Outcome::Applied);
+    assert_eq!(allocated_to(&pool, "o2").await.as_deref(), Some("ship"));
+    assert_eq!(allocated_to(&pool, "o3").await, None);
+    let view: Vec<(String, String)> =
+        sqlx::query_as("SELECT orderid, batchref FROM allocations_view ORDER BY orderid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        view,
+        [("o1".into(), "stock".into()), ("o2".into(), "ship".into())]
+    );
+    assert_eq!(
+        outbox_kinds(&pool).await,
+        [
+            "Allocated",
+            "Allocated",
+            "Allocated",
+            "Deallocated",
+            "OutOfStock"
+        ]
+    );
+}
+
+fn context(key: &str) -> MessageContext {
+    MessageContext {
+        idempotency_key: key.into(),
+        traceparent: None,
+    }
+}
+
+#[tokio::test]
+async fn of_two_concurrent_changes_to_one_product_one_commits_and_the_other_is_retried() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let batch = message(
+        &t.batch_created,
+        0,
+        json!({"ref": "b1", "sku": "CHAIR", "qty": 5}),
+    );
+    p.process_one(&batch, false).await.unwrap();
+
+    // Both transactions load version 1 before either commits.
+    let sku = Sku::parse("CHAIR").unwrap();
+    let mut first = PgUnitOfWork::begin(&pool, context("first")).await.unwrap();
+    let mut second = PgUnitOfWork::begin(&pool, context("second")).await.unwrap();
+    for (uow, order) in [(&mut first, "o1"), (&mut second, "o2")] {
+        let product = uow.products().get(&sku).await.unwrap().unwrap();
+        product
+            .allocate(OrderLine {
+                orderid: OrderId::parse(order).unwrap(),
+                sku: sku.clone(),
+                qty: 4,
+            })
+            .unwrap();
+    }
+    first.commit().await.expect("the first to commit wins");
+    match second.commit().await {
+        Err(RepositoryError::Conflict(_)) => {}
+        other => panic!("the second must conflict, got {other:?}"),
+    }
+    assert_eq!(
+        allocated_to(&pool, "o2").await,
+        None,
+        "the loser stored nothing"
+    );
+
+    // Retried through the processor, the loser sees the winner's allocation.
+    let retry = message(
+        &t.allocation_required,
+        0,
+        json!({"orderid": "o2", "sku": "CHAIR", "qty": 4}),
+    );
+    assert_eq!(
+        p.process_one(&retry, false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("b1"));
+    assert_eq!(allocated_to(&pool, "o2").await, None);
+    assert_eq!(outbox_kinds(&pool).await, ["OutOfStock"]);
+}
+
+#[tokio::test]
+async fn concurrent_allocations_and_a_quantity_drop_never_over_allocate() {
+    let pool = fresh_database().await;
+    let p = Arc::new(processor(&pool));
+    let t = topics();
+    for (i, (reference, qty)) in [("b1", 10), ("b2", 5)].into_iter().enumerate() {
+        let m = message(
+            &t.batch_created,
+            i as i64,
+            json!({"ref": reference, "sku": "DESK", "qty": qty}),
+        );
+        p.process_one(&m, false).await.unwrap();
+    }
+    let mut messages: Vec<_> = (0..20)
+        .map(|i| {
+            message(
+                &t.allocation_required,
+                i,
+                json!({"orderid": format!("o{i}"), "sku": "DESK", "qty": 1}),
+            )
+        })
+        .collect();
+    messages.insert(
+        7,
+        message(&t.batch_quantity_changed, 0, json!({"ref": "b1", "qty": 3})),
+    );
+    let tasks: Vec<_> = messages
+        .into_iter()
+        .map(|m| {
+            let p = Arc::clone(&p);
+            tokio::spawn(async move { p.process_one(&m, false).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), Outcome::Applied);
+    }
+
+    let over: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT b.reference, b.purchased_quantity, COALESCE(SUM(a.qty), 0)::BIGINT FROM batches b \
+         LEFT JOIN allocations a ON a.batch_id = b.id GROUP BY b.id HAVING COALESCE(SUM(a.qty), 0) > b.purchased_quantity",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(over.is_empty(), "over-allocated batches: {over:?}");
+    let allocated: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM allocations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        allocated, 8,
+        "3 + 5 units of stock, every unit taken by one of 20 orders"
+    );
+    let view: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM allocations_view")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(view, allocated, "the read model matches the allocations");
+    // Every order was decided: allocated now, or reported out of stock last.
+    let out_of_stock: i64 = sqlx::query_scalar(
+        "SELECT COUNT(DISTINCT convert_from(payload, 'UTF8')::json->>'orderid') FROM outbox o WHERE kind = 'OutOfStock' \
+         AND NOT EXISTS (SELECT 1 FROM allocations a WHERE a.orderid = convert_from(o.payload, 'UTF8')::json->>'orderid')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(allocated + out_of_stock, 20);
+    eprintln!("optimistic-concurrency retries: {}", p.conflict_retries());
+}
+
+#[tokio::test]
+async fn a_redelivered_message_changes_nothing() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let batch = message(
+        &t.batch_created,
+        0,
+        json!({"ref": "b1", "sku": "LAMP", "qty": 5}),
+    );
+    let order = message(
+        &t.allocation_required,
+        0,
+        json!({"orderid": "o1", "sku": "LAMP", "qty": 1}),
+    );
+    assert_eq!(
+        p.process_one(&batch, false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        p.process_one(&order, false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        p.process_one(&order, false).await.unwrap(),
+        Outcome::Duplicate
+    );
+
+    // Same ce_id at another offset (the ERP published it twice) is the same message.
+    let mut again = message(
+        &t.allocation_required,
+        7,
+        json!({"orderid": "o2", "sku": "LAMP", "qty": 1}),
+    );
+    again
+        .headers
+        .push(("ce_id".into(), Some(b"erp-42".to_vec())));
+    assert_eq!(
+        p.process_one(&again, false).await.unwrap(),
+        Outcome::Applied
+    );
+    again.offset = 8;
+    assert_eq!(
+        p.process_one(&again, false).await.unwrap(),
+        Outcome::Duplicate
+    );
+
+    assert_eq!(outbox_kinds(&pool).await, ["Allocated", "Allocated"]);
+    let mut uow = PgUnitOfWork::begin(&pool, context("erp.allocation-required/0/0"))
+        .await
+        .unwrap();
+    assert_eq!(uow.claim().await.unwrap(), Claim::AlreadyProcessed);
+}
+
+#[tokio::test]
+async fn rejected_messages_are_dead_lettered_once_with_their_reason() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let cases = [
+        (
+            raw_message(&t.allocation_required, 0, b"{not json".to_vec()),
+            DeadLetterReason::MalformedJson,
+        ),
+        (
+            message(
+                &t.allocation_required,
+                1,
+                json!({"orderid": "o", "sku": "LAMP", "qty": 0}),
+            ),
+            DeadLetterReason::InvalidMessage,
+        ),
+        (
+            message("erp.somewhere-else", 0, json!({})),
+            DeadLetterReason::UnknownTopic,
+        ),
+    ];
+    for (m, reason) in &cases {
+        assert_eq!(
+            p.process_one(m, false).await.unwrap(),
+            Outcome::DeadLettered(*reason)
+        );
+        assert_eq!(
+            p.process_one(m, false).await.unwrap(),
+            Outcome::Duplicate,
+            "dead-lettered once"
+        );
+    }
+    let reasons: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT header_values[array_position(header_names, 'dlq.reason')] FROM outbox ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let reasons: Vec<_> = reasons
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["malformed-json", "invalid-message", "unknown-topic"]
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_reference_is_deferred_without_a_trace_then_dead_lettered_on_giving_up() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let order = message(
+        &t.allocation_required,
+        0,
+        json!({"orderid": "o1", "sku": "NOPE", "qty": 1}),
+    );
+    let change = message(
+        &t.batch_quantity_changed,
+        0,
+        json!({"ref": "nope", "qty": 1}),
+    );
+    assert_eq!(
+        p.process_one(&order, false).await.unwrap(),
+        Outcome::Deferred
+    );
+    assert_eq!(
+        p.process_one(&change, false).await.unwrap(),
+        Outcome::Deferred
+    );
+    let claimed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM processed_messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(claimed, 0, "a deferred message must stay retryable");
+    assert_eq!(
+        p.process_one(&order, true).await.unwrap(),
+        Outcome::DeadLettered(DeadLetterReason::UnknownSku)
+    );
+    assert_eq!(
+        p.process_one(&change, true).await.unwrap(),
+        Outcome::DeadLettered(DeadLetterReason::UnknownBatch)
+    );
+}
