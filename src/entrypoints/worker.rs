@@ -52,8 +52,19 @@ pub enum Outcome {
     Deferred,
 }
 
-/// Optimistic-concurrency conflicts retried at once before backing off.
-const CONFLICT_RETRIES: u32 = 20;
+/// Optimistic-concurrency conflicts retried before the message is handed back
+/// as a transient failure. A conflict means another transaction made progress,
+/// so retrying is safe; the growing, jittered pause spreads out a hot product's
+/// contenders instead of letting them collide again in lock step.
+const CONFLICT_RETRIES: u32 = 100;
+
+async fn pause_after_conflict(conflicts: u32) {
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos() % 1000));
+    let micros = (200 * u64::from(conflicts.min(25))) + jitter;
+    tokio::time::sleep(Duration::from_micros(micros)).await;
+}
 
 /// Handles messages, one transaction each, with no Kafka client of its own:
 /// tests drive it directly against a real database.
@@ -148,6 +159,7 @@ impl Processor {
                     conflicts += 1;
                     self.conflict_retries.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%why, conflicts, "concurrent change; retrying");
+                    pause_after_conflict(conflicts).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -177,6 +189,7 @@ impl Processor {
                 Err(RepositoryError::Conflict(_)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
                     self.conflict_retries.fetch_add(1, Ordering::Relaxed);
+                    pause_after_conflict(conflicts).await;
                 }
                 Err(e) => return Err(e),
             }
