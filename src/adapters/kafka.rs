@@ -111,6 +111,12 @@ pub struct WorkerContext;
 
 impl ClientContext for WorkerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // KAFKA_PROPERTIES go to both clients; each ignores the other's
+        // properties with a warning that is noise, not news.
+        if fac == "CONFWARN" && message.contains("will be ignored by this") {
+            tracing::debug!(target: "librdkafka", fac, "{message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert

@@ -157,6 +157,13 @@ pub struct DatabaseSettings {
 impl DatabaseArgs {
     pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
         // The URL is not echoed back: it usually holds a password.
+        let scheme = self.database_url.split("://").next().unwrap_or_default();
+        if !matches!(scheme, "postgres" | "postgresql") || !self.database_url.contains("://") {
+            return Err(ConfigError {
+                setting: "DATABASE_URL (--database-url)",
+                reason: "expected a postgres:// or postgresql:// URL".into(),
+            });
+        }
         let options = PgConnectOptions::from_str(&self.database_url).map_err(|e| ConfigError {
             setting: "DATABASE_URL (--database-url)",
             reason: e.to_string(),

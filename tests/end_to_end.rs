@@ -1,0 +1,1014 @@
+//! End-to-end tests: the real `allocation-worker` binary against PostgreSQL and
+//! Kafka, driven only through Kafka topics (SPEC §3–§6), with assertions on
+//! the outbound topics and the database rows.
+//!
+//! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`).
+//! Run with `cargo test --test end_to_end -- --test-threads=2`.
+//! Worker logs: `target/e2e-logs/<test>-w<n>.log` (named in every failure).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use common::{random_hex, unique, Delivered, Record, TestEnv, DEADLINE};
+
+// ------------------------------------------------------------------ helpers
+
+/// A W3C `traceparent` with random ids.
+fn traceparent() -> String {
+    format!("00-{}-{}-01", random_hex(32), random_hex(16))
+}
+
+/// The CloudEvents Kafka binding (binary mode) of SPEC §4, and the key.
+fn assert_cloudevent(env: &TestEnv, r: &Record, ce_type: &str, sku: &str) {
+    check_eq!(
+        env,
+        r.key_str(),
+        Some(sku.to_owned()),
+        "key of {}",
+        r.summary()
+    );
+    for name in [
+        "ce_specversion",
+        "ce_id",
+        "ce_type",
+        "ce_source",
+        "ce_time",
+        "content-type",
+    ] {
+        check_eq!(
+            env,
+            r.header_count(name),
+            1,
+            "header {name} once in {}",
+            r.summary()
+        );
+    }
+    check_eq!(
+        env,
+        r.header("ce_specversion").as_deref(),
+        Some("1.0"),
+        "{}",
+        r.summary()
+    );
+    check_eq!(
+        env,
+        r.header("ce_type").as_deref(),
+        Some(ce_type),
+        "{}",
+        r.summary()
+    );
+    check_eq!(
+        env,
+        r.header("content-type").as_deref(),
+        Some("application/json"),
+        "{}",
+        r.summary()
+    );
+    check!(
+        env,
+        r.header("ce_id").is_some_and(|v| !v.trim().is_empty()),
+        "empty ce_id in {}",
+        r.summary()
+    );
+    check!(
+        env,
+        r.header("ce_source").is_some_and(|v| !v.trim().is_empty()),
+        "empty ce_source in {}",
+        r.summary()
+    );
+    let time = r.header("ce_time").unwrap_or_default();
+    check!(
+        env,
+        chrono::DateTime::parse_from_rfc3339(&time).is_ok(),
+        "ce_time {time:?} is not RFC 3339 in {}",
+        r.summary()
+    );
+}
+
+/// Waits until the batch row exists, so that what follows is not deferred.
+async fn wait_batch(env: &TestEnv, reference: &str) {
+    let db = env.db.clone();
+    let reference = reference.to_owned();
+    env.eventually(&format!("batch {reference} stored"), DEADLINE, move || {
+        let (db, reference) = (db.clone(), reference.clone());
+        async move {
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT id FROM batches WHERE reference = $1")
+                    .bind(&reference)
+                    .fetch_optional(&db)
+                    .await?;
+            Ok::<_, sqlx::Error>(found.map(|_| ()))
+        }
+    })
+    .await
+}
+
+/// Waits until the outbox has no unsent row and the witness has seen at least
+/// as many records as the outbox holds; returns the witness's records. The
+/// database is the count of what to expect (never the broker's watermarks).
+async fn wait_outbox_published(env: &TestEnv) -> Vec<Record> {
+    let db = env.db.clone();
+    let total: i64 = env
+        .eventually("outbox fully sent", DEADLINE, move || {
+            let db = db.clone();
+            async move {
+                let (unsent, total): (i64, i64) = sqlx::query_as(
+                    "SELECT count(*) FILTER (WHERE sent_at IS NULL), count(*) FROM outbox",
+                )
+                .fetch_one(&db)
+                .await?;
+                Ok::<_, sqlx::Error>((unsent == 0).then_some(total))
+            }
+        })
+        .await;
+    let outbound: HashSet<String> = env
+        .topics
+        .outbound()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    env.wait_for(
+        &format!("{total} outbox rows on the outbound topics"),
+        DEADLINE,
+        |rs| rs.iter().filter(|r| outbound.contains(&r.topic)).count() as i64 >= total,
+    )
+    .await
+}
+
+/// (batch reference, qty) of the allocation rows of an order line.
+async fn allocation_rows(env: &TestEnv, orderid: &str, sku: &str) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT b.reference, a.qty FROM allocations a JOIN batches b ON b.id = a.batch_id \
+         WHERE a.orderid = $1 AND a.sku = $2 ORDER BY a.id",
+    )
+    .bind(orderid)
+    .bind(sku)
+    .fetch_all(&env.db)
+    .await
+    .expect("query allocations")
+}
+
+async fn view_rows(env: &TestEnv, orderid: &str) -> Vec<(String, String)> {
+    sqlx::query_as("SELECT sku, batchref FROM allocations_view WHERE orderid = $1 ORDER BY sku")
+        .bind(orderid)
+        .fetch_all(&env.db)
+        .await
+        .expect("query allocations_view")
+}
+
+async fn outbox_count(env: &TestEnv, kind: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = $1")
+        .bind(kind)
+        .fetch_one(&env.db)
+        .await
+        .expect("query outbox")
+}
+
+fn on<'a>(records: &'a [Record], topic: &'a str) -> impl Iterator<Item = &'a Record> + 'a {
+    records.iter().filter(move |r| r.topic == topic)
+}
+
+// -------------------------------------------------------------------- tests
+
+/// cosmicpython's `test_change_batch_quantity_leading_to_reallocation`.
+#[tokio::test]
+async fn allocates_and_reallocates_like_the_reference() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker();
+    let sku = unique("sku");
+    let (earlier, later) = (unique("batch-old"), unique("batch-newer"));
+    let order = unique("order");
+
+    env.batch_created(&earlier, &sku, 10, Some("2011-01-01"))
+        .await;
+    env.batch_created(&later, &sku, 10, Some("2011-01-02"))
+        .await;
+    let trace1 = traceparent();
+    env.allocation_required(&order, &sku, 10, &[("traceparent", &trace1)])
+        .await;
+
+    let allocated = env
+        .wait_for_count(
+            "Allocated to the earlier batch",
+            &env.topics.allocated,
+            1,
+            DEADLINE,
+            |r| r.field("orderid") == order,
+        )
+        .await;
+    worker.assert_running();
+    let first = &allocated[0];
+    check_eq!(
+        env,
+        first.json(),
+        json!({"orderid": order, "sku": sku, "qty": 10, "batchref": earlier}),
+        "Allocated value: {}",
+        first.summary()
+    );
+    assert_cloudevent(&env, first, "allocation.Allocated", &sku);
+    check_eq!(
+        env,
+        first.header("traceparent"),
+        Some(trace1.clone()),
+        "traceparent carried: {}",
+        first.summary()
+    );
+    check_eq!(
+        env,
+        view_rows(&env, &order).await,
+        vec![(sku.clone(), earlier.clone())],
+        "allocations_view after allocation"
+    );
+
+    // Change quantity on the allocated batch so it's less than our order.
+    let trace2 = traceparent();
+    env.produce_json(
+        &env.topics.batch_quantity_changed,
+        Some(&earlier),
+        &json!({"batchref": earlier, "qty": 5}),
+        &[("traceparent", &trace2)],
+    )
+    .await;
+
+    let records = env
+        .wait_for(
+            "Deallocated, then Allocated to the later batch",
+            DEADLINE,
+            |rs| {
+                on(rs, &env.topics.deallocated).any(|r| r.field("orderid") == order)
+                    && on(rs, &env.topics.allocated)
+                        .any(|r| r.field("orderid") == order && r.field("batchref") == later)
+            },
+        )
+        .await;
+    let deallocated: Vec<&Record> = on(&records, &env.topics.deallocated).collect();
+    check_eq!(
+        env,
+        deallocated.len(),
+        1,
+        "one Deallocated: {deallocated:#?}"
+    );
+    let d = deallocated[0];
+    check_eq!(
+        env,
+        d.json(),
+        json!({"orderid": order, "sku": sku, "qty": 10}),
+        "Deallocated value: {}",
+        d.summary()
+    );
+    assert_cloudevent(&env, d, "allocation.Deallocated", &sku);
+    check_eq!(
+        env,
+        d.header("traceparent"),
+        Some(trace2.clone()),
+        "{}",
+        d.summary()
+    );
+
+    let allocated: Vec<&Record> = on(&records, &env.topics.allocated).collect();
+    check_eq!(env, allocated.len(), 2, "two Allocated: {allocated:#?}");
+    let again = allocated
+        .iter()
+        .find(|r| r.field("batchref") == later)
+        .unwrap();
+    check_eq!(
+        env,
+        again.json(),
+        json!({"orderid": order, "sku": sku, "qty": 10, "batchref": later}),
+        "reallocation value: {}",
+        again.summary()
+    );
+    assert_cloudevent(&env, again, "allocation.Allocated", &sku);
+    check_eq!(
+        env,
+        again.header("traceparent"),
+        Some(trace2.clone()),
+        "{}",
+        again.summary()
+    );
+    let ids: HashSet<String> = [first, d, *again]
+        .iter()
+        .filter_map(|r| r.ce_id())
+        .collect();
+    check_eq!(env, ids.len(), 3, "three events, three distinct ce_id");
+    check!(
+        env,
+        on(&records, &env.topics.out_of_stock).next().is_none(),
+        "no OutOfStock expected"
+    );
+
+    // State.
+    check_eq!(
+        env,
+        view_rows(&env, &order).await,
+        vec![(sku.clone(), later.clone())],
+        "allocations_view after reallocation"
+    );
+    check_eq!(
+        env,
+        allocation_rows(&env, &order, &sku).await,
+        vec![(later.clone(), 10)],
+        "allocation rows after reallocation"
+    );
+    let purchased: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT reference, purchased_quantity FROM batches WHERE sku = $1 ORDER BY reference",
+    )
+    .bind(&sku)
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    let expected: Vec<(String, i64)> = {
+        let mut v = vec![(earlier.clone(), 5), (later.clone(), 10)];
+        v.sort();
+        v
+    };
+    check_eq!(env, purchased, expected, "batch quantities");
+
+    worker.assert_running();
+    drop(worker);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn reports_out_of_stock() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker();
+    let sku = unique("sku");
+    let batch = unique("batch");
+    let (big, marker) = (unique("order-big"), unique("order-fits"));
+
+    env.batch_created(&batch, &sku, 5, None).await;
+    wait_batch(&env, &batch).await;
+    env.allocation_required(&big, &sku, 10, &[]).await;
+    // Same SKU, same partition, after it: once its Allocated is out, anything
+    // the first order caused on the allocated topic would be out too.
+    env.allocation_required(&marker, &sku, 5, &[]).await;
+
+    let records = env
+        .wait_for(
+            "OutOfStock for the big order and Allocated for the marker",
+            DEADLINE,
+            |rs| {
+                on(rs, &env.topics.out_of_stock).any(|r| r.field("orderid") == big)
+                    && on(rs, &env.topics.allocated).any(|r| r.field("orderid") == marker)
+            },
+        )
+        .await;
+    worker.assert_running();
+    let oos: Vec<&Record> = on(&records, &env.topics.out_of_stock).collect();
+    check_eq!(env, oos.len(), 1, "one OutOfStock: {oos:#?}");
+    check_eq!(
+        env,
+        oos[0].json(),
+        json!({"sku": sku, "orderid": big, "qty": 10}),
+        "OutOfStock value: {}",
+        oos[0].summary()
+    );
+    assert_cloudevent(&env, oos[0], "allocation.OutOfStock", &sku);
+    check!(
+        env,
+        !on(&records, &env.topics.allocated).any(|r| r.field("orderid") == big),
+        "the big order must not be allocated: {:#?}",
+        on(&records, &env.topics.allocated).collect::<Vec<_>>()
+    );
+
+    check_eq!(
+        env,
+        allocation_rows(&env, &big, &sku).await,
+        vec![],
+        "no allocation row"
+    );
+    check_eq!(
+        env,
+        view_rows(&env, &big).await,
+        vec![],
+        "no allocations_view row"
+    );
+    check_eq!(
+        env,
+        allocation_rows(&env, &marker, &sku).await,
+        vec![(batch.clone(), 5)],
+        "the order that fits is allocated"
+    );
+
+    drop(worker);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn dead_letters_a_malformed_message_and_carries_on() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker();
+    let t = env.topics.clone();
+    let sku = unique("sku");
+    let batch = unique("batch");
+    let (good, negative, line) = (
+        unique("order-good"),
+        unique("order-neg"),
+        unique("order-line"),
+    );
+    let mut produced = 0;
+
+    env.batch_created(&batch, &sku, 100, None).await;
+    produced += 1;
+    wait_batch(&env, &batch).await;
+
+    // 1. Not JSON, with its own key and a custom header.
+    let raw_key = unique("raw-key");
+    let malformed = env
+        .produce_raw(
+            &t.allocation_required,
+            Some(&raw_key),
+            b"{not json",
+            &[("x-custom", "kept"), ("traceparent", &traceparent())],
+        )
+        .await;
+    // ... and a valid message after it.
+    env.allocation_required(&good, &sku, 1, &[]).await;
+    // 2. Invalid: qty must be >= 1.
+    let invalid = env.allocation_required(&negative, &sku, -1, &[]).await;
+    // 3. The same batch again: identical is a no-op, different is rejected.
+    env.batch_created(&batch, &sku, 100, None).await;
+    let dup_batch = env.batch_created(&batch, &sku, 50, None).await;
+    // 4. The same line again: same qty is a no-op, different qty is rejected.
+    env.allocation_required(&line, &sku, 2, &[]).await;
+    env.allocation_required(&line, &sku, 2, &[]).await;
+    let dup_line = env.allocation_required(&line, &sku, 3, &[]).await;
+    produced += 8;
+
+    let expected: [(&str, &str, Delivered); 4] = [
+        ("malformed-json", t.allocation_required.as_str(), malformed),
+        ("invalid-message", t.allocation_required.as_str(), invalid),
+        ("duplicate-batch", t.batch_created.as_str(), dup_batch),
+        ("duplicate-line", t.allocation_required.as_str(), dup_line),
+    ];
+    let records = env
+        .wait_for("4 dead letters and 2 allocations", DEADLINE, |rs| {
+            on(rs, &t.dead_letter).count() >= 4
+                && on(rs, &t.allocated).any(|r| r.field("orderid") == good)
+                && on(rs, &t.allocated).any(|r| r.field("orderid") == line)
+        })
+        .await;
+    worker.assert_running();
+    let dead: Vec<&Record> = on(&records, &t.dead_letter).collect();
+
+    for (reason, topic, delivered) in &expected {
+        let found: Vec<&&Record> = dead
+            .iter()
+            .filter(|r| {
+                r.header("dlq.original.topic").as_deref() == Some(*topic)
+                    && r.header("dlq.original.partition") == Some(delivered.partition.to_string())
+                    && r.header("dlq.original.offset") == Some(delivered.offset.to_string())
+            })
+            .collect();
+        check_eq!(
+            env,
+            found.len(),
+            1,
+            "one dead letter for {reason} ({topic}[{}]@{}); dead letters: {dead:#?}",
+            delivered.partition,
+            delivered.offset
+        );
+        let r = found[0];
+        check_eq!(
+            env,
+            r.header("dlq.reason").as_deref(),
+            Some(*reason),
+            "{}",
+            r.summary()
+        );
+        check!(
+            env,
+            r.header("dlq.error").is_some_and(|e| !e.trim().is_empty()),
+            "dlq.error must say why: {}",
+            r.summary()
+        );
+        for name in [
+            "dlq.reason",
+            "dlq.error",
+            "dlq.original.topic",
+            "dlq.original.partition",
+            "dlq.original.offset",
+        ] {
+            check_eq!(
+                env,
+                r.header_count(name),
+                1,
+                "header {name} once in {}",
+                r.summary()
+            );
+        }
+    }
+
+    // The malformed one comes back byte for byte, with its key and headers.
+    let m = dead
+        .iter()
+        .find(|r| r.header("dlq.reason").as_deref() == Some("malformed-json"))
+        .unwrap();
+    check_eq!(
+        env,
+        m.key_str(),
+        Some(raw_key.clone()),
+        "original key: {}",
+        m.summary()
+    );
+    check_eq!(
+        env,
+        m.value.as_deref(),
+        Some(&b"{not json"[..]),
+        "original value: {}",
+        m.summary()
+    );
+    check_eq!(
+        env,
+        m.header("x-custom").as_deref(),
+        Some("kept"),
+        "original header: {}",
+        m.summary()
+    );
+    check!(
+        env,
+        m.header("traceparent").is_some(),
+        "original traceparent kept: {}",
+        m.summary()
+    );
+    // The others keep their original values too.
+    let d = dead
+        .iter()
+        .find(|r| r.header("dlq.reason").as_deref() == Some("duplicate-batch"))
+        .unwrap();
+    check_eq!(
+        env,
+        d.json(),
+        json!({"ref": batch, "sku": sku, "qty": 50, "eta": null}),
+        "duplicate-batch value: {}",
+        d.summary()
+    );
+    check_eq!(
+        env,
+        d.key_str(),
+        Some(sku.clone()),
+        "duplicate-batch key: {}",
+        d.summary()
+    );
+    let l = dead
+        .iter()
+        .find(|r| r.header("dlq.reason").as_deref() == Some("duplicate-line"))
+        .unwrap();
+    check_eq!(
+        env,
+        l.json(),
+        json!({"orderid": line, "sku": sku, "qty": 3}),
+        "duplicate-line value: {}",
+        l.summary()
+    );
+
+    // Everything processed; nothing else was published.
+    env.wait_processed(produced, DEADLINE).await;
+    let records = wait_outbox_published(&env).await;
+    check_eq!(
+        env,
+        outbox_count(&env, "DeadLetter").await,
+        4,
+        "dead letters in the outbox"
+    );
+    let dead_letters: Vec<&Record> = on(&records, &t.dead_letter).collect();
+    check_eq!(
+        env,
+        dead_letters.len(),
+        4,
+        "dead letters on the topic: {dead_letters:#?}"
+    );
+    let allocated: Vec<(String, String)> = on(&records, &t.allocated)
+        .map(|r| (r.field("orderid"), r.field("batchref")))
+        .collect();
+    let mut want = vec![(good.clone(), batch.clone()), (line.clone(), batch.clone())];
+    want.sort();
+    let mut got = allocated.clone();
+    got.sort();
+    check_eq!(env, got, want, "exactly one Allocated per valid order line");
+
+    // State: the valid messages applied, the rejected ones changed nothing.
+    check_eq!(
+        env,
+        allocation_rows(&env, &good, &sku).await,
+        vec![(batch.clone(), 1)],
+        "good order"
+    );
+    check_eq!(
+        env,
+        allocation_rows(&env, &line, &sku).await,
+        vec![(batch.clone(), 2)],
+        "first qty kept"
+    );
+    check_eq!(
+        env,
+        allocation_rows(&env, &negative, &sku).await,
+        vec![],
+        "invalid order not applied"
+    );
+    let purchased: i64 =
+        sqlx::query_scalar("SELECT purchased_quantity FROM batches WHERE reference = $1")
+            .bind(&batch)
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    check_eq!(env, purchased, 100, "the duplicate batch changed nothing");
+
+    drop(worker);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn redelivered_message_is_not_applied_twice() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker();
+    let sku = unique("sku");
+    let batch = unique("batch");
+    let order = unique("order");
+    let ce_id = format!("erp-{}", random_hex(24));
+    let other_key = unique("other-key");
+
+    env.batch_created(&batch, &sku, 10, None).await;
+    wait_batch(&env, &batch).await;
+    // The ERP publishes the same message (same ce_id) twice in a row, and once
+    // more under another key (so possibly to another partition).
+    env.allocation_required(&order, &sku, 1, &[("ce_id", &ce_id)])
+        .await;
+    env.allocation_required(&order, &sku, 1, &[("ce_id", &ce_id)])
+        .await;
+    let value = json!({"orderid": order, "sku": sku, "qty": 1});
+    env.produce_json(
+        &env.topics.allocation_required,
+        Some(&other_key),
+        &value,
+        &[("ce_id", &ce_id)],
+    )
+    .await;
+    // Markers behind each copy, in the same partitions: once their events are
+    // out, the copies were handled.
+    let (marker1, marker2) = (unique("marker"), unique("marker"));
+    env.allocation_required(&marker1, &sku, 1, &[]).await;
+    env.produce_json(
+        &env.topics.allocation_required,
+        Some(&other_key),
+        &json!({"orderid": marker2, "sku": sku, "qty": 1}),
+        &[],
+    )
+    .await;
+
+    env.wait_for("Allocated for both markers", DEADLINE, |rs| {
+        on(rs, &env.topics.allocated).any(|r| r.field("orderid") == marker1)
+            && on(rs, &env.topics.allocated).any(|r| r.field("orderid") == marker2)
+    })
+    .await;
+    worker.assert_running();
+    let records = wait_outbox_published(&env).await;
+
+    let for_order: Vec<&Record> = on(&records, &env.topics.allocated)
+        .filter(|r| r.field("orderid") == order)
+        .collect();
+    check_eq!(
+        env,
+        for_order.len(),
+        1,
+        "one Allocated for the order: {for_order:#?}"
+    );
+    check_eq!(
+        env,
+        on(&records, &env.topics.allocated).count(),
+        3,
+        "Allocated events: order + 2 markers"
+    );
+    check!(
+        env,
+        on(&records, &env.topics.dead_letter).next().is_none(),
+        "a redelivery is not a dead letter"
+    );
+    check_eq!(
+        env,
+        allocation_rows(&env, &order, &sku).await,
+        vec![(batch.clone(), 1)],
+        "one allocation"
+    );
+    check_eq!(
+        env,
+        outbox_count(&env, "Allocated").await,
+        3,
+        "Allocated rows in the outbox"
+    );
+    let allocated_total: i64 =
+        sqlx::query_scalar("SELECT COALESCE(sum(qty), 0)::BIGINT FROM allocations")
+            .fetch_one(&env.db)
+            .await
+            .unwrap();
+    check_eq!(
+        env,
+        allocated_total,
+        3,
+        "allocated quantity: order + 2 markers"
+    );
+
+    drop(worker);
+    env.finish().await;
+}
+
+// ------------------------------------------------------- restart mid-stream
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGKILL: nothing gets to finish.
+    Kill,
+    /// SIGTERM: must finish in-flight work and exit 0 in time.
+    Term,
+}
+
+/// (message_key, header_names, header_values) of an outbox row.
+type OutboxHeaders = (Option<Vec<u8>>, Vec<String>, Vec<Vec<u8>>);
+
+const SKUS: usize = 10;
+const ORDERS: usize = 400;
+const STOP_AFTER: usize = 100;
+const BATCH_QTY: i64 = 1000;
+
+/// Distinct `ce_id`s on a topic.
+fn distinct_ids(records: &[Record], topic: &str) -> HashSet<String> {
+    on(records, topic).filter_map(Record::ce_id).collect()
+}
+
+async fn restart_mid_stream(stop: Stop) {
+    let env = TestEnv::new().await;
+    let t = env.topics.clone();
+    let skus: Vec<String> = (0..SKUS).map(|i| unique(&format!("sku{i}"))).collect();
+    let batches: Vec<String> = (0..SKUS).map(|i| unique(&format!("batch{i}"))).collect();
+    // order i -> sku i % SKUS
+    let orders: Vec<(String, usize)> = (0..ORDERS)
+        .map(|i| (format!("order-{i:04}-{}", random_hex(6)), i % SKUS))
+        .collect();
+
+    let mut worker = env.spawn_worker();
+    for (batch, sku) in batches.iter().zip(&skus) {
+        env.batch_created(batch, sku, BATCH_QTY, None).await;
+    }
+    for batch in &batches {
+        wait_batch(&env, batch).await;
+    }
+
+    // Produce the orders at a steady pace (~3 s in all) while, at the same
+    // time, stopping the worker once STOP_AFTER decisions are out, and starting
+    // a new one (same group, same database).
+    let produced = AtomicUsize::new(0);
+    let producing = async {
+        for chunk in orders.chunks(10) {
+            let sends = chunk
+                .iter()
+                .map(|(orderid, s)| env.allocation_required(orderid, &skus[*s], 1, &[]));
+            futures::future::join_all(sends).await;
+            produced.fetch_add(chunk.len(), Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        env.note(&format!("all {ORDERS} orders produced"));
+    };
+    let restarting = async {
+        env.wait_for(&format!("{STOP_AFTER} Allocated events"), DEADLINE, |rs| {
+            distinct_ids(rs, &t.allocated).len() >= STOP_AFTER
+        })
+        .await;
+        worker.assert_running();
+        let seen = distinct_ids(&env.witness.snapshot(), &t.allocated).len();
+        let at = produced.load(Ordering::SeqCst);
+        match stop {
+            Stop::Kill => worker.kill().await,
+            Stop::Term => {
+                let started = Instant::now();
+                let status = worker.terminate(Duration::from_secs(30)).await;
+                check!(env, status.success(), "exit status after SIGTERM: {status}");
+                let unsent: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+                        .fetch_one(&env.db)
+                        .await
+                        .unwrap();
+                env.note(&format!(
+                    "graceful stop took {:?}; outbox rows left unsent: {unsent}",
+                    started.elapsed()
+                ));
+                check_eq!(
+                    env,
+                    unsent,
+                    0,
+                    "after a graceful stop every committed decision is published"
+                );
+            }
+        }
+        env.note(&format!(
+            "{stop:?} with {seen} distinct Allocated seen and {at} orders produced"
+        ));
+        check!(
+            env,
+            seen < ORDERS && at < ORDERS,
+            "the worker was meant to be stopped mid-stream, but {seen} of {ORDERS} decisions \
+             were out and {at} orders produced"
+        );
+        env.spawn_worker()
+    };
+    let ((), mut second) = tokio::join!(producing, restarting);
+
+    let records = env
+        .wait_for(
+            &format!("{ORDERS} distinct Allocated ce_ids"),
+            DEADLINE,
+            |rs| distinct_ids(rs, &t.allocated).len() >= ORDERS,
+        )
+        .await;
+    second.assert_running();
+    env.wait_processed((SKUS + ORDERS) as i64, DEADLINE).await;
+    let records = {
+        // Let the outbox settle, so late duplicates (if any) are counted too.
+        let settled = wait_outbox_published(&env).await;
+        if settled.len() > records.len() {
+            settled
+        } else {
+            records
+        }
+    };
+
+    // --- the outbound topic: every order once by ce_id, nothing else.
+    let allocated: Vec<&Record> = on(&records, &t.allocated).collect();
+    let mut by_id: HashMap<String, &Record> = HashMap::new();
+    let mut duplicates = 0;
+    for r in &allocated {
+        let id = r.ce_id().unwrap_or_default();
+        match by_id.get(&id) {
+            None => {
+                by_id.insert(id, r);
+            }
+            Some(earlier) => {
+                duplicates += 1;
+                check_eq!(
+                    env,
+                    (earlier.json(), earlier.key_str()),
+                    (r.json(), r.key_str()),
+                    "a re-sent event (same ce_id) must be the same event"
+                );
+            }
+        }
+    }
+    env.note(&format!(
+        "{stop:?}: {} Allocated records, {} distinct ce_ids, {duplicates} duplicate(s) by ce_id \
+         (allowed: at least once)",
+        allocated.len(),
+        by_id.len()
+    ));
+    check_eq!(env, by_id.len(), ORDERS, "distinct Allocated ce_ids");
+    let expected_batch: HashMap<&str, (&str, &str)> = orders
+        .iter()
+        .map(|(o, s)| (o.as_str(), (skus[*s].as_str(), batches[*s].as_str())))
+        .collect();
+    let mut decided: HashMap<String, usize> = HashMap::new();
+    for r in by_id.values() {
+        let orderid = r.field("orderid");
+        let Some((sku, batch)) = expected_batch.get(orderid.as_str()) else {
+            panic!(
+                "unexpected Allocated {}; logs: {}",
+                r.summary(),
+                env.log_paths()
+            );
+        };
+        check_eq!(
+            env,
+            r.json(),
+            json!({"orderid": orderid, "sku": sku, "qty": 1, "batchref": batch}),
+            "Allocated value"
+        );
+        *decided.entry(orderid).or_default() += 1;
+    }
+    let twice: Vec<_> = decided.iter().filter(|(_, n)| **n > 1).collect();
+    check!(
+        env,
+        twice.is_empty(),
+        "orders allocated by two distinct events: {twice:?}"
+    );
+    check_eq!(env, decided.len(), ORDERS, "orders with an Allocated event");
+    check!(
+        env,
+        on(&records, &t.dead_letter).next().is_none()
+            && on(&records, &t.out_of_stock).next().is_none()
+            && on(&records, &t.deallocated).next().is_none(),
+        "only Allocated events expected"
+    );
+
+    // --- per SKU, events come out in the order they were decided (outbox id).
+    let rows: Vec<OutboxHeaders> = sqlx::query_as(
+        "SELECT message_key, header_names, header_values FROM outbox \
+         WHERE kind = 'Allocated' ORDER BY id",
+    )
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    check_eq!(
+        env,
+        rows.len(),
+        ORDERS,
+        "Allocated rows in the outbox (each decision stored once)"
+    );
+    let mut decided_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, names, values) in rows {
+        let key = String::from_utf8_lossy(&key.unwrap_or_default()).into_owned();
+        let id = names
+            .iter()
+            .position(|n| n == "ce_id")
+            .map(|i| String::from_utf8_lossy(&values[i]).into_owned())
+            .unwrap_or_default();
+        decided_order.entry(key).or_default().push(id);
+    }
+    let mut published_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut first_seen = HashSet::new();
+    for r in &allocated {
+        let id = r.ce_id().unwrap_or_default();
+        if first_seen.insert(id.clone()) {
+            published_order
+                .entry(r.key_str().unwrap_or_default())
+                .or_default()
+                .push(id);
+        }
+    }
+    for (sku, ids) in &decided_order {
+        check!(
+            env,
+            published_order.get(sku) == Some(ids),
+            "events of {sku} published out of decision order"
+        );
+    }
+
+    // --- the database: every order exactly once, the read model agrees.
+    let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
+        "SELECT a.orderid, a.sku, a.qty, b.reference FROM allocations a \
+         JOIN batches b ON b.id = a.batch_id",
+    )
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    check_eq!(env, rows.len(), ORDERS, "allocation rows");
+    let mut per_order: HashMap<&str, usize> = HashMap::new();
+    for (orderid, sku, qty, batch) in &rows {
+        *per_order.entry(orderid.as_str()).or_default() += 1;
+        check_eq!(
+            env,
+            expected_batch.get(orderid.as_str()).copied(),
+            Some((sku.as_str(), batch.as_str())),
+            "allocation row of {orderid}"
+        );
+        check_eq!(env, *qty, 1, "qty of {orderid}");
+    }
+    check!(
+        env,
+        per_order.len() == ORDERS && per_order.values().all(|n| *n == 1),
+        "every order exactly one allocation row"
+    );
+    let view: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT orderid, sku, batchref FROM allocations_view")
+            .fetch_all(&env.db)
+            .await
+            .unwrap();
+    check_eq!(env, view.len(), ORDERS, "allocations_view rows");
+    for (orderid, sku, batch) in &view {
+        check_eq!(
+            env,
+            expected_batch.get(orderid.as_str()).copied(),
+            Some((sku.as_str(), batch.as_str())),
+            "allocations_view row of {orderid}"
+        );
+    }
+    let sums: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT b.reference, b.purchased_quantity, COALESCE(sum(a.qty), 0)::BIGINT \
+         FROM batches b LEFT JOIN allocations a ON a.batch_id = b.id GROUP BY b.id ORDER BY b.reference",
+    )
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    let mut want: Vec<(String, i64, i64)> = batches
+        .iter()
+        .map(|b| (b.clone(), BATCH_QTY, (ORDERS / SKUS) as i64))
+        .collect();
+    want.sort();
+    check_eq!(env, sums, want, "allocated quantity per batch");
+
+    drop(second);
+    drop(worker);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    restart_mid_stream(Stop::Kill).await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    restart_mid_stream(Stop::Term).await;
+}
