@@ -1012,3 +1012,74 @@ async fn restart_mid_stream_loses_nothing_and_applies_nothing_twice() {
 async fn graceful_shutdown_mid_stream_loses_nothing_and_applies_nothing_twice() {
     restart_mid_stream(Stop::Term).await;
 }
+
+/// Decisions committed while no relay ran (as after a crash between commit and
+/// publish) are published by the next worker, in decision order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rows_left_unsent_are_published_after_a_restart() {
+    use allocation_worker::adapters::outbox::InboundMessage;
+    use allocation_worker::adapters::postgres::MIGRATOR;
+    use allocation_worker::entrypoints::worker::{Outcome, Processor};
+
+    let env = TestEnv::new().await;
+    let t = &env.topics;
+    MIGRATOR.run(&env.db).await.expect("migrations apply");
+    let topics = allocation_worker::adapters::kafka::Topics {
+        batch_created: t.batch_created.clone(),
+        batch_quantity_changed: t.batch_quantity_changed.clone(),
+        allocation_required: t.allocation_required.clone(),
+        allocated: t.allocated.clone(),
+        deallocated: t.deallocated.clone(),
+        out_of_stock: t.out_of_stock.clone(),
+        dead_letter: t.dead_letter.clone(),
+    };
+    let processor = Processor::new(env.db.clone(), topics, Default::default());
+    let sku = unique("SKU");
+    let orders: Vec<String> = (0..5).map(|i| format!("{}-{i}", unique("o"))).collect();
+    let mut inputs = vec![(
+        t.batch_created.clone(),
+        json!({"ref": unique("b"), "sku": sku, "qty": 100}),
+    )];
+    inputs.extend(orders.iter().map(|o| {
+        (
+            t.allocation_required.clone(),
+            json!({"orderid": o, "sku": sku, "qty": 1}),
+        )
+    }));
+    for (offset, (topic, value)) in inputs.into_iter().enumerate() {
+        let message = InboundMessage {
+            topic,
+            partition: 0,
+            offset: offset as i64,
+            key: None,
+            payload: Some(value.to_string().into_bytes()),
+            headers: vec![],
+        };
+        let outcome = processor
+            .process_one(&message, false)
+            .await
+            .expect("database is up");
+        check_eq!(env, outcome, Outcome::Applied, "offset {offset}");
+    }
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    check_eq!(env, unsent, 5, "decisions waiting in the outbox");
+
+    let worker = env.spawn_worker();
+    let records = env
+        .wait_for_count("5 Allocated", &t.allocated, 5, DEADLINE, |_| true)
+        .await;
+    let published: Vec<String> = records.iter().map(|r| r.field("orderid")).collect();
+    check_eq!(env, published, orders, "published in decision order");
+    env.eventually("the outbox is marked sent", DEADLINE, || async {
+        let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&env.db)
+            .await?;
+        Ok::<_, sqlx::Error>((unsent == 0).then_some(()))
+    })
+    .await;
+    drop(worker);
+    env.finish().await;
+}
