@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Explicit `up`: a bare `source` would hand our cargo arguments to services.sh.
 source scripts/services.sh up
+# Alert rules and their unit tests; also installs promtool, which the
+# end-to-end metrics test uses to check the exposition format.
+bash deploy/prometheus/check.sh
 exec cargo test --locked "$@"

@@ -3,6 +3,8 @@
 //! Stops in order: the worker (stop fetching, finish, commit offsets), then the
 //! relay (publish what was committed, flush), then the database pool.
 
+use std::future::IntoFuture;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use sqlx::migrate::MigrateError;
@@ -10,6 +12,8 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::http::{self, HttpState};
+use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::{lazy_pool, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
@@ -27,6 +31,10 @@ pub enum BootstrapError {
     Migration(#[from] MigrateError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot listen on HTTP_ADDR {0}: {1}")]
+    Http(std::net::SocketAddr, #[source] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
 }
 
 impl BootstrapError {
@@ -81,17 +89,45 @@ async fn migrate_when_reachable(
 
 /// `allocation-worker run`.
 pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(), BootstrapError> {
+    let metrics = Arc::new(Metrics::new().map_err(BootstrapError::Metrics)?);
     // Clients first: a bad librdkafka property is a configuration error and
     // must stop the binary before it touches anything.
-    let consumer = settings.kafka.consumer().map_err(kafka_config_error)?;
+    let consumer = settings
+        .kafka
+        .consumer(Arc::clone(&metrics))
+        .map_err(kafka_config_error)?;
     let producer = settings.kafka.producer().map_err(kafka_config_error)?;
     let pool = lazy_pool(
         settings.database.options.clone(),
         settings.database.max_connections,
     );
+
+    // HTTP first, so /healthz answers and /readyz says "not ready" while the
+    // database is still being waited for.
+    let consumer_running = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(settings.http_addr)
+        .await
+        .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
+    tracing::info!(addr = %bound, "http listening");
+    let http_stop = CancellationToken::new();
+    let app = http::router(HttpState {
+        pool: pool.clone(),
+        metrics: Arc::clone(&metrics),
+        consumer_running: Arc::clone(&consumer_running),
+    });
+    let http_task = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+            .into_future(),
+    );
+
     if settings.migrate {
         migrate_when_reachable(&pool, &shutdown).await?;
         if shutdown.is_cancelled() {
+            http_stop.cancel();
             return Ok(());
         }
         tracing::info!("migrations applied");
@@ -103,18 +139,25 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         producer,
         settings.topics.clone(),
         Arc::clone(&wake),
+        Arc::clone(&metrics),
     );
     let relay_stop = CancellationToken::new();
     let relay_task =
         tokio::spawn(relay.run_until_stopped(relay_stop.clone(), settings.worker.shutdown_timeout));
 
-    let processor = Processor::new(pool.clone(), settings.topics, wake);
-    let worker = Worker::new(processor, consumer, settings.worker);
+    let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
+    let worker = Worker::new(processor, consumer, settings.worker, consumer_running);
     let result = worker.run_until_stopped(shutdown).await;
 
     relay_stop.cancel();
     if let Err(error) = relay_task.await {
         tracing::error!(%error, "outbox relay task failed");
+    }
+    http_stop.cancel();
+    match http_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
+        Err(error) => tracing::warn!(%error, "http task failed"),
     }
     pool.close().await;
     tracing::info!("stopped");

@@ -1033,7 +1033,8 @@ async fn outbox_rows_left_unsent_are_published_after_a_restart() {
         out_of_stock: t.out_of_stock.clone(),
         dead_letter: t.dead_letter.clone(),
     };
-    let processor = Processor::new(env.db.clone(), topics, Default::default());
+    let metrics = allocation_worker::adapters::metrics::Metrics::new().expect("metrics register");
+    let processor = Processor::new(env.db.clone(), topics, Default::default(), metrics.into());
     let sku = unique("SKU");
     let orders: Vec<String> = (0..5).map(|i| format!("{}-{i}", unique("o"))).collect();
     let mut inputs = vec![(
@@ -1081,5 +1082,214 @@ async fn outbox_rows_left_unsent_are_published_after_a_restart() {
     })
     .await;
     drop(worker);
+    env.finish().await;
+}
+
+// ------------------------------------------------------------------ HTTP
+
+/// A plain HTTP/1.1 GET: status and body. `None` while nothing listens yet.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Polls `path` until it answers with `status`; returns the body.
+async fn http_until(env: &TestEnv, addr: std::net::SocketAddr, path: &str, status: u16) -> String {
+    env.eventually(
+        &format!("GET {path} answers {status}"),
+        DEADLINE,
+        || async {
+            Ok::<_, String>(match http_get(addr, path).await {
+                Some((s, body)) if s == status => Some(body),
+                _ => None,
+            })
+        },
+    )
+    .await
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition;
+/// `labels` is the exact label string, e.g. `reason="malformed-json"`.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (series == wanted).then(|| value.parse().ok()).flatten()
+    })
+}
+
+#[tokio::test]
+async fn serves_health_metrics_and_the_read_model_over_http() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let addr = worker.http_addr;
+    http_until(&env, addr, "/healthz", 200).await;
+
+    let t = env.topics.clone();
+    let sku = unique("SKU");
+    let batch = unique("b");
+    let order = unique("o");
+    env.batch_created(&batch, &sku, 10, None).await;
+    wait_batch(&env, &batch).await;
+    env.allocation_required(&order, &sku, 3, &[]).await;
+    env.produce_raw(&t.allocation_required, Some("k"), b"{not json", &[])
+        .await;
+    wait_outbox_published(&env).await;
+    env.wait_for("the Allocated event and the dead letter", DEADLINE, |rs| {
+        rs.iter().any(|r| r.topic == t.allocated) && rs.iter().any(|r| r.topic == t.dead_letter)
+    })
+    .await;
+
+    http_until(&env, addr, "/readyz", 200).await;
+    let body = http_until(&env, addr, &format!("/allocations/{order}"), 200).await;
+    let view: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    check_eq!(
+        env,
+        view,
+        json!([{"sku": sku, "batchref": batch}]),
+        "read model"
+    );
+    http_until(&env, addr, "/allocations/no-such-order", 404).await;
+
+    // Counters and gauges moved as the traffic says; lag comes with the
+    // consumer's statistics, every 5 s.
+    let metrics = env
+        .eventually("metrics reflect the traffic", DEADLINE, || async {
+            let Some((200, m)) = http_get(addr, "/metrics").await else {
+                return Ok::<_, String>(None);
+            };
+            let done = sample(&m, "allocation_outbox_backlog_events", "") == Some(0.0)
+                && m.contains("allocation_consumer_lag_messages{");
+            Ok(done.then_some(m))
+        })
+        .await;
+    let expect = |name: &str, labels: &str, want: f64| {
+        let got = sample(&metrics, name, labels);
+        check_eq!(env, got, Some(want), "{name}{{{labels}}} in\n{metrics}");
+    };
+    let consumed = |topic: &str, outcome: &str| format!("outcome=\"{outcome}\",topic=\"{topic}\"");
+    expect(
+        "allocation_messages_consumed_total",
+        &consumed(&t.batch_created, "applied"),
+        1.0,
+    );
+    expect(
+        "allocation_messages_consumed_total",
+        &consumed(&t.allocation_required, "applied"),
+        1.0,
+    );
+    expect(
+        "allocation_messages_consumed_total",
+        &consumed(&t.allocation_required, "dead_lettered"),
+        1.0,
+    );
+    expect(
+        "allocation_messages_consumed_total",
+        &consumed(&t.allocation_required, "duplicate"),
+        0.0,
+    );
+    expect(
+        "allocation_events_published_total",
+        "event_type=\"Allocated\"",
+        1.0,
+    );
+    expect(
+        "allocation_events_published_total",
+        "event_type=\"OutOfStock\"",
+        0.0,
+    );
+    expect(
+        "allocation_events_published_total",
+        "event_type=\"DeadLetter\"",
+        1.0,
+    );
+    expect(
+        "allocation_dead_letters_total",
+        "reason=\"malformed-json\"",
+        1.0,
+    );
+    expect(
+        "allocation_dead_letters_total",
+        "reason=\"unknown-sku\"",
+        0.0,
+    );
+    expect(
+        "allocation_message_handling_duration_seconds_count",
+        "message_type=\"AllocationRequired\"",
+        2.0,
+    );
+    expect("allocation_outbox_oldest_unsent_age_seconds", "", 0.0);
+    expect("allocation_ready", "", 1.0);
+    check!(
+        env,
+        sample(&metrics, "process_resident_memory_bytes", "").is_some_and(|v| v > 0.0),
+        "process metrics in\n{metrics}"
+    );
+
+    // The exposition is valid for Prometheus's own checker.
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut promtool = promtool.expect(
+        "promtool is needed to check the metrics: apt-get install prometheus (scripts/test.sh installs it)",
+    );
+    {
+        use std::io::Write;
+        let mut stdin = promtool.stdin.take().expect("piped stdin");
+        stdin
+            .write_all(metrics.as_bytes())
+            .expect("promtool reads the metrics");
+    }
+    let checked = promtool.wait_with_output().expect("promtool runs");
+    check!(
+        env,
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    drop(worker);
+    env.finish().await;
+}
+
+#[tokio::test]
+async fn is_alive_but_not_ready_while_the_database_is_unreachable() {
+    let env = TestEnv::new().await;
+    // Nothing listens on port 1: the worker waits for the database to migrate.
+    let mut worker =
+        env.spawn_worker_with(&[("DATABASE_URL", "postgres://allocation:x@127.0.0.1:1/none")]);
+    let addr = worker.http_addr;
+    http_until(&env, addr, "/healthz", 200).await;
+    let body = http_until(&env, addr, "/readyz", 503).await;
+    check!(env, body.contains("database"), "readyz says why: {body}");
+    let metrics = http_until(&env, addr, "/metrics", 200).await;
+    check_eq!(
+        env,
+        sample(&metrics, "allocation_ready", ""),
+        Some(0.0),
+        "allocation_ready"
+    );
+    worker.assert_running();
+    let status = worker.terminate(Duration::from_secs(30)).await;
+    check!(
+        env,
+        status.success(),
+        "SIGTERM while waiting for the database exits 0: {status}"
+    );
     env.finish().await;
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use allocation_worker::adapters::kafka::Topics;
+use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, MessageContext};
 use allocation_worker::adapters::postgres::{lazy_pool, Claim, PgUnitOfWork, MIGRATOR};
 use allocation_worker::domain::{OrderId, OrderLine, Sku};
@@ -61,7 +62,12 @@ fn raw_message(topic: &str, offset: i64, payload: Vec<u8>) -> InboundMessage {
 }
 
 fn processor(pool: &PgPool) -> Processor {
-    Processor::new(pool.clone(), topics(), Arc::new(Notify::new()))
+    Processor::new(
+        pool.clone(),
+        topics(),
+        Arc::new(Notify::new()),
+        Arc::new(Metrics::new().expect("metrics register")),
+    )
 }
 
 async fn outbox_kinds(pool: &PgPool) -> Vec<String> {

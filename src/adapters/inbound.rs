@@ -77,9 +77,7 @@ pub fn decode(kind: InboundKind, payload: Option<&[u8]>) -> Result<Command, Deco
             let dto: BatchCreatedDto = serde_json::from_value(value).map_err(invalid)?;
             let eta = match dto.eta.as_deref() {
                 None => None,
-                Some(text) => Some(NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|e| {
-                    DecodeError::Invalid(format!("eta {text:?} is not a YYYY-MM-DD date: {e}"))
-                })?),
+                Some(text) => Some(parse_eta(text)?),
             };
             Ok(Command::CreateBatch(CreateBatch {
                 reference: name("ref", BatchRef::parse(dto.reference))?,
@@ -104,6 +102,22 @@ pub fn decode(kind: InboundKind, payload: Option<&[u8]>) -> Result<Command, Deco
             }))
         }
     }
+}
+
+/// Exactly `YYYY-MM-DD`: chrono alone would also take "2011-1-2", a leading
+/// space or a signed year, which the contract does not allow.
+fn parse_eta(text: &str) -> Result<NaiveDate, DecodeError> {
+    let invalid =
+        |why: String| DecodeError::Invalid(format!("eta {text:?} is not a YYYY-MM-DD date{why}"));
+    let shape_ok = text.len() == 10
+        && text.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    if !shape_ok {
+        return Err(invalid(String::new()));
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(|e| invalid(format!(": {e}")))
 }
 
 fn name<T>(field: &str, parsed: Result<T, InvalidName>) -> Result<T, DecodeError> {

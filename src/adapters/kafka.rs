@@ -2,14 +2,18 @@
 //! publishes with, configured from our settings plus any librdkafka property
 //! the operator passes through (TLS, SASL, timeouts).
 
+use std::sync::Arc;
+
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::FutureProducer;
+use rdkafka::statistics::Statistics;
 
 use super::inbound::InboundKind;
+use super::metrics::Metrics;
 use super::outbox::{InboundMessage, OutboxKind};
 
 /// Every topic name the worker uses (SPEC §3–5), defaults in the CLI.
@@ -81,15 +85,22 @@ impl KafkaSettings {
 
     /// A consumer that stores offsets only when told to (after the message's
     /// effects are durable) and auto-commits what was stored.
-    pub fn consumer(&self) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
+    pub fn consumer(
+        &self,
+        metrics: Arc<Metrics>,
+    ) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
         let mut config = self.base();
         config
             .set("group.id", &self.group_id)
+            // Statistics carry the consumer lag per partition for the metrics.
+            .set("statistics.interval.ms", "5000")
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest");
         self.apply_properties(&mut config);
-        config.create_with_context(WorkerContext)
+        config.create_with_context(WorkerContext {
+            metrics: Some(metrics),
+        })
     }
 
     /// An idempotent producer: retries never duplicate or reorder within a
@@ -102,12 +113,15 @@ impl KafkaSettings {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000");
         self.apply_properties(&mut config);
-        config.create_with_context(WorkerContext)
+        config.create_with_context(WorkerContext { metrics: None })
     }
 }
 
-/// Sends librdkafka's logs and rebalances to `tracing`.
-pub struct WorkerContext;
+/// Sends librdkafka's logs and rebalances to `tracing`, and the consumer's
+/// statistics to the lag metric.
+pub struct WorkerContext {
+    metrics: Option<Arc<Metrics>>,
+}
 
 impl ClientContext for WorkerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -127,6 +141,23 @@ impl ClientContext for WorkerContext {
         }
     }
 
+    fn stats(&self, statistics: Statistics) {
+        let Some(metrics) = &self.metrics else { return };
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                // -1 is librdkafka's internal unassigned partition; a lag of -1
+                // means not known yet.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics
+                    .consumer_lag
+                    .with_label_values(&[topic.as_str(), &partition.to_string()])
+                    .set(p.consumer_lag);
+            }
+        }
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
     }
@@ -143,7 +174,17 @@ impl ConsumerContext for WorkerContext {
                 tracing::info!(partitions = ?partition_names(tpl), "partitions assigned")
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = ?partition_names(tpl), "partitions revoked")
+                tracing::info!(partitions = ?partition_names(tpl), "partitions revoked");
+                // Another member reports these now; a stale gauge here would
+                // keep an alert firing.
+                if let Some(metrics) = &self.metrics {
+                    for e in tpl.elements() {
+                        let partition = e.partition().to_string();
+                        let _ = metrics
+                            .consumer_lag
+                            .remove_label_values(&[e.topic(), partition.as_str()]);
+                    }
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }

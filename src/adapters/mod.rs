@@ -1,8 +1,11 @@
 //! Adapters: the outside world behind the service layer's traits. PostgreSQL
-//! (repository, unit of work, outbox), Kafka (decoding, consumer, relay).
+//! (repository, unit of work, outbox), Kafka (decoding, consumer, relay),
+//! HTTP (health, metrics, the read model).
 
+pub mod http;
 pub mod inbound;
 pub mod kafka;
+pub mod metrics;
 pub mod outbox;
 pub mod postgres;
 pub mod relay;

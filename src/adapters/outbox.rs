@@ -35,6 +35,13 @@ pub enum OutboxKind {
 }
 
 impl OutboxKind {
+    pub const ALL: [OutboxKind; 4] = [
+        OutboxKind::Allocated,
+        OutboxKind::Deallocated,
+        OutboxKind::OutOfStock,
+        OutboxKind::DeadLetter,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OutboxKind::Allocated => "Allocated",
@@ -45,14 +52,7 @@ impl OutboxKind {
     }
 
     pub fn parse(value: &str) -> Option<Self> {
-        [
-            OutboxKind::Allocated,
-            OutboxKind::Deallocated,
-            OutboxKind::OutOfStock,
-            OutboxKind::DeadLetter,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == value)
+        Self::ALL.into_iter().find(|k| k.as_str() == value)
     }
 }
 
@@ -128,6 +128,16 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
+    pub const ALL: [DeadLetterReason; 7] = [
+        DeadLetterReason::MalformedJson,
+        DeadLetterReason::InvalidMessage,
+        DeadLetterReason::UnknownSku,
+        DeadLetterReason::UnknownBatch,
+        DeadLetterReason::DuplicateBatch,
+        DeadLetterReason::DuplicateLine,
+        DeadLetterReason::UnknownTopic,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::MalformedJson => "malformed-json",

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::{Topics, WorkerContext};
+use super::metrics::Metrics;
 use super::outbox::OutboxKind;
 use super::postgres::classify;
 use crate::service_layer::RepositoryError;
@@ -53,6 +54,7 @@ pub struct Relay {
     wake: Arc<Notify>,
     batch_size: i64,
     poll_interval: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Relay {
@@ -61,6 +63,7 @@ impl Relay {
         producer: FutureProducer<WorkerContext>,
         topics: Topics,
         wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             pool,
@@ -69,6 +72,7 @@ impl Relay {
             wake,
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
+            metrics,
         }
     }
 
@@ -96,7 +100,7 @@ impl Relay {
             return Ok(0);
         }
 
-        let mut deliveries = Vec::with_capacity(rows.len());
+        let mut deliveries: Vec<(i64, OutboxKind, _)> = Vec::with_capacity(rows.len());
         let mut failure = None;
         for (id, kind, key, payload, names, values) in &rows {
             let Some(kind) = OutboxKind::parse(kind) else {
@@ -123,7 +127,7 @@ impl Relay {
                 record = record.payload(payload.as_slice());
             }
             match self.producer.send_result(record) {
-                Ok(delivery) => deliveries.push((*id, delivery)),
+                Ok(delivery) => deliveries.push((*id, kind, delivery)),
                 Err((e, _)) => {
                     failure = Some(e.to_string());
                     break;
@@ -135,9 +139,13 @@ impl Relay {
         // one is sent again next pass, so no SKU's events skip ahead.
         let attempted = deliveries.len();
         let mut sent = Vec::with_capacity(attempted);
-        for (id, delivery) in deliveries {
+        let mut sent_kinds = Vec::with_capacity(attempted);
+        for (id, kind, delivery) in deliveries {
             match delivery.await {
-                Ok(Ok(_)) if failure.is_none() => sent.push(id),
+                Ok(Ok(_)) if failure.is_none() => {
+                    sent.push(id);
+                    sent_kinds.push(kind);
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
                     failure.get_or_insert_with(|| e.to_string());
@@ -155,6 +163,12 @@ impl Relay {
                 .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
+        for kind in sent_kinds {
+            self.metrics
+                .events_published
+                .with_label_values(&[kind.as_str()])
+                .inc();
+        }
         match failure {
             None => Ok(sent.len()),
             Some(error) => Err(RelayError::Publish {
@@ -219,6 +233,16 @@ impl Relay {
         }
         tracing::info!("outbox relay stopped");
     }
+}
+
+/// Unsent outbox rows and the age of the oldest, in seconds.
+pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 \
+         FROM outbox WHERE sent_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await
 }
 
 /// Exponential back-off from 100 ms to 5 s, for outages of the database or broker.

@@ -116,6 +116,11 @@ pub struct RunArgs {
     )]
     pub topic_dead_letter: String,
 
+    /// Address of the HTTP endpoints (/metrics, /healthz, /readyz,
+    /// /allocations/{orderid}); port 0 picks a free port.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub http_addr: std::net::SocketAddr,
+
     /// Do not apply migrations at start (when a separate `migrate` job does).
     #[arg(long, env = "SKIP_MIGRATIONS")]
     pub skip_migrations: bool,
@@ -145,6 +150,7 @@ pub struct RunSettings {
     pub kafka: KafkaSettings,
     pub topics: Topics,
     pub migrate: bool,
+    pub http_addr: std::net::SocketAddr,
     pub worker: WorkerSettings,
 }
 
@@ -230,6 +236,7 @@ impl RunArgs {
             },
             topics,
             migrate: !self.skip_migrations,
+            http_addr: self.http_addr,
             worker: WorkerSettings {
                 unknown_reference_timeout: self.unknown_reference_timeout,
                 shutdown_timeout: self.shutdown_timeout,

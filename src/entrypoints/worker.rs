@@ -10,7 +10,7 @@
 //! messages are recognised by their idempotency key.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::adapters::inbound::{self, DecodeError};
 use crate::adapters::kafka::{to_inbound, Topics, WorkerContext};
+use crate::adapters::metrics::Metrics;
 use crate::adapters::outbox::{dead_letter_record, DeadLetterReason, InboundMessage};
 use crate::adapters::postgres::{Claim, PgUnitOfWork};
 use crate::adapters::relay::Backoff;
@@ -73,22 +74,27 @@ pub struct Processor {
     topics: Topics,
     /// Rung after each commit, so the relay publishes without waiting to poll.
     relay_wake: Arc<Notify>,
-    conflict_retries: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Processor {
-    pub fn new(pool: PgPool, topics: Topics, relay_wake: Arc<Notify>) -> Self {
+    pub fn new(
+        pool: PgPool,
+        topics: Topics,
+        relay_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             pool,
             topics,
             relay_wake,
-            conflict_retries: AtomicU64::new(0),
+            metrics,
         }
     }
 
     /// Optimistic-concurrency conflicts retried so far.
     pub fn conflict_retries(&self) -> u64 {
-        self.conflict_retries.load(Ordering::Relaxed)
+        self.metrics.concurrency_retries.get()
     }
 
     /// Handles one message once. `give_up` turns an unknown reference into a
@@ -157,7 +163,7 @@ impl Processor {
                 }
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
-                    self.conflict_retries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.concurrency_retries.inc();
                     tracing::debug!(%why, conflicts, "concurrent change; retrying");
                     pause_after_conflict(conflicts).await;
                 }
@@ -183,12 +189,16 @@ impl Processor {
             match uow.commit().await {
                 Ok(()) => {
                     tracing::warn!(reason = reason.as_str(), error, "message dead-lettered");
+                    self.metrics
+                        .dead_letters
+                        .with_label_values(&[reason.as_str()])
+                        .inc();
                     self.relay_wake.notify_one();
                     return Ok(Outcome::DeadLettered(reason));
                 }
                 Err(RepositoryError::Conflict(_)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
-                    self.conflict_retries.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.concurrency_retries.inc();
                     pause_after_conflict(conflicts).await;
                 }
                 Err(e) => return Err(e),
@@ -202,6 +212,8 @@ pub struct Worker {
     processor: Processor,
     consumer: Arc<StreamConsumer<WorkerContext>>,
     settings: WorkerSettings,
+    /// Read by `/readyz`: true while the loop runs and the consumer is healthy.
+    consumer_running: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -209,11 +221,13 @@ impl Worker {
         processor: Processor,
         consumer: StreamConsumer<WorkerContext>,
         settings: WorkerSettings,
+        consumer_running: Arc<AtomicBool>,
     ) -> Self {
         Self {
             processor,
             consumer: Arc::new(consumer),
             settings,
+            consumer_running,
         }
     }
 
@@ -255,6 +269,10 @@ impl Worker {
         let this = Arc::new(self);
         this.consumer.subscribe(&this.processor.topics.inbound())?;
         tracing::info!(topics = ?this.processor.topics.inbound(), "consuming");
+        this.consumer_running.store(true, Ordering::Relaxed);
+        this.processor
+            .metrics
+            .init_topics(&this.processor.topics.inbound());
         let tracker = TaskTracker::new();
         let mut partitions: HashMap<(String, i32), mpsc::Sender<InboundMessage>> = HashMap::new();
         let mut errors = Backoff::default();
@@ -266,9 +284,11 @@ impl Worker {
             let message = match received {
                 Ok(message) => {
                     errors.reset();
+                    this.consumer_running.store(true, Ordering::Relaxed);
                     message
                 }
                 Err(error) => {
+                    this.consumer_running.store(false, Ordering::Relaxed);
                     let delay = errors.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "consumer error");
                     tokio::select! {
@@ -300,6 +320,7 @@ impl Worker {
             }
         }
 
+        this.consumer_running.store(false, Ordering::Relaxed);
         drop(partitions);
         tracker.close();
         if tokio::time::timeout(this.settings.shutdown_timeout, tracker.wait())
@@ -419,7 +440,25 @@ impl Worker {
             ce_id,
         );
         async {
+            let started = std::time::Instant::now();
             let outcome = self.process_with_retry(message, give_up, shutdown).await;
+            let metrics = &self.processor.metrics;
+            metrics
+                .handling_duration
+                .with_label_values(&[kind])
+                .observe(started.elapsed().as_secs_f64());
+            let label = match outcome {
+                Some(Outcome::Applied) => Some("applied"),
+                Some(Outcome::Duplicate) => Some("duplicate"),
+                Some(Outcome::DeadLettered(_)) => Some("dead_lettered"),
+                Some(Outcome::Deferred) | None => None,
+            };
+            if let Some(label) = label {
+                metrics
+                    .messages_consumed
+                    .with_label_values(&[message.topic.as_str(), label])
+                    .inc();
+            }
             tracing::debug!(?outcome, "handled");
             outcome
         }

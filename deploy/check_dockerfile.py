@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Checks the repository's Dockerfile and .dockerignore without building.
+
+    python3 deploy/check_dockerfile.py
+
+Parses the Dockerfile with the `dockerfile` package (BuildKit's own parser)
+when it is installed, else line by line, and checks: a Rust bookworm builder
+and a debian:bookworm-slim runtime; every COPY from the build context names a
+file that exists and that .dockerignore does not exclude; target/ and .git are
+excluded; the binary built is Cargo.toml's [[bin]]; the runtime runs as a
+numeric non-root user, exposes 9464, listens on 0.0.0.0:9464 and has
+ENTRYPOINT ["allocation-worker"] and CMD ["run"] in exec form.
+
+Exit status 1 with one line per problem.
+"""
+import fnmatch
+import json
+import pathlib
+import re
+import sys
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    tomllib = None
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+problems = []
+
+
+def problem(message):
+    problems.append(message)
+
+
+def instructions(text):
+    """(instruction, flags, value, is_json) for each instruction."""
+    try:
+        import dockerfile
+    except ImportError:
+        print("dockerfile-check: note: the `dockerfile` package is not installed, parsing line by line")
+        joined = re.sub(r"\\\n", " ", text)
+        result = []
+        for line in joined.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            word, _, rest = line.partition(" ")
+            flags = tuple(f for f in rest.split() if f.startswith("--"))
+            rest = " ".join(w for w in rest.split() if not w.startswith("--"))
+            is_json = rest.startswith("[")
+            value = tuple(json.loads(rest)) if is_json else tuple(rest.split())
+            result.append((word.upper(), flags, value, is_json))
+        return result
+    return [(c.cmd.upper(), c.flags, c.value, c.json) for c in dockerfile.parse_string(text)]
+
+
+def ignored(path, patterns):
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/"):
+            excluded = not negate
+    return excluded
+
+
+def main():
+    dockerfile_path, ignore_path = ROOT / "Dockerfile", ROOT / ".dockerignore"
+    if not dockerfile_path.is_file() or not ignore_path.is_file():
+        print("dockerfile-check: Dockerfile or .dockerignore missing", file=sys.stderr)
+        return 1
+    patterns = [l.strip() for l in ignore_path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    for must in ("target", ".git"):
+        if not ignored(must, patterns):
+            problem(f".dockerignore does not exclude {must}")
+
+    parsed = instructions(dockerfile_path.read_text())
+    stages = [i for i, (cmd, *_rest) in enumerate(parsed) if cmd == "FROM"]
+    if len(stages) < 2:
+        problem("not a multi-stage build")
+        return report()
+    builder_from = " ".join(parsed[stages[0]][2])
+    runtime_from = " ".join(parsed[stages[-1]][2])
+    if not re.match(r"rust:\S*bookworm", builder_from.replace("${RUST_VERSION}", "1")):
+        problem(f"builder stage is {builder_from!r}, expected rust:*-bookworm")
+    if runtime_from.split()[0] != "debian:bookworm-slim":
+        problem(f"runtime stage is {runtime_from!r}, expected debian:bookworm-slim")
+
+    for cmd, flags, value, _ in parsed:
+        if cmd == "COPY" and not any(f.startswith("--from") for f in flags):
+            for source in value[:-1]:
+                if not (ROOT / source).exists():
+                    problem(f"COPY {source}: not in the repository")
+                elif ignored(source.rstrip("/"), patterns):
+                    problem(f"COPY {source}: excluded by .dockerignore")
+
+    if tomllib:
+        cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+        binaries = [b["name"] for b in cargo.get("bin", [])] or [cargo["package"]["name"]]
+        text = dockerfile_path.read_text()
+        for binary in binaries:
+            if f"target/release/{binary}" not in text:
+                problem(f"the Dockerfile does not install target/release/{binary}")
+
+    runtime = parsed[stages[-1]:]
+    last = {}
+    env = {}
+    for cmd, _, value, is_json in runtime:
+        last[cmd] = (value, is_json)
+        if cmd == "ENV":
+            items = list(value)
+            if len(items) == 2 and "=" not in items[0]:
+                env[items[0]] = items[1]
+            else:
+                for item in items:
+                    key, _, val = item.partition("=")
+                    env[key] = val
+    user = (last.get("USER") or ((),))[0]
+    user = user[0] if user else ""
+    if not re.fullmatch(r"[1-9]\d*(:\d+)?", user):
+        problem(f"runtime USER is {user!r}: expected a numeric non-root uid (Kubernetes runAsNonRoot)")
+    if "9464" not in " ".join((last.get("EXPOSE") or ((),))[0]):
+        problem("runtime does not EXPOSE 9464")
+    if env.get("HTTP_ADDR") != "0.0.0.0:9464":
+        problem("runtime does not set HTTP_ADDR=0.0.0.0:9464")
+    if last.get("ENTRYPOINT") != (("allocation-worker",), True):
+        problem(f"ENTRYPOINT is {last.get('ENTRYPOINT')}, expected exec form [\"allocation-worker\"]")
+    if last.get("CMD") != (("run",), True):
+        problem(f"CMD is {last.get('CMD')}, expected exec form [\"run\"]")
+    return report(len(parsed), len(stages))
+
+
+def report(count=0, stages=0):
+    for line in problems:
+        print(f"dockerfile-check: {line}", file=sys.stderr)
+    if problems:
+        print(f"dockerfile-check: FAILED ({len(problems)} problems)")
+        return 1
+    print(f"dockerfile-check: {count} instructions in {stages} stages: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

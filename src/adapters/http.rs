@@ -1,0 +1,116 @@
+//! The small HTTP surface (SPEC §7): `/metrics`, `/healthz`, `/readyz` and the
+//! read model at `/allocations/{orderid}`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::metrics::Metrics;
+use super::relay::outbox_backlog;
+
+/// What the endpoints read; cheap to clone.
+#[derive(Clone)]
+pub struct HttpState {
+    pub pool: PgPool,
+    pub metrics: Arc<Metrics>,
+    /// Set by the worker loop while it consumes.
+    pub consumer_running: Arc<AtomicBool>,
+}
+
+/// A probe or scrape must answer quickly even while the database hangs.
+const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/allocations/{orderid}", get(allocations))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready when the database answers and the consumer is running.
+async fn readiness(state: &HttpState) -> (bool, &'static str) {
+    let database = tokio::time::timeout(
+        DB_PROBE_TIMEOUT,
+        sqlx::query("SELECT 1").execute(&state.pool),
+    )
+    .await;
+    let ready = if !matches!(database, Ok(Ok(_))) {
+        (false, "database unreachable\n")
+    } else if !state.consumer_running.load(Ordering::Relaxed) {
+        (false, "consumer not running\n")
+    } else {
+        (true, "ready\n")
+    };
+    state.metrics.ready.set(i64::from(ready.0));
+    ready
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    match readiness(&state).await {
+        (true, body) => (StatusCode::OK, body).into_response(),
+        (false, body) => (StatusCode::SERVICE_UNAVAILABLE, body).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    // Gauges read at scrape time, so they are never staler than the scrape.
+    readiness(&state).await;
+    if let Ok(Ok((backlog, age))) =
+        tokio::time::timeout(DB_PROBE_TIMEOUT, outbox_backlog(&state.pool)).await
+    {
+        state.metrics.outbox_backlog.set(backlog);
+        state.metrics.outbox_oldest_age.set(age);
+    }
+    match state.metrics.render() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+#[derive(Serialize, sqlx::FromRow)]
+struct AllocationView {
+    sku: String,
+    batchref: String,
+}
+
+async fn allocations(State(state): State<HttpState>, Path(orderid): Path<String>) -> Response {
+    let rows: Result<Vec<AllocationView>, _> = sqlx::query_as(
+        "SELECT sku, batchref FROM allocations_view WHERE orderid = $1 ORDER BY sku",
+    )
+    .bind(&orderid)
+    .fetch_all(&state.pool)
+    .await;
+    match rows {
+        Ok(rows) if rows.is_empty() => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "no allocations for this order"})),
+        )
+            .into_response(),
+        Ok(rows) => Json(rows).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "read model query failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()
+        }
+    }
+}

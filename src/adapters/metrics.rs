@@ -1,0 +1,135 @@
+//! Prometheus metrics (SPEC §7). One registry per process, built in bootstrap
+//! and shared by the worker, the relay, the Kafka context and the HTTP
+//! endpoint. Names follow Prometheus conventions: `_total` counters, seconds,
+//! and label sets bounded by the topics, types and reasons of the contract.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use super::outbox::{DeadLetterReason, OutboxKind};
+
+pub struct Metrics {
+    registry: Registry,
+    pub messages_consumed: IntCounterVec,
+    pub handling_duration: HistogramVec,
+    pub events_published: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub outbox_backlog: IntGauge,
+    pub outbox_oldest_age: prometheus::Gauge,
+    pub consumer_lag: IntGaugeVec,
+    pub concurrency_retries: IntCounter,
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let messages_consumed = IntCounterVec::new(
+            Opts::new(
+                "allocation_messages_consumed_total",
+                "Inbound messages finished, by topic and outcome (applied, duplicate, dead_lettered).",
+            ),
+            &["topic", "outcome"],
+        )?;
+        let handling_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "allocation_message_handling_duration_seconds",
+                "Time to handle one inbound message, retries included, by message type.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["message_type"],
+        )?;
+        let events_published = IntCounterVec::new(
+            Opts::new(
+                "allocation_events_published_total",
+                "Outbound events acknowledged by the broker, by event type.",
+            ),
+            &["event_type"],
+        )?;
+        let dead_letters = IntCounterVec::new(
+            Opts::new(
+                "allocation_dead_letters_total",
+                "Inbound messages dead-lettered, by reason.",
+            ),
+            &["reason"],
+        )?;
+        let outbox_backlog = IntGauge::new(
+            "allocation_outbox_backlog_events",
+            "Outbox rows (events and dead letters) committed but not yet published.",
+        )?;
+        let outbox_oldest_age = prometheus::Gauge::new(
+            "allocation_outbox_oldest_unsent_age_seconds",
+            "Age of the oldest unpublished outbox row; 0 when the outbox is empty.",
+        )?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "allocation_consumer_lag_messages",
+                "Messages between the committed offset and the end of each assigned partition.",
+            ),
+            &["topic", "partition"],
+        )?;
+        let concurrency_retries = IntCounter::new(
+            "allocation_optimistic_concurrency_retries_total",
+            "Transactions retried because another changed the same product first.",
+        )?;
+        let ready = IntGauge::new(
+            "allocation_ready",
+            "1 when the database is reachable and the consumer is running, else 0.",
+        )?;
+        registry.register(Box::new(messages_consumed.clone()))?;
+        registry.register(Box::new(handling_duration.clone()))?;
+        registry.register(Box::new(events_published.clone()))?;
+        registry.register(Box::new(dead_letters.clone()))?;
+        registry.register(Box::new(outbox_backlog.clone()))?;
+        registry.register(Box::new(outbox_oldest_age.clone()))?;
+        registry.register(Box::new(consumer_lag.clone()))?;
+        registry.register(Box::new(concurrency_retries.clone()))?;
+        registry.register(Box::new(ready.clone()))?;
+        // Every bounded label value exists from the start at 0, so that
+        // `increase()` sees the first occurrence after a restart.
+        for reason in DeadLetterReason::ALL {
+            dead_letters.with_label_values(&[reason.as_str()]);
+        }
+        for kind in OutboxKind::ALL {
+            events_published.with_label_values(&[kind.as_str()]);
+        }
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            registry,
+            messages_consumed,
+            handling_duration,
+            events_published,
+            dead_letters,
+            outbox_backlog,
+            outbox_oldest_age,
+            consumer_lag,
+            concurrency_retries,
+            ready,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        String::from_utf8(buffer).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+impl Metrics {
+    /// Creates the consumed-message series of `topics` at 0 (see `new`).
+    pub fn init_topics(&self, topics: &[&str]) {
+        for topic in topics {
+            for outcome in ["applied", "duplicate", "dead_lettered"] {
+                self.messages_consumed.with_label_values(&[topic, outcome]);
+            }
+        }
+    }
+}
