@@ -458,3 +458,48 @@ async fn an_unknown_reference_is_deferred_without_a_trace_then_dead_lettered_on_
         Outcome::DeadLettered(DeadLetterReason::UnknownBatch)
     );
 }
+
+/// A line freed and allocated again in one message is the most recently
+/// allocated one afterwards, in the database as in the domain.
+#[tokio::test]
+async fn a_line_reallocated_to_its_own_batch_is_the_next_to_be_freed() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let mut offset = 0;
+    let mut apply = |topic: &str, value: serde_json::Value| {
+        offset += 1;
+        message(topic, offset, value)
+    };
+    let mut steps = vec![apply(
+        &t.batch_created,
+        json!({"ref": "b", "sku": "RUG", "qty": 11}),
+    )];
+    for (order, qty) in [("o1", 5), ("o2", 4), ("o3", 1), ("o4", 1)] {
+        steps.push(apply(
+            &t.allocation_required,
+            json!({"orderid": order, "sku": "RUG", "qty": qty}),
+        ));
+    }
+    // Frees o4, o3, o2; o4 then o3 fit again: the batch holds [o1, o4, o3].
+    steps.push(apply(
+        &t.batch_quantity_changed,
+        json!({"ref": "b", "qty": 7}),
+    ));
+    // Frees the last allocated, o3, which no longer fits anywhere.
+    steps.push(apply(
+        &t.batch_quantity_changed,
+        json!({"ref": "b", "qty": 6}),
+    ));
+    for m in &steps {
+        assert_eq!(p.process_one(m, false).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("b"));
+    assert_eq!(allocated_to(&pool, "o4").await.as_deref(), Some("b"));
+    assert_eq!(
+        allocated_to(&pool, "o3").await,
+        None,
+        "o3 was the most recent allocation"
+    );
+    assert_eq!(allocated_to(&pool, "o2").await, None);
+}

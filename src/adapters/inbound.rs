@@ -63,8 +63,18 @@ struct AllocationRequiredDto {
 pub fn decode(kind: InboundKind, payload: Option<&[u8]>) -> Result<Command, DecodeError> {
     let payload =
         payload.ok_or_else(|| DecodeError::Malformed("the message has no value".into()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(payload).map_err(|e| {
+        // Well-formed JSON that serde_json cannot hold (a number such as 1e400)
+        // is an invalid message, not a malformed one: skimming it without
+        // building values tells the two apart.
+        // (Skimming does not check strings, so it is asked only about numbers.)
+        let out_of_range = e.to_string().starts_with("number out of range");
+        if out_of_range && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+            DecodeError::Invalid(format!("{}: {e}", kind.as_str()))
+        } else {
+            DecodeError::Malformed(e.to_string())
+        }
+    })?;
     if !value.is_object() {
         return Err(DecodeError::Invalid(format!(
             "{} must be a JSON object",

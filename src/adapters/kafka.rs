@@ -8,7 +8,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
 
@@ -111,6 +111,9 @@ impl KafkaSettings {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")
+            // A dead letter carries the inbound value back, plus headers: let
+            // the broker, not librdkafka's 1 MB default, decide what fits.
+            .set("message.max.bytes", "16777216")
             .set("message.timeout.ms", "30000");
         self.apply_properties(&mut config);
         config.create_with_context(WorkerContext { metrics: None })
@@ -201,21 +204,54 @@ fn partition_names(tpl: &rdkafka::TopicPartitionList) -> Vec<String> {
 /// An owned, Kafka-type-free copy of a consumed message. Taken at once so
 /// that no borrowed message outlives the poll (a consumer dropped while one is
 /// alive blocks forever).
-pub fn to_inbound<M: Message>(message: &M) -> InboundMessage {
-    let headers = message
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
-        .unwrap_or_default();
+pub fn to_inbound(message: &BorrowedMessage<'_>) -> InboundMessage {
     InboundMessage {
         topic: message.topic().to_owned(),
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
         payload: message.payload().map(<[u8]>::to_vec),
-        headers,
+        headers: raw_headers(message),
     }
+}
+
+/// The message's headers, names decoded lossily. rdkafka's own iterator
+/// unwraps header names as UTF-8 and so panics on a producer's bad header,
+/// which would crash the worker on every restart; librdkafka is read directly.
+fn raw_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{c_char, c_void, CStr};
+
+    let no_error = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: `message.ptr()` is valid while `message` is borrowed; librdkafka
+    // keeps ownership of the headers, which live as long as the message.
+    let err = unsafe { rd::rd_kafka_message_headers(message.ptr(), &mut headers) };
+    if err != no_error || headers.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: `headers` is the non-null list librdkafka just returned.
+    let count = unsafe { rd::rd_kafka_header_cnt(headers) };
+    (0..count)
+        .filter_map(|idx| {
+            let mut name: *const c_char = std::ptr::null();
+            let mut value: *const c_void = std::ptr::null();
+            let mut size = 0;
+            // SAFETY: idx < count; the out-pointers are valid locals.
+            let err = unsafe {
+                rd::rd_kafka_header_get_all(headers, idx, &mut name, &mut value, &mut size)
+            };
+            if err != no_error || name.is_null() {
+                return None;
+            }
+            // SAFETY: librdkafka returns a NUL-terminated name and, when the
+            // value is not null, `size` readable bytes; both outlive this call.
+            let name = unsafe { CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned();
+            let value = (!value.is_null())
+                .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec());
+            Some((name, value))
+        })
+        .collect()
 }

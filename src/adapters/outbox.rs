@@ -174,9 +174,15 @@ impl InboundMessage {
     /// `ce_id` when the producer set one (so a re-publish is recognised),
     /// otherwise the message's position, which a redelivery shares.
     pub fn context(&self) -> MessageContext {
-        let idempotency_key = match self.header("ce_id").map(String::from_utf8_lossy) {
-            Some(id) if !id.trim().is_empty() => format!("ce_id:{id}"),
-            _ => format!("{}/{}/{}", self.topic, self.partition, self.offset),
+        // A ce_id that is not clean text (invalid UTF-8 would collide once
+        // converted; NUL cannot be stored) identifies nothing: use the position.
+        let ce_id = self
+            .header("ce_id")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|id| !id.trim().is_empty() && !id.contains('\0') && id.len() <= 1024);
+        let idempotency_key = match ce_id {
+            Some(id) => format!("ce_id:{id}"),
+            None => format!("{}/{}/{}", self.topic, self.partition, self.offset),
         };
         MessageContext {
             idempotency_key,
@@ -199,7 +205,10 @@ pub fn dead_letter_record(
         .collect();
     headers.extend([
         ("dlq.reason".to_owned(), reason.as_str().as_bytes().to_vec()),
-        ("dlq.error".to_owned(), error.as_bytes().to_vec()),
+        (
+            "dlq.error".to_owned(),
+            truncate(error, MAX_DLQ_ERROR).as_bytes().to_vec(),
+        ),
         (
             "dlq.original.topic".to_owned(),
             message.topic.as_bytes().to_vec(),
@@ -219,6 +228,24 @@ pub fn dead_letter_record(
         payload: message.payload.clone(),
         headers,
     }
+}
+
+/// Header added to a dead letter whose value the broker refused as too large
+/// (see the relay); the original stays at `dlq.original.*` on its topic.
+pub const VALUE_OMITTED_HEADER: &str = "dlq.value-omitted";
+
+/// Longest `dlq.error`: serde quotes the offending value, which can be huge.
+const MAX_DLQ_ERROR: usize = 1024;
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
 pub(crate) async fn insert(

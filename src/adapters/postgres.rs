@@ -2,7 +2,7 @@
 //! work that commits a message's state, outbox rows, read-model changes and
 //! idempotency record in one transaction, and the migrations.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::NaiveDate;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -190,21 +190,24 @@ async fn save(conn: &mut PgConnection, tracked: &mut Tracked) -> Result<(), Repo
         }
     }
 
-    // Allocations: a line that left its batch is deleted; a line that is new
-    // to its batch is inserted, in the batch's order, so ids keep LIFO order.
-    let placement = |p: &Product| -> HashSet<(OrderId, BatchRef)> {
-        p.batches()
-            .iter()
-            .flat_map(|b| {
-                b.allocations()
-                    .iter()
-                    .map(|l| (l.orderid.clone(), b.reference().clone()))
-            })
-            .collect()
-    };
-    let before = tracked.original.as_ref().map(placement).unwrap_or_default();
-    let after = placement(product);
-    for (orderid, _) in before.difference(&after) {
+    // Allocations, batch by batch: the stored rows' ids must keep the domain's
+    // allocation order (LIFO deallocation reads it back). Rows that both lists
+    // share from the start stay; the rest of the old list is deleted and the
+    // rest of the new list inserted in order, so a line freed and allocated
+    // again in one message, even to the same batch, moves to the end. All
+    // deletes come first, because a line may move to another batch.
+    let mut removed = Vec::new();
+    let mut added = Vec::new();
+    for batch in product.batches() {
+        let old = original_batches
+            .get(batch.reference())
+            .map_or(&[][..], |b| b.allocations());
+        let new = batch.allocations();
+        let kept = old.iter().zip(new).take_while(|(o, n)| o == n).count();
+        removed.extend(old[kept..].iter().map(|l| &l.orderid));
+        added.extend(new[kept..].iter().map(|l| (batch.reference(), l)));
+    }
+    for orderid in removed {
         sqlx::query("DELETE FROM allocations WHERE orderid = $1 AND sku = $2")
             .bind(orderid.as_str())
             .bind(sku)
@@ -212,32 +215,20 @@ async fn save(conn: &mut PgConnection, tracked: &mut Tracked) -> Result<(), Repo
             .await
             .map_err(classify)?;
     }
-    for batch in product.batches() {
-        for line in batch.allocations() {
-            if before.contains(&(line.orderid.clone(), batch.reference().clone())) {
-                continue;
-            }
-            let batch_id = tracked
-                .batch_ids
-                .get(batch.reference())
-                .copied()
-                .ok_or_else(|| {
-                    RepositoryError::Conflict(format!(
-                        "batch {} has no stored id",
-                        batch.reference()
-                    ))
-                })?;
-            sqlx::query(
-                "INSERT INTO allocations (batch_id, orderid, sku, qty) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(batch_id)
-            .bind(line.orderid.as_str())
-            .bind(sku)
-            .bind(i64::from(line.qty))
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-        }
+    for (reference, line) in added {
+        let batch_id = tracked.batch_ids.get(reference).copied().ok_or_else(|| {
+            RepositoryError::Conflict(format!("batch {reference} has no stored id"))
+        })?;
+        sqlx::query(
+            "INSERT INTO allocations (batch_id, orderid, sku, qty) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(batch_id)
+        .bind(line.orderid.as_str())
+        .bind(sku)
+        .bind(i64::from(line.qty))
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
     }
     Ok(())
 }

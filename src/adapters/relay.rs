@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
-use super::outbox::OutboxKind;
+use super::outbox::{OutboxKind, VALUE_OMITTED_HEADER};
 use super::postgres::classify;
 use crate::service_layer::RepositoryError;
 
@@ -101,6 +101,7 @@ impl Relay {
         }
 
         let mut deliveries: Vec<(i64, OutboxKind, _)> = Vec::with_capacity(rows.len());
+        let mut too_large_dead_letters = Vec::new();
         let mut failure = None;
         for (id, kind, key, payload, names, values) in &rows {
             let Some(kind) = OutboxKind::parse(kind) else {
@@ -129,6 +130,9 @@ impl Relay {
             match self.producer.send_result(record) {
                 Ok(delivery) => deliveries.push((*id, kind, delivery)),
                 Err((e, _)) => {
+                    if kind == OutboxKind::DeadLetter && too_large(&e) {
+                        too_large_dead_letters.push(*id);
+                    }
                     failure = Some(e.to_string());
                     break;
                 }
@@ -148,6 +152,9 @@ impl Relay {
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => {
+                    if kind == OutboxKind::DeadLetter && too_large(&e) {
+                        too_large_dead_letters.push(id);
+                    }
                     failure.get_or_insert_with(|| e.to_string());
                 }
                 Err(_) => {
@@ -161,6 +168,25 @@ impl Relay {
                 .execute(&mut *tx)
                 .await
                 .map_err(classify)?;
+        }
+        // A dead letter the broker will never take would hold up every row
+        // behind it: send it again without its value, which stays readable at
+        // dlq.original.* on the inbound topic.
+        for id in too_large_dead_letters {
+            tracing::warn!(
+                outbox_id = id,
+                "dead letter too large for the broker; omitting its value"
+            );
+            sqlx::query(
+                "UPDATE outbox SET payload = NULL, \
+                 header_values = header_values || convert_to(octet_length(payload)::text || ' bytes', 'UTF8'), \
+                 header_names = header_names || $2::text WHERE id = $1 AND payload IS NOT NULL",
+            )
+            .bind(id)
+            .bind(VALUE_OMITTED_HEADER)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
         for kind in sent_kinds {
@@ -233,6 +259,15 @@ impl Relay {
         }
         tracing::info!("outbox relay stopped");
     }
+}
+
+/// Whether the producer or the broker refused a record for its size.
+fn too_large(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+    )
 }
 
 /// Unsent outbox rows and the age of the oldest, in seconds.

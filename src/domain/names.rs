@@ -13,6 +13,9 @@ pub enum InvalidName {
     Empty,
     #[error("is {0} characters long, more than the {MAX_NAME_LEN} allowed")]
     TooLong(usize),
+    /// NUL cannot be stored in a PostgreSQL text column, nor meant by the ERP.
+    #[error("contains a NUL character")]
+    Nul,
 }
 
 macro_rules! name_type {
@@ -30,6 +33,8 @@ macro_rules! name_type {
                     Err(InvalidName::Empty)
                 } else if len > MAX_NAME_LEN {
                     Err(InvalidName::TooLong(len))
+                } else if value.contains('\0') {
+                    Err(InvalidName::Nul)
                 } else {
                     Ok(Self(value))
                 }

@@ -979,3 +979,199 @@ macro_rules! check_eq {
         }
     };
 }
+
+// ------------------------------------------------------- private services
+
+impl TestEnv {
+    /// Like [`TestEnv::new`], but on the given PostgreSQL server and Kafka
+    /// bootstrap servers instead of `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`:
+    /// for fault tests that stop or freeze a service of their own, which the
+    /// shared services must never be. `database_url` is an admin URL (its
+    /// role needs CREATEDB), as `DATABASE_URL` is for `new`.
+    pub async fn with_services(database_url: &str, bootstrap_servers: &str) -> Self {
+        let started = Instant::now();
+        let suffix = random_hex(10);
+        let name = test_name();
+
+        let db_name = format!("aw_test_{suffix}");
+        let mut admin = PgConnection::connect(database_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {database_url}: {e}"));
+        sqlx::query(&format!(r#"CREATE DATABASE "{db_name}""#))
+            .execute(&mut admin)
+            .await
+            .expect("CREATE DATABASE (the role needs CREATEDB)");
+        let _ = admin.close().await;
+        let test_url = with_database(database_url, &db_name);
+        let options = PgConnectOptions::from_str(database_url)
+            .expect("database URL")
+            .database(&db_name);
+        let db = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .expect("pool on the test database");
+
+        let topics = Topics::with_suffix(&suffix);
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .create()
+            .expect("Kafka admin client");
+        let new_topics: Vec<NewTopic<'_>> = topics
+            .all()
+            .iter()
+            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
+            .collect();
+        let created = tokio::time::timeout(
+            Duration::from_secs(30),
+            admin.create_topics(
+                &new_topics,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("creating topics on {bootstrap_servers} timed out"))
+        .unwrap_or_else(|e| panic!("creating topics on {bootstrap_servers}: {e}"));
+        for result in created {
+            if let Err((topic, code)) = result {
+                panic!("creating topic {topic}: {code}");
+            }
+        }
+        drop(admin);
+
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", "20000")
+            .create()
+            .expect("test producer");
+        let witness = Witness::start(bootstrap_servers, &topics.outbound());
+
+        let env = Self {
+            name,
+            group_id: format!("aw-test-{suffix}"),
+            suffix,
+            topics,
+            db_name,
+            database_url: test_url,
+            db,
+            bootstrap_servers: bootstrap_servers.to_owned(),
+            admin_database_url: database_url.to_owned(),
+            producer,
+            witness,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            spawned: AtomicUsize::new(0),
+            started,
+        };
+        env.note(&format!(
+            "env ready in {:?} on private services ({database_url}, {bootstrap_servers}): \
+             db {} topics *.{} group {}",
+            started.elapsed(),
+            env.db_name,
+            env.suffix,
+            env.group_id
+        ));
+        env
+    }
+}
+
+// ------------------------------------------------------------- raw records
+
+/// A header to produce: its name as bytes (Kafka does not require UTF-8) and
+/// its value, `None` for a null value.
+pub type RawHeader<'a> = (&'a [u8], Option<&'a [u8]>);
+
+impl TestEnv {
+    /// Produces any record and waits for the delivery report: `value` `None`
+    /// is a record with no value (a tombstone), the key may be any bytes, and
+    /// so may header names and values.
+    pub async fn produce_record(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[RawHeader<'_>],
+    ) -> Delivered {
+        self.produce_record_via(&self.producer, topic, key, value, headers)
+            .await
+    }
+
+    /// A producer for records larger than librdkafka's default limit
+    /// (`message.max.bytes`, 1 000 000 bytes), which the broker may accept.
+    pub fn large_record_producer(&self, max_bytes: usize) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", "30000")
+            .set("message.max.bytes", max_bytes.to_string())
+            .create()
+            .expect("large-record test producer")
+    }
+
+    /// [`Self::produce_record`] through another producer.
+    pub async fn produce_record_via(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[RawHeader<'_>],
+    ) -> Delivered {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len().max(1));
+        for (name, value) in headers {
+            owned = match std::str::from_utf8(name) {
+                Ok(name) => owned.insert(Header {
+                    key: name,
+                    value: *value,
+                }),
+                Err(_) => add_raw_header(owned, name, *value),
+            };
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        match producer.send(record, Duration::from_secs(30)).await {
+            Ok(d) => Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            },
+            Err((e, _)) => panic!("producing to {topic}: {e}"),
+        }
+    }
+}
+
+/// Adds a header whose name is not UTF-8, which rdkafka's safe API cannot
+/// express (`Header::key` is a `&str`), through librdkafka itself.
+fn add_raw_header(headers: OwnedHeaders, name: &[u8], value: Option<&[u8]>) -> OwnedHeaders {
+    // `as_borrowed` is the native `rd_kafka_headers_t` pointer, cast.
+    let native = headers.as_borrowed() as *const rdkafka::message::BorrowedHeaders
+        as *mut rdkafka::bindings::rd_kafka_headers_t;
+    let (value_ptr, value_len) = match value {
+        Some(v) => (v.as_ptr().cast::<std::ffi::c_void>(), v.len() as isize),
+        None => (std::ptr::null(), 0),
+    };
+    // SAFETY: `native` is the live, writable headers list owned by `headers`;
+    // librdkafka copies name and value (lengths given, no terminator needed).
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_header_add(
+            native,
+            name.as_ptr().cast::<std::ffi::c_char>(),
+            name.len() as isize,
+            value_ptr,
+            value_len,
+        )
+    };
+    assert_eq!(
+        err,
+        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR,
+        "rd_kafka_header_add"
+    );
+    headers
+}
