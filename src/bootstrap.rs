@@ -70,7 +70,12 @@ async fn migrate_when_reachable(
 ) -> Result<(), BootstrapError> {
     let mut backoff = Backoff::default();
     loop {
-        match MIGRATOR.run(pool).await {
+        // Waiting for a connection takes seconds; a SIGTERM must not.
+        let migrated = tokio::select! {
+            migrated = MIGRATOR.run(pool) => migrated,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        match migrated {
             Ok(()) => return Ok(()),
             Err(MigrateError::Execute(
                 error @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)),
@@ -92,9 +97,10 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let metrics = Arc::new(Metrics::new().map_err(BootstrapError::Metrics)?);
     // Clients first: a bad librdkafka property is a configuration error and
     // must stop the binary before it touches anything.
+    let consumer_assigned = Arc::new(AtomicBool::new(false));
     let consumer = settings
         .kafka
-        .consumer(Arc::clone(&metrics))
+        .consumer(Arc::clone(&metrics), Arc::clone(&consumer_assigned))
         .map_err(kafka_config_error)?;
     let producer = settings.kafka.producer().map_err(kafka_config_error)?;
     let pool = lazy_pool(
@@ -117,6 +123,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         pool: pool.clone(),
         metrics: Arc::clone(&metrics),
         consumer_running: Arc::clone(&consumer_running),
+        consumer_assigned,
     });
     let http_task = tokio::spawn(
         axum::serve(listener, app)
@@ -142,13 +149,19 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         Arc::clone(&metrics),
     );
     let relay_stop = CancellationToken::new();
-    let relay_task =
-        tokio::spawn(relay.run_until_stopped(relay_stop.clone(), settings.worker.shutdown_timeout));
+    let (relay_deadline, relay_deadline_rx) = tokio::sync::oneshot::channel();
+    let relay_task = tokio::spawn(relay.run_until_stopped(relay_stop.clone(), relay_deadline_rx));
 
+    let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
     let worker = Worker::new(processor, consumer, settings.worker, consumer_running);
     let result = worker.run_until_stopped(shutdown).await;
 
+    let deadline = match &result {
+        Ok(deadline) => *deadline,
+        Err(_) => tokio::time::Instant::now() + settings_shutdown_timeout,
+    };
+    let _ = relay_deadline.send(deadline.into_std());
     relay_stop.cancel();
     if let Err(error) = relay_task.await {
         tracing::error!(%error, "outbox relay task failed");
@@ -161,7 +174,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     }
     pool.close().await;
     tracing::info!("stopped");
-    result.map_err(BootstrapError::from)
+    result.map(|_| ()).map_err(BootstrapError::from)
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM.

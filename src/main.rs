@@ -51,6 +51,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    // Dropping a runtime waits for every blocking task; one stuck in
+    // librdkafka on an unreachable broker must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {

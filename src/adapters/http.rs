@@ -23,6 +23,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Set by the worker loop while it consumes.
     pub consumer_running: Arc<AtomicBool>,
+    /// Set while the consumer holds a group assignment.
+    pub consumer_assigned: Arc<AtomicBool>,
 }
 
 /// A probe or scrape must answer quickly even while the database hangs.
@@ -41,7 +43,8 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready when the database answers and the consumer is running.
+/// Ready when the database answers and the consumer is running as a member
+/// of its group (an assignment, possibly empty, is held).
 async fn readiness(state: &HttpState) -> (bool, &'static str) {
     let database = tokio::time::timeout(
         DB_PROBE_TIMEOUT,
@@ -52,6 +55,8 @@ async fn readiness(state: &HttpState) -> (bool, &'static str) {
         (false, "database unreachable\n")
     } else if !state.consumer_running.load(Ordering::Relaxed) {
         (false, "consumer not running\n")
+    } else if !state.consumer_assigned.load(Ordering::Relaxed) {
+        (false, "consumer not in its group (broker unreachable, or rebalancing)\n")
     } else {
         (true, "ready\n")
     };

@@ -2,6 +2,7 @@
 //! publishes with, configured from our settings plus any librdkafka property
 //! the operator passes through (TLS, SASL, timeouts).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rdkafka::client::ClientContext;
@@ -84,10 +85,12 @@ impl KafkaSettings {
     }
 
     /// A consumer that stores offsets only when told to (after the message's
-    /// effects are durable) and auto-commits what was stored.
+    /// effects are durable) and auto-commits what was stored. `assigned`
+    /// follows its group membership, for `/readyz`.
     pub fn consumer(
         &self,
         metrics: Arc<Metrics>,
+        assigned: Arc<AtomicBool>,
     ) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
         let mut config = self.base();
         config
@@ -100,6 +103,7 @@ impl KafkaSettings {
         self.apply_properties(&mut config);
         config.create_with_context(WorkerContext {
             metrics: Some(metrics),
+            assigned: Some(assigned),
         })
     }
 
@@ -116,7 +120,10 @@ impl KafkaSettings {
             .set("message.max.bytes", "16777216")
             .set("message.timeout.ms", "30000");
         self.apply_properties(&mut config);
-        config.create_with_context(WorkerContext { metrics: None })
+        config.create_with_context(WorkerContext {
+            metrics: None,
+            assigned: None,
+        })
     }
 }
 
@@ -124,6 +131,10 @@ impl KafkaSettings {
 /// statistics to the lag metric.
 pub struct WorkerContext {
     metrics: Option<Arc<Metrics>>,
+    /// True between an assignment and the next revocation. A frozen or lost
+    /// broker shows here (the session times out and the assignment is lost)
+    /// long before it shows as a consumer error.
+    assigned: Option<Arc<AtomicBool>>,
 }
 
 impl ClientContext for WorkerContext {
@@ -172,6 +183,9 @@ impl ConsumerContext for WorkerContext {
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
+        if let Some(assigned) = &self.assigned {
+            assigned.store(matches!(rebalance, Rebalance::Assign(_)), Ordering::Relaxed);
+        }
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?partition_names(tpl), "partitions assigned")

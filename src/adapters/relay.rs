@@ -7,7 +7,7 @@
 //! would break the per-SKU order of events.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -206,11 +206,22 @@ impl Relay {
     }
 
     /// Publishes until `shutdown`, then makes a last pass and flushes the
-    /// producer, each bounded by `drain_timeout`.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken, drain_timeout: Duration) {
+    /// producer, both before the deadline that `deadline` yields once
+    /// `shutdown` fired.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: CancellationToken,
+        deadline: tokio::sync::oneshot::Receiver<Instant>,
+    ) {
         let mut backoff = Backoff::default();
         loop {
-            let more = match self.publish_pending().await {
+            // A pass waiting on an unreachable broker or database is dropped
+            // at shutdown: its transaction rolls back, its rows stay unsent.
+            let pass = tokio::select! {
+                pass = self.publish_pending() => pass,
+                _ = shutdown.cancelled() => break,
+            };
+            let more = match pass {
                 Ok(n) => {
                     if backoff.failures > 0 {
                         tracing::info!("outbox relay recovered");
@@ -239,6 +250,10 @@ impl Relay {
                 }
             }
         }
+        let deadline = deadline
+            .await
+            .unwrap_or_else(|_| Instant::now() + Duration::from_secs(1));
+        // What the worker committed last is published now, not at restart.
         let last_pass = async {
             while let Ok(n) = self.publish_pending().await {
                 if n == 0 {
@@ -246,7 +261,9 @@ impl Relay {
                 }
             }
         };
-        if tokio::time::timeout(drain_timeout, last_pass)
+        let flush_reserve = Duration::from_millis(500);
+        let pass_deadline = deadline.checked_sub(flush_reserve).unwrap_or(deadline);
+        if tokio::time::timeout_at(pass_deadline.into(), last_pass)
             .await
             .is_err()
         {
@@ -254,7 +271,9 @@ impl Relay {
                 "outbox relay stopped before the outbox was empty; the rest is sent on restart"
             );
         }
-        if let Err(error) = self.producer.flush(drain_timeout) {
+        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        // flush blocks its thread; block_in_place lets the runtime move other work away.
+        if let Err(error) = tokio::task::block_in_place(|| self.producer.flush(remaining)) {
             tracing::warn!(%error, "producer flush did not complete");
         }
         tracing::info!("outbox relay stopped");

@@ -261,11 +261,12 @@ impl Worker {
     }
 
     /// Consumes until `shutdown`, then stops fetching, lets each partition
-    /// finish the message in hand, and commits the stored offsets.
+    /// finish the message in hand, and commits the stored offsets. Returns
+    /// the deadline by which the rest of the shutdown must be done.
     pub async fn run_until_stopped(
         self,
         shutdown: CancellationToken,
-    ) -> Result<(), rdkafka::error::KafkaError> {
+    ) -> Result<Instant, rdkafka::error::KafkaError> {
         let this = Arc::new(self);
         this.consumer.subscribe(&this.processor.topics.inbound())?;
         tracing::info!(topics = ?this.processor.topics.inbound(), "consuming");
@@ -321,9 +322,15 @@ impl Worker {
         }
 
         this.consumer_running.store(false, Ordering::Relaxed);
+        // From here on, every stage is bounded so that the whole stop takes
+        // at most SHUTDOWN_TIMEOUT: half for the partitions to finish the
+        // message in hand, a quarter to commit offsets and leave the group,
+        // the rest (see bootstrap) for the relay.
+        let started = Instant::now();
+        let budget = this.settings.shutdown_timeout;
         drop(partitions);
         tracker.close();
-        if tokio::time::timeout(this.settings.shutdown_timeout, tracker.wait())
+        if tokio::time::timeout_at(started + budget / 2, tracker.wait())
             .await
             .is_err()
         {
@@ -331,13 +338,29 @@ impl Worker {
                 "in-flight messages did not finish in time; they will be consumed again"
             );
         }
-        match this.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => tracing::info!("offsets committed"),
-            // NoOffset: nothing was stored since the last commit.
-            Err(error) => tracing::info!(%error, "final offset commit"),
+        // librdkafka's commit and close block, for ever while the broker is
+        // unreachable: keep them off the async threads and under a deadline.
+        let consumer = Arc::clone(&this.consumer);
+        drop(this);
+        let closing = tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!("offsets committed"),
+                // NoOffset: nothing was stored since the last commit.
+                Err(error) => tracing::info!(%error, "final offset commit"),
+            }
+            consumer.unsubscribe();
+            drop(consumer);
+        });
+        if tokio::time::timeout_at(started + budget * 3 / 4, closing)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "could not commit offsets and leave the group in time (broker unreachable?); \
+                 what was not committed is consumed again and skipped as already processed"
+            );
         }
-        this.consumer.unsubscribe();
-        Ok(())
+        Ok(started + budget)
     }
 
     /// One partition, in order. Parked messages are retried on a timer until
