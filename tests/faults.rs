@@ -15,6 +15,10 @@
 
 mod common;
 
+/// These tests time outages and shutdowns; run one at a time, whatever the
+/// test runner's thread count, so that their bounds have their slack.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
@@ -948,6 +952,7 @@ impl Drop for PrivatePostgres {
 /// group: nothing is applied twice, no new event is decided.
 #[tokio::test]
 async fn redelivered_and_replayed_messages_change_nothing() {
+    let _serial = SERIAL.lock().await;
     const SKUS: usize = 6;
     const LINES: usize = 8;
     let env = TestEnv::new().await;
@@ -1128,6 +1133,7 @@ async fn redelivered_and_replayed_messages_change_nothing() {
 /// is dead-lettered when the window closes without it.
 #[tokio::test]
 async fn unknown_references_wait_then_apply_or_dead_letter() {
+    let _serial = SERIAL.lock().await;
     const WINDOW: Duration = Duration::from_secs(6);
     let env = TestEnv::new().await;
     let t = env.topics.clone();
@@ -1378,6 +1384,7 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
 /// are committed that cannot be published until the broker is back.
 #[tokio::test]
 async fn a_broker_frozen_mid_stream_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     const SKUS: usize = 5;
     const PACED: usize = 100;
     const BURST: usize = 300;
@@ -1531,6 +1538,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
 /// Issue 3 item 4b: PostgreSQL stopped for 20 s mid-stream (a private cluster).
 #[tokio::test]
 async fn a_database_stopped_mid_stream_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     const SKUS: usize = 5;
     const ORDERS: usize = 400;
     let pg = PrivatePostgres::start().await;
@@ -1674,6 +1682,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
 /// order, go to the warehouse, the rest to the shipment.
 #[tokio::test]
 async fn two_instances_and_two_rebalances_end_as_the_model_says() {
+    let _serial = SERIAL.lock().await;
     const SKUS: usize = 20;
     const PER_SKU: usize = 24;
     const WAREHOUSE: usize = 15;
@@ -1778,6 +1787,7 @@ async fn two_instances_and_two_rebalances_end_as_the_model_says() {
 /// the order of 2 allocated; with 4, only the order of 3.
 #[tokio::test]
 async fn concurrent_allocation_and_quantity_change_on_two_instances_stay_serializable() {
+    let _serial = SERIAL.lock().await;
     const PAIRS: usize = 120;
     let env = TestEnv::new().await;
     let t = env.topics.clone();
@@ -1948,6 +1958,7 @@ async fn concurrent_allocation_and_quantity_change_on_two_instances_stay_seriali
 /// and the restart applies nothing twice.
 #[tokio::test]
 async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice() {
+    let _serial = SERIAL.lock().await;
     const SKUS: usize = 10;
     const ORDERS: usize = 400;
     const BOUND: Duration = Duration::from_secs(10);
