@@ -56,7 +56,10 @@ async fn readiness(state: &HttpState) -> (bool, &'static str) {
     } else if !state.consumer_running.load(Ordering::Relaxed) {
         (false, "consumer not running\n")
     } else if !state.consumer_assigned.load(Ordering::Relaxed) {
-        (false, "consumer not in its group (broker unreachable, or rebalancing)\n")
+        (
+            false,
+            "consumer not in its group (broker unreachable, or rebalancing)\n",
+        )
     } else {
         (true, "ready\n")
     };

@@ -271,7 +271,9 @@ impl Relay {
                 "outbox relay stopped before the outbox was empty; the rest is sent on restart"
             );
         }
-        let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
         // flush blocks its thread; block_in_place lets the runtime move other work away.
         if let Err(error) = tokio::task::block_in_place(|| self.producer.flush(remaining)) {
             tracing::warn!(%error, "producer flush did not complete");

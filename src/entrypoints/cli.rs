@@ -44,6 +44,11 @@ pub enum CommandLine {
     Run(Box<RunArgs>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
+    /// Publish a realistic, seeded stream of ERP messages to the inbound topics.
+    Simulate(Box<crate::entrypoints::simulate::SimulateArgs>),
+    /// Live summary of what the worker decides: outbound topics, dead letters,
+    /// consumer lag and outbox backlog.
+    Watch(Box<crate::entrypoints::watch::WatchArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -189,21 +194,7 @@ impl RunArgs {
             &self.kafka_bootstrap_servers,
         )?;
         non_empty("KAFKA_GROUP_ID (--kafka-group-id)", &self.kafka_group_id)?;
-        let properties = self
-            .kafka_properties
-            .iter()
-            .filter(|p| !p.trim().is_empty())
-            .map(|p| match p.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-                _ => Err(ConfigError {
-                    setting: "KAFKA_PROPERTIES (--kafka-property)",
-                    reason: format!(
-                        "expected KEY=VALUE, got {:?}",
-                        p.split('=').next().unwrap_or_default()
-                    ),
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let properties = kafka_properties(&self.kafka_properties)?;
         let topics = Topics {
             batch_created: topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
             batch_quantity_changed: topic(
@@ -256,8 +247,26 @@ fn non_empty(setting: &'static str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// `KEY=VALUE` librdkafka properties; blank entries are skipped. The value
+/// is never echoed back: it may be a password.
+pub(crate) fn kafka_properties(raw: &[String]) -> Result<Vec<(String, String)>, ConfigError> {
+    raw.iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+            _ => Err(ConfigError {
+                setting: "KAFKA_PROPERTIES (--kafka-property)",
+                reason: format!(
+                    "expected KEY=VALUE, got {:?}",
+                    p.split('=').next().unwrap_or_default()
+                ),
+            }),
+        })
+        .collect()
+}
+
 /// Kafka's own rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.
-fn topic(setting: &'static str, name: &str) -> Result<String, ConfigError> {
+pub(crate) fn topic(setting: &'static str, name: &str) -> Result<String, ConfigError> {
     let valid = !name.is_empty()
         && name.len() <= 249
         && name != "."

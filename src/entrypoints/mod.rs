@@ -1,5 +1,8 @@
 //! Entrypoints: the command line and the worker loop.
 
 pub mod cli;
+pub mod generator;
+pub mod simulate;
 pub mod telemetry;
+pub mod watch;
 pub mod worker;
