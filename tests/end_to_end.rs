@@ -1133,7 +1133,10 @@ fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
 #[tokio::test]
 async fn serves_health_metrics_and_the_read_model_over_http() {
     let env = TestEnv::new().await;
-    let worker = env.spawn_worker();
+    // A secret passed through to librdkafka must never reach the logs.
+    let secret = format!("secret-{}", random_hex(12));
+    let properties = format!("{},sasl.password={secret}", common::WORKER_KAFKA_PROPERTIES);
+    let worker = env.spawn_worker_with(&[("KAFKA_PROPERTIES", &properties)]);
     let addr = worker.http_addr;
     http_until(&env, addr, "/healthz", 200).await;
 
@@ -1262,6 +1265,17 @@ async fn serves_health_metrics_and_the_read_model_over_http() {
         "promtool check metrics: {}{}",
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
+    );
+    let log = std::fs::read_to_string(&worker.log).expect("the worker log is readable");
+    // Lines starting with "# " are the harness's own record of the settings.
+    let leaked: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("# ") && l.contains(&secret))
+        .collect();
+    check!(
+        env,
+        leaked.is_empty(),
+        "the secret is in the log: {leaked:?}"
     );
     drop(worker);
     env.finish().await;
