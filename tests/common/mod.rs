@@ -519,9 +519,20 @@ fn test_name() -> String {
 
 impl TestEnv {
     pub async fn new() -> Self {
-        let started = Instant::now();
         let database_url = required_env("DATABASE_URL");
         let bootstrap_servers = required_env("KAFKA_BOOTSTRAP_SERVERS");
+        Self::with_services(&database_url, &bootstrap_servers).await
+    }
+
+    /// Like [`TestEnv::new`], but on the given PostgreSQL server and Kafka
+    /// bootstrap servers instead of `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`:
+    /// for fault tests that stop or freeze a service of their own, which the
+    /// shared services must never be. `database_url` is an admin URL (its
+    /// role needs CREATEDB), as `DATABASE_URL` is for `new`.
+    pub async fn with_services(database_url: &str, bootstrap_servers: &str) -> Self {
+        let started = Instant::now();
+        let database_url = database_url.to_owned();
+        let bootstrap_servers = bootstrap_servers.to_owned();
         let suffix = random_hex(10);
         let name = test_name();
 
@@ -978,103 +989,6 @@ macro_rules! check_eq {
             }
         }
     };
-}
-
-// ------------------------------------------------------- private services
-
-impl TestEnv {
-    /// Like [`TestEnv::new`], but on the given PostgreSQL server and Kafka
-    /// bootstrap servers instead of `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`:
-    /// for fault tests that stop or freeze a service of their own, which the
-    /// shared services must never be. `database_url` is an admin URL (its
-    /// role needs CREATEDB), as `DATABASE_URL` is for `new`.
-    pub async fn with_services(database_url: &str, bootstrap_servers: &str) -> Self {
-        let started = Instant::now();
-        let suffix = random_hex(10);
-        let name = test_name();
-
-        let db_name = format!("aw_test_{suffix}");
-        let mut admin = PgConnection::connect(database_url)
-            .await
-            .unwrap_or_else(|e| panic!("cannot connect to {database_url}: {e}"));
-        sqlx::query(&format!(r#"CREATE DATABASE "{db_name}""#))
-            .execute(&mut admin)
-            .await
-            .expect("CREATE DATABASE (the role needs CREATEDB)");
-        let _ = admin.close().await;
-        let test_url = with_database(database_url, &db_name);
-        let options = PgConnectOptions::from_str(database_url)
-            .expect("database URL")
-            .database(&db_name);
-        let db = PgPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await
-            .expect("pool on the test database");
-
-        let topics = Topics::with_suffix(&suffix);
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .create()
-            .expect("Kafka admin client");
-        let new_topics: Vec<NewTopic<'_>> = topics
-            .all()
-            .iter()
-            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-            .collect();
-        let created = tokio::time::timeout(
-            Duration::from_secs(30),
-            admin.create_topics(
-                &new_topics,
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("creating topics on {bootstrap_servers} timed out"))
-        .unwrap_or_else(|e| panic!("creating topics on {bootstrap_servers}: {e}"));
-        for result in created {
-            if let Err((topic, code)) = result {
-                panic!("creating topic {topic}: {code}");
-            }
-        }
-        drop(admin);
-
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .set("acks", "all")
-            .set("linger.ms", "1")
-            .set("message.timeout.ms", "20000")
-            .create()
-            .expect("test producer");
-        let witness = Witness::start(bootstrap_servers, &topics.outbound());
-
-        let env = Self {
-            name,
-            group_id: format!("aw-test-{suffix}"),
-            suffix,
-            topics,
-            db_name,
-            database_url: test_url,
-            db,
-            bootstrap_servers: bootstrap_servers.to_owned(),
-            admin_database_url: database_url.to_owned(),
-            producer,
-            witness,
-            logs: Arc::new(Mutex::new(Vec::new())),
-            spawned: AtomicUsize::new(0),
-            started,
-        };
-        env.note(&format!(
-            "env ready in {:?} on private services ({database_url}, {bootstrap_servers}): \
-             db {} topics *.{} group {}",
-            started.elapsed(),
-            env.db_name,
-            env.suffix,
-            env.group_id
-        ));
-        env
-    }
 }
 
 // ------------------------------------------------------------- raw records
