@@ -85,24 +85,6 @@ async fn produce(env: &TestEnv, case: &Case) -> Delivered {
     .await
 }
 
-/// Waits until the batch row exists, so that what follows is not deferred.
-async fn wait_batch(env: &TestEnv, reference: &str) {
-    let db = env.db.clone();
-    let reference = reference.to_owned();
-    env.eventually(&format!("batch {reference} stored"), DEADLINE, move || {
-        let (db, reference) = (db.clone(), reference.clone());
-        async move {
-            let found: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM batches WHERE reference = $1")
-                    .bind(&reference)
-                    .fetch_optional(&db)
-                    .await?;
-            Ok::<_, sqlx::Error>(found.map(|_| ()))
-        }
-    })
-    .await
-}
-
 /// Waits until the outbox has no unsent row; returns how many rows it has.
 async fn wait_outbox_sent(env: &TestEnv, timeout: Duration) -> i64 {
     let db = env.db.clone();
@@ -325,8 +307,8 @@ async fn bad_messages_are_dead_lettered_once_and_the_worker_keeps_applying() {
     let resized_sku = unique("sku-resized");
     env.batch_created(&stock, &sku, 1_000_000, None).await;
     env.batch_created(&resized, &resized_sku, 10, None).await;
-    wait_batch(&env, &stock).await;
-    wait_batch(&env, &resized).await;
+    env.wait_batch(&stock).await;
+    env.wait_batch(&resized).await;
     let mut produced: i64 = 2;
 
     // Phase 2: the corpus. Bad messages of each topic, keyed like the good
@@ -737,7 +719,7 @@ impl Probe {
             env.spawn_worker_with(&[("UNKNOWN_REFERENCE_TIMEOUT", UNKNOWN_REFERENCE_TIMEOUT)]);
         let (sku, stock) = (unique("sku"), unique("stock"));
         env.batch_created(&stock, &sku, 1000, None).await;
-        wait_batch(&env, &stock).await;
+        env.wait_batch(&stock).await;
         Self { env, worker, sku }
     }
 

@@ -90,24 +90,6 @@ fn assert_cloudevent(env: &TestEnv, r: &Record, ce_type: &str, sku: &str) {
     );
 }
 
-/// Waits until the batch row exists, so that what follows is not deferred.
-async fn wait_batch(env: &TestEnv, reference: &str) {
-    let db = env.db.clone();
-    let reference = reference.to_owned();
-    env.eventually(&format!("batch {reference} stored"), DEADLINE, move || {
-        let (db, reference) = (db.clone(), reference.clone());
-        async move {
-            let found: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM batches WHERE reference = $1")
-                    .bind(&reference)
-                    .fetch_optional(&db)
-                    .await?;
-            Ok::<_, sqlx::Error>(found.map(|_| ()))
-        }
-    })
-    .await
-}
-
 /// Waits until the outbox has no unsent row and the witness has seen at least
 /// as many records as the outbox holds; returns the witness's records. The
 /// database is the count of what to expect (never the broker's watermarks).
@@ -343,7 +325,7 @@ async fn reports_out_of_stock() {
     let (big, marker) = (unique("order-big"), unique("order-fits"));
 
     env.batch_created(&batch, &sku, 5, None).await;
-    wait_batch(&env, &batch).await;
+    env.wait_batch(&batch).await;
     env.allocation_required(&big, &sku, 10, &[]).await;
     // Same SKU, same partition, after it: once its Allocated is out, anything
     // the first order caused on the allocated topic would be out too.
@@ -416,7 +398,7 @@ async fn dead_letters_a_malformed_message_and_carries_on() {
 
     env.batch_created(&batch, &sku, 100, None).await;
     produced += 1;
-    wait_batch(&env, &batch).await;
+    env.wait_batch(&batch).await;
 
     // 1. Not JSON, with its own key and a custom header.
     let raw_key = unique("raw-key");
@@ -635,7 +617,7 @@ async fn redelivered_message_is_not_applied_twice() {
     let other_key = unique("other-key");
 
     env.batch_created(&batch, &sku, 10, None).await;
-    wait_batch(&env, &batch).await;
+    env.wait_batch(&batch).await;
     // The ERP publishes the same message (same ce_id) twice in a row, and once
     // more under another key (so possibly to another partition).
     env.allocation_required(&order, &sku, 1, &[("ce_id", &ce_id)])
@@ -756,7 +738,7 @@ async fn restart_mid_stream(stop: Stop) {
         env.batch_created(batch, sku, BATCH_QTY, None).await;
     }
     for batch in &batches {
-        wait_batch(&env, batch).await;
+        env.wait_batch(batch).await;
     }
 
     // Produce the orders at a steady pace (~3 s in all) while, at the same
@@ -1145,7 +1127,7 @@ async fn serves_health_metrics_and_the_read_model_over_http() {
     let batch = unique("b");
     let order = unique("o");
     env.batch_created(&batch, &sku, 10, None).await;
-    wait_batch(&env, &batch).await;
+    env.wait_batch(&batch).await;
     env.allocation_required(&order, &sku, 3, &[]).await;
     env.produce_raw(&t.allocation_required, Some("k"), b"{not json", &[])
         .await;

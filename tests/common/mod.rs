@@ -897,6 +897,24 @@ impl TestEnv {
         }
     }
 
+    /// Waits until the batch row exists, so that what follows is not deferred.
+    pub async fn wait_batch(&self, reference: &str) {
+        let db = self.db.clone();
+        let reference = reference.to_owned();
+        self.eventually(&format!("batch {reference} stored"), DEADLINE, move || {
+            let (db, reference) = (db.clone(), reference.clone());
+            async move {
+                let found: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM batches WHERE reference = $1")
+                        .bind(&reference)
+                        .fetch_optional(&db)
+                        .await?;
+                Ok::<_, sqlx::Error>(found.map(|_| ()))
+            }
+        })
+        .await
+    }
+
     /// Polls until the worker has recorded `n` processed messages (applied,
     /// ignored as no-ops, or dead-lettered).
     pub async fn wait_processed(&self, n: i64, timeout: Duration) {
