@@ -6,10 +6,10 @@ use std::sync::Arc;
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, MessageContext};
-use allocation_worker::adapters::postgres::{lazy_pool, Claim, PgUnitOfWork, MIGRATOR};
+use allocation_worker::adapters::postgres::{lazy_pool, PgUnitOfWork, ProductCache, MIGRATOR};
 use allocation_worker::domain::{OrderId, OrderLine, Sku};
 use allocation_worker::entrypoints::worker::{Outcome, Processor};
-use allocation_worker::service_layer::{ProductRepository, RepositoryError, UnitOfWork};
+use allocation_worker::service_layer::{ProductRepository, UnitOfWork};
 use rand::Rng;
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
@@ -125,7 +125,8 @@ async fn stores_and_reloads_a_product_with_its_allocations_in_order() {
     assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("stock"));
     assert_eq!(allocated_to(&pool, "o2").await.as_deref(), Some("ship"));
 
-    let mut uow = PgUnitOfWork::begin(&pool, context("reload")).await.unwrap();
+    let mut cache = ProductCache::default();
+    let mut uow = PgUnitOfWork::begin(&pool, &mut cache).await.unwrap();
     let product = uow
         .products()
         .get(&Sku::parse("LAMP").unwrap())
@@ -157,6 +158,9 @@ async fn stores_and_reloads_a_product_with_its_allocations_in_order() {
         product.batches()[0].eta().map(|d| d.to_string()).as_deref(),
         Some("2011-01-02")
     );
+
+    // Ends the transaction, which holds the product's row lock.
+    std::mem::drop(uow);
 
     // The LIFO rule sees the stored order: dropping the shipment to 2 frees o3.
     let drop = message(
@@ -196,7 +200,7 @@ fn context(key: &str) -> MessageContext {
 }
 
 #[tokio::test]
-async fn of_two_concurrent_changes_to_one_product_one_commits_and_the_other_is_retried() {
+async fn of_two_transactions_on_one_product_the_second_decides_on_the_first_ones_result() {
     let pool = fresh_database().await;
     let p = processor(&pool);
     let t = topics();
@@ -207,32 +211,51 @@ async fn of_two_concurrent_changes_to_one_product_one_commits_and_the_other_is_r
     );
     p.process_one(&batch, false).await.unwrap();
 
-    // Both transactions load version 1 before either commits.
+    // The first transaction loads (and so locks) the product and allocates 4.
     let sku = Sku::parse("CHAIR").unwrap();
-    let mut first = PgUnitOfWork::begin(&pool, context("first")).await.unwrap();
-    let mut second = PgUnitOfWork::begin(&pool, context("second")).await.unwrap();
-    for (uow, order) in [(&mut first, "o1"), (&mut second, "o2")] {
-        let product = uow.products().get(&sku).await.unwrap().unwrap();
-        product
-            .allocate(OrderLine {
-                orderid: OrderId::parse(order).unwrap(),
-                sku: sku.clone(),
-                qty: 4,
-            })
-            .unwrap();
-    }
-    first.commit().await.expect("the first to commit wins");
-    match second.commit().await {
-        Err(RepositoryError::Conflict(_)) => {}
-        other => panic!("the second must conflict, got {other:?}"),
-    }
-    assert_eq!(
-        allocated_to(&pool, "o2").await,
-        None,
-        "the loser stored nothing"
-    );
+    let mut first_cache = ProductCache::default();
+    let mut first = PgUnitOfWork::begin(&pool, &mut first_cache).await.unwrap();
+    first.start_message(context("first"));
+    let product = first.products().get(&sku).await.unwrap().unwrap();
+    product
+        .allocate(OrderLine {
+            orderid: OrderId::parse("o1").unwrap(),
+            sku: sku.clone(),
+            qty: 4,
+        })
+        .unwrap();
+    assert_eq!(product.version_number(), 2);
 
-    // Retried through the processor, the loser sees the winner's allocation.
+    // A second one, started meanwhile, cannot read the product until the
+    // first ends, so it never decides on the stale version 1.
+    let second = {
+        let pool = pool.clone();
+        let sku = sku.clone();
+        tokio::spawn(async move {
+            let mut cache = ProductCache::default();
+            let mut uow = PgUnitOfWork::begin(&pool, &mut cache).await.unwrap();
+            let product = uow.products().get(&sku).await.unwrap().unwrap();
+            let version = product.version_number();
+            let available: i64 = product
+                .batches()
+                .iter()
+                .map(|b| b.available_quantity())
+                .sum();
+            drop(uow);
+            (version, available)
+        })
+    };
+    first.finish_message();
+    first.commit().await.expect("the first commits");
+    let (version, available) = second.await.unwrap();
+    assert_eq!(
+        (version, available),
+        (2, 1),
+        "the second transaction saw the first one's allocation"
+    );
+    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("b1"));
+
+    // Through the processor, the same race ends with an OutOfStock.
     let retry = message(
         &t.allocation_required,
         0,
@@ -242,7 +265,6 @@ async fn of_two_concurrent_changes_to_one_product_one_commits_and_the_other_is_r
         p.process_one(&retry, false).await.unwrap(),
         Outcome::Applied
     );
-    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("b1"));
     assert_eq!(allocated_to(&pool, "o2").await, None);
     assert_eq!(outbox_kinds(&pool).await, ["OutOfStock"]);
 }
@@ -365,10 +387,15 @@ async fn a_redelivered_message_changes_nothing() {
     );
 
     assert_eq!(outbox_kinds(&pool).await, ["Allocated", "Allocated"]);
-    let mut uow = PgUnitOfWork::begin(&pool, context("erp.allocation-required/0/0"))
-        .await
-        .unwrap();
-    assert_eq!(uow.claim().await.unwrap(), Claim::AlreadyProcessed);
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM processed_messages ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        keys.contains(&"erp.allocation-required/0/0".to_owned()),
+        "without ce_id the key is topic/partition/offset: {keys:?}"
+    );
 }
 
 #[tokio::test]

@@ -4,8 +4,8 @@
 //! and label sets bounded by the topics, types and reasons of the contract.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use super::outbox::{DeadLetterReason, OutboxKind};
@@ -14,6 +14,7 @@ pub struct Metrics {
     registry: Registry,
     pub messages_consumed: IntCounterVec,
     pub handling_duration: HistogramVec,
+    pub batch_messages: Histogram,
     pub events_published: IntCounterVec,
     pub dead_letters: IntCounterVec,
     pub outbox_backlog: IntGauge,
@@ -36,12 +37,22 @@ impl Metrics {
         let handling_duration = HistogramVec::new(
             HistogramOpts::new(
                 "allocation_message_handling_duration_seconds",
-                "Time to handle one inbound message, retries included, by message type.",
+                "Time to handle one inbound message, retries included, by message type: the \
+                 duration of the transaction of the batch it was handled in.",
             )
             .buckets(vec![
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
             &["message_type"],
+        )?;
+        let batch_messages = Histogram::with_opts(
+            HistogramOpts::new(
+                "allocation_batch_messages",
+                "Messages of one partition handled in one database transaction.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0,
+            ]),
         )?;
         let events_published = IntCounterVec::new(
             Opts::new(
@@ -82,6 +93,7 @@ impl Metrics {
         )?;
         registry.register(Box::new(messages_consumed.clone()))?;
         registry.register(Box::new(handling_duration.clone()))?;
+        registry.register(Box::new(batch_messages.clone()))?;
         registry.register(Box::new(events_published.clone()))?;
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
@@ -105,6 +117,7 @@ impl Metrics {
             registry,
             messages_consumed,
             handling_duration,
+            batch_messages,
             events_published,
             dead_letters,
             outbox_backlog,

@@ -248,25 +248,56 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
-pub(crate) async fn insert(
+/// Inserts `records` in order, in one statement: ids follow the order of the
+/// slice, which is the order the relay publishes in. Header lists differ in
+/// length, so they travel as one flat array each, sliced per record.
+pub(crate) async fn insert_all(
     conn: &mut sqlx::PgConnection,
-    record: &OutboxRecord,
+    records: &[OutboxRecord],
 ) -> Result<(), sqlx::Error> {
-    let (names, values): (Vec<&str>, Vec<&[u8]>) = record
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .unzip();
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut kinds = Vec::with_capacity(records.len());
+    let mut keys = Vec::with_capacity(records.len());
+    let mut payloads = Vec::with_capacity(records.len());
+    let mut firsts = Vec::with_capacity(records.len());
+    let mut lasts = Vec::with_capacity(records.len());
+    let mut names = Vec::with_capacity(records.len() * 7);
+    let mut values = Vec::with_capacity(records.len() * 7);
+    for record in records {
+        kinds.push(record.kind.as_str());
+        keys.push(record.key.as_deref());
+        payloads.push(record.payload.as_deref());
+        // PostgreSQL arrays are 1-based and slices inclusive; an empty list
+        // is the slice [n+1:n].
+        firsts.push(to_i32(names.len() + 1)?);
+        for (name, value) in &record.headers {
+            names.push(name.as_str());
+            values.push(value.as_slice());
+        }
+        lasts.push(to_i32(names.len())?);
+    }
     sqlx::query(
         "INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
-         VALUES ($1, $2, $3, $4, $5)",
+         SELECT r.kind, r.k, r.p, COALESCE(($4::text[])[r.lo:r.hi], '{}'), \
+                COALESCE(($5::bytea[])[r.lo:r.hi], '{}') \
+         FROM unnest($1::text[], $2::bytea[], $3::bytea[], $6::int4[], $7::int4[]) \
+              WITH ORDINALITY AS r(kind, k, p, lo, hi, n) \
+         ORDER BY r.n",
     )
-    .bind(record.kind.as_str())
-    .bind(record.key.as_deref())
-    .bind(record.payload.as_deref())
-    .bind(names)
-    .bind(values)
+    .bind(&kinds)
+    .bind(&keys)
+    .bind(&payloads)
+    .bind(&names)
+    .bind(&values)
+    .bind(&firsts)
+    .bind(&lasts)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+fn to_i32(n: usize) -> Result<i32, sqlx::Error> {
+    i32::try_from(n).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }

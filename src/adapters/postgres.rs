@@ -1,8 +1,16 @@
 //! PostgreSQL behind the service layer: the product repository, the unit of
-//! work that commits a message's state, outbox rows, read-model changes and
-//! idempotency record in one transaction, and the migrations.
+//! work that commits the state, outbox rows, read-model changes and
+//! idempotency records of a batch of messages in one transaction, and the
+//! migrations.
+//!
+//! A unit of work here spans several messages of one partition, so that the
+//! cost of a commit (a WAL flush with `synchronous_commit` on) is shared.
+//! The products the batch names are locked up front in SKU order
+//! (`SELECT ... FOR UPDATE`), which makes the versions read current for the
+//! whole transaction and makes concurrent batches queue rather than deadlock.
+//! Writes are set-based: one statement per table, whatever the batch size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDate;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -37,200 +45,476 @@ pub fn classify(error: sqlx::Error) -> RepositoryError {
     RepositoryError::Unavailable(Box::new(error))
 }
 
-/// A product as loaded, kept beside the live one so that commit writes only
-/// the difference and checks the version it was loaded at.
+/// Products kept between transactions by one consumer task, so that a product
+/// is not read back from the database after every commit. An entry is only
+/// used when its version equals the one of the row locked at the start of the
+/// next transaction; anything else (another partition or instance changed the
+/// product, or our transaction rolled back) is read again.
+#[derive(Default)]
+pub struct ProductCache {
+    products: HashMap<Sku, Stored>,
+    /// A batch reference never changes product, so its owner is cached for good.
+    owners: HashMap<BatchRef, Sku>,
+}
+
+/// Bound on cached products (and batch owners) per consumer task. A product
+/// with a few hundred lines takes tens of KiB; past the bound the cache is
+/// emptied, which costs one read per product and nothing else.
+const CACHE_CAPACITY: usize = 2048;
+
+impl ProductCache {
+    fn trim(&mut self) {
+        if self.products.len() > CACHE_CAPACITY {
+            self.products.clear();
+        }
+        if self.owners.len() > 4 * CACHE_CAPACITY {
+            self.owners.clear();
+        }
+    }
+}
+
+/// A product as committed, with the ids of its batch rows.
+struct Stored {
+    product: Product,
+    batch_ids: HashMap<BatchRef, i64>,
+}
+
+/// A product in a unit of work, kept beside the state it was loaded in, so
+/// that commit writes only the difference.
 struct Tracked {
     product: Product,
     /// `None` for a product created in this unit of work.
     original: Option<Product>,
     batch_ids: HashMap<BatchRef, i64>,
+    /// Handed to a handler in this unit of work: saved (and version-checked) at commit.
+    used: bool,
 }
 
-pub struct PgProductRepository {
+type ProductRow = (String, i64);
+type BatchRow = (i64, String, String, i64, Option<NaiveDate>);
+type LineRow = (String, i64, String, i64);
+
+pub struct PgProductRepository<'c> {
     tx: Transaction<'static, Postgres>,
+    cache: &'c mut ProductCache,
     seen: Vec<Tracked>,
+    index: HashMap<Sku, usize>,
+    /// Owners of batches created in this unit of work by finished messages.
+    new_owners: HashMap<BatchRef, Sku>,
+    /// Names looked up and not stored (when this unit of work began).
+    absent_skus: HashSet<Sku>,
+    absent_refs: HashSet<BatchRef>,
+    /// Products handed out during the current message, with their version
+    /// then, and whether the message created them.
+    touched: Vec<(usize, i64, bool)>,
 }
 
-impl PgProductRepository {
-    fn position(&self, sku: &Sku) -> Option<usize> {
-        self.seen.iter().position(|t| t.product.sku() == sku)
+impl PgProductRepository<'_> {
+    fn touch(&mut self, i: usize, created: bool) {
+        if !self.touched.iter().any(|(t, _, _)| *t == i) {
+            let version = self.seen[i].product.version_number();
+            self.touched.push((i, version, created));
+        }
+        self.seen[i].used = true;
     }
 
-    async fn load(&mut self, sku: &Sku) -> Result<Option<usize>, RepositoryError> {
-        let conn: &mut PgConnection = &mut self.tx;
-        let version: Option<i64> =
-            sqlx::query_scalar("SELECT version_number FROM products WHERE sku = $1")
-                .bind(sku.as_str())
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(classify)?;
-        let Some(version) = version else {
-            return Ok(None);
-        };
-        let batch_rows: Vec<(i64, String, i64, Option<NaiveDate>)> = sqlx::query_as(
-            "SELECT id, reference, purchased_quantity, eta FROM batches WHERE sku = $1 ORDER BY id",
+    /// Locks and loads every product named by `skus` or owning one of `refs`
+    /// that is not loaded yet. Locks are taken in SKU order, so two batches
+    /// naming the same products wait for each other instead of deadlocking.
+    pub async fn preload(
+        &mut self,
+        skus: &[&Sku],
+        refs: &[&BatchRef],
+    ) -> Result<(), RepositoryError> {
+        let unknown_refs: Vec<&str> = refs
+            .iter()
+            .filter(|r| {
+                !self.cache.owners.contains_key(**r)
+                    && !self.new_owners.contains_key(**r)
+                    && !self.absent_refs.contains(**r)
+            })
+            .map(|r| r.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if !unknown_refs.is_empty() {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT reference, sku FROM batches WHERE reference = ANY($1)")
+                    .bind(&unknown_refs)
+                    .fetch_all(&mut *self.tx)
+                    .await
+                    .map_err(classify)?;
+            for (reference, sku) in rows {
+                let reference = stored_name(BatchRef::parse(reference))?;
+                let sku = stored_name(Sku::parse(sku))?;
+                self.cache.owners.insert(reference, sku);
+            }
+            for reference in unknown_refs {
+                if let Ok(reference) = BatchRef::parse(reference) {
+                    if !self.cache.owners.contains_key(&reference) {
+                        self.absent_refs.insert(reference);
+                    }
+                }
+            }
+        }
+
+        let mut wanted: Vec<String> = skus
+            .iter()
+            .copied()
+            .chain(refs.iter().filter_map(|r| self.cache.owners.get(*r)))
+            .filter(|s| !self.index.contains_key(*s) && !self.absent_skus.contains(*s))
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let locked: Vec<ProductRow> = sqlx::query_as(
+            "SELECT sku, version_number FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
         )
-        .bind(sku.as_str())
+        .bind(&wanted)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(classify)?;
+
+        let mut to_read: Vec<(Sku, i64)> = Vec::new();
+        let mut found: HashSet<&str> = HashSet::with_capacity(locked.len());
+        for (sku, version) in &locked {
+            found.insert(sku.as_str());
+            let sku = stored_name(Sku::parse(sku.clone()))?;
+            match self.cache.products.remove(&sku) {
+                Some(stored) if stored.product.version_number() == *version => {
+                    self.push_loaded(stored.product, stored.batch_ids);
+                }
+                _ => to_read.push((sku, *version)),
+            }
+        }
+        for sku in wanted.iter().filter(|s| !found.contains(s.as_str())) {
+            if let Ok(sku) = Sku::parse(sku.as_str()) {
+                self.absent_skus.insert(sku);
+            }
+        }
+        if !to_read.is_empty() {
+            self.read(to_read).await?;
+        }
+        Ok(())
+    }
+
+    fn push_loaded(&mut self, product: Product, batch_ids: HashMap<BatchRef, i64>) {
+        self.index.insert(product.sku().clone(), self.seen.len());
+        self.seen.push(Tracked {
+            original: Some(product.clone()),
+            product,
+            batch_ids,
+            used: false,
+        });
+    }
+
+    /// Reads locked products' batches and allocations, in creation order.
+    async fn read(&mut self, products: Vec<(Sku, i64)>) -> Result<(), RepositoryError> {
+        let skus: Vec<&str> = products.iter().map(|(s, _)| s.as_str()).collect();
+        let conn: &mut PgConnection = &mut self.tx;
+        let batch_rows: Vec<BatchRow> = sqlx::query_as(
+            "SELECT id, sku, reference, purchased_quantity, eta FROM batches \
+             WHERE sku = ANY($1) ORDER BY id",
+        )
+        .bind(&skus)
         .fetch_all(&mut *conn)
         .await
         .map_err(classify)?;
-        let line_rows: Vec<(i64, String, i64)> = sqlx::query_as(
-            "SELECT a.batch_id, a.orderid, a.qty FROM allocations a \
-             JOIN batches b ON b.id = a.batch_id WHERE b.sku = $1 ORDER BY a.id",
+        let line_rows: Vec<LineRow> = sqlx::query_as(
+            "SELECT a.sku, a.batch_id, a.orderid, a.qty FROM allocations a \
+             JOIN batches b ON b.id = a.batch_id WHERE b.sku = ANY($1) ORDER BY a.id",
         )
-        .bind(sku.as_str())
+        .bind(&skus)
         .fetch_all(&mut *conn)
         .await
         .map_err(classify)?;
 
+        let by_sku: HashMap<&str, &Sku> = products.iter().map(|(s, _)| (s.as_str(), s)).collect();
+        let sku_of = |name: &str| {
+            by_sku.get(name).copied().ok_or_else(|| {
+                RepositoryError::Unavailable(format!("unexpected SKU {name} in a read").into())
+            })
+        };
         let mut lines: HashMap<i64, Vec<OrderLine>> = HashMap::new();
-        for (batch_id, orderid, qty) in line_rows {
+        for (sku, batch_id, orderid, qty) in line_rows {
             lines.entry(batch_id).or_default().push(OrderLine {
                 orderid: stored_name(OrderId::parse(orderid))?,
-                sku: sku.clone(),
+                sku: sku_of(&sku)?.clone(),
                 qty: stored_qty(qty)?,
             });
         }
-        let mut batch_ids = HashMap::new();
-        let mut batches = Vec::with_capacity(batch_rows.len());
-        for (id, reference, purchased, eta) in batch_rows {
+        let mut batches: HashMap<&str, (Vec<Batch>, HashMap<BatchRef, i64>)> = HashMap::new();
+        for (id, sku, reference, purchased, eta) in batch_rows {
+            let owner = sku_of(&sku)?;
             let reference = stored_name(BatchRef::parse(reference))?;
-            batch_ids.insert(reference.clone(), id);
-            batches.push(Batch::restore(
+            let entry = batches.entry(owner.as_str()).or_default();
+            entry.1.insert(reference.clone(), id);
+            self.cache.owners.insert(reference.clone(), owner.clone());
+            entry.0.push(Batch::restore(
                 reference,
-                sku.clone(),
+                owner.clone(),
                 stored_qty(purchased)?,
                 eta,
                 lines.remove(&id).unwrap_or_default(),
             ));
         }
-        let product = Product::restore(sku.clone(), version, batches);
-        self.seen.push(Tracked {
-            original: Some(product.clone()),
-            product,
-            batch_ids,
-        });
-        Ok(Some(self.seen.len() - 1))
+        for (sku, version) in &products {
+            let (list, ids) = batches.remove(sku.as_str()).unwrap_or_default();
+            self.push_loaded(Product::restore(sku.clone(), *version, list), ids);
+        }
+        Ok(())
     }
 
-    /// Writes every seen product. The version check comes first: it takes the
-    /// product's row lock, so outbox rows of one SKU are inserted in commit order.
-    async fn save_all(&mut self) -> Result<(), RepositoryError> {
+    /// Called when a message is done: its new batches become known by reference.
+    fn end_message(&mut self) {
+        for (i, _, _) in std::mem::take(&mut self.touched) {
+            let product = &self.seen[i].product;
+            for batch in product.batches() {
+                if !self.cache.owners.contains_key(batch.reference()) {
+                    self.new_owners
+                        .insert(batch.reference().clone(), product.sku().clone());
+                }
+            }
+        }
+    }
+
+    /// Forgets what the current message did, when it changed nothing (a
+    /// rejected command is refused before the aggregate changes). `false` when
+    /// it did change something: the caller must then start over.
+    fn undo_message(&mut self) -> bool {
+        let unchanged = self.touched.iter().all(|(i, version, created)| {
+            !created && self.seen[*i].product.version_number() == *version
+        });
+        if unchanged {
+            for (i, _, _) in std::mem::take(&mut self.touched) {
+                drop(self.seen[i].product.take_events());
+            }
+        }
+        unchanged
+    }
+
+    /// Back to the state as loaded: nothing of this unit of work's messages.
+    fn reset(&mut self) {
+        self.seen.retain(|t| t.original.is_some());
         for tracked in &mut self.seen {
-            save(&mut self.tx, tracked).await?;
+            if let Some(original) = &tracked.original {
+                tracked.product = original.clone();
+            }
+            tracked.used = false;
+        }
+        self.index = self
+            .seen
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.product.sku().clone(), i))
+            .collect();
+        self.new_owners.clear();
+        self.touched.clear();
+    }
+
+    /// Writes every product handed to a handler, set-based. Products were
+    /// locked when loaded; the version check guards against a writer that
+    /// did not lock.
+    async fn save_all(&mut self) -> Result<(), RepositoryError> {
+        let mut writes = Writes::default();
+        for (i, tracked) in self.seen.iter().enumerate().filter(|(_, t)| t.used) {
+            writes.add(i, tracked);
+        }
+        let mut new_ids: HashMap<BatchRef, i64> = HashMap::new();
+        let conn: &mut PgConnection = &mut self.tx;
+        if !writes.new_products.0.is_empty() {
+            sqlx::query(
+                "INSERT INTO products (sku, version_number) \
+                 SELECT * FROM unnest($1::text[], $2::int8[])",
+            )
+            .bind(&writes.new_products.0)
+            .bind(&writes.new_products.1)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
+        if !writes.versions.0.is_empty() {
+            let updated = sqlx::query(
+                "UPDATE products p SET version_number = v.new \
+                 FROM unnest($1::text[], $2::int8[], $3::int8[]) AS v(sku, old, new) \
+                 WHERE p.sku = v.sku AND p.version_number = v.old",
+            )
+            .bind(&writes.versions.0)
+            .bind(&writes.versions.1)
+            .bind(&writes.versions.2)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+            if updated.rows_affected() != writes.versions.0.len() as u64 {
+                return Err(RepositoryError::Conflict(
+                    "a product is no longer at the version it was loaded at".into(),
+                ));
+            }
+        }
+        if !writes.new_batches.0.is_empty() {
+            let ids: Vec<(i64, String)> = sqlx::query_as(
+                "INSERT INTO batches (reference, sku, purchased_quantity, eta) \
+                 SELECT r, s, q, e FROM unnest($1::text[], $2::text[], $3::int8[], $4::date[]) \
+                 WITH ORDINALITY AS v(r, s, q, e, n) ORDER BY n RETURNING id, reference",
+            )
+            .bind(&writes.new_batches.0)
+            .bind(&writes.new_batches.1)
+            .bind(&writes.new_batches.2)
+            .bind(&writes.new_batches.3)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(classify)?;
+            for (id, reference) in ids {
+                new_ids.insert(stored_name(BatchRef::parse(reference))?, id);
+            }
+        }
+        if !writes.quantities.0.is_empty() {
+            sqlx::query(
+                "UPDATE batches b SET purchased_quantity = v.q \
+                 FROM unnest($1::text[], $2::int8[]) AS v(r, q) WHERE b.reference = v.r",
+            )
+            .bind(&writes.quantities.0)
+            .bind(&writes.quantities.1)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
+        // Deletes first: a line may move to another batch.
+        if !writes.removed.0.is_empty() {
+            sqlx::query(
+                "DELETE FROM allocations a USING unnest($1::text[], $2::text[]) AS v(o, s) \
+                 WHERE a.orderid = v.o AND a.sku = v.s",
+            )
+            .bind(&writes.removed.0)
+            .bind(&writes.removed.1)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
+        if !writes.added.is_empty() {
+            let mut batch_ids = Vec::with_capacity(writes.added.len());
+            let mut orderids = Vec::with_capacity(writes.added.len());
+            let mut skus = Vec::with_capacity(writes.added.len());
+            let mut qtys = Vec::with_capacity(writes.added.len());
+            for (owner, reference, line) in &writes.added {
+                let id = self.seen[*owner]
+                    .batch_ids
+                    .get(*reference)
+                    .or_else(|| new_ids.get(*reference))
+                    .copied()
+                    .ok_or_else(|| {
+                        RepositoryError::Conflict(format!("batch {reference} has no stored id"))
+                    })?;
+                batch_ids.push(id);
+                orderids.push(line.orderid.as_str());
+                skus.push(line.sku.as_str());
+                qtys.push(i64::from(line.qty));
+            }
+            // In list order: row ids keep each batch's allocation order, which
+            // LIFO deallocation reads back.
+            sqlx::query(
+                "INSERT INTO allocations (batch_id, orderid, sku, qty) \
+                 SELECT b, o, s, q FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[]) \
+                 WITH ORDINALITY AS v(b, o, s, q, n) ORDER BY n",
+            )
+            .bind(&batch_ids)
+            .bind(&orderids)
+            .bind(&skus)
+            .bind(&qtys)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        }
+        drop(writes);
+        for tracked in &mut self.seen {
+            for batch in tracked.product.batches() {
+                if let Some(id) = new_ids.get(batch.reference()) {
+                    tracked.batch_ids.insert(batch.reference().clone(), *id);
+                }
+            }
         }
         Ok(())
     }
 }
 
-async fn save(conn: &mut PgConnection, tracked: &mut Tracked) -> Result<(), RepositoryError> {
-    let product = &tracked.product;
-    let sku = product.sku().as_str();
-    match &tracked.original {
-        None => {
-            sqlx::query("INSERT INTO products (sku, version_number) VALUES ($1, $2)")
-                .bind(sku)
-                .bind(product.version_number())
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?;
-        }
-        Some(original) => {
-            // Runs even when nothing changed: a decision such as OutOfStock was
-            // made on this version, and must not commit if it is stale.
-            let updated = sqlx::query(
-                "UPDATE products SET version_number = $2 WHERE sku = $1 AND version_number = $3",
-            )
-            .bind(sku)
-            .bind(product.version_number())
-            .bind(original.version_number())
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-            if updated.rows_affected() != 1 {
-                return Err(RepositoryError::Conflict(format!(
-                    "product {sku} is no longer at version {}",
-                    original.version_number()
-                )));
-            }
-        }
-    }
+/// The rows a commit writes, gathered product by product.
+#[derive(Default)]
+struct Writes<'a> {
+    new_products: (Vec<&'a str>, Vec<i64>),
+    /// sku, loaded version, new version.
+    versions: (Vec<&'a str>, Vec<i64>, Vec<i64>),
+    new_batches: (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<Option<NaiveDate>>),
+    quantities: (Vec<&'a str>, Vec<i64>),
+    removed: (Vec<&'a str>, Vec<&'a str>),
+    /// Position of the tracked product, batch, line.
+    added: Vec<(usize, &'a BatchRef, &'a OrderLine)>,
+}
 
-    let original_batches: HashMap<&BatchRef, &Batch> = tracked
-        .original
-        .iter()
-        .flat_map(|p| p.batches())
-        .map(|b| (b.reference(), b))
-        .collect();
-    for batch in product.batches() {
-        match original_batches.get(batch.reference()) {
+impl<'a> Writes<'a> {
+    fn add(&mut self, position: usize, tracked: &'a Tracked) {
+        let product = &tracked.product;
+        let sku = product.sku().as_str();
+        match &tracked.original {
             None => {
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO batches (reference, sku, purchased_quantity, eta) \
-                     VALUES ($1, $2, $3, $4) RETURNING id",
-                )
-                .bind(batch.reference().as_str())
-                .bind(sku)
-                .bind(i64::from(batch.purchased_quantity()))
-                .bind(batch.eta())
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(classify)?;
-                tracked.batch_ids.insert(batch.reference().clone(), id);
+                self.new_products.0.push(sku);
+                self.new_products.1.push(product.version_number());
             }
-            Some(old) if old.purchased_quantity() != batch.purchased_quantity() => {
-                sqlx::query("UPDATE batches SET purchased_quantity = $2 WHERE reference = $1")
-                    .bind(batch.reference().as_str())
-                    .bind(i64::from(batch.purchased_quantity()))
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(classify)?;
+            // Checked even when unchanged: a decision such as OutOfStock was
+            // made on this version.
+            Some(original) => {
+                self.versions.0.push(sku);
+                self.versions.1.push(original.version_number());
+                self.versions.2.push(product.version_number());
             }
-            Some(_) => {}
+        }
+        let original_batches: HashMap<&BatchRef, &Batch> = tracked
+            .original
+            .iter()
+            .flat_map(|p| p.batches())
+            .map(|b| (b.reference(), b))
+            .collect();
+        for batch in product.batches() {
+            match original_batches.get(batch.reference()) {
+                None => {
+                    self.new_batches.0.push(batch.reference().as_str());
+                    self.new_batches.1.push(sku);
+                    self.new_batches
+                        .2
+                        .push(i64::from(batch.purchased_quantity()));
+                    self.new_batches.3.push(batch.eta());
+                }
+                Some(old) if old.purchased_quantity() != batch.purchased_quantity() => {
+                    self.quantities.0.push(batch.reference().as_str());
+                    self.quantities
+                        .1
+                        .push(i64::from(batch.purchased_quantity()));
+                }
+                Some(_) => {}
+            }
+        }
+        // Allocations, batch by batch: the stored rows' ids must keep the
+        // domain's allocation order. Rows both lists share from the start
+        // stay; the rest of the old list is deleted and the rest of the new
+        // list inserted in order, so a line freed and allocated again, even to
+        // the same batch, moves to the end.
+        for batch in product.batches() {
+            let old = original_batches
+                .get(batch.reference())
+                .map_or(&[][..], |b| b.allocations());
+            let new = batch.allocations();
+            let kept = old.iter().zip(new).take_while(|(o, n)| o == n).count();
+            for line in &old[kept..] {
+                self.removed.0.push(line.orderid.as_str());
+                self.removed.1.push(sku);
+            }
+            for line in &new[kept..] {
+                self.added.push((position, batch.reference(), line));
+            }
         }
     }
-
-    // Allocations, batch by batch: the stored rows' ids must keep the domain's
-    // allocation order (LIFO deallocation reads it back). Rows that both lists
-    // share from the start stay; the rest of the old list is deleted and the
-    // rest of the new list inserted in order, so a line freed and allocated
-    // again in one message, even to the same batch, moves to the end. All
-    // deletes come first, because a line may move to another batch.
-    let mut removed = Vec::new();
-    let mut added = Vec::new();
-    for batch in product.batches() {
-        let old = original_batches
-            .get(batch.reference())
-            .map_or(&[][..], |b| b.allocations());
-        let new = batch.allocations();
-        let kept = old.iter().zip(new).take_while(|(o, n)| o == n).count();
-        removed.extend(old[kept..].iter().map(|l| &l.orderid));
-        added.extend(new[kept..].iter().map(|l| (batch.reference(), l)));
-    }
-    for orderid in removed {
-        sqlx::query("DELETE FROM allocations WHERE orderid = $1 AND sku = $2")
-            .bind(orderid.as_str())
-            .bind(sku)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-    }
-    for (reference, line) in added {
-        let batch_id = tracked.batch_ids.get(reference).copied().ok_or_else(|| {
-            RepositoryError::Conflict(format!("batch {reference} has no stored id"))
-        })?;
-        sqlx::query(
-            "INSERT INTO allocations (batch_id, orderid, sku, qty) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(batch_id)
-        .bind(line.orderid.as_str())
-        .bind(sku)
-        .bind(i64::from(line.qty))
-        .execute(&mut *conn)
-        .await
-        .map_err(classify)?;
-    }
-    Ok(())
 }
 
 /// Stored names were validated on the way in; one that no longer parses means
@@ -245,45 +529,61 @@ fn stored_qty(value: i64) -> Result<u32, RepositoryError> {
     })
 }
 
-impl ProductRepository for PgProductRepository {
+impl ProductRepository for PgProductRepository<'_> {
     fn add(&mut self, product: Product) {
+        let i = self.seen.len();
+        self.index.insert(product.sku().clone(), i);
         self.seen.push(Tracked {
             product,
             original: None,
             batch_ids: HashMap::new(),
+            used: false,
         });
+        self.touch(i, true);
     }
 
     async fn get(&mut self, sku: &Sku) -> Result<Option<&mut Product>, RepositoryError> {
-        let index = match self.position(sku) {
-            Some(i) => Some(i),
-            None => self.load(sku).await?,
-        };
-        Ok(index.map(|i| &mut self.seen[i].product))
+        if !self.index.contains_key(sku) && !self.absent_skus.contains(sku) {
+            // Not named by the batch up front (a test, or a handler reaching
+            // for another product): lock and load it now.
+            self.preload(&[sku], &[]).await?;
+        }
+        match self.index.get(sku).copied() {
+            Some(i) => {
+                self.touch(i, false);
+                Ok(Some(&mut self.seen[i].product))
+            }
+            None => Ok(None),
+        }
     }
 
     async fn get_by_batchref(
         &mut self,
         reference: &BatchRef,
     ) -> Result<Option<&mut Product>, RepositoryError> {
-        if let Some(i) = self
-            .seen
-            .iter()
-            .position(|t| t.product.batch(reference).is_some())
-        {
-            return Ok(Some(&mut self.seen[i].product));
-        }
-        let sku: Option<String> =
-            sqlx::query_scalar("SELECT sku FROM batches WHERE reference = $1")
-                .bind(reference.as_str())
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(classify)?;
-        match sku {
-            Some(sku) => {
-                let sku = stored_name(Sku::parse(sku))?;
-                self.get(&sku).await
+        let owner = self
+            .cache
+            .owners
+            .get(reference)
+            .or_else(|| self.new_owners.get(reference))
+            .cloned()
+            .or_else(|| {
+                // A batch created earlier in the current message.
+                self.touched.iter().find_map(|(i, _, _)| {
+                    let p = &self.seen[*i].product;
+                    p.batch(reference).map(|_| p.sku().clone())
+                })
+            });
+        let owner = match owner {
+            Some(sku) => Some(sku),
+            None if self.absent_refs.contains(reference) => None,
+            None => {
+                self.preload(&[], &[reference]).await?;
+                self.cache.owners.get(reference).cloned()
             }
+        };
+        match owner {
+            Some(sku) => self.get(&sku).await,
             None => Ok(None),
         }
     }
@@ -293,111 +593,245 @@ impl ProductRepository for PgProductRepository {
     }
 }
 
-/// One message's transaction. Created by [`PgUnitOfWork::begin`]; nothing is
-/// stored until [`PgUnitOfWork::commit`]; dropping it rolls back.
-pub struct PgUnitOfWork {
-    products: PgProductRepository,
+/// One transaction for a batch of messages. Created by [`PgUnitOfWork::begin`];
+/// nothing is stored until [`PgUnitOfWork::commit`]; dropping it rolls back.
+///
+/// Between [`Self::start_message`] and [`Self::finish_message`] it is the unit
+/// of work of one message: events are numbered within the message, and
+/// [`Self::reject_message`] takes back what the message queued.
+pub struct PgUnitOfWork<'c> {
+    products: PgProductRepository<'c>,
     context: MessageContext,
+    /// Outbox length when the current message started.
+    message_start: usize,
+    read_model_start: usize,
     outbox: Vec<OutboxRecord>,
     read_model: Vec<ReadModelChange>,
+    processed: Vec<String>,
 }
 
-/// Whether a message's idempotency key was new to the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    New,
-    AlreadyProcessed,
-}
-
-impl PgUnitOfWork {
-    pub async fn begin(pool: &PgPool, context: MessageContext) -> Result<Self, RepositoryError> {
+impl<'c> PgUnitOfWork<'c> {
+    pub async fn begin(
+        pool: &PgPool,
+        cache: &'c mut ProductCache,
+    ) -> Result<Self, RepositoryError> {
         let tx = pool.begin().await.map_err(classify)?;
         Ok(Self {
             products: PgProductRepository {
                 tx,
+                cache,
                 seen: Vec::new(),
+                index: HashMap::new(),
+                new_owners: HashMap::new(),
+                absent_skus: HashSet::new(),
+                absent_refs: HashSet::new(),
+                touched: Vec::new(),
             },
-            context,
+            context: MessageContext {
+                idempotency_key: String::new(),
+                traceparent: None,
+            },
+            message_start: 0,
+            read_model_start: 0,
             outbox: Vec::new(),
             read_model: Vec::new(),
+            processed: Vec::new(),
         })
     }
 
-    /// Records the message's idempotency key. Done first, so that a concurrent
-    /// delivery of the same message waits on the key and then sees it taken.
-    pub async fn claim(&mut self) -> Result<Claim, RepositoryError> {
-        let inserted = sqlx::query(
-            "INSERT INTO processed_messages (idempotency_key) VALUES ($1) ON CONFLICT DO NOTHING",
+    /// Which of `keys` are recorded as processed already.
+    pub async fn already_processed(
+        &mut self,
+        keys: &[&str],
+    ) -> Result<HashSet<String>, RepositoryError> {
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT idempotency_key FROM processed_messages WHERE idempotency_key = ANY($1)",
         )
-        .bind(&self.context.idempotency_key)
-        .execute(&mut *self.products.tx)
+        .bind(keys)
+        .fetch_all(&mut *self.products.tx)
         .await
         .map_err(classify)?;
-        Ok(if inserted.rows_affected() == 1 {
-            Claim::New
-        } else {
-            Claim::AlreadyProcessed
-        })
+        Ok(found.into_iter().collect())
     }
 
-    /// Queues a record (such as a dead letter) for the outbox of this transaction.
-    pub fn add_outbox_record(&mut self, record: OutboxRecord) {
+    /// The message whose handling follows: its events carry its context.
+    pub fn start_message(&mut self, context: MessageContext) {
+        self.context = context;
+        self.message_start = self.outbox.len();
+        self.read_model_start = self.read_model.len();
+        self.products.touched.clear();
+    }
+
+    /// The current message is done: its idempotency key is recorded with it.
+    pub fn finish_message(&mut self) {
+        self.processed
+            .push(std::mem::take(&mut self.context.idempotency_key));
+        self.products.end_message();
+    }
+
+    /// Takes back what the current, rejected message queued. `false` when it
+    /// had changed a product, which cannot be taken back alone: call
+    /// [`Self::reset`] and handle the batch's other messages again.
+    pub fn reject_message(&mut self) -> bool {
+        if !self.products.undo_message() {
+            return false;
+        }
+        self.outbox.truncate(self.message_start);
+        self.read_model.truncate(self.read_model_start);
+        true
+    }
+
+    /// Forgets every message handled so far; the products are as loaded.
+    pub fn reset(&mut self) {
+        self.products.reset();
+        self.outbox.clear();
+        self.read_model.clear();
+        self.processed.clear();
+    }
+
+    /// Records a message that ends in a dead letter: the record and the
+    /// message's idempotency key, together.
+    pub fn dead_letter(&mut self, idempotency_key: String, record: OutboxRecord) {
         self.outbox.push(record);
+        self.processed.push(idempotency_key);
     }
 
     /// Stores everything queued, then commits. A `Conflict` means the caller
-    /// must retry the message from the start in a new unit of work.
+    /// must retry the batch from the start in a new unit of work.
     pub async fn commit(mut self) -> Result<(), RepositoryError> {
         self.products.save_all().await?;
         let conn: &mut PgConnection = &mut self.products.tx;
-        for record in &self.outbox {
-            outbox::insert(&mut *conn, record).await.map_err(classify)?;
+        outbox::insert_all(&mut *conn, &self.outbox)
+            .await
+            .map_err(classify)?;
+        write_read_model(&mut *conn, &self.read_model).await?;
+        if !self.processed.is_empty() {
+            // A concurrent delivery of the same message fails here on the
+            // primary key (a Conflict): retried, it finds the key taken.
+            sqlx::query(
+                "INSERT INTO processed_messages (idempotency_key) SELECT unnest($1::text[])",
+            )
+            .bind(&self.processed)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
         }
-        for change in &self.read_model {
-            match change {
-                ReadModelChange::Allocated {
-                    orderid,
-                    sku,
-                    batchref,
-                } => {
-                    sqlx::query(
-                        "INSERT INTO allocations_view (orderid, sku, batchref) VALUES ($1, $2, $3) \
-                         ON CONFLICT (orderid, sku) DO UPDATE SET batchref = EXCLUDED.batchref",
-                    )
-                    .bind(orderid.as_str())
-                    .bind(sku.as_str())
-                    .bind(batchref.as_str())
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(classify)?;
-                }
-                ReadModelChange::Deallocated { orderid, sku } => {
-                    sqlx::query("DELETE FROM allocations_view WHERE orderid = $1 AND sku = $2")
-                        .bind(orderid.as_str())
-                        .bind(sku.as_str())
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(classify)?;
+        let PgProductRepository {
+            tx, cache, seen, ..
+        } = self.products;
+        tx.commit().await.map_err(classify)?;
+        for tracked in &seen {
+            for batch in tracked.product.batches() {
+                if !cache.owners.contains_key(batch.reference()) {
+                    cache
+                        .owners
+                        .insert(batch.reference().clone(), tracked.product.sku().clone());
                 }
             }
         }
-        self.products.tx.commit().await.map_err(classify)
+        for tracked in seen {
+            cache.products.insert(
+                tracked.product.sku().clone(),
+                Stored {
+                    product: tracked.product,
+                    batch_ids: tracked.batch_ids,
+                },
+            );
+        }
+        cache.trim();
+        Ok(())
     }
 }
 
-impl UnitOfWork for PgUnitOfWork {
-    type Products = PgProductRepository;
+/// The read model's net change: the last change of each line wins.
+async fn write_read_model(
+    conn: &mut PgConnection,
+    changes: &[ReadModelChange],
+) -> Result<(), RepositoryError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut last: HashMap<(&str, &str), Option<&str>> = HashMap::with_capacity(changes.len());
+    for change in changes {
+        match change {
+            ReadModelChange::Allocated {
+                orderid,
+                sku,
+                batchref,
+            } => last.insert((orderid.as_str(), sku.as_str()), Some(batchref.as_str())),
+            ReadModelChange::Deallocated { orderid, sku } => {
+                last.insert((orderid.as_str(), sku.as_str()), None)
+            }
+        };
+    }
+    let (mut gone_orders, mut gone_skus) = (Vec::new(), Vec::new());
+    let (mut orders, mut skus, mut refs) = (Vec::new(), Vec::new(), Vec::new());
+    for ((orderid, sku), batchref) in last {
+        match batchref {
+            Some(batchref) => {
+                orders.push(orderid);
+                skus.push(sku);
+                refs.push(batchref);
+            }
+            None => {
+                gone_orders.push(orderid);
+                gone_skus.push(sku);
+            }
+        }
+    }
+    if !gone_orders.is_empty() {
+        sqlx::query(
+            "DELETE FROM allocations_view v USING unnest($1::text[], $2::text[]) AS d(o, s) \
+             WHERE v.orderid = d.o AND v.sku = d.s",
+        )
+        .bind(&gone_orders)
+        .bind(&gone_skus)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    }
+    if !orders.is_empty() {
+        sqlx::query(
+            "INSERT INTO allocations_view (orderid, sku, batchref) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
+             ON CONFLICT (orderid, sku) DO UPDATE SET batchref = EXCLUDED.batchref",
+        )
+        .bind(&orders)
+        .bind(&skus)
+        .bind(&refs)
+        .execute(&mut *conn)
+        .await
+        .map_err(classify)?;
+    }
+    Ok(())
+}
 
-    fn products(&mut self) -> &mut PgProductRepository {
+impl<'c> UnitOfWork for PgUnitOfWork<'c> {
+    type Products = PgProductRepository<'c>;
+
+    fn products(&mut self) -> &mut PgProductRepository<'c> {
         &mut self.products
     }
 
     fn publish(&mut self, event: &Event) {
-        let record = outbox::event_record(event, &self.context, self.outbox.len());
+        // Numbered within the message, so the event's ce_id does not depend
+        // on which other messages share the transaction.
+        let position = self.outbox.len() - self.message_start;
+        let record = outbox::event_record(event, &self.context, position);
         self.outbox.push(record);
     }
 
     fn update_read_model(&mut self, change: ReadModelChange) {
         self.read_model.push(change);
+    }
+
+    /// Only the products the current message touched can hold new events.
+    fn collect_new_events(&mut self) -> Vec<Event> {
+        let repo = &mut self.products;
+        let mut events = Vec::new();
+        for (i, _, _) in &repo.touched {
+            events.extend(repo.seen[*i].product.take_events());
+        }
+        events
     }
 }

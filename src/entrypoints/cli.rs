@@ -138,6 +138,12 @@ pub struct RunArgs {
     /// Bound on finishing in-flight work and flushing at shutdown, e.g. 20s.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Most messages of one partition handled in one database transaction.
+    /// Whatever has arrived is taken, up to this many; 1 is one transaction
+    /// per message.
+    #[arg(long, env = "MAX_BATCH_MESSAGES", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_batch_messages: u32,
 }
 
 /// A setting that parsed but cannot be used. Displays as one line.
@@ -231,6 +237,7 @@ impl RunArgs {
             worker: WorkerSettings {
                 unknown_reference_timeout: self.unknown_reference_timeout,
                 shutdown_timeout: self.shutdown_timeout,
+                max_batch_messages: self.max_batch_messages as usize,
             },
         })
     }

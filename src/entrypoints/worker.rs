@@ -9,7 +9,7 @@
 //! partition's stored offset never passes a parked message, and redelivered
 //! messages are recognised by their idempotency key.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,11 +26,13 @@ use tracing::Instrument;
 use crate::adapters::inbound::{self, DecodeError};
 use crate::adapters::kafka::{to_inbound, Topics, WorkerContext};
 use crate::adapters::metrics::Metrics;
-use crate::adapters::outbox::{dead_letter_record, DeadLetterReason, InboundMessage};
-use crate::adapters::postgres::{Claim, PgUnitOfWork};
+use crate::adapters::outbox::{
+    dead_letter_record, DeadLetterReason, InboundMessage, MessageContext,
+};
+use crate::adapters::postgres::{PgUnitOfWork, ProductCache};
 use crate::adapters::relay::Backoff;
-use crate::domain::DomainError;
-use crate::service_layer::{self, HandlerError, RepositoryError};
+use crate::domain::{Command, DomainError};
+use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
 
 /// Tuning of the worker loop.
 #[derive(Debug, Clone)]
@@ -40,6 +42,9 @@ pub struct WorkerSettings {
     pub unknown_reference_timeout: Duration,
     /// Bound on finishing in-flight work at shutdown.
     pub shutdown_timeout: Duration,
+    /// Most messages of one partition handled in one transaction. 1 gives
+    /// one transaction per message.
+    pub max_batch_messages: usize,
 }
 
 /// What became of one message.
@@ -67,8 +72,49 @@ async fn pause_after_conflict(conflicts: u32) {
     tokio::time::sleep(Duration::from_micros(micros)).await;
 }
 
-/// Handles messages, one transaction each, with no Kafka client of its own:
-/// tests drive it directly against a real database.
+/// What is known of a message before any transaction: a command to handle,
+/// or a dead letter (unknown topic, undecodable value).
+enum Plan {
+    Handle(Command),
+    DeadLetter(DeadLetterReason, String),
+}
+
+/// Why a command was not applied in this attempt.
+#[derive(Clone)]
+enum Rejection {
+    /// Names a SKU or batch not known yet (and the window is still open).
+    Deferred,
+    DeadLetter(DeadLetterReason, String),
+}
+
+impl Rejection {
+    fn of(error: &HandlerError, give_up: bool) -> Self {
+        let (reason, retryable) = match error {
+            HandlerError::UnknownSku(_) => (DeadLetterReason::UnknownSku, true),
+            HandlerError::UnknownBatch(_) => (DeadLetterReason::UnknownBatch, true),
+            HandlerError::Rejected(DomainError::DuplicateBatch(_)) => {
+                (DeadLetterReason::DuplicateBatch, false)
+            }
+            HandlerError::Rejected(DomainError::DuplicateLine { .. }) => {
+                (DeadLetterReason::DuplicateLine, false)
+            }
+            HandlerError::Rejected(DomainError::WrongSku { .. }) | HandlerError::Repository(_) => {
+                (DeadLetterReason::InvalidMessage, false)
+            }
+        };
+        if retryable && !give_up {
+            Rejection::Deferred
+        } else {
+            Rejection::DeadLetter(reason, error.to_string())
+        }
+    }
+}
+
+/// Messages and their outcomes, with the error text of each dead letter.
+type Attempt = (Vec<Outcome>, Vec<(usize, String)>);
+
+/// Handles batches of messages, one transaction per batch, with no Kafka
+/// client of its own: tests drive it directly against a real database.
 pub struct Processor {
     pool: PgPool,
     topics: Topics,
@@ -97,69 +143,64 @@ impl Processor {
         self.metrics.concurrency_retries.get()
     }
 
-    /// Handles one message once. `give_up` turns an unknown reference into a
-    /// dead letter instead of `Deferred`. An `Err` is transient (database
-    /// unreachable, or conflicts that kept recurring): retry after a back-off.
+    /// [`Self::process_batch`] of one message, with no cache.
     pub async fn process_one(
         &self,
         message: &InboundMessage,
         give_up: bool,
     ) -> Result<Outcome, RepositoryError> {
-        let Some(kind) = self.topics.inbound_kind(&message.topic) else {
-            let error = format!("topic {} is not an inbound topic", message.topic);
-            return self
-                .dead_letter(message, DeadLetterReason::UnknownTopic, &error)
-                .await;
-        };
-        let command = match inbound::decode(kind, message.payload.as_deref()) {
-            Ok(command) => command,
-            Err(error) => {
-                let reason = match error {
-                    DecodeError::Malformed(_) => DeadLetterReason::MalformedJson,
-                    DecodeError::Invalid(_) => DeadLetterReason::InvalidMessage,
-                };
-                return self.dead_letter(message, reason, &error.to_string()).await;
-            }
-        };
+        let mut cache = ProductCache::default();
+        let outcomes = self
+            .process_batch(&[(message, give_up)], &mut cache)
+            .await?;
+        outcomes.into_iter().next().ok_or_else(|| {
+            RepositoryError::Unavailable("a batch of one message had no outcome".into())
+        })
+    }
 
+    /// Handles `batch` (messages of one partition, in offset order, each
+    /// with its `give_up` flag: whether an unknown reference is dead-lettered
+    /// rather than `Deferred`) in one transaction. Returns one outcome per
+    /// message. The messages are applied one after the other through the
+    /// message bus, as if each had its own transaction: a rejected message
+    /// is taken back alone, and the others commit. An `Err` is transient
+    /// (database unreachable, or conflicts that kept recurring): retry the
+    /// whole batch after a back-off; nothing of it was stored.
+    pub async fn process_batch(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        cache: &mut ProductCache,
+    ) -> Result<Vec<Outcome>, RepositoryError> {
+        let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
+        let contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
         let mut conflicts = 0;
         loop {
-            let mut uow = PgUnitOfWork::begin(&self.pool, message.context()).await?;
-            if uow.claim().await? == Claim::AlreadyProcessed {
-                return Ok(Outcome::Duplicate);
-            }
-            let handled = service_layer::handle(command.clone(), &mut uow).await;
-            let committed = match handled {
-                Ok(()) => uow.commit().await,
-                Err(HandlerError::Repository(e)) => Err(e),
-                Err(rejection) => {
-                    drop(uow);
-                    let (reason, retryable) = match &rejection {
-                        HandlerError::UnknownSku(_) => (DeadLetterReason::UnknownSku, true),
-                        HandlerError::UnknownBatch(_) => (DeadLetterReason::UnknownBatch, true),
-                        HandlerError::Rejected(DomainError::DuplicateBatch(_)) => {
-                            (DeadLetterReason::DuplicateBatch, false)
+            match self.attempt(batch, &plans, &contexts, cache).await {
+                Ok((outcomes, errors)) => {
+                    for (i, error) in errors {
+                        if let Outcome::DeadLettered(reason) = outcomes[i] {
+                            let m = batch[i].0;
+                            tracing::warn!(
+                                reason = reason.as_str(),
+                                error,
+                                topic = %m.topic,
+                                partition = m.partition,
+                                offset = m.offset,
+                                "message dead-lettered"
+                            );
+                            self.metrics
+                                .dead_letters
+                                .with_label_values(&[reason.as_str()])
+                                .inc();
                         }
-                        HandlerError::Rejected(DomainError::DuplicateLine { .. }) => {
-                            (DeadLetterReason::DuplicateLine, false)
-                        }
-                        HandlerError::Rejected(DomainError::WrongSku { .. }) => {
-                            (DeadLetterReason::InvalidMessage, false)
-                        }
-                        HandlerError::Repository(_) => unreachable!("matched above"),
-                    };
-                    if retryable && !give_up {
-                        return Ok(Outcome::Deferred);
                     }
-                    return self
-                        .dead_letter(message, reason, &rejection.to_string())
-                        .await;
-                }
-            };
-            match committed {
-                Ok(()) => {
-                    self.relay_wake.notify_one();
-                    return Ok(Outcome::Applied);
+                    if outcomes
+                        .iter()
+                        .any(|o| matches!(o, Outcome::Applied | Outcome::DeadLettered(_)))
+                    {
+                        self.relay_wake.notify_one();
+                    }
+                    return Ok(outcomes);
                 }
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
@@ -172,37 +213,112 @@ impl Processor {
         }
     }
 
-    /// Records the dead letter and the message's idempotency key together.
-    async fn dead_letter(
+    fn plan(&self, message: &InboundMessage) -> Plan {
+        let Some(kind) = self.topics.inbound_kind(&message.topic) else {
+            let error = format!("topic {} is not an inbound topic", message.topic);
+            return Plan::DeadLetter(DeadLetterReason::UnknownTopic, error);
+        };
+        match inbound::decode(kind, message.payload.as_deref()) {
+            Ok(command) => Plan::Handle(command),
+            Err(error) => {
+                let reason = match error {
+                    DecodeError::Malformed(_) => DeadLetterReason::MalformedJson,
+                    DecodeError::Invalid(_) => DeadLetterReason::InvalidMessage,
+                };
+                Plan::DeadLetter(reason, error.to_string())
+            }
+        }
+    }
+
+    /// One transaction for the whole batch.
+    async fn attempt(
         &self,
-        message: &InboundMessage,
-        reason: DeadLetterReason,
-        error: &str,
-    ) -> Result<Outcome, RepositoryError> {
-        let mut conflicts = 0;
-        loop {
-            let mut uow = PgUnitOfWork::begin(&self.pool, message.context()).await?;
-            if uow.claim().await? == Claim::AlreadyProcessed {
-                return Ok(Outcome::Duplicate);
+        batch: &[(&InboundMessage, bool)],
+        plans: &[Plan],
+        contexts: &[MessageContext],
+        cache: &mut ProductCache,
+    ) -> Result<Attempt, RepositoryError> {
+        let mut uow = PgUnitOfWork::begin(&self.pool, cache).await?;
+        let keys: Vec<&str> = contexts
+            .iter()
+            .map(|c| c.idempotency_key.as_str())
+            .collect();
+        let done = uow.already_processed(&keys).await?;
+
+        // Lock and load, in one go, every product the batch names.
+        let mut skus = Vec::new();
+        let mut refs = Vec::new();
+        for (plan, key) in plans.iter().zip(&keys) {
+            if done.contains(*key) {
+                continue;
             }
-            uow.add_outbox_record(dead_letter_record(message, reason, error));
-            match uow.commit().await {
-                Ok(()) => {
-                    tracing::warn!(reason = reason.as_str(), error, "message dead-lettered");
-                    self.metrics
-                        .dead_letters
-                        .with_label_values(&[reason.as_str()])
-                        .inc();
-                    self.relay_wake.notify_one();
-                    return Ok(Outcome::DeadLettered(reason));
+            match plan {
+                Plan::Handle(Command::CreateBatch(c)) => {
+                    skus.push(&c.sku);
+                    refs.push(&c.reference);
                 }
-                Err(RepositoryError::Conflict(_)) if conflicts < CONFLICT_RETRIES => {
-                    conflicts += 1;
-                    self.metrics.concurrency_retries.inc();
-                    pause_after_conflict(conflicts).await;
-                }
-                Err(e) => return Err(e),
+                Plan::Handle(Command::ChangeBatchQuantity(c)) => refs.push(&c.reference),
+                Plan::Handle(Command::Allocate(c)) => skus.push(&c.sku),
+                Plan::DeadLetter(..) => {}
             }
+        }
+        uow.products().preload(&skus, &refs).await?;
+
+        // Rejections depend on the state, so they are decided anew in every
+        // attempt; a pass starts over only when a rejected message had
+        // changed a product, which the domain never does before refusing.
+        let mut rejected: Vec<Option<Rejection>> = vec![None; batch.len()];
+        'pass: loop {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            let mut errors = Vec::new();
+            let mut claimed: HashSet<&str> = HashSet::with_capacity(batch.len());
+            for (i, (message, give_up)) in batch.iter().enumerate() {
+                let key = keys[i];
+                // The same key twice in one batch: the second is a redelivery.
+                if done.contains(key) || claimed.contains(key) {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let verdict = match (&plans[i], &rejected[i]) {
+                    (_, Some(rejection)) => rejection.clone(),
+                    (Plan::DeadLetter(reason, error), None) => {
+                        Rejection::DeadLetter(*reason, error.clone())
+                    }
+                    (Plan::Handle(command), None) => {
+                        uow.start_message(contexts[i].clone());
+                        match service_layer::handle(command.clone(), &mut uow).await {
+                            Ok(()) => {
+                                uow.finish_message();
+                                claimed.insert(key);
+                                outcomes.push(Outcome::Applied);
+                                continue;
+                            }
+                            Err(HandlerError::Repository(e)) => return Err(e),
+                            Err(error) => {
+                                let rejection = Rejection::of(&error, *give_up);
+                                rejected[i] = Some(rejection.clone());
+                                if !uow.reject_message() {
+                                    uow.reset();
+                                    continue 'pass;
+                                }
+                                rejection
+                            }
+                        }
+                    }
+                };
+                match verdict {
+                    Rejection::Deferred => outcomes.push(Outcome::Deferred),
+                    Rejection::DeadLetter(reason, error) => {
+                        let record = dead_letter_record(message, reason, &error);
+                        uow.dead_letter(key.to_owned(), record);
+                        claimed.insert(key);
+                        outcomes.push(Outcome::DeadLettered(reason));
+                        errors.push((i, error));
+                    }
+                }
+            }
+            uow.commit().await?;
+            return Ok((outcomes, errors));
         }
     }
 }
@@ -231,26 +347,26 @@ impl Worker {
         }
     }
 
-    /// [`Self::process_one`] until it succeeds, backing off while the store is
-    /// unavailable. `None` when shutdown came first: the message is not done.
+    /// [`Processor::process_batch`] until it succeeds, backing off while the
+    /// store is unavailable. `None` when shutdown came first: the batch is not done.
     async fn process_with_retry(
         &self,
-        message: &InboundMessage,
-        give_up: bool,
+        batch: &[(&InboundMessage, bool)],
+        cache: &mut ProductCache,
         shutdown: &CancellationToken,
-    ) -> Option<Outcome> {
+    ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
-            match self.processor.process_one(message, give_up).await {
-                Ok(outcome) => {
+            match self.processor.process_batch(batch, cache).await {
+                Ok(outcomes) => {
                     if backoff.failures() > 0 {
                         tracing::info!("database reachable again; resumed");
                     }
-                    return Some(outcome);
+                    return Some(outcomes);
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in = ?delay, "cannot handle message now; backing off");
+                    tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => return None,
@@ -300,9 +416,10 @@ impl Worker {
             };
             let key = (message.topic.clone(), message.partition);
             let sender = partitions.entry(key.clone()).or_insert_with(|| {
-                // Small queue: it bounds memory, and what is queued but not
-                // handled at a crash is simply consumed again.
-                let (tx, rx) = mpsc::channel(64);
+                // Room for two batches: one being handled, the next filling.
+                // It bounds memory, and what is queued but not handled at a
+                // crash is simply consumed again.
+                let (tx, rx) = mpsc::channel(2 * this.settings.max_batch_messages.max(32));
                 let worker = Arc::clone(&this);
                 let token = shutdown.clone();
                 tracker.spawn(async move {
@@ -363,8 +480,9 @@ impl Worker {
         Ok(started + budget)
     }
 
-    /// One partition, in order. Parked messages are retried on a timer until
-    /// they apply or their window closes.
+    /// One partition, in order: whatever has queued up (up to the batch
+    /// size) is handled in one transaction. Parked messages are retried on a
+    /// timer until they apply or their window closes.
     async fn run_partition(
         &self,
         topic: String,
@@ -372,26 +490,41 @@ impl Worker {
         mut queue: mpsc::Receiver<InboundMessage>,
         shutdown: CancellationToken,
     ) {
+        let mut cache = ProductCache::default();
         let mut parked: VecDeque<Parked> = VecDeque::new();
         let mut next_offset: Option<i64> = None;
         let mut stored: Option<i64> = None;
+        let max = self.settings.max_batch_messages.max(1);
+        let mut batch: Vec<InboundMessage> = Vec::with_capacity(max);
         loop {
             let retry_at = parked.iter().map(|p| p.next_try).min();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 received = queue.recv() => {
-                    let Some(message) = received else { break };
-                    let offset = message.offset;
-                    match self.handle_traced(&message, false, &shutdown).await {
-                        None => break,
-                        Some(Outcome::Deferred) => parked.push_back(Parked::new(message)),
-                        Some(_) => {}
+                    let Some(first) = received else { break };
+                    batch.push(first);
+                    while batch.len() < max {
+                        match queue.try_recv() {
+                            Ok(message) => batch.push(message),
+                            Err(_) => break,
+                        }
                     }
-                    next_offset = Some(offset + 1);
+                    let items: Vec<(&InboundMessage, bool)> =
+                        batch.iter().map(|m| (m, false)).collect();
+                    let Some(outcomes) = self.handle_batch(&topic, partition, &items, &mut cache, &shutdown).await else {
+                        break;
+                    };
+                    drop(items);
+                    next_offset = batch.last().map(|m| m.offset + 1);
+                    for (message, outcome) in batch.drain(..).zip(outcomes) {
+                        if outcome == Outcome::Deferred {
+                            parked.push_back(Parked::new(message));
+                        }
+                    }
                 }
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => {
-                    if !self.retry_parked(&mut parked, &shutdown).await {
+                    if !self.retry_parked(&topic, partition, &mut parked, &mut cache, &shutdown).await {
                         break;
                     }
                 }
@@ -407,83 +540,110 @@ impl Worker {
         }
     }
 
-    /// Retries every parked message that is due, in offset order. `false` when
-    /// shutdown interrupted it.
+    /// Retries, as one batch in offset order, every parked message that is
+    /// due. `false` when shutdown interrupted it.
     async fn retry_parked(
         &self,
+        topic: &str,
+        partition: i32,
         parked: &mut VecDeque<Parked>,
+        cache: &mut ProductCache,
         shutdown: &CancellationToken,
     ) -> bool {
         let now = Instant::now();
-        let mut still = VecDeque::with_capacity(parked.len());
-        while let Some(mut p) = parked.pop_front() {
-            if p.next_try > now {
-                still.push_back(p);
-                continue;
-            }
-            let give_up = now.duration_since(p.since) >= self.settings.unknown_reference_timeout;
-            match self.handle_traced(&p.message, give_up, shutdown).await {
-                None => {
-                    still.push_back(p);
-                    still.extend(parked.drain(..));
-                    *parked = still;
-                    return false;
-                }
-                Some(Outcome::Deferred) => {
-                    p.schedule_next();
-                    still.push_back(p);
-                }
-                Some(_) => {}
+        let due: Vec<usize> = (0..parked.len())
+            .filter(|i| parked[*i].next_try <= now)
+            .collect();
+        if due.is_empty() {
+            return true;
+        }
+        let items: Vec<(&InboundMessage, bool)> = due
+            .iter()
+            .map(|i| {
+                let p = &parked[*i];
+                let give_up =
+                    now.duration_since(p.since) >= self.settings.unknown_reference_timeout;
+                (&p.message, give_up)
+            })
+            .collect();
+        let Some(outcomes) = self
+            .handle_batch(topic, partition, &items, cache, shutdown)
+            .await
+        else {
+            return false;
+        };
+        drop(items);
+        let mut settled = HashSet::new();
+        for (i, outcome) in due.into_iter().zip(outcomes) {
+            if outcome == Outcome::Deferred {
+                parked[i].schedule_next();
+            } else {
+                settled.insert(i);
             }
         }
-        *parked = still;
+        let mut i = 0;
+        parked.retain(|_| {
+            i += 1;
+            !settled.contains(&(i - 1))
+        });
         true
     }
 
-    async fn handle_traced(
+    async fn handle_batch(
         &self,
-        message: &InboundMessage,
-        give_up: bool,
+        topic: &str,
+        partition: i32,
+        batch: &[(&InboundMessage, bool)],
+        cache: &mut ProductCache,
         shutdown: &CancellationToken,
-    ) -> Option<Outcome> {
-        let kind = self
-            .processor
-            .topics
-            .inbound_kind(&message.topic)
-            .map_or("unknown", |k| k.as_str());
-        let ce_id = message
-            .header("ce_id")
-            .map(|v| String::from_utf8_lossy(v).into_owned());
+    ) -> Option<Vec<Outcome>> {
         let span = tracing::info_span!(
-            "message",
-            topic = %message.topic,
-            partition = message.partition,
-            offset = message.offset,
-            kind,
-            ce_id,
+            "batch",
+            topic,
+            partition,
+            first_offset = batch.first().map(|(m, _)| m.offset),
+            last_offset = batch.last().map(|(m, _)| m.offset),
+            size = batch.len(),
         );
         async {
             let started = std::time::Instant::now();
-            let outcome = self.process_with_retry(message, give_up, shutdown).await;
+            let outcomes = self.process_with_retry(batch, cache, shutdown).await?;
+            // Every message of the batch waited for the whole transaction:
+            // that is its handling duration.
+            let elapsed = started.elapsed().as_secs_f64();
             let metrics = &self.processor.metrics;
-            metrics
-                .handling_duration
-                .with_label_values(&[kind])
-                .observe(started.elapsed().as_secs_f64());
-            let label = match outcome {
-                Some(Outcome::Applied) => Some("applied"),
-                Some(Outcome::Duplicate) => Some("duplicate"),
-                Some(Outcome::DeadLettered(_)) => Some("dead_lettered"),
-                Some(Outcome::Deferred) | None => None,
-            };
-            if let Some(label) = label {
+            metrics.batch_messages.observe(batch.len() as f64);
+            for ((message, _), outcome) in batch.iter().zip(&outcomes) {
+                let kind = self
+                    .processor
+                    .topics
+                    .inbound_kind(&message.topic)
+                    .map_or("unknown", |k| k.as_str());
+                metrics
+                    .handling_duration
+                    .with_label_values(&[kind])
+                    .observe(elapsed);
+                let label = match outcome {
+                    Outcome::Applied => "applied",
+                    Outcome::Duplicate => "duplicate",
+                    Outcome::DeadLettered(_) => "dead_lettered",
+                    Outcome::Deferred => continue,
+                };
                 metrics
                     .messages_consumed
                     .with_label_values(&[message.topic.as_str(), label])
                     .inc();
+                tracing::debug!(
+                    offset = message.offset,
+                    kind,
+                    ce_id = message
+                        .header("ce_id")
+                        .map(|v| String::from_utf8_lossy(v).into_owned()),
+                    ?outcome,
+                    "handled"
+                );
             }
-            tracing::debug!(?outcome, "handled");
-            outcome
+            Some(outcomes)
         }
         .instrument(span)
         .await
