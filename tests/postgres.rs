@@ -125,8 +125,8 @@ async fn stores_and_reloads_a_product_with_its_allocations_in_order() {
     assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("stock"));
     assert_eq!(allocated_to(&pool, "o2").await.as_deref(), Some("ship"));
 
-    let mut cache = ProductCache::default();
-    let mut uow = PgUnitOfWork::begin(&pool, &mut cache).await.unwrap();
+    let cache = ProductCache::default();
+    let mut uow = PgUnitOfWork::begin(&pool, &cache).await.unwrap();
     let product = uow
         .products()
         .get(&Sku::parse("LAMP").unwrap())
@@ -213,8 +213,8 @@ async fn of_two_transactions_on_one_product_the_second_decides_on_the_first_ones
 
     // The first transaction loads (and so locks) the product and allocates 4.
     let sku = Sku::parse("CHAIR").unwrap();
-    let mut first_cache = ProductCache::default();
-    let mut first = PgUnitOfWork::begin(&pool, &mut first_cache).await.unwrap();
+    let first_cache = ProductCache::default();
+    let mut first = PgUnitOfWork::begin(&pool, &first_cache).await.unwrap();
     first.start_message(context("first"));
     let product = first.products().get(&sku).await.unwrap().unwrap();
     product
@@ -232,8 +232,8 @@ async fn of_two_transactions_on_one_product_the_second_decides_on_the_first_ones
         let pool = pool.clone();
         let sku = sku.clone();
         tokio::spawn(async move {
-            let mut cache = ProductCache::default();
-            let mut uow = PgUnitOfWork::begin(&pool, &mut cache).await.unwrap();
+            let cache = ProductCache::default();
+            let mut uow = PgUnitOfWork::begin(&pool, &cache).await.unwrap();
             let product = uow.products().get(&sku).await.unwrap().unwrap();
             let version = product.version_number();
             let available: i64 = product

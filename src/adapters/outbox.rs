@@ -248,54 +248,36 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
-/// Inserts `records` in order, in one statement: ids follow the order of the
-/// slice, which is the order the relay publishes in. Header lists differ in
-/// length, so they travel as one flat array each, sliced per record.
-pub(crate) async fn insert_all(
-    conn: &mut sqlx::PgConnection,
-    records: &[OutboxRecord],
-) -> Result<(), sqlx::Error> {
-    if records.is_empty() {
-        return Ok(());
-    }
-    let mut kinds = Vec::with_capacity(records.len());
-    let mut keys = Vec::with_capacity(records.len());
-    let mut payloads = Vec::with_capacity(records.len());
-    let mut firsts = Vec::with_capacity(records.len());
-    let mut lasts = Vec::with_capacity(records.len());
-    let mut names = Vec::with_capacity(records.len() * 7);
-    let mut values = Vec::with_capacity(records.len() * 7);
-    for record in records {
-        kinds.push(record.kind.as_str());
-        keys.push(record.key.as_deref());
-        payloads.push(record.payload.as_deref());
-        // PostgreSQL arrays are 1-based and slices inclusive; an empty list
-        // is the slice [n+1:n].
-        firsts.push(to_i32(names.len() + 1)?);
-        for (name, value) in &record.headers {
-            names.push(name.as_str());
-            values.push(value.as_slice());
+/// Outbox records as the columns of one set-based insert. Header lists
+/// differ in length, so they travel as flat arrays with the number (from 1)
+/// of their record, and the insert groups them back (slicing one big array
+/// per record would cost quadratic time).
+#[derive(Default)]
+pub(crate) struct OutboxColumns<'a> {
+    pub kinds: Vec<&'static str>,
+    pub keys: Vec<Option<&'a [u8]>>,
+    pub payloads: Vec<Option<&'a [u8]>>,
+    pub header_owners: Vec<i32>,
+    pub header_names: Vec<&'a str>,
+    pub header_values: Vec<&'a [u8]>,
+}
+
+impl<'a> OutboxColumns<'a> {
+    pub fn new(records: &'a [OutboxRecord]) -> Result<Self, sqlx::Error> {
+        let mut columns = Self::default();
+        for (i, record) in records.iter().enumerate() {
+            columns.kinds.push(record.kind.as_str());
+            columns.keys.push(record.key.as_deref());
+            columns.payloads.push(record.payload.as_deref());
+            let number = to_i32(i + 1)?;
+            for (name, value) in &record.headers {
+                columns.header_owners.push(number);
+                columns.header_names.push(name.as_str());
+                columns.header_values.push(value.as_slice());
+            }
         }
-        lasts.push(to_i32(names.len())?);
+        Ok(columns)
     }
-    sqlx::query(
-        "INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
-         SELECT r.kind, r.k, r.p, COALESCE(($4::text[])[r.lo:r.hi], '{}'), \
-                COALESCE(($5::bytea[])[r.lo:r.hi], '{}') \
-         FROM unnest($1::text[], $2::bytea[], $3::bytea[], $6::int4[], $7::int4[]) \
-              WITH ORDINALITY AS r(kind, k, p, lo, hi, n) \
-         ORDER BY r.n",
-    )
-    .bind(&kinds)
-    .bind(&keys)
-    .bind(&payloads)
-    .bind(&names)
-    .bind(&values)
-    .bind(&firsts)
-    .bind(&lasts)
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 fn to_i32(n: usize) -> Result<i32, sqlx::Error> {

@@ -10,7 +10,10 @@
 //! whole transaction and makes concurrent batches queue rather than deadlock.
 //! Writes are set-based: one statement per table, whatever the batch size.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use chrono::NaiveDate;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -19,7 +22,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use crate::domain::{Batch, BatchRef, Event, OrderId, OrderLine, Product, Sku};
 use crate::service_layer::{ProductRepository, ReadModelChange, RepositoryError, UnitOfWork};
 
-use super::outbox::{self, MessageContext, OutboxRecord};
+use super::outbox::{self, MessageContext, OutboxColumns, OutboxRecord};
 
 /// The migrations under `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -45,38 +48,64 @@ pub fn classify(error: sqlx::Error) -> RepositoryError {
     RepositoryError::Unavailable(Box::new(error))
 }
 
-/// Products kept between transactions by one consumer task, so that a product
-/// is not read back from the database after every commit. An entry is only
-/// used when its version equals the one of the row locked at the start of the
-/// next transaction; anything else (another partition or instance changed the
-/// product, or our transaction rolled back) is read again.
+/// Products kept in memory between transactions, shared by the worker's
+/// partitions, so that a product is not read back from the database after
+/// every commit. A transaction takes a product out when it has locked its row,
+/// and uses it only if the row still carries the revision the copy was saved
+/// with; it puts its products back before committing, so the next holder of
+/// the lock finds them. A copy whose transaction rolled back carries a
+/// revision the database never got, and is never used.
 #[derive(Default)]
 pub struct ProductCache {
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
     products: HashMap<Sku, Stored>,
-    /// A batch reference never changes product, so its owner is cached for good.
+    /// A batch reference never changes product, so its owner is kept for good.
     owners: HashMap<BatchRef, Sku>,
 }
 
-/// Bound on cached products (and batch owners) per consumer task. A product
-/// with a few hundred lines takes tens of KiB; past the bound the cache is
-/// emptied, which costs one read per product and nothing else.
+/// Bound on cached products (and batch owners). A product with a few hundred
+/// lines takes tens of KiB; past the bound the cache is emptied, which costs
+/// one read per product and nothing else.
 const CACHE_CAPACITY: usize = 2048;
 
 impl ProductCache {
-    fn trim(&mut self) {
-        if self.products.len() > CACHE_CAPACITY {
-            self.products.clear();
-        }
-        if self.owners.len() > 4 * CACHE_CAPACITY {
-            self.owners.clear();
-        }
+    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        // A panic while the lock was held left at worst a stale entry, which
+        // the revision check refuses: carry on with the data.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// A product as committed, with the ids of its batch rows.
+/// A product as saved, with the ids of its batch rows and its revision.
 struct Stored {
     product: Product,
     batch_ids: HashMap<BatchRef, i64>,
+    revision: i64,
+}
+
+/// A new revision number: random, so that no other writer (another instance,
+/// or a transaction that rolled back) can produce the same one.
+fn fresh_revision() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    // 0 is the column's default for rows written before revisions existed.
+    match hasher.finish() as i64 {
+        0 => 1,
+        n => n,
+    }
 }
 
 /// A product in a unit of work, kept beside the state it was loaded in, so
@@ -86,18 +115,22 @@ struct Tracked {
     /// `None` for a product created in this unit of work.
     original: Option<Product>,
     batch_ids: HashMap<BatchRef, i64>,
+    /// As read (0 for a new product); set anew when the product is written.
+    revision: i64,
     /// Handed to a handler in this unit of work: saved (and version-checked) at commit.
     used: bool,
 }
 
-type ProductRow = (String, i64);
+type ProductRow = (String, i64, i64);
 type BatchRow = (i64, String, String, i64, Option<NaiveDate>);
 type LineRow = (String, i64, String, i64);
 
 pub struct PgProductRepository<'c> {
     tx: Transaction<'static, Postgres>,
-    cache: &'c mut ProductCache,
+    cache: &'c ProductCache,
     seen: Vec<Tracked>,
+    /// Owners of stored batches, as learnt from the cache or the database.
+    owners: HashMap<BatchRef, Sku>,
     index: HashMap<Sku, usize>,
     /// Owners of batches created in this unit of work by finished messages.
     new_owners: HashMap<BatchRef, Sku>,
@@ -119,17 +152,28 @@ impl PgProductRepository<'_> {
     }
 
     /// Locks and loads every product named by `skus` or owning one of `refs`
-    /// that is not loaded yet. Locks are taken in SKU order, so two batches
-    /// naming the same products wait for each other instead of deadlocking.
+    /// that is not loaded yet, and returns which of the idempotency `keys`
+    /// are recorded as processed already (in the same round trip). Locks are
+    /// taken in SKU order, so two batches naming the same products wait for
+    /// each other instead of deadlocking.
     pub async fn preload(
         &mut self,
         skus: &[&Sku],
         refs: &[&BatchRef],
-    ) -> Result<(), RepositoryError> {
+        keys: &[&str],
+    ) -> Result<HashSet<String>, RepositoryError> {
+        if refs.iter().any(|r| !self.owners.contains_key(*r)) {
+            let state = self.cache.state();
+            for reference in refs {
+                if let Some(sku) = state.owners.get(*reference) {
+                    self.owners.insert((*reference).clone(), sku.clone());
+                }
+            }
+        }
         let unknown_refs: Vec<&str> = refs
             .iter()
             .filter(|r| {
-                !self.cache.owners.contains_key(**r)
+                !self.owners.contains_key(**r)
                     && !self.new_owners.contains_key(**r)
                     && !self.absent_refs.contains(**r)
             })
@@ -147,11 +191,11 @@ impl PgProductRepository<'_> {
             for (reference, sku) in rows {
                 let reference = stored_name(BatchRef::parse(reference))?;
                 let sku = stored_name(Sku::parse(sku))?;
-                self.cache.owners.insert(reference, sku);
+                self.owners.insert(reference, sku);
             }
             for reference in unknown_refs {
                 if let Ok(reference) = BatchRef::parse(reference) {
-                    if !self.cache.owners.contains_key(&reference) {
+                    if !self.owners.contains_key(&reference) {
                         self.absent_refs.insert(reference);
                     }
                 }
@@ -161,34 +205,62 @@ impl PgProductRepository<'_> {
         let mut wanted: Vec<String> = skus
             .iter()
             .copied()
-            .chain(refs.iter().filter_map(|r| self.cache.owners.get(*r)))
+            .chain(refs.iter().filter_map(|r| self.owners.get(*r)))
             .filter(|s| !self.index.contains_key(*s) && !self.absent_skus.contains(*s))
             .map(|s| s.as_str().to_owned())
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        if wanted.is_empty() {
-            return Ok(());
+        if wanted.is_empty() && keys.is_empty() {
+            return Ok(HashSet::new());
         }
-        let locked: Vec<ProductRow> = sqlx::query_as(
-            "SELECT sku, version_number FROM products WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        // A processed key comes back as a row without a version.
+        let rows: Vec<(String, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "WITH locked AS ( \
+                 SELECT sku, version_number, revision FROM products WHERE sku = ANY($1) \
+                 ORDER BY sku FOR UPDATE) \
+             SELECT sku, version_number, revision FROM locked \
+             UNION ALL \
+             SELECT idempotency_key, NULL, NULL FROM processed_messages \
+             WHERE idempotency_key = ANY($2)",
         )
         .bind(&wanted)
+        .bind(keys)
         .fetch_all(&mut *self.tx)
         .await
         .map_err(classify)?;
-
-        let mut to_read: Vec<(Sku, i64)> = Vec::new();
-        let mut found: HashSet<&str> = HashSet::with_capacity(locked.len());
-        for (sku, version) in &locked {
-            found.insert(sku.as_str());
-            let sku = stored_name(Sku::parse(sku.clone()))?;
-            match self.cache.products.remove(&sku) {
-                Some(stored) if stored.product.version_number() == *version => {
-                    self.push_loaded(stored.product, stored.batch_ids);
+        let mut done = HashSet::new();
+        let mut locked: Vec<ProductRow> = Vec::with_capacity(rows.len());
+        for (name, version, revision) in rows {
+            match (version, revision) {
+                (Some(version), Some(revision)) => locked.push((name, version, revision)),
+                _ => {
+                    done.insert(name);
                 }
-                _ => to_read.push((sku, *version)),
             }
+        }
+
+        let mut to_read: Vec<(Sku, i64, i64)> = Vec::new();
+        let mut found: HashSet<&str> = HashSet::with_capacity(locked.len());
+        let mut hits = Vec::new();
+        {
+            let mut state = self.cache.state();
+            for (sku, version, revision) in &locked {
+                found.insert(sku.as_str());
+                let sku = stored_name(Sku::parse(sku.clone()))?;
+                match state.products.remove(&sku) {
+                    Some(stored)
+                        if stored.revision == *revision
+                            && stored.product.version_number() == *version =>
+                    {
+                        hits.push(stored);
+                    }
+                    _ => to_read.push((sku, *version, *revision)),
+                }
+            }
+        }
+        for stored in hits {
+            self.push_loaded(stored.product, stored.batch_ids, stored.revision);
         }
         for sku in wanted.iter().filter(|s| !found.contains(s.as_str())) {
             if let Ok(sku) = Sku::parse(sku.as_str()) {
@@ -198,22 +270,23 @@ impl PgProductRepository<'_> {
         if !to_read.is_empty() {
             self.read(to_read).await?;
         }
-        Ok(())
+        Ok(done)
     }
 
-    fn push_loaded(&mut self, product: Product, batch_ids: HashMap<BatchRef, i64>) {
+    fn push_loaded(&mut self, product: Product, batch_ids: HashMap<BatchRef, i64>, revision: i64) {
         self.index.insert(product.sku().clone(), self.seen.len());
         self.seen.push(Tracked {
             original: Some(product.clone()),
             product,
             batch_ids,
+            revision,
             used: false,
         });
     }
 
     /// Reads locked products' batches and allocations, in creation order.
-    async fn read(&mut self, products: Vec<(Sku, i64)>) -> Result<(), RepositoryError> {
-        let skus: Vec<&str> = products.iter().map(|(s, _)| s.as_str()).collect();
+    async fn read(&mut self, products: Vec<(Sku, i64, i64)>) -> Result<(), RepositoryError> {
+        let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
         let batch_rows: Vec<BatchRow> = sqlx::query_as(
             "SELECT id, sku, reference, purchased_quantity, eta FROM batches \
@@ -232,7 +305,8 @@ impl PgProductRepository<'_> {
         .await
         .map_err(classify)?;
 
-        let by_sku: HashMap<&str, &Sku> = products.iter().map(|(s, _)| (s.as_str(), s)).collect();
+        let by_sku: HashMap<&str, &Sku> =
+            products.iter().map(|(s, _, _)| (s.as_str(), s)).collect();
         let sku_of = |name: &str| {
             by_sku.get(name).copied().ok_or_else(|| {
                 RepositoryError::Unavailable(format!("unexpected SKU {name} in a read").into())
@@ -252,7 +326,7 @@ impl PgProductRepository<'_> {
             let reference = stored_name(BatchRef::parse(reference))?;
             let entry = batches.entry(owner.as_str()).or_default();
             entry.1.insert(reference.clone(), id);
-            self.cache.owners.insert(reference.clone(), owner.clone());
+            self.owners.insert(reference.clone(), owner.clone());
             entry.0.push(Batch::restore(
                 reference,
                 owner.clone(),
@@ -261,9 +335,13 @@ impl PgProductRepository<'_> {
                 lines.remove(&id).unwrap_or_default(),
             ));
         }
-        for (sku, version) in &products {
+        for (sku, version, revision) in &products {
             let (list, ids) = batches.remove(sku.as_str()).unwrap_or_default();
-            self.push_loaded(Product::restore(sku.clone(), *version, list), ids);
+            self.push_loaded(
+                Product::restore(sku.clone(), *version, list),
+                ids,
+                *revision,
+            );
         }
         Ok(())
     }
@@ -273,7 +351,7 @@ impl PgProductRepository<'_> {
         for (i, _, _) in std::mem::take(&mut self.touched) {
             let product = &self.seen[i].product;
             for batch in product.batches() {
-                if !self.cache.owners.contains_key(batch.reference()) {
+                if !self.owners.contains_key(batch.reference()) {
                     self.new_owners
                         .insert(batch.reference().clone(), product.sku().clone());
                 }
@@ -315,10 +393,18 @@ impl PgProductRepository<'_> {
         self.touched.clear();
     }
 
-    /// Writes every product handed to a handler, set-based. Products were
-    /// locked when loaded; the version check guards against a writer that
-    /// did not lock.
-    async fn save_all(&mut self) -> Result<(), RepositoryError> {
+    /// Writes every product handed to a handler and what the messages
+    /// queued, set-based. The rarer writes (new products and batches, changed
+    /// quantities, freed lines) get a statement each when there are any; the
+    /// rest, which every batch has, go in one statement of data-modifying
+    /// CTEs, so that a batch costs few round trips. Products were locked when
+    /// loaded; the version check guards against a writer that did not lock.
+    async fn save_all(
+        &mut self,
+        outbox: &[OutboxRecord],
+        read_model: &[ReadModelChange],
+        processed: &[String],
+    ) -> Result<(), RepositoryError> {
         let mut writes = Writes::default();
         for (i, tracked) in self.seen.iter().enumerate().filter(|(_, t)| t.used) {
             writes.add(i, tracked);
@@ -327,32 +413,15 @@ impl PgProductRepository<'_> {
         let conn: &mut PgConnection = &mut self.tx;
         if !writes.new_products.0.is_empty() {
             sqlx::query(
-                "INSERT INTO products (sku, version_number) \
-                 SELECT * FROM unnest($1::text[], $2::int8[])",
+                "INSERT INTO products (sku, version_number, revision) \
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[])",
             )
             .bind(&writes.new_products.0)
             .bind(&writes.new_products.1)
+            .bind(&writes.new_products.2)
             .execute(&mut *conn)
             .await
             .map_err(classify)?;
-        }
-        if !writes.versions.0.is_empty() {
-            let updated = sqlx::query(
-                "UPDATE products p SET version_number = v.new \
-                 FROM unnest($1::text[], $2::int8[], $3::int8[]) AS v(sku, old, new) \
-                 WHERE p.sku = v.sku AND p.version_number = v.old",
-            )
-            .bind(&writes.versions.0)
-            .bind(&writes.versions.1)
-            .bind(&writes.versions.2)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-            if updated.rows_affected() != writes.versions.0.len() as u64 {
-                return Err(RepositoryError::Conflict(
-                    "a product is no longer at the version it was loaded at".into(),
-                ));
-            }
         }
         if !writes.new_batches.0.is_empty() {
             let ids: Vec<(i64, String)> = sqlx::query_as(
@@ -382,7 +451,8 @@ impl PgProductRepository<'_> {
             .await
             .map_err(classify)?;
         }
-        // Deletes first: a line may move to another batch.
+        // A statement of its own, before the inserts: a line may move to
+        // another batch, and (orderid, sku) is unique.
         if !writes.removed.0.is_empty() {
             sqlx::query(
                 "DELETE FROM allocations a USING unnest($1::text[], $2::text[]) AS v(o, s) \
@@ -394,41 +464,97 @@ impl PgProductRepository<'_> {
             .await
             .map_err(classify)?;
         }
-        if !writes.added.is_empty() {
-            let mut batch_ids = Vec::with_capacity(writes.added.len());
-            let mut orderids = Vec::with_capacity(writes.added.len());
-            let mut skus = Vec::with_capacity(writes.added.len());
-            let mut qtys = Vec::with_capacity(writes.added.len());
-            for (owner, reference, line) in &writes.added {
-                let id = self.seen[*owner]
-                    .batch_ids
-                    .get(*reference)
-                    .or_else(|| new_ids.get(*reference))
-                    .copied()
-                    .ok_or_else(|| {
-                        RepositoryError::Conflict(format!("batch {reference} has no stored id"))
-                    })?;
-                batch_ids.push(id);
-                orderids.push(line.orderid.as_str());
-                skus.push(line.sku.as_str());
-                qtys.push(i64::from(line.qty));
-            }
-            // In list order: row ids keep each batch's allocation order, which
-            // LIFO deallocation reads back.
-            sqlx::query(
-                "INSERT INTO allocations (batch_id, orderid, sku, qty) \
-                 SELECT b, o, s, q FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[]) \
-                 WITH ORDINALITY AS v(b, o, s, q, n) ORDER BY n",
-            )
-            .bind(&batch_ids)
-            .bind(&orderids)
-            .bind(&skus)
-            .bind(&qtys)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
+
+        let mut batch_ids = Vec::with_capacity(writes.added.len());
+        let mut orderids = Vec::with_capacity(writes.added.len());
+        let mut line_skus = Vec::with_capacity(writes.added.len());
+        let mut qtys = Vec::with_capacity(writes.added.len());
+        for (owner, reference, line) in &writes.added {
+            let id = self.seen[*owner]
+                .batch_ids
+                .get(*reference)
+                .or_else(|| new_ids.get(*reference))
+                .copied()
+                .ok_or_else(|| {
+                    RepositoryError::Conflict(format!("batch {reference} has no stored id"))
+                })?;
+            batch_ids.push(id);
+            orderids.push(line.orderid.as_str());
+            line_skus.push(line.sku.as_str());
+            qtys.push(i64::from(line.qty));
         }
+        let view = ReadModelRows::net(read_model);
+        let records = OutboxColumns::new(outbox).map_err(classify)?;
+        // Allocation rows go in list order, so that ids keep each batch's
+        // allocation order (LIFO deallocation reads it back); outbox rows in
+        // decision order, which the relay publishes in. A concurrent delivery
+        // of a message in this batch fails on processed_messages' primary
+        // key (a Conflict): retried, it finds the key taken.
+        let updated: i64 = sqlx::query_scalar(
+            "WITH \
+             versions AS ( \
+                 UPDATE products p SET version_number = v.new, revision = v.rev \
+                 FROM unnest($1::text[], $2::int8[], $3::int8[], $20::int8[]) \
+                 AS v(sku, old, new, rev) \
+                 WHERE p.sku = v.sku AND p.version_number = v.old RETURNING 1), \
+             lines AS ( \
+                 INSERT INTO allocations (batch_id, orderid, sku, qty) \
+                 SELECT b, o, s, q FROM unnest($4::int8[], $5::text[], $6::text[], $7::int8[]) \
+                 WITH ORDINALITY AS v(b, o, s, q, n) ORDER BY n), \
+             view_gone AS ( \
+                 DELETE FROM allocations_view v USING unnest($8::text[], $9::text[]) AS d(o, s) \
+                 WHERE v.orderid = d.o AND v.sku = d.s), \
+             view_set AS ( \
+                 INSERT INTO allocations_view (orderid, sku, batchref) \
+                 SELECT * FROM unnest($10::text[], $11::text[], $12::text[]) \
+                 ON CONFLICT (orderid, sku) DO UPDATE SET batchref = EXCLUDED.batchref), \
+             keys AS ( \
+                 INSERT INTO processed_messages (idempotency_key) SELECT unnest($13::text[])), \
+             headers AS ( \
+                 SELECT r, array_agg(n ORDER BY o) AS names, array_agg(v ORDER BY o) AS vals \
+                 FROM unnest($17::int4[], $18::text[], $19::bytea[]) \
+                 WITH ORDINALITY AS t(r, n, v, o) GROUP BY r), \
+             records AS ( \
+                 INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
+                 SELECT x.kind, x.k, x.p, COALESCE(h.names, '{}'), COALESCE(h.vals, '{}') \
+                 FROM unnest($14::text[], $15::bytea[], $16::bytea[]) \
+                 WITH ORDINALITY AS x(kind, k, p, n) \
+                 LEFT JOIN headers h ON h.r = x.n ORDER BY x.n) \
+             SELECT count(*) FROM versions",
+        )
+        .bind(&writes.versions.0)
+        .bind(&writes.versions.1)
+        .bind(&writes.versions.2)
+        .bind(&batch_ids)
+        .bind(&orderids)
+        .bind(&line_skus)
+        .bind(&qtys)
+        .bind(&view.gone.0)
+        .bind(&view.gone.1)
+        .bind(&view.set.0)
+        .bind(&view.set.1)
+        .bind(&view.set.2)
+        .bind(processed)
+        .bind(&records.kinds)
+        .bind(&records.keys)
+        .bind(&records.payloads)
+        .bind(&records.header_owners)
+        .bind(&records.header_names)
+        .bind(&records.header_values)
+        .bind(&writes.versions.3)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(classify)?;
+        if updated != writes.versions.0.len() as i64 {
+            return Err(RepositoryError::Conflict(
+                "a product is no longer at the version it was loaded at".into(),
+            ));
+        }
+        let revisions = std::mem::take(&mut writes.revisions);
         drop(writes);
+        for (position, revision) in revisions {
+            self.seen[position].revision = revision;
+        }
         for tracked in &mut self.seen {
             for batch in tracked.product.batches() {
                 if let Some(id) = new_ids.get(batch.reference()) {
@@ -440,12 +566,58 @@ impl PgProductRepository<'_> {
     }
 }
 
+/// The read model's net change: the last change of each line wins, so no
+/// line is both deleted and set.
+struct ReadModelRows<'a> {
+    gone: (Vec<&'a str>, Vec<&'a str>),
+    set: (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>),
+}
+
+impl<'a> ReadModelRows<'a> {
+    fn net(changes: &'a [ReadModelChange]) -> Self {
+        let mut last: HashMap<(&str, &str), Option<&str>> = HashMap::with_capacity(changes.len());
+        for change in changes {
+            match change {
+                ReadModelChange::Allocated {
+                    orderid,
+                    sku,
+                    batchref,
+                } => last.insert((orderid.as_str(), sku.as_str()), Some(batchref.as_str())),
+                ReadModelChange::Deallocated { orderid, sku } => {
+                    last.insert((orderid.as_str(), sku.as_str()), None)
+                }
+            };
+        }
+        let mut rows = Self {
+            gone: (Vec::new(), Vec::new()),
+            set: (Vec::new(), Vec::new(), Vec::new()),
+        };
+        for ((orderid, sku), batchref) in last {
+            match batchref {
+                Some(batchref) => {
+                    rows.set.0.push(orderid);
+                    rows.set.1.push(sku);
+                    rows.set.2.push(batchref);
+                }
+                None => {
+                    rows.gone.0.push(orderid);
+                    rows.gone.1.push(sku);
+                }
+            }
+        }
+        rows
+    }
+}
+
 /// The rows a commit writes, gathered product by product.
 #[derive(Default)]
 struct Writes<'a> {
-    new_products: (Vec<&'a str>, Vec<i64>),
-    /// sku, loaded version, new version.
-    versions: (Vec<&'a str>, Vec<i64>, Vec<i64>),
+    /// sku, version, revision.
+    new_products: (Vec<&'a str>, Vec<i64>, Vec<i64>),
+    /// sku, loaded version, new version, new revision.
+    versions: (Vec<&'a str>, Vec<i64>, Vec<i64>, Vec<i64>),
+    /// Position of the tracked product and its new revision.
+    revisions: Vec<(usize, i64)>,
     new_batches: (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<Option<NaiveDate>>),
     quantities: (Vec<&'a str>, Vec<i64>),
     removed: (Vec<&'a str>, Vec<&'a str>),
@@ -459,15 +631,22 @@ impl<'a> Writes<'a> {
         let sku = product.sku().as_str();
         match &tracked.original {
             None => {
+                let revision = fresh_revision();
                 self.new_products.0.push(sku);
                 self.new_products.1.push(product.version_number());
+                self.new_products.2.push(revision);
+                self.revisions.push((position, revision));
             }
-            // Checked even when unchanged: a decision such as OutOfStock was
-            // made on this version.
+            // An unchanged product is not written: it stays locked until
+            // commit, so a decision such as OutOfStock made on it holds.
+            Some(original) if original.version_number() == product.version_number() => {}
             Some(original) => {
+                let revision = fresh_revision();
                 self.versions.0.push(sku);
                 self.versions.1.push(original.version_number());
                 self.versions.2.push(product.version_number());
+                self.versions.3.push(revision);
+                self.revisions.push((position, revision));
             }
         }
         let original_batches: HashMap<&BatchRef, &Batch> = tracked
@@ -537,6 +716,7 @@ impl ProductRepository for PgProductRepository<'_> {
             product,
             original: None,
             batch_ids: HashMap::new(),
+            revision: 0,
             used: false,
         });
         self.touch(i, true);
@@ -546,7 +726,7 @@ impl ProductRepository for PgProductRepository<'_> {
         if !self.index.contains_key(sku) && !self.absent_skus.contains(sku) {
             // Not named by the batch up front (a test, or a handler reaching
             // for another product): lock and load it now.
-            self.preload(&[sku], &[]).await?;
+            self.preload(&[sku], &[], &[]).await?;
         }
         match self.index.get(sku).copied() {
             Some(i) => {
@@ -562,7 +742,6 @@ impl ProductRepository for PgProductRepository<'_> {
         reference: &BatchRef,
     ) -> Result<Option<&mut Product>, RepositoryError> {
         let owner = self
-            .cache
             .owners
             .get(reference)
             .or_else(|| self.new_owners.get(reference))
@@ -578,8 +757,8 @@ impl ProductRepository for PgProductRepository<'_> {
             Some(sku) => Some(sku),
             None if self.absent_refs.contains(reference) => None,
             None => {
-                self.preload(&[], &[reference]).await?;
-                self.cache.owners.get(reference).cloned()
+                self.preload(&[], &[reference], &[]).await?;
+                self.owners.get(reference).cloned()
             }
         };
         match owner {
@@ -611,15 +790,13 @@ pub struct PgUnitOfWork<'c> {
 }
 
 impl<'c> PgUnitOfWork<'c> {
-    pub async fn begin(
-        pool: &PgPool,
-        cache: &'c mut ProductCache,
-    ) -> Result<Self, RepositoryError> {
+    pub async fn begin(pool: &PgPool, cache: &'c ProductCache) -> Result<Self, RepositoryError> {
         let tx = pool.begin().await.map_err(classify)?;
         Ok(Self {
             products: PgProductRepository {
                 tx,
                 cache,
+                owners: HashMap::new(),
                 seen: Vec::new(),
                 index: HashMap::new(),
                 new_owners: HashMap::new(),
@@ -637,21 +814,6 @@ impl<'c> PgUnitOfWork<'c> {
             read_model: Vec::new(),
             processed: Vec::new(),
         })
-    }
-
-    /// Which of `keys` are recorded as processed already.
-    pub async fn already_processed(
-        &mut self,
-        keys: &[&str],
-    ) -> Result<HashSet<String>, RepositoryError> {
-        let found: Vec<String> = sqlx::query_scalar(
-            "SELECT idempotency_key FROM processed_messages WHERE idempotency_key = ANY($1)",
-        )
-        .bind(keys)
-        .fetch_all(&mut *self.products.tx)
-        .await
-        .map_err(classify)?;
-        Ok(found.into_iter().collect())
     }
 
     /// The message whose handling follows: its events carry its context.
@@ -699,111 +861,50 @@ impl<'c> PgUnitOfWork<'c> {
     /// Stores everything queued, then commits. A `Conflict` means the caller
     /// must retry the batch from the start in a new unit of work.
     pub async fn commit(mut self) -> Result<(), RepositoryError> {
-        self.products.save_all().await?;
-        let conn: &mut PgConnection = &mut self.products.tx;
-        outbox::insert_all(&mut *conn, &self.outbox)
-            .await
-            .map_err(classify)?;
-        write_read_model(&mut *conn, &self.read_model).await?;
-        if !self.processed.is_empty() {
-            // A concurrent delivery of the same message fails here on the
-            // primary key (a Conflict): retried, it finds the key taken.
-            sqlx::query(
-                "INSERT INTO processed_messages (idempotency_key) SELECT unnest($1::text[])",
-            )
-            .bind(&self.processed)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
-        }
+        self.products
+            .save_all(&self.outbox, &self.read_model, &self.processed)
+            .await?;
         let PgProductRepository {
-            tx, cache, seen, ..
+            tx,
+            cache,
+            seen,
+            mut owners,
+            new_owners,
+            ..
         } = self.products;
-        tx.commit().await.map_err(classify)?;
-        for tracked in &seen {
-            for batch in tracked.product.batches() {
-                if !cache.owners.contains_key(batch.reference()) {
-                    cache
-                        .owners
-                        .insert(batch.reference().clone(), tracked.product.sku().clone());
+        // Back in the cache before the commit, so that the next transaction
+        // to lock one of these products (it waits for this one) finds it.
+        // Should the commit fail, their revisions are not the database's.
+        {
+            let mut state = cache.state();
+            owners.extend(new_owners);
+            for tracked in &seen {
+                for batch in tracked.product.batches() {
+                    if !owners.contains_key(batch.reference()) {
+                        owners.insert(batch.reference().clone(), tracked.product.sku().clone());
+                    }
                 }
             }
-        }
-        for tracked in seen {
-            cache.products.insert(
-                tracked.product.sku().clone(),
-                Stored {
-                    product: tracked.product,
-                    batch_ids: tracked.batch_ids,
-                },
-            );
-        }
-        cache.trim();
-        Ok(())
-    }
-}
-
-/// The read model's net change: the last change of each line wins.
-async fn write_read_model(
-    conn: &mut PgConnection,
-    changes: &[ReadModelChange],
-) -> Result<(), RepositoryError> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let mut last: HashMap<(&str, &str), Option<&str>> = HashMap::with_capacity(changes.len());
-    for change in changes {
-        match change {
-            ReadModelChange::Allocated {
-                orderid,
-                sku,
-                batchref,
-            } => last.insert((orderid.as_str(), sku.as_str()), Some(batchref.as_str())),
-            ReadModelChange::Deallocated { orderid, sku } => {
-                last.insert((orderid.as_str(), sku.as_str()), None)
+            state.owners.extend(owners);
+            for tracked in seen {
+                state.products.insert(
+                    tracked.product.sku().clone(),
+                    Stored {
+                        product: tracked.product,
+                        batch_ids: tracked.batch_ids,
+                        revision: tracked.revision,
+                    },
+                );
             }
-        };
-    }
-    let (mut gone_orders, mut gone_skus) = (Vec::new(), Vec::new());
-    let (mut orders, mut skus, mut refs) = (Vec::new(), Vec::new(), Vec::new());
-    for ((orderid, sku), batchref) in last {
-        match batchref {
-            Some(batchref) => {
-                orders.push(orderid);
-                skus.push(sku);
-                refs.push(batchref);
+            if state.products.len() > CACHE_CAPACITY {
+                state.products.clear();
             }
-            None => {
-                gone_orders.push(orderid);
-                gone_skus.push(sku);
+            if state.owners.len() > 4 * CACHE_CAPACITY {
+                state.owners.clear();
             }
         }
+        tx.commit().await.map_err(classify)
     }
-    if !gone_orders.is_empty() {
-        sqlx::query(
-            "DELETE FROM allocations_view v USING unnest($1::text[], $2::text[]) AS d(o, s) \
-             WHERE v.orderid = d.o AND v.sku = d.s",
-        )
-        .bind(&gone_orders)
-        .bind(&gone_skus)
-        .execute(&mut *conn)
-        .await
-        .map_err(classify)?;
-    }
-    if !orders.is_empty() {
-        sqlx::query(
-            "INSERT INTO allocations_view (orderid, sku, batchref) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) \
-             ON CONFLICT (orderid, sku) DO UPDATE SET batchref = EXCLUDED.batchref",
-        )
-        .bind(&orders)
-        .bind(&skus)
-        .bind(&refs)
-        .execute(&mut *conn)
-        .await
-        .map_err(classify)?;
-    }
-    Ok(())
 }
 
 impl<'c> UnitOfWork for PgUnitOfWork<'c> {

@@ -121,6 +121,8 @@ pub struct Processor {
     /// Rung after each commit, so the relay publishes without waiting to poll.
     relay_wake: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Shared by the partitions: products stay in memory between batches.
+    cache: ProductCache,
 }
 
 impl Processor {
@@ -135,6 +137,7 @@ impl Processor {
             topics,
             relay_wake,
             metrics,
+            cache: ProductCache::default(),
         }
     }
 
@@ -143,16 +146,13 @@ impl Processor {
         self.metrics.concurrency_retries.get()
     }
 
-    /// [`Self::process_batch`] of one message, with no cache.
+    /// [`Self::process_batch`] of one message.
     pub async fn process_one(
         &self,
         message: &InboundMessage,
         give_up: bool,
     ) -> Result<Outcome, RepositoryError> {
-        let mut cache = ProductCache::default();
-        let outcomes = self
-            .process_batch(&[(message, give_up)], &mut cache)
-            .await?;
+        let outcomes = self.process_batch(&[(message, give_up)]).await?;
         outcomes.into_iter().next().ok_or_else(|| {
             RepositoryError::Unavailable("a batch of one message had no outcome".into())
         })
@@ -169,13 +169,12 @@ impl Processor {
     pub async fn process_batch(
         &self,
         batch: &[(&InboundMessage, bool)],
-        cache: &mut ProductCache,
     ) -> Result<Vec<Outcome>, RepositoryError> {
         let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
         let contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
         let mut conflicts = 0;
         loop {
-            match self.attempt(batch, &plans, &contexts, cache).await {
+            match self.attempt(batch, &plans, &contexts).await {
                 Ok((outcomes, errors)) => {
                     for (i, error) in errors {
                         if let Outcome::DeadLettered(reason) = outcomes[i] {
@@ -236,22 +235,18 @@ impl Processor {
         batch: &[(&InboundMessage, bool)],
         plans: &[Plan],
         contexts: &[MessageContext],
-        cache: &mut ProductCache,
     ) -> Result<Attempt, RepositoryError> {
-        let mut uow = PgUnitOfWork::begin(&self.pool, cache).await?;
+        let mut uow = PgUnitOfWork::begin(&self.pool, &self.cache).await?;
         let keys: Vec<&str> = contexts
             .iter()
             .map(|c| c.idempotency_key.as_str())
             .collect();
-        let done = uow.already_processed(&keys).await?;
 
-        // Lock and load, in one go, every product the batch names.
+        // Lock and load, in one go, every product the batch names, and learn
+        // which messages were processed before.
         let mut skus = Vec::new();
         let mut refs = Vec::new();
-        for (plan, key) in plans.iter().zip(&keys) {
-            if done.contains(*key) {
-                continue;
-            }
+        for plan in plans {
             match plan {
                 Plan::Handle(Command::CreateBatch(c)) => {
                     skus.push(&c.sku);
@@ -262,7 +257,7 @@ impl Processor {
                 Plan::DeadLetter(..) => {}
             }
         }
-        uow.products().preload(&skus, &refs).await?;
+        let done = uow.products().preload(&skus, &refs, &keys).await?;
 
         // Rejections depend on the state, so they are decided anew in every
         // attempt; a pass starts over only when a rejected message had
@@ -352,12 +347,11 @@ impl Worker {
     async fn process_with_retry(
         &self,
         batch: &[(&InboundMessage, bool)],
-        cache: &mut ProductCache,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
-            match self.processor.process_batch(batch, cache).await {
+            match self.processor.process_batch(batch).await {
                 Ok(outcomes) => {
                     if backoff.failures() > 0 {
                         tracing::info!("database reachable again; resumed");
@@ -490,7 +484,6 @@ impl Worker {
         mut queue: mpsc::Receiver<InboundMessage>,
         shutdown: CancellationToken,
     ) {
-        let mut cache = ProductCache::default();
         let mut parked: VecDeque<Parked> = VecDeque::new();
         let mut next_offset: Option<i64> = None;
         let mut stored: Option<i64> = None;
@@ -512,7 +505,7 @@ impl Worker {
                     }
                     let items: Vec<(&InboundMessage, bool)> =
                         batch.iter().map(|m| (m, false)).collect();
-                    let Some(outcomes) = self.handle_batch(&topic, partition, &items, &mut cache, &shutdown).await else {
+                    let Some(outcomes) = self.handle_batch(&topic, partition, &items, &shutdown).await else {
                         break;
                     };
                     drop(items);
@@ -524,7 +517,7 @@ impl Worker {
                     }
                 }
                 _ = sleep_until_opt(retry_at), if retry_at.is_some() => {
-                    if !self.retry_parked(&topic, partition, &mut parked, &mut cache, &shutdown).await {
+                    if !self.retry_parked(&topic, partition, &mut parked, &shutdown).await {
                         break;
                     }
                 }
@@ -547,7 +540,6 @@ impl Worker {
         topic: &str,
         partition: i32,
         parked: &mut VecDeque<Parked>,
-        cache: &mut ProductCache,
         shutdown: &CancellationToken,
     ) -> bool {
         let now = Instant::now();
@@ -566,10 +558,7 @@ impl Worker {
                 (&p.message, give_up)
             })
             .collect();
-        let Some(outcomes) = self
-            .handle_batch(topic, partition, &items, cache, shutdown)
-            .await
-        else {
+        let Some(outcomes) = self.handle_batch(topic, partition, &items, shutdown).await else {
             return false;
         };
         drop(items);
@@ -594,7 +583,6 @@ impl Worker {
         topic: &str,
         partition: i32,
         batch: &[(&InboundMessage, bool)],
-        cache: &mut ProductCache,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let span = tracing::info_span!(
@@ -607,7 +595,7 @@ impl Worker {
         );
         async {
             let started = std::time::Instant::now();
-            let outcomes = self.process_with_retry(batch, cache, shutdown).await?;
+            let outcomes = self.process_with_retry(batch, shutdown).await?;
             // Every message of the batch waited for the whole transaction:
             // that is its handling duration.
             let elapsed = started.elapsed().as_secs_f64();
