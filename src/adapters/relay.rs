@@ -70,7 +70,7 @@ impl Relay {
             producer,
             topics,
             wake,
-            batch_size: 500,
+            batch_size: 2000,
             poll_interval: Duration::from_millis(500),
             metrics,
         }
@@ -79,6 +79,7 @@ impl Relay {
     /// Publishes one batch of unsent rows; returns how many were marked sent.
     /// Zero when there was nothing to send or another instance holds the lock.
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(RELAY_LOCK)
@@ -99,6 +100,7 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
+        let selected = started.elapsed();
 
         let mut deliveries: Vec<(i64, OutboxKind, _)> = Vec::with_capacity(rows.len());
         let mut too_large_dead_letters = Vec::new();
@@ -139,6 +141,7 @@ impl Relay {
             }
         }
 
+        let produced = started.elapsed();
         // Only the prefix acknowledged in order is marked: a row after a failed
         // one is sent again next pass, so no SKU's events skip ahead.
         let attempted = deliveries.len();
@@ -162,6 +165,7 @@ impl Relay {
                 }
             }
         }
+        let acknowledged = started.elapsed();
         if !sent.is_empty() {
             sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
                 .bind(&sent)
@@ -189,6 +193,14 @@ impl Relay {
             .map_err(classify)?;
         }
         tx.commit().await.map_err(classify)?;
+        tracing::debug!(
+            rows = rows.len(),
+            ?selected,
+            ?produced,
+            ?acknowledged,
+            committed = ?started.elapsed(),
+            "relay pass"
+        );
         for kind in sent_kinds {
             self.metrics
                 .events_published

@@ -2,6 +2,7 @@
 //! `parse`, so an empty or oversized name never gets past the edge.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// Longest identifier accepted (SPEC §3): keeps keys and index entries bounded.
 pub const MAX_NAME_LEN: usize = 255;
@@ -21,8 +22,12 @@ pub enum InvalidName {
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
+        ///
+        /// Shared, not copied: a product's lines and their copies all point
+        /// at one string, so cloning an aggregate allocates little, and
+        /// comparing two clones of a name is a pointer comparison.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Accepts a non-empty string of at most 255 characters.
@@ -36,7 +41,7 @@ macro_rules! name_type {
                 } else if value.contains('\0') {
                     Err(InvalidName::Nul)
                 } else {
-                    Ok(Self(value))
+                    Ok(Self(Arc::from(value)))
                 }
             }
 
