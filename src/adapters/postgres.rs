@@ -609,6 +609,9 @@ impl<'a> ReadModelRows<'a> {
     }
 }
 
+/// reference, sku, purchased quantity, eta.
+type NewBatches<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<Option<NaiveDate>>);
+
 /// The rows a commit writes, gathered product by product.
 #[derive(Default)]
 struct Writes<'a> {
@@ -618,7 +621,7 @@ struct Writes<'a> {
     versions: (Vec<&'a str>, Vec<i64>, Vec<i64>, Vec<i64>),
     /// Position of the tracked product and its new revision.
     revisions: Vec<(usize, i64)>,
-    new_batches: (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<Option<NaiveDate>>),
+    new_batches: NewBatches<'a>,
     quantities: (Vec<&'a str>, Vec<i64>),
     removed: (Vec<&'a str>, Vec<&'a str>),
     /// Position of the tracked product, batch, line.
