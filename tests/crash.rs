@@ -77,8 +77,10 @@
 //! "partitions assigned" log line) and applied at least one new message, then
 //! sleeps a random 100–1500 ms and sends SIGKILL. When the kills fall behind
 //! the work (a larger share of the stream is applied than of the kills
-//! made), the sleep is 20–300 ms instead, so the kills spread over the whole
-//! stream instead of running out of work. Between kills it checks that
+//! made), the sleep is 10–200 ms instead, so the kills spread over the whole
+//! stream instead of running out of work. Each worker runs with a batch size
+//! drawn from 500 (the default, twice as likely), 16 and 1, so kills land
+//! inside big transactions and between the small ones of a backlog. Between kills it checks that
 //! progress was made (the processed count grows in every life). Once every
 //! phase is applied and enough kills were made, the last worker is left
 //! running to drain the outbox, then stopped with SIGTERM (exit 0 expected).
@@ -249,7 +251,10 @@ fn generate(rng: &mut StdRng, total: usize) -> Vec<Vec<Msg>> {
 
     // Then rounds. In each, a SKU gets one kind of message only.
     let remaining = total.saturating_sub(produced);
-    let rounds = (remaining / 350).clamp(3, 40);
+    // Small phases: the worker applies a phase within a few hundred
+    // milliseconds, so there must be many of them for the kills to land on
+    // work in progress.
+    let rounds = (remaining / 100).clamp(3, 100);
     for round in 0..rounds {
         let budget = if round + 1 == rounds {
             total.saturating_sub(produced)
@@ -542,7 +547,14 @@ async fn killer(
 ) -> (WorkerProcess, Vec<Life>) {
     let mut lives: Vec<Life> = Vec::new();
     loop {
-        let mut worker = env.spawn_worker_with(&[("KAFKA_PROPERTIES", CRASH_KAFKA_PROPERTIES)]);
+        // Mostly the default batch size; sometimes small batches or one
+        // message per transaction, so that kills also land between the
+        // transactions of a backlog.
+        let batch = *["500", "500", "16", "1"].choose(rng).unwrap_or(&"500");
+        let mut worker = env.spawn_worker_with(&[
+            ("KAFKA_PROPERTIES", CRASH_KAFKA_PROPERTIES),
+            ("MAX_BATCH_MESSAGES", batch),
+        ]);
         let join = wait_joined(env, &mut worker).await;
         let at_join = processed(env).await;
         let all_applied = |p: i64| producer_done.load(Ordering::SeqCst) && p >= total;
@@ -575,7 +587,7 @@ async fn killer(
         // made): kill sooner, so the kills do not outlast the work.
         let behind = (at_join as f64 / total as f64) > (lives.len() as f64 / kills as f64);
         let delay = Duration::from_millis(if behind {
-            rng.random_range(20..=300)
+            rng.random_range(10..=200)
         } else {
             rng.random_range(100..=1500)
         });
@@ -585,8 +597,8 @@ async fn killer(
         let produced_at_kill = produced.load(Ordering::SeqCst);
         worker.kill().await;
         env.note(&format!(
-            "kill {}: {} after {join:?} to join + {delay:?}; processed {at_join} -> {at_kill} \
-             of {produced_at_kill} produced, {unsent} outbox rows unsent",
+            "kill {}: {} (batches of {batch}) after {join:?} to join + {delay:?}; processed \
+             {at_join} -> {at_kill} of {produced_at_kill} produced, {unsent} outbox rows unsent",
             lives.len() + 1,
             worker.name
         ));
