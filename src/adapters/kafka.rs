@@ -99,7 +99,11 @@ impl KafkaSettings {
             .set("statistics.interval.ms", "5000")
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // librdkafka prefetches up to 64 MiB by default; the partitions'
+            // queues hold the next batches already, so 8 MiB bounds memory
+            // without starving them.
+            .set("queued.max.messages.kbytes", "8192");
         self.apply_properties(&mut config);
         config.create_with_context(WorkerContext {
             metrics: Some(metrics),
