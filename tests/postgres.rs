@@ -530,3 +530,146 @@ async fn a_line_reallocated_to_its_own_batch_is_the_next_to_be_freed() {
     );
     assert_eq!(allocated_to(&pool, "o2").await, None);
 }
+
+#[tokio::test]
+async fn in_a_batch_a_rejected_message_is_taken_back_alone_and_its_neighbours_commit() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let a = &t.allocation_required;
+    let mut with_ce_id = message(a, 6, json!({"orderid": "o4", "sku": "MUG", "qty": 1}));
+    with_ce_id
+        .headers
+        .push(("ce_id".into(), Some(b"erp-7".to_vec())));
+    let mut same_ce_id = message(a, 7, json!({"orderid": "o5", "sku": "MUG", "qty": 1}));
+    same_ce_id
+        .headers
+        .push(("ce_id".into(), Some(b"erp-7".to_vec())));
+    let batch = [
+        message(
+            &t.batch_created,
+            0,
+            json!({"ref": "mugs", "sku": "MUG", "qty": 10}),
+        ),
+        message(a, 1, json!({"orderid": "o1", "sku": "MUG", "qty": 3})),
+        // The same line with another quantity: refused, after o1 applied.
+        message(a, 2, json!({"orderid": "o1", "sku": "MUG", "qty": 4})),
+        // Names a SKU nobody created yet: parked, not dead-lettered.
+        message(a, 3, json!({"orderid": "o2", "sku": "LAMP", "qty": 1})),
+        raw_message(a, 4, b"{not json".to_vec()),
+        message(a, 5, json!({"orderid": "o3", "sku": "MUG", "qty": 2})),
+        // The ERP published erp-7 twice: the second is a redelivery.
+        with_ce_id,
+        same_ce_id,
+    ];
+    let items: Vec<(&InboundMessage, bool)> = batch.iter().map(|m| (m, false)).collect();
+    let outcomes = p.process_batch(&items).await.unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Applied,
+            Outcome::Applied,
+            Outcome::DeadLettered(DeadLetterReason::DuplicateLine),
+            Outcome::Deferred,
+            Outcome::DeadLettered(DeadLetterReason::MalformedJson),
+            Outcome::Applied,
+            Outcome::Applied,
+            Outcome::Duplicate,
+        ]
+    );
+    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("mugs"));
+    assert_eq!(allocated_to(&pool, "o3").await.as_deref(), Some("mugs"));
+    assert_eq!(allocated_to(&pool, "o4").await.as_deref(), Some("mugs"));
+    assert_eq!(allocated_to(&pool, "o5").await, None);
+    assert_eq!(
+        outbox_kinds(&pool).await,
+        [
+            "Allocated",
+            "DeadLetter",
+            "DeadLetter",
+            "Allocated",
+            "Allocated"
+        ],
+        "events and dead letters in the order of the messages"
+    );
+    let qty: i64 = sqlx::query_scalar("SELECT sum(qty)::int8 FROM allocations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(qty, 6, "o1 once with 3, o3 with 2, o4 with 1");
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, 6, "every message but the parked one and the repeat");
+
+    // The whole batch again (a redelivery after a crash): nothing changes,
+    // and the parked message is still only parked.
+    let again = p.process_batch(&items).await.unwrap();
+    assert_eq!(
+        again,
+        [
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Deferred,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+            Outcome::Duplicate,
+        ]
+    );
+    assert_eq!(outbox_kinds(&pool).await.len(), 5);
+    let version: i64 = sqlx::query_scalar("SELECT version_number FROM products WHERE sku = 'MUG'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(version, 4, "one batch and three allocations");
+}
+
+#[tokio::test]
+async fn a_message_that_changed_a_product_cannot_be_taken_back_alone_and_reset_undoes_all() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let batch = message(
+        &t.batch_created,
+        0,
+        json!({"ref": "b1", "sku": "SOFA", "qty": 5}),
+    );
+    p.process_one(&batch, false).await.unwrap();
+
+    let sku = Sku::parse("SOFA").unwrap();
+    let line = |orderid: &str| OrderLine {
+        orderid: OrderId::parse(orderid).unwrap(),
+        sku: sku.clone(),
+        qty: 1,
+    };
+    let cache = ProductCache::default();
+    let mut uow = PgUnitOfWork::begin(&pool, &cache).await.unwrap();
+    uow.start_message(context("first"));
+    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    product.allocate(line("o1")).unwrap();
+    drop(product.take_events());
+    uow.finish_message();
+
+    // A message that refuses without changing anything is taken back alone.
+    uow.start_message(context("refused"));
+    uow.products().get(&sku).await.unwrap().unwrap();
+    assert!(uow.reject_message());
+
+    // One that changed the product first cannot be.
+    uow.start_message(context("changed"));
+    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    product.allocate(line("o2")).unwrap();
+    assert!(!uow.reject_message());
+    uow.reset();
+    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    assert_eq!(product.version_number(), 1, "back to the state as loaded");
+    assert!(product
+        .allocation_of(&OrderId::parse("o1").unwrap())
+        .is_none());
+    uow.commit().await.unwrap();
+    assert_eq!(allocated_to(&pool, "o1").await, None);
+    assert_eq!(allocated_to(&pool, "o2").await, None);
+}
