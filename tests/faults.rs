@@ -1387,14 +1387,19 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
     let _serial = SERIAL.lock().await;
     const SKUS: usize = 5;
     const PACED: usize = 100;
-    const BURST: usize = 300;
+    const BURST: usize = 1500;
     const AFTER: usize = 100;
     let broker = PrivateBroker::start().await;
     let database_url = std::env::var("DATABASE_URL")
         .expect("DATABASE_URL is not set: run `source scripts/services.sh`");
     let env = TestEnv::with_services(&database_url, &broker.bootstrap()).await;
     let t = env.topics.clone();
-    let mut worker = spawn(&env, &[("SHUTDOWN_TIMEOUT", "5s")]);
+    // Batches of 16 (the same code path as the default 500): a burst then
+    // takes the worker long enough that the freeze lands in the middle of it.
+    let mut worker = spawn(
+        &env,
+        &[("SHUTDOWN_TIMEOUT", "5s"), ("MAX_BATCH_MESSAGES", "16")],
+    );
     let stock = create_stock(&env, SKUS, 1000).await;
     let orders = orders_for(&stock, PACED + BURST + AFTER);
     let pacer = Pacer::default();

@@ -81,19 +81,16 @@ impl Relay {
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await.map_err(classify)?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
-        if !locked {
-            return Ok(0);
-        }
+        // The lock and the rows in one round trip. The scalar subquery is
+        // evaluated once, as a one-time filter: without the lock (another
+        // instance relays) no row is read at all.
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, kind, message_key, payload, header_names, header_values FROM outbox \
-             WHERE sent_at IS NULL ORDER BY id LIMIT $1",
+             WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
+             ORDER BY id LIMIT $1",
         )
         .bind(self.batch_size)
+        .bind(RELAY_LOCK)
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
