@@ -29,16 +29,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A pool that does not connect until first used, so that the worker can start,
 /// report not-ready and back off while the database is down.
-///
-/// Statements run with `plan_cache_mode=force_generic_plan`: they all take
-/// arrays of keys, which makes PostgreSQL plan about half of their executions
-/// anew (measured with pg_stat_statements: 40 % of the lock statement's time
-/// went to planning), while the generic plans (index lookups) fit every size.
 pub fn lazy_pool(options: sqlx::postgres::PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect_lazy_with(options.options([("plan_cache_mode", "force_generic_plan")]))
+        .connect_lazy_with(options)
 }
 
 /// Maps a database error to the service layer's two transient kinds. Unique
