@@ -75,7 +75,7 @@
 //! A killer runs beside the producer, independently of its phases. For each
 //! worker it starts it waits until the worker has joined the group (the
 //! "partitions assigned" log line) and applied at least one new message, then
-//! sleeps a random 100–1500 ms and sends SIGKILL. When the kills fall behind
+//! sleeps a random 50–600 ms and sends SIGKILL. When the kills fall behind
 //! the work (a larger share of the stream is applied than of the kills
 //! made), the sleep is 10–200 ms instead, so the kills spread over the whole
 //! stream instead of running out of work. Each worker runs with a batch size
@@ -254,7 +254,7 @@ fn generate(rng: &mut StdRng, total: usize) -> Vec<Vec<Msg>> {
     // Small phases: the worker applies a phase within a few hundred
     // milliseconds, so there must be many of them for the kills to land on
     // work in progress.
-    let rounds = (remaining / 100).clamp(3, 100);
+    let rounds = (remaining / 50).clamp(3, 200);
     for round in 0..rounds {
         let budget = if round + 1 == rounds {
             total.saturating_sub(produced)
@@ -589,7 +589,7 @@ async fn killer(
         let delay = Duration::from_millis(if behind {
             rng.random_range(10..=200)
         } else {
-            rng.random_range(100..=1500)
+            rng.random_range(50..=600)
         });
         tokio::time::sleep(delay).await;
         worker.assert_running();

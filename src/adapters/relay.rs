@@ -21,6 +21,10 @@ use super::outbox::{OutboxKind, VALUE_OMITTED_HEADER};
 use super::postgres::classify;
 use crate::service_layer::RepositoryError;
 
+/// Most bytes of values in one relay pass (beyond its first row), so that a
+/// run of large dead letters does not load gigabytes at once.
+const MAX_PASS_BYTES: i64 = 16 * 1024 * 1024;
+
 /// Arbitrary constant naming the relay's advisory lock.
 const RELAY_LOCK: i64 = 0x616c_6c6f_6372_6c79;
 
@@ -83,14 +87,22 @@ impl Relay {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // The lock and the rows in one round trip. The scalar subquery is
         // evaluated once, as a one-time filter: without the lock (another
-        // instance relays) no row is read at all.
+        // instance relays) no row is read at all. A pass holds at most
+        // `batch_size` rows and, after the first row, `MAX_PASS_BYTES` of
+        // values: dead letters can carry megabytes each.
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, kind, message_key, payload, header_names, header_values FROM outbox \
-             WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
-             ORDER BY id LIMIT $1",
+            "SELECT id, kind, message_key, payload, header_names, header_values FROM ( \
+                 SELECT id, kind, message_key, payload, header_names, header_values, \
+                        sum(COALESCE(octet_length(payload), 0)) OVER (ORDER BY id) AS upto \
+                 FROM outbox \
+                 WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
+                 ORDER BY id LIMIT $1) r \
+             WHERE upto - COALESCE(octet_length(payload), 0) < $3 \
+             ORDER BY id",
         )
         .bind(self.batch_size)
         .bind(RELAY_LOCK)
+        .bind(MAX_PASS_BYTES)
         .fetch_all(&mut *tx)
         .await
         .map_err(classify)?;
@@ -236,7 +248,9 @@ impl Relay {
                         tracing::info!("outbox relay recovered");
                     }
                     backoff.reset();
-                    n as i64 == self.batch_size
+                    // A pass can be cut short by its byte bound: go on
+                    // while there was something to send.
+                    n > 0
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
