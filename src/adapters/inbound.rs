@@ -67,9 +67,14 @@ pub fn decode(kind: InboundKind, payload: Option<&[u8]>) -> Result<Command, Deco
         // Well-formed JSON that serde_json cannot hold (a number such as 1e400)
         // is an invalid message, not a malformed one: skimming it without
         // building values tells the two apart.
-        // (Skimming does not check strings, so it is asked only about numbers.)
+        // Skimming does not check that strings are UTF-8, so that is checked
+        // on its own: invalid UTF-8 after the number is still malformed
+        // (found by tests/decode_props.rs).
         let out_of_range = e.to_string().starts_with("number out of range");
-        if out_of_range && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
+        if out_of_range
+            && std::str::from_utf8(payload).is_ok()
+            && serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok()
+        {
             DecodeError::Invalid(format!("{}: {e}", kind.as_str()))
         } else {
             DecodeError::Malformed(e.to_string())
