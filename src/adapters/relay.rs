@@ -6,6 +6,7 @@
 //! lock held for the pass), because two relays interleaving rows of one SKU
 //! would break the per-SKU order of events.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,8 @@ type OutboxRow = (
     Option<Vec<u8>>,
     Vec<String>,
     Vec<Vec<u8>>,
+    // Rows the pass would have taken without its byte bound.
+    i64,
 );
 
 pub struct Relay {
@@ -57,6 +60,8 @@ pub struct Relay {
     /// for the next poll.
     wake: Arc<Notify>,
     batch_size: i64,
+    /// Set by each pass: it was full, so the next one need not wait.
+    more_waiting: AtomicBool,
     poll_interval: Duration,
     metrics: Arc<Metrics>,
 }
@@ -75,6 +80,7 @@ impl Relay {
             topics,
             wake,
             batch_size: 2000,
+            more_waiting: AtomicBool::new(false),
             poll_interval: Duration::from_millis(500),
             metrics,
         }
@@ -91,12 +97,15 @@ impl Relay {
         // `batch_size` rows and, after the first row, `MAX_PASS_BYTES` of
         // values: dead letters can carry megabytes each.
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, kind, message_key, payload, header_names, header_values FROM ( \
-                 SELECT id, kind, message_key, payload, header_names, header_values, \
-                        sum(COALESCE(octet_length(payload), 0)) OVER (ORDER BY id) AS upto \
-                 FROM outbox \
-                 WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
-                 ORDER BY id LIMIT $1) r \
+            "SELECT id, kind, message_key, payload, header_names, header_values, rows FROM ( \
+                 SELECT l.*, \
+                        sum(COALESCE(octet_length(payload), 0)) OVER (ORDER BY id) AS upto, \
+                        count(*) OVER () AS rows \
+                 FROM ( \
+                     SELECT id, kind, message_key, payload, header_names, header_values \
+                     FROM outbox \
+                     WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
+                     ORDER BY id LIMIT $1) l) r \
              WHERE upto - COALESCE(octet_length(payload), 0) < $3 \
              ORDER BY id",
         )
@@ -114,7 +123,11 @@ impl Relay {
         let mut deliveries: Vec<(i64, OutboxKind, _)> = Vec::with_capacity(rows.len());
         let mut too_large_dead_letters = Vec::new();
         let mut failure = None;
-        for (id, kind, key, payload, names, values) in &rows {
+        // Full (or cut short by its byte bound): more rows are waiting.
+        let full = rows.len() as i64 == self.batch_size
+            || rows.first().is_some_and(|r| r.6 > rows.len() as i64);
+        self.more_waiting.store(full, Ordering::Relaxed);
+        for (id, kind, key, payload, names, values, _) in &rows {
             let Some(kind) = OutboxKind::parse(kind) else {
                 // Written by a newer version; stop here rather than skip it and
                 // publish later rows of its SKU out of order.
@@ -248,9 +261,7 @@ impl Relay {
                         tracing::info!("outbox relay recovered");
                     }
                     backoff.reset();
-                    // A pass can be cut short by its byte bound: go on
-                    // while there was something to send.
-                    n > 0
+                    n > 0 && self.more_waiting.load(Ordering::Relaxed)
                 }
                 Err(error) => {
                     let delay = backoff.next_delay();
