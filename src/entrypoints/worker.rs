@@ -17,7 +17,7 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -385,7 +385,8 @@ impl Worker {
             .metrics
             .init_topics(&this.processor.topics.inbound());
         let tracker = TaskTracker::new();
-        let mut partitions: HashMap<(String, i32), mpsc::Sender<InboundMessage>> = HashMap::new();
+        let mut partitions: HashMap<(String, i32), mpsc::Sender<Held>> = HashMap::new();
+        let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
         let mut errors = Backoff::default();
         loop {
             let received = tokio::select! {
@@ -408,7 +409,22 @@ impl Worker {
                     }
                 }
             };
-            let key = (message.topic.clone(), message.partition);
+            // Memory: what the partitions hold, queued or in the batch in
+            // hand, stays within QUEUED_BYTES (a message larger than that
+            // waits until it is alone).
+            let size = held_size(&message);
+            let permit = tokio::select! {
+                permit = Arc::clone(&budget).acquire_many_owned(size) => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break, // never closed
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let message = Held {
+                message,
+                _permit: permit,
+            };
+            let key = (message.message.topic.clone(), message.message.partition);
             let sender = partitions.entry(key.clone()).or_insert_with(|| {
                 // Room for two batches: one being handled, the next filling.
                 // It bounds memory, and what is queued but not handled at a
@@ -481,14 +497,14 @@ impl Worker {
         &self,
         topic: String,
         partition: i32,
-        mut queue: mpsc::Receiver<InboundMessage>,
+        mut queue: mpsc::Receiver<Held>,
         shutdown: CancellationToken,
     ) {
         let mut parked: VecDeque<Parked> = VecDeque::new();
         let mut next_offset: Option<i64> = None;
         let mut stored: Option<i64> = None;
         let max = self.settings.max_batch_messages.max(1);
-        let mut batch: Vec<InboundMessage> = Vec::with_capacity(max);
+        let mut batch: Vec<Held> = Vec::with_capacity(max);
         loop {
             let retry_at = parked.iter().map(|p| p.next_try).min();
             tokio::select! {
@@ -504,15 +520,17 @@ impl Worker {
                         }
                     }
                     let items: Vec<(&InboundMessage, bool)> =
-                        batch.iter().map(|m| (m, false)).collect();
+                        batch.iter().map(|h| (&h.message, false)).collect();
                     let Some(outcomes) = self.handle_batch(&topic, partition, &items, &shutdown).await else {
                         break;
                     };
                     drop(items);
-                    next_offset = batch.last().map(|m| m.offset + 1);
-                    for (message, outcome) in batch.drain(..).zip(outcomes) {
+                    next_offset = batch.last().map(|h| h.message.offset + 1);
+                    // Dropping a held message gives its bytes back; parked
+                    // ones are few (bounded by the unknown-reference window).
+                    for (held, outcome) in batch.drain(..).zip(outcomes) {
                         if outcome == Outcome::Deferred {
-                            parked.push_back(Parked::new(message));
+                            parked.push_back(Parked::new(held.message));
                         }
                     }
                 }
@@ -648,6 +666,31 @@ impl Worker {
             tracing::debug!(%error, topic, partition, next, "offset not stored");
         }
     }
+}
+
+/// Bytes of inbound messages the partitions may hold at once. With batches
+/// of 500 messages of a few hundred bytes this never binds; it keeps a run of
+/// megabyte messages from taking the memory of a whole batch each.
+const QUEUED_BYTES: usize = 32 * 1024 * 1024;
+
+/// A message on its way through a partition, holding its share of QUEUED_BYTES.
+struct Held {
+    message: InboundMessage,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// What a message counts against QUEUED_BYTES: its key, value and headers,
+/// plus a little for the rest; never more than the whole budget.
+fn held_size(message: &InboundMessage) -> u32 {
+    let bytes = 256
+        + message.key.as_ref().map_or(0, Vec::len)
+        + message.payload.as_ref().map_or(0, Vec::len)
+        + message
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>();
+    u32::try_from(bytes.min(QUEUED_BYTES)).unwrap_or(u32::MAX)
 }
 
 struct Parked {
