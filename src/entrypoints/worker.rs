@@ -1,10 +1,11 @@
-//! The worker loop: consumes the ERP topics, runs each message through the
-//! message bus in its own unit of work, and stores the message's offset once
-//! its effects (or its dead letter) are committed.
+//! The worker loop: consumes the ERP topics, runs the messages of each
+//! partition through the message bus in batches, one unit of work (one
+//! transaction) per batch, and stores a partition's offset once the effects
+//! (or dead letters) of the messages before it are committed.
 //!
-//! [`Worker::process_one`] is the one place where a message's transaction
-//! begins and ends. Partitions run concurrently, one task each, in order within
-//! a partition. A message naming a SKU or batch not known yet is parked and
+//! [`Processor::process_batch`] is the one place where a transaction begins
+//! and ends. Partitions run concurrently, one task each, in order within a
+//! partition. A message naming a SKU or batch not known yet is parked and
 //! retried for a bounded time while the messages behind it keep flowing; the
 //! partition's stored offset never passes a parked message, and redelivered
 //! messages are recognised by their idempotency key.
