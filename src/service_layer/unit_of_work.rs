@@ -7,7 +7,7 @@ use std::future::Future;
 use crate::domain::{BatchRef, Event, OrderId, Product, Sku};
 
 /// Why the store could not do what was asked. Both kinds are transient: the
-/// caller retries the whole message in a fresh unit of work.
+/// caller retries the whole unit of work (every message in it) in a fresh one.
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
     /// Another transaction changed the same product first (optimistic concurrency).
