@@ -618,6 +618,7 @@ impl Worker {
             // Every message of the batch waited for the whole transaction:
             // that is its handling duration.
             let elapsed = started.elapsed().as_secs_f64();
+            tracing::debug!(elapsed_ms = elapsed * 1e3, "batch done");
             let metrics = &self.processor.metrics;
             metrics.batch_messages.observe(batch.len() as f64);
             for ((message, _), outcome) in batch.iter().zip(&outcomes) {
