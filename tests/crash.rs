@@ -841,28 +841,20 @@ async fn crash_anywhere_loses_nothing_and_applies_nothing_twice() {
         }
     })
     .await;
-    type OutboxRow = (
-        String,
-        Option<Vec<u8>>,
-        Option<Vec<u8>>,
-        Vec<String>,
-        Vec<Vec<u8>>,
-    );
+    type OutboxRow = (String, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT kind, message_key, payload, header_names, header_values FROM outbox ORDER BY id",
+        "SELECT kind, message_key, payload, \
+                (SELECT value FROM outbox_headers(headers) WHERE name = 'ce_id') \
+         FROM outbox ORDER BY id",
     )
     .fetch_all(&env.db)
     .await
     .expect("read the outbox");
     let outbox_ids: HashSet<String> = rows
         .iter()
-        .filter(|r| r.0 != "DeadLetter")
-        .filter_map(|(_, _, _, names, values)| {
-            names
-                .iter()
-                .position(|n| n == "ce_id")
-                .map(|i| String::from_utf8_lossy(&values[i]).into_owned())
-        })
+        .filter(|(kind, ..)| kind != "DeadLetter")
+        .filter_map(|(.., id)| id.as_deref())
+        .map(|id| String::from_utf8_lossy(id).into_owned())
         .collect();
     let event_topics: HashMap<&str, &'static str> = [
         (t.allocated.as_str(), "Allocated"),
@@ -1005,7 +997,7 @@ async fn crash_anywhere_loses_nothing_and_applies_nothing_twice() {
     // --- The outbox: the decisions as stored, once each, in order per SKU.
     let mut outbox_seq: BTreeMap<String, Vec<Ev>> = BTreeMap::new();
     let mut dead_letters = 0;
-    for (kind, key, payload, _, _) in &rows {
+    for (kind, key, payload, _) in &rows {
         let kind: &'static str = match kind.as_str() {
             "Allocated" => "Allocated",
             "Deallocated" => "Deallocated",

@@ -710,8 +710,8 @@ enum Stop {
     Term,
 }
 
-/// (message_key, header_names, header_values) of an outbox row.
-type OutboxHeaders = (Option<Vec<u8>>, Vec<String>, Vec<Vec<u8>>);
+/// (message_key, ce_id header) of an outbox row.
+type OutboxHeaders = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 const SKUS: usize = 10;
 const ORDERS: usize = 400;
@@ -886,8 +886,9 @@ async fn restart_mid_stream(stop: Stop) {
 
     // --- per SKU, events come out in the order they were decided (outbox id).
     let rows: Vec<OutboxHeaders> = sqlx::query_as(
-        "SELECT message_key, header_names, header_values FROM outbox \
-         WHERE kind = 'Allocated' ORDER BY id",
+        "SELECT message_key, \
+                (SELECT value FROM outbox_headers(headers) WHERE name = 'ce_id') \
+         FROM outbox WHERE kind = 'Allocated' ORDER BY id",
     )
     .fetch_all(&env.db)
     .await
@@ -899,13 +900,9 @@ async fn restart_mid_stream(stop: Stop) {
         "Allocated rows in the outbox (each decision stored once)"
     );
     let mut decided_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, names, values) in rows {
+    for (key, id) in rows {
         let key = String::from_utf8_lossy(&key.unwrap_or_default()).into_owned();
-        let id = names
-            .iter()
-            .position(|n| n == "ce_id")
-            .map(|i| String::from_utf8_lossy(&values[i]).into_owned())
-            .unwrap_or_default();
+        let id = String::from_utf8_lossy(&id.unwrap_or_default()).into_owned();
         decided_order.entry(key).or_default().push(id);
     }
     let mut published_order: BTreeMap<String, Vec<String>> = BTreeMap::new();

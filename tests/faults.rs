@@ -167,16 +167,16 @@ async fn over_allocated(env: &TestEnv) -> Vec<(String, i64, i64)> {
 
 /// The `ce_id` of every outbox row.
 async fn outbox_ce_ids(env: &TestEnv) -> Vec<String> {
-    let rows: Vec<(Vec<String>, Vec<Vec<u8>>)> =
-        sqlx::query_as("SELECT header_names, header_values FROM outbox ORDER BY id")
-            .fetch_all(&env.db)
-            .await
-            .expect("outbox headers");
+    let rows: Vec<Option<Vec<u8>>> = sqlx::query_scalar(
+        "SELECT (SELECT value FROM outbox_headers(headers) WHERE name = 'ce_id') \
+         FROM outbox ORDER BY id",
+    )
+    .fetch_all(&env.db)
+    .await
+    .expect("outbox headers");
     rows.into_iter()
-        .filter_map(|(names, values)| {
-            let i = names.iter().position(|n| n == "ce_id")?;
-            Some(String::from_utf8_lossy(&values[i]).into_owned())
-        })
+        .flatten()
+        .map(|id| String::from_utf8_lossy(&id).into_owned())
         .collect()
 }
 

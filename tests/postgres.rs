@@ -30,6 +30,13 @@ fn topics() -> Topics {
 
 /// A new, migrated database on the server of DATABASE_URL.
 async fn fresh_database() -> PgPool {
+    let pool = empty_database().await;
+    MIGRATOR.run(&pool).await.expect("migrations must apply");
+    pool
+}
+
+/// A new database on the server of DATABASE_URL, without any migration.
+async fn empty_database() -> PgPool {
     let url = std::env::var("DATABASE_URL")
         .expect("DATABASE_URL is not set: run `source scripts/services.sh` first");
     let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
@@ -41,9 +48,7 @@ async fn fresh_database() -> PgPool {
         .execute(&mut admin)
         .await
         .expect("cannot create a test database (the role needs CREATEDB)");
-    let pool = lazy_pool(base.database(&name), 20);
-    MIGRATOR.run(&pool).await.expect("migrations must apply");
-    pool
+    lazy_pool(base.database(&name), 20)
 }
 
 fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {
@@ -433,7 +438,8 @@ async fn rejected_messages_are_dead_lettered_once_with_their_reason() {
         );
     }
     let reasons: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT header_values[array_position(header_names, 'dlq.reason')] FROM outbox ORDER BY id",
+        "SELECT (SELECT value FROM outbox_headers(headers) WHERE name = 'dlq.reason') \
+         FROM outbox ORDER BY id",
     )
     .fetch_all(&pool)
     .await
@@ -672,4 +678,77 @@ async fn a_message_that_changed_a_product_cannot_be_taken_back_alone_and_reset_u
     uow.commit().await.unwrap();
     assert_eq!(allocated_to(&pool, "o1").await, None);
     assert_eq!(allocated_to(&pool, "o2").await, None);
+}
+
+/// Migration 3 moves the header arrays of rows written before it into the
+/// one-column format, which the relay's decoder and the SQL reader
+/// `outbox_headers()` both read back as they were.
+#[tokio::test]
+async fn outbox_headers_move_into_one_column_and_read_back() {
+    use allocation_worker::adapters::outbox::{decode_headers, encode_headers};
+
+    let pool = empty_database().await;
+    // The schema as it was before: the first two migrations only.
+    let dir = std::env::temp_dir().join(format!(
+        "aw_migrations_{:016x}",
+        rand::rng().random::<u64>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for file in [
+        "20261128000001_initial.sql",
+        "20261128000002_product_revision.sql",
+    ] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    let before = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    before
+        .run(&pool)
+        .await
+        .expect("the first two migrations apply");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let headers: Vec<(&str, &[u8])> = vec![
+        ("ce_id", b"1b4e28ba-2fa1-11d2-883f-0016d3cca427"),
+        ("empty", b""),
+        ("caf\u{e9}", &[0, 0xff, 0x80, 7]),
+        ("dup", b"1"),
+        ("dup", b"2"),
+    ];
+    let names: Vec<&str> = headers.iter().map(|h| h.0).collect();
+    let values: Vec<&[u8]> = headers.iter().map(|h| h.1).collect();
+    sqlx::query(
+        "INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
+         VALUES ('DeadLetter', 'k', 'v', $1, $2), ('Allocated', 'k', 'v', '{}', '{}')",
+    )
+    .bind(&names)
+    .bind(&values)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    MIGRATOR
+        .run(&pool)
+        .await
+        .expect("the later migrations apply");
+    let stored: Vec<Vec<u8>> = sqlx::query_scalar("SELECT headers FROM outbox ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(decode_headers(&stored[0]), Some(headers.clone()));
+    assert_eq!(stored[0], encode_headers(headers.iter().copied()).unwrap());
+    assert_eq!(decode_headers(&stored[1]), Some(vec![]));
+
+    let read: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "SELECT h.name, h.value FROM outbox, outbox_headers(headers) h WHERE kind = 'DeadLetter'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let read: Vec<(&str, &[u8])> = read
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    assert_eq!(read, headers);
 }

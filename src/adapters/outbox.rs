@@ -248,38 +248,104 @@ fn truncate(text: &str, max: usize) -> String {
     format!("{}… ({} bytes in all)", &text[..end], text.len())
 }
 
-/// Outbox records as the columns of one set-based insert. Header lists
-/// differ in length, so they travel as flat arrays with the number (from 1)
-/// of their record, and the insert groups them back (slicing one big array
-/// per record would cost quadratic time).
+/// Outbox records as the columns of one set-based insert.
 #[derive(Default)]
 pub(crate) struct OutboxColumns<'a> {
     pub kinds: Vec<&'static str>,
     pub keys: Vec<Option<&'a [u8]>>,
     pub payloads: Vec<Option<&'a [u8]>>,
-    pub header_owners: Vec<i32>,
-    pub header_names: Vec<&'a str>,
-    pub header_values: Vec<&'a [u8]>,
+    pub headers: Vec<Vec<u8>>,
 }
 
 impl<'a> OutboxColumns<'a> {
-    pub fn new(records: &'a [OutboxRecord]) -> Result<Self, sqlx::Error> {
+    pub fn new(records: &'a [OutboxRecord]) -> Result<Self, HeaderTooLarge> {
         let mut columns = Self::default();
-        for (i, record) in records.iter().enumerate() {
+        for record in records {
             columns.kinds.push(record.kind.as_str());
             columns.keys.push(record.key.as_deref());
             columns.payloads.push(record.payload.as_deref());
-            let number = to_i32(i + 1)?;
-            for (name, value) in &record.headers {
-                columns.header_owners.push(number);
-                columns.header_names.push(name.as_str());
-                columns.header_values.push(value.as_slice());
-            }
+            columns.headers.push(encode_headers(
+                record
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_slice())),
+            )?);
         }
         Ok(columns)
     }
 }
 
-fn to_i32(n: usize) -> Result<i32, sqlx::Error> {
-    i32::try_from(n).map_err(|e| sqlx::Error::Encode(Box::new(e)))
+/// A header name or value of 4 GiB or more, which the encoding cannot hold
+/// (nor can Kafka).
+#[derive(Debug, thiserror::Error)]
+#[error("an outbox header of {0} bytes is too large to store")]
+pub struct HeaderTooLarge(pub usize);
+
+/// Headers as the outbox's `headers` column stores them: per header, the
+/// name's length (u32, big-endian), the name, the value's length, the value.
+/// (Migration `20261128000003` defines the same format and a SQL reader.)
+pub fn encode_headers<'h>(
+    headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+) -> Result<Vec<u8>, HeaderTooLarge> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        for part in [name.as_bytes(), value] {
+            let len = u32::try_from(part.len()).map_err(|_| HeaderTooLarge(part.len()))?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(part);
+        }
+    }
+    Ok(out)
+}
+
+/// The headers of [`encode_headers`], borrowed from `encoded`; `None` if it
+/// is not in that format (cut short, or a name that is not UTF-8).
+pub fn decode_headers(encoded: &[u8]) -> Option<Vec<(&str, &[u8])>> {
+    fn part<'e>(rest: &mut &'e [u8]) -> Option<&'e [u8]> {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+        if tail.len() < len {
+            return None;
+        }
+        let (part, tail) = tail.split_at(len);
+        *rest = tail;
+        Some(part)
+    }
+    let mut rest = encoded;
+    let mut headers = Vec::new();
+    while !rest.is_empty() {
+        let name = std::str::from_utf8(part(&mut rest)?).ok()?;
+        let value = part(&mut rest)?;
+        headers.push((name, value));
+    }
+    Some(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_through_their_encoding() {
+        let headers: Vec<(&str, &[u8])> = vec![
+            ("ce_id", b"0b5e"),
+            ("", b""),
+            ("bin\u{e9}", &[0, 255, 7]),
+            ("dup", b"1"),
+            ("dup", b"2"),
+        ];
+        let encoded = encode_headers(headers.iter().copied()).unwrap();
+        assert_eq!(decode_headers(&encoded), Some(headers));
+        assert_eq!(decode_headers(&[]), Some(vec![]));
+    }
+
+    #[test]
+    fn a_damaged_encoding_is_refused() {
+        let encoded = encode_headers([("name", b"value".as_slice())]).unwrap();
+        for cut in 1..encoded.len() {
+            assert_eq!(decode_headers(&encoded[..cut]), None, "cut at {cut}");
+        }
+        let not_utf8 = [0, 0, 0, 1, 0xff, 0, 0, 0, 0];
+        assert_eq!(decode_headers(&not_utf8), None);
+    }
 }

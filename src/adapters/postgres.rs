@@ -484,7 +484,8 @@ impl PgProductRepository<'_> {
             qtys.push(i64::from(line.qty));
         }
         let view = ReadModelRows::net(read_model);
-        let records = OutboxColumns::new(outbox).map_err(classify)?;
+        let records =
+            OutboxColumns::new(outbox).map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
         // Allocation rows go in list order, so that ids keep each batch's
         // allocation order (LIFO deallocation reads it back); outbox rows in
         // decision order, which the relay publishes in. A concurrent delivery
@@ -494,7 +495,7 @@ impl PgProductRepository<'_> {
             "WITH \
              versions AS ( \
                  UPDATE products p SET version_number = v.new, revision = v.rev \
-                 FROM unnest($1::text[], $2::int8[], $3::int8[], $20::int8[]) \
+                 FROM unnest($1::text[], $2::int8[], $3::int8[], $18::int8[]) \
                  AS v(sku, old, new, rev) \
                  WHERE p.sku = v.sku AND p.version_number = v.old RETURNING 1), \
              lines AS ( \
@@ -510,16 +511,11 @@ impl PgProductRepository<'_> {
                  ON CONFLICT (orderid, sku) DO UPDATE SET batchref = EXCLUDED.batchref), \
              keys AS ( \
                  INSERT INTO processed_messages (idempotency_key) SELECT unnest($13::text[])), \
-             headers AS ( \
-                 SELECT r, array_agg(n ORDER BY o) AS names, array_agg(v ORDER BY o) AS vals \
-                 FROM unnest($17::int4[], $18::text[], $19::bytea[]) \
-                 WITH ORDINALITY AS t(r, n, v, o) GROUP BY r), \
              records AS ( \
-                 INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
-                 SELECT x.kind, x.k, x.p, COALESCE(h.names, '{}'), COALESCE(h.vals, '{}') \
-                 FROM unnest($14::text[], $15::bytea[], $16::bytea[]) \
-                 WITH ORDINALITY AS x(kind, k, p, n) \
-                 LEFT JOIN headers h ON h.r = x.n ORDER BY x.n) \
+                 INSERT INTO outbox (kind, message_key, payload, headers) \
+                 SELECT x.kind, x.k, x.p, x.h \
+                 FROM unnest($14::text[], $15::bytea[], $16::bytea[], $17::bytea[]) \
+                 WITH ORDINALITY AS x(kind, k, p, h, n) ORDER BY x.n) \
              SELECT count(*) FROM versions",
         )
         .bind(&writes.versions.0)
@@ -538,9 +534,7 @@ impl PgProductRepository<'_> {
         .bind(&records.kinds)
         .bind(&records.keys)
         .bind(&records.payloads)
-        .bind(&records.header_owners)
-        .bind(&records.header_names)
-        .bind(&records.header_values)
+        .bind(&records.headers)
         .bind(&writes.versions.3)
         .fetch_one(&mut *conn)
         .await
@@ -864,9 +858,11 @@ impl<'c> PgUnitOfWork<'c> {
     /// Stores everything queued, then commits. A `Conflict` means the caller
     /// must retry the batch from the start in a new unit of work.
     pub async fn commit(mut self) -> Result<(), RepositoryError> {
+        let started = std::time::Instant::now();
         self.products
             .save_all(&self.outbox, &self.read_model, &self.processed)
             .await?;
+        tracing::debug!(saved = ?started.elapsed(), rows = self.outbox.len(), "save_all");
         let PgProductRepository {
             tx,
             cache,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
-use super::outbox::{OutboxKind, VALUE_OMITTED_HEADER};
+use super::outbox::{decode_headers, encode_headers, OutboxKind, VALUE_OMITTED_HEADER};
 use super::postgres::classify;
 use crate::service_layer::RepositoryError;
 
@@ -46,8 +46,7 @@ type OutboxRow = (
     String,
     Option<Vec<u8>>,
     Option<Vec<u8>>,
-    Vec<String>,
-    Vec<Vec<u8>>,
+    Vec<u8>,
     // Rows the pass would have taken without its byte bound.
     i64,
 );
@@ -97,12 +96,12 @@ impl Relay {
         // `batch_size` rows and, after the first row, `MAX_PASS_BYTES` of
         // values: dead letters can carry megabytes each.
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, kind, message_key, payload, header_names, header_values, rows FROM ( \
+            "SELECT id, kind, message_key, payload, headers, rows FROM ( \
                  SELECT l.*, \
                         sum(COALESCE(octet_length(payload), 0)) OVER (ORDER BY id) AS upto, \
                         count(*) OVER () AS rows \
                  FROM ( \
-                     SELECT id, kind, message_key, payload, header_names, header_values \
+                     SELECT id, kind, message_key, payload, headers \
                      FROM outbox \
                      WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
                      ORDER BY id LIMIT $1) l) r \
@@ -125,24 +124,29 @@ impl Relay {
         let mut failure = None;
         // Full (or cut short by its byte bound): more rows are waiting.
         let full = rows.len() as i64 == self.batch_size
-            || rows.first().is_some_and(|r| r.6 > rows.len() as i64);
+            || rows.first().is_some_and(|r| r.5 > rows.len() as i64);
         self.more_waiting.store(full, Ordering::Relaxed);
-        for (id, kind, key, payload, names, values, _) in &rows {
+        for (id, kind, key, payload, headers, _) in &rows {
+            // Written by a newer version, or damaged: stop here rather than
+            // skip it and publish later rows of its SKU out of order.
             let Some(kind) = OutboxKind::parse(kind) else {
-                // Written by a newer version; stop here rather than skip it and
-                // publish later rows of its SKU out of order.
                 failure = Some(format!("outbox row {id} has unknown kind {kind:?}"));
                 break;
             };
-            let headers = names.iter().zip(values).fold(
-                OwnedHeaders::new_with_capacity(names.len()),
-                |hs, (n, v)| {
-                    hs.insert(Header {
-                        key: n,
-                        value: Some(v),
-                    })
-                },
-            );
+            let Some(headers) = decode_headers(headers) else {
+                failure = Some(format!("outbox row {id} has unreadable headers"));
+                break;
+            };
+            let count = headers.len();
+            let headers =
+                headers
+                    .into_iter()
+                    .fold(OwnedHeaders::new_with_capacity(count), |hs, (n, v)| {
+                        hs.insert(Header {
+                            key: n,
+                            value: Some(v),
+                        })
+                    });
             let mut record: FutureRecord<'_, [u8], [u8]> =
                 FutureRecord::to(self.topics.outbound(kind)).headers(headers);
             if let Some(key) = key {
@@ -199,17 +203,22 @@ impl Relay {
         // behind it: send it again without its value, which stays readable at
         // dlq.original.* on the inbound topic.
         for id in too_large_dead_letters {
+            let Some((.., Some(payload), _, _)) = rows.iter().find(|r| r.0 == id) else {
+                continue; // its value is already omitted
+            };
             tracing::warn!(
                 outbox_id = id,
                 "dead letter too large for the broker; omitting its value"
             );
+            let size = format!("{} bytes", payload.len());
+            let header = encode_headers([(VALUE_OMITTED_HEADER, size.as_bytes())])
+                .map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
             sqlx::query(
-                "UPDATE outbox SET payload = NULL, \
-                 header_values = header_values || convert_to(octet_length(payload)::text || ' bytes', 'UTF8'), \
-                 header_names = header_names || $2::text WHERE id = $1 AND payload IS NOT NULL",
+                "UPDATE outbox SET payload = NULL, headers = headers || $2 \
+                 WHERE id = $1 AND payload IS NOT NULL",
             )
             .bind(id)
-            .bind(VALUE_OMITTED_HEADER)
+            .bind(header)
             .execute(&mut *tx)
             .await
             .map_err(classify)?;

@@ -237,6 +237,7 @@ impl Processor {
         plans: &[Plan],
         contexts: &[MessageContext],
     ) -> Result<Attempt, RepositoryError> {
+        let started = std::time::Instant::now();
         let mut uow = PgUnitOfWork::begin(&self.pool, &self.cache).await?;
         let keys: Vec<&str> = contexts
             .iter()
@@ -259,6 +260,7 @@ impl Processor {
             }
         }
         let done = uow.products().preload(&skus, &refs, &keys).await?;
+        let locked = started.elapsed();
 
         // Rejections depend on the state, so they are decided anew in every
         // attempt; a pass starts over only when a rejected message had
@@ -313,7 +315,9 @@ impl Processor {
                     }
                 }
             }
+            let handled = started.elapsed();
             uow.commit().await?;
+            tracing::debug!(?locked, ?handled, committed = ?started.elapsed(), "attempt");
             return Ok((outcomes, errors));
         }
     }
