@@ -33,8 +33,25 @@ pub fn lazy_pool(options: sqlx::postgres::PgConnectOptions, max_connections: u32
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
+        // sqlx pings a connection on every acquire by default: a round trip
+        // before each transaction. Only a connection that sat idle is
+        // checked; a broken busy one fails its first statement, which is
+        // retried like any outage, and sqlx drops it on release.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_BEFORE_PING {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options)
 }
+
+/// How long a pooled connection may sit unused before it is checked on
+/// acquire.
+const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Maps a database error to the service layer's two transient kinds. Unique
 /// violations, serialization failures and deadlocks mean another transaction
