@@ -12,7 +12,10 @@
 
 SERVICES_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SERVICES_RUN_DIR="$SERVICES_ROOT/.run"
-SERVICES_DATABASE_URL="postgres://allocation:allocation@127.0.0.1:5432/allocation"
+# No TLS: the cluster is on loopback, where TLS only costs CPU on both ends
+# (about 5 % of the benchmark's throughput; without sslmode, the client
+# negotiates TLS whenever the server offers it, as Debian's does).
+SERVICES_DATABASE_URL="postgres://allocation:allocation@127.0.0.1:5432/allocation?sslmode=disable"
 SERVICES_KAFKA="127.0.0.1:9092"
 
 _svc_log() { echo "services: $*" >&2; }
@@ -127,7 +130,7 @@ _svc_main() {
         up | start)
             _svc_up || return
             export DATABASE_URL="$SERVICES_DATABASE_URL" KAFKA_BOOTSTRAP_SERVERS="$SERVICES_KAFKA"
-            echo "export DATABASE_URL=$DATABASE_URL"
+            echo "export DATABASE_URL='$DATABASE_URL'"
             echo "export KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
             ;;
         stop) _svc_stop ;;

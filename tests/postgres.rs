@@ -51,6 +51,27 @@ async fn empty_database() -> PgPool {
     lazy_pool(base.database(&name), 20)
 }
 
+/// Drops a test's database once it passed (a failed test keeps its own, for
+/// inspection): left behind, they add up, and PostgreSQL's autovacuum
+/// launcher visits every database, which slows every later run.
+async fn drop_database(pool: PgPool) {
+    let name = pool
+        .connect_options()
+        .get_database()
+        .expect("test pools name their database")
+        .to_owned();
+    pool.close().await;
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let base: PgConnectOptions = url.parse().expect("DATABASE_URL is a PostgreSQL URL");
+    let mut admin = sqlx::PgConnection::connect_with(&base)
+        .await
+        .expect("connect to drop the test database");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .expect("drop the test database");
+}
+
 fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {
     raw_message(topic, offset, value.to_string().into_bytes())
 }
@@ -195,6 +216,7 @@ async fn stores_and_reloads_a_product_with_its_allocations_in_order() {
             "OutOfStock"
         ]
     );
+    drop_database(pool).await;
 }
 
 fn context(key: &str) -> MessageContext {
@@ -272,6 +294,7 @@ async fn of_two_transactions_on_one_product_the_second_decides_on_the_first_ones
     );
     assert_eq!(allocated_to(&pool, "o2").await, None);
     assert_eq!(outbox_kinds(&pool).await, ["OutOfStock"]);
+    drop_database(pool).await;
 }
 
 #[tokio::test]
@@ -342,6 +365,7 @@ async fn concurrent_allocations_and_a_quantity_drop_never_over_allocate() {
     .unwrap();
     assert_eq!(allocated + out_of_stock, 20);
     eprintln!("optimistic-concurrency retries: {}", p.conflict_retries());
+    drop_database(pool).await;
 }
 
 #[tokio::test]
@@ -401,6 +425,7 @@ async fn a_redelivered_message_changes_nothing() {
         keys.contains(&"erp.allocation-required/0/0".to_owned()),
         "without ce_id the key is topic/partition/offset: {keys:?}"
     );
+    drop_database(pool).await;
 }
 
 #[tokio::test]
@@ -452,6 +477,7 @@ async fn rejected_messages_are_dead_lettered_once_with_their_reason() {
         reasons,
         ["malformed-json", "invalid-message", "unknown-topic"]
     );
+    drop_database(pool).await;
 }
 
 #[tokio::test]
@@ -490,6 +516,7 @@ async fn an_unknown_reference_is_deferred_without_a_trace_then_dead_lettered_on_
         p.process_one(&change, true).await.unwrap(),
         Outcome::DeadLettered(DeadLetterReason::UnknownBatch)
     );
+    drop_database(pool).await;
 }
 
 /// A line freed and allocated again in one message is the most recently
@@ -535,6 +562,7 @@ async fn a_line_reallocated_to_its_own_batch_is_the_next_to_be_freed() {
         "o3 was the most recent allocation"
     );
     assert_eq!(allocated_to(&pool, "o2").await, None);
+    drop_database(pool).await;
 }
 
 #[tokio::test]
@@ -631,6 +659,7 @@ async fn in_a_batch_a_rejected_message_is_taken_back_alone_and_its_neighbours_co
         .await
         .unwrap();
     assert_eq!(version, 4, "one batch and three allocations");
+    drop_database(pool).await;
 }
 
 #[tokio::test]
@@ -678,6 +707,7 @@ async fn a_message_that_changed_a_product_cannot_be_taken_back_alone_and_reset_u
     uow.commit().await.unwrap();
     assert_eq!(allocated_to(&pool, "o1").await, None);
     assert_eq!(allocated_to(&pool, "o2").await, None);
+    drop_database(pool).await;
 }
 
 /// Migration 3 moves the header arrays of rows written before it into the
@@ -751,4 +781,5 @@ async fn outbox_headers_move_into_one_column_and_read_back() {
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
     assert_eq!(read, headers);
+    drop_database(pool).await;
 }
