@@ -879,7 +879,7 @@ impl<'c> PgUnitOfWork<'c> {
         self.products
             .save_all(&self.outbox, &self.read_model, &self.processed)
             .await?;
-        tracing::debug!(saved = ?started.elapsed(), rows = self.outbox.len(), "save_all");
+        tracing::debug!(saved = ?started.elapsed(), outbox_rows = self.outbox.len(), "batch writes");
         let PgProductRepository {
             tx,
             cache,

@@ -317,7 +317,7 @@ impl Processor {
             }
             let handled = started.elapsed();
             uow.commit().await?;
-            tracing::debug!(?locked, ?handled, committed = ?started.elapsed(), "attempt");
+            tracing::debug!(?locked, ?handled, committed = ?started.elapsed(), "batch attempt timings");
             return Ok((outcomes, errors));
         }
     }
