@@ -200,7 +200,9 @@ impl Relay {
             .await
             .map_err(classify)?;
         if !sent.is_empty() {
-            sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+            // When the mark is written, after the acknowledgements; now()
+            // would be the start of the pass, before they were even sent.
+            sqlx::query("UPDATE outbox SET sent_at = statement_timestamp() WHERE id = ANY($1)")
                 .bind(&sent)
                 .execute(&mut *tx)
                 .await
