@@ -1,7 +1,8 @@
 //! PostgreSQL behind the service layer: the product repository, the unit of
-//! work that commits the state, outbox rows, read-model changes and
-//! idempotency records of a batch of messages in one transaction, and the
-//! migrations.
+//! work that commits the state, outbox rows and idempotency records of a
+//! batch of messages in one transaction, and the migrations. The read model
+//! `allocations_view` is a view over `allocations` and `batches`, so it is
+//! current as soon as they are.
 //!
 //! A unit of work here spans several messages of one partition, so that the
 //! cost of a commit (a WAL flush with `synchronous_commit` on) is shared.
@@ -20,7 +21,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::domain::{Batch, BatchRef, Event, OrderId, OrderLine, Product, Sku};
-use crate::service_layer::{ProductRepository, ReadModelChange, RepositoryError, UnitOfWork};
+use crate::service_layer::{ProductRepository, RepositoryError, UnitOfWork};
 
 use super::outbox::{self, MessageContext, OutboxColumns, OutboxRecord};
 
@@ -419,7 +420,6 @@ impl PgProductRepository<'_> {
     async fn save_all(
         &mut self,
         outbox: &[OutboxRecord],
-        read_model: &[ReadModelChange],
         processed: &[String],
     ) -> Result<(), RepositoryError> {
         let mut writes = Writes::default();
@@ -500,7 +500,6 @@ impl PgProductRepository<'_> {
             line_skus.push(line.sku.as_str());
             qtys.push(i64::from(line.qty));
         }
-        let view = ReadModelRows::net(read_model);
         let records =
             OutboxColumns::new(outbox).map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
         // Allocation rows go in list order, so that ids keep each batch's
@@ -512,26 +511,19 @@ impl PgProductRepository<'_> {
             "WITH \
              versions AS ( \
                  UPDATE products p SET version_number = v.new, revision = v.rev \
-                 FROM unnest($1::text[], $2::int8[], $3::int8[], $18::int8[]) \
+                 FROM unnest($1::text[], $2::int8[], $3::int8[], $13::int8[]) \
                  AS v(sku, old, new, rev) \
                  WHERE p.sku = v.sku AND p.version_number = v.old RETURNING 1), \
              lines AS ( \
                  INSERT INTO allocations (batch_id, orderid, sku, qty) \
                  SELECT b, o, s, q FROM unnest($4::int8[], $5::text[], $6::text[], $7::int8[]) \
                  WITH ORDINALITY AS v(b, o, s, q, n) ORDER BY n), \
-             view_gone AS ( \
-                 DELETE FROM allocations_view v USING unnest($8::text[], $9::text[]) AS d(o, s) \
-                 WHERE v.orderid = d.o AND v.sku = d.s), \
-             view_set AS ( \
-                 INSERT INTO allocations_view (orderid, sku, batchref) \
-                 SELECT * FROM unnest($10::text[], $11::text[], $12::text[]) \
-                 ON CONFLICT (orderid, sku) DO UPDATE SET batchref = EXCLUDED.batchref), \
              keys AS ( \
-                 INSERT INTO processed_messages (idempotency_key) SELECT unnest($13::text[])), \
+                 INSERT INTO processed_messages (idempotency_key) SELECT unnest($8::text[])), \
              records AS ( \
                  INSERT INTO outbox (kind, message_key, payload, headers) \
                  SELECT x.kind, x.k, x.p, x.h \
-                 FROM unnest($14::text[], $15::bytea[], $16::bytea[], $17::bytea[]) \
+                 FROM unnest($9::text[], $10::bytea[], $11::bytea[], $12::bytea[]) \
                  WITH ORDINALITY AS x(kind, k, p, h, n) ORDER BY x.n) \
              SELECT count(*) FROM versions",
         )
@@ -542,11 +534,6 @@ impl PgProductRepository<'_> {
         .bind(&orderids)
         .bind(&line_skus)
         .bind(&qtys)
-        .bind(&view.gone.0)
-        .bind(&view.gone.1)
-        .bind(&view.set.0)
-        .bind(&view.set.1)
-        .bind(&view.set.2)
         .bind(processed)
         .bind(&records.kinds)
         .bind(&records.keys)
@@ -574,49 +561,6 @@ impl PgProductRepository<'_> {
             }
         }
         Ok(())
-    }
-}
-
-/// The read model's net change: the last change of each line wins, so no
-/// line is both deleted and set.
-struct ReadModelRows<'a> {
-    gone: (Vec<&'a str>, Vec<&'a str>),
-    set: (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>),
-}
-
-impl<'a> ReadModelRows<'a> {
-    fn net(changes: &'a [ReadModelChange]) -> Self {
-        let mut last: HashMap<(&str, &str), Option<&str>> = HashMap::with_capacity(changes.len());
-        for change in changes {
-            match change {
-                ReadModelChange::Allocated {
-                    orderid,
-                    sku,
-                    batchref,
-                } => last.insert((orderid.as_str(), sku.as_str()), Some(batchref.as_str())),
-                ReadModelChange::Deallocated { orderid, sku } => {
-                    last.insert((orderid.as_str(), sku.as_str()), None)
-                }
-            };
-        }
-        let mut rows = Self {
-            gone: (Vec::new(), Vec::new()),
-            set: (Vec::new(), Vec::new(), Vec::new()),
-        };
-        for ((orderid, sku), batchref) in last {
-            match batchref {
-                Some(batchref) => {
-                    rows.set.0.push(orderid);
-                    rows.set.1.push(sku);
-                    rows.set.2.push(batchref);
-                }
-                None => {
-                    rows.gone.0.push(orderid);
-                    rows.gone.1.push(sku);
-                }
-            }
-        }
-        rows
     }
 }
 
@@ -797,9 +741,7 @@ pub struct PgUnitOfWork<'c> {
     context: MessageContext,
     /// Outbox length when the current message started.
     message_start: usize,
-    read_model_start: usize,
     outbox: Vec<OutboxRecord>,
-    read_model: Vec<ReadModelChange>,
     processed: Vec<String>,
 }
 
@@ -823,9 +765,7 @@ impl<'c> PgUnitOfWork<'c> {
                 traceparent: None,
             },
             message_start: 0,
-            read_model_start: 0,
             outbox: Vec::new(),
-            read_model: Vec::new(),
             processed: Vec::new(),
         })
     }
@@ -834,7 +774,6 @@ impl<'c> PgUnitOfWork<'c> {
     pub fn start_message(&mut self, context: MessageContext) {
         self.context = context;
         self.message_start = self.outbox.len();
-        self.read_model_start = self.read_model.len();
         self.products.touched.clear();
     }
 
@@ -853,7 +792,6 @@ impl<'c> PgUnitOfWork<'c> {
             return false;
         }
         self.outbox.truncate(self.message_start);
-        self.read_model.truncate(self.read_model_start);
         true
     }
 
@@ -861,7 +799,6 @@ impl<'c> PgUnitOfWork<'c> {
     pub fn reset(&mut self) {
         self.products.reset();
         self.outbox.clear();
-        self.read_model.clear();
         self.processed.clear();
     }
 
@@ -877,7 +814,7 @@ impl<'c> PgUnitOfWork<'c> {
     pub async fn commit(mut self) -> Result<(), RepositoryError> {
         let started = std::time::Instant::now();
         self.products
-            .save_all(&self.outbox, &self.read_model, &self.processed)
+            .save_all(&self.outbox, &self.processed)
             .await?;
         tracing::debug!(saved = ?started.elapsed(), outbox_rows = self.outbox.len(), "batch writes");
         let PgProductRepository {
@@ -936,10 +873,6 @@ impl<'c> UnitOfWork for PgUnitOfWork<'c> {
         let position = self.outbox.len() - self.message_start;
         let record = outbox::event_record(event, &self.context, position);
         self.outbox.push(record);
-    }
-
-    fn update_read_model(&mut self, change: ReadModelChange) {
-        self.read_model.push(change);
     }
 
     /// Only the products the current message touched can hold new events.

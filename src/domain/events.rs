@@ -1,6 +1,6 @@
 //! Domain events: facts the `Product` aggregate records as it decides. The
 //! message bus dispatches them to their handlers, which publish them through
-//! the outbox and keep the read model current.
+//! the outbox and allocate freed lines again.
 
 use super::names::{BatchRef, OrderId, Sku};
 

@@ -3,10 +3,10 @@
 //! caller owns the transaction, so a message's whole cascade commits together.
 
 use crate::domain::commands::{Allocate, ChangeBatchQuantity, CreateBatch};
-use crate::domain::events::{Allocated, Deallocated};
+use crate::domain::events::Deallocated;
 use crate::domain::{BatchRef, DomainError, Event, OrderLine, Product, Sku};
 
-use super::unit_of_work::{ProductRepository, ReadModelChange, RepositoryError, UnitOfWork};
+use super::unit_of_work::{ProductRepository, RepositoryError, UnitOfWork};
 
 /// Why a message could not be handled. `Rejected` and the unknown-reference
 /// variants are about the message; `Repository` is about the store.
@@ -75,21 +75,6 @@ pub async fn allocate<U: UnitOfWork>(cmd: Allocate, uow: &mut U) -> Result<(), H
 /// Every outbound event goes through the outbox of the same transaction.
 pub fn publish_event<U: UnitOfWork>(event: &Event, uow: &mut U) {
     uow.publish(event);
-}
-
-pub fn add_allocation_to_read_model<U: UnitOfWork>(event: &Allocated, uow: &mut U) {
-    uow.update_read_model(ReadModelChange::Allocated {
-        orderid: event.orderid.clone(),
-        sku: event.sku.clone(),
-        batchref: event.batchref.clone(),
-    });
-}
-
-pub fn remove_allocation_from_read_model<U: UnitOfWork>(event: &Deallocated, uow: &mut U) {
-    uow.update_read_model(ReadModelChange::Deallocated {
-        orderid: event.orderid.clone(),
-        sku: event.sku.clone(),
-    });
 }
 
 /// A freed line is allocated again by the normal rule, in the same unit of

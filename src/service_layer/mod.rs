@@ -8,4 +8,4 @@ pub mod unit_of_work;
 
 pub use handlers::HandlerError;
 pub use messagebus::handle;
-pub use unit_of_work::{ProductRepository, ReadModelChange, RepositoryError, UnitOfWork};
+pub use unit_of_work::{ProductRepository, RepositoryError, UnitOfWork};

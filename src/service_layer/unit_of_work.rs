@@ -1,10 +1,12 @@
 //! The unit-of-work and repository traits (cosmicpython chapters 6 and 7).
-//! A unit of work is one atomic change: the products it loaded, the events to
-//! publish and the read-model changes are stored together or not at all.
+//! A unit of work is one atomic change: the products it loaded and the events
+//! to publish are stored together or not at all. The read model
+//! (`allocations_view`) is a view of the stored allocations, so it needs no
+//! writes of its own (README, "Decisions").
 
 use std::future::Future;
 
-use crate::domain::{BatchRef, Event, OrderId, Product, Sku};
+use crate::domain::{BatchRef, Event, Product, Sku};
 
 /// Why the store could not do what was asked. Both kinds are transient: the
 /// caller retries the whole unit of work (every message in it) in a fresh one.
@@ -39,20 +41,6 @@ pub trait ProductRepository: Send {
     fn seen(&mut self) -> Vec<&mut Product>;
 }
 
-/// A change to the `allocations_view` read model (CQRS, chapter 12).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadModelChange {
-    Allocated {
-        orderid: OrderId,
-        sku: Sku,
-        batchref: BatchRef,
-    },
-    Deallocated {
-        orderid: OrderId,
-        sku: Sku,
-    },
-}
-
 pub trait UnitOfWork: Send {
     type Products: ProductRepository;
 
@@ -61,9 +49,6 @@ pub trait UnitOfWork: Send {
     /// Queues an event for publication; it is stored with the state change
     /// (transactional outbox) and sent after commit.
     fn publish(&mut self, event: &Event);
-
-    /// Queues a change to the read model, applied in the same transaction.
-    fn update_read_model(&mut self, change: ReadModelChange);
 
     /// Drains the events recorded by the products seen so far, oldest first.
     fn collect_new_events(&mut self) -> Vec<Event> {
