@@ -534,7 +534,7 @@ impl Bench {
         loop {
             let (processed, unsent): (i64, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM processed_messages), \
-                        (SELECT count(*) FROM outbox WHERE sent_at IS NULL)",
+                        (SELECT count(*) FROM outbox_pending)",
             )
             .fetch_one(&self.db)
             .await?;
@@ -567,7 +567,7 @@ impl Bench {
     async fn last_activity(&self) -> Res<i64> {
         let (p, s): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT (SELECT max(processed_at) FROM processed_messages), \
-                    (SELECT max(sent_at) FROM outbox)",
+                    (SELECT marked_at FROM outbox_relay)",
         )
         .fetch_one(&self.db)
         .await?;
@@ -959,7 +959,7 @@ async fn drive(
             bench.produced
         ));
     }
-    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_pending")
         .fetch_one(&bench.db)
         .await?;
     if unsent != 0 {

@@ -92,7 +92,7 @@ async fn wait_outbox_sent(env: &TestEnv, timeout: Duration) -> i64 {
         let db = db.clone();
         async move {
             let (unsent, total): (i64, i64) = sqlx::query_as(
-                "SELECT count(*) FILTER (WHERE sent_at IS NULL), count(*) FROM outbox",
+                "SELECT (SELECT count(*) FROM outbox_pending), (SELECT count(*) FROM outbox)",
             )
             .fetch_one(&db)
             .await?;

@@ -460,7 +460,7 @@ impl Model {
 async fn counts(env: &TestEnv) -> Result<(i64, i64), sqlx::Error> {
     sqlx::query_as(
         "SELECT (SELECT count(*) FROM processed_messages), \
-                (SELECT count(*) FROM outbox WHERE sent_at IS NULL)",
+                (SELECT count(*) FROM outbox_pending)",
     )
     .fetch_one(&env.db)
     .await
@@ -833,10 +833,9 @@ async fn crash_anywhere_loses_nothing_and_applies_nothing_twice() {
     env.eventually("the outbox is fully sent", DEADLINE, move || {
         let db = db.clone();
         async move {
-            let unsent: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-                    .fetch_one(&db)
-                    .await?;
+            let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_pending")
+                .fetch_one(&db)
+                .await?;
             Ok::<_, sqlx::Error>((unsent == 0).then_some(()))
         }
     })

@@ -100,7 +100,7 @@ async fn wait_outbox_published(env: &TestEnv) -> Vec<Record> {
             let db = db.clone();
             async move {
                 let (unsent, total): (i64, i64) = sqlx::query_as(
-                    "SELECT count(*) FILTER (WHERE sent_at IS NULL), count(*) FROM outbox",
+                    "SELECT (SELECT count(*) FROM outbox_pending), (SELECT count(*) FROM outbox)",
                 )
                 .fetch_one(&db)
                 .await?;
@@ -770,11 +770,10 @@ async fn restart_mid_stream(stop: Stop) {
                 let started = Instant::now();
                 let status = worker.terminate(Duration::from_secs(30)).await;
                 check!(env, status.success(), "exit status after SIGTERM: {status}");
-                let unsent: i64 =
-                    sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-                        .fetch_one(&env.db)
-                        .await
-                        .unwrap();
+                let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_pending")
+                    .fetch_one(&env.db)
+                    .await
+                    .unwrap();
                 env.note(&format!(
                     "graceful stop took {:?}; outbox rows left unsent: {unsent}",
                     started.elapsed()
@@ -1041,7 +1040,7 @@ async fn outbox_rows_left_unsent_are_published_after_a_restart() {
             .expect("database is up");
         check_eq!(env, outcome, Outcome::Applied, "offset {offset}");
     }
-    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_pending")
         .fetch_one(&env.db)
         .await
         .unwrap();
@@ -1054,7 +1053,7 @@ async fn outbox_rows_left_unsent_are_published_after_a_restart() {
     let published: Vec<String> = records.iter().map(|r| r.field("orderid")).collect();
     check_eq!(env, published, orders, "published in decision order");
     env.eventually("the outbox is marked sent", DEADLINE, || async {
-        let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_pending")
             .fetch_one(&env.db)
             .await?;
         Ok::<_, sqlx::Error>((unsent == 0).then_some(()))

@@ -144,7 +144,7 @@ impl State {
             .await
             .expect("processed_messages"),
             outbox: sqlx::query_as(
-                "SELECT id, kind, payload, sent_at IS NOT NULL FROM outbox ORDER BY id",
+                "SELECT id, kind, payload, id NOT IN (SELECT id FROM outbox_pending) FROM outbox ORDER BY id",
             )
             .fetch_all(db)
             .await
@@ -185,7 +185,7 @@ async fn outbox_ce_ids(env: &TestEnv) -> Vec<String> {
 /// watermarks); returns the witness's records.
 async fn wait_outbox_published(env: &TestEnv, timeout: Duration) -> Vec<Record> {
     env.eventually("the outbox fully sent", timeout, || async {
-        let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+        let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_pending")
             .fetch_one(&env.db)
             .await?;
         Ok::<_, sqlx::Error>((unsent == 0).then_some(()))
@@ -1438,7 +1438,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
     }
     let (during, unsent) = (
         processed(&env).await - at_freeze,
-        count(&env, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await,
+        count(&env, "SELECT count(*) FROM outbox_pending").await,
     );
     let seen = distinct_ids(&env.witness.snapshot(), &t.allocated).len();
     broker.thaw();
@@ -2049,7 +2049,7 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
             at < ORDERS,
             "meant to stop mid-stream, but all {ORDERS} orders were produced"
         );
-        let unsent = count(&env, "SELECT count(*) FROM outbox WHERE sent_at IS NULL").await;
+        let unsent = count(&env, "SELECT count(*) FROM outbox_pending").await;
         check_eq!(
             env,
             unsent,

@@ -712,9 +712,10 @@ async fn a_message_that_changed_a_product_cannot_be_taken_back_alone_and_reset_u
 
 /// Migration 3 moves the header arrays of rows written before it into the
 /// one-column format, which the relay's decoder and the SQL reader
-/// `outbox_headers()` both read back as they were.
+/// `outbox_headers()` both read back as they were; migration 5 lists the
+/// unsent ones in `outbox_pending`, which the relay reads.
 #[tokio::test]
-async fn outbox_headers_move_into_one_column_and_read_back() {
+async fn older_outbox_rows_migrate_headers_into_one_column_and_unsent_into_pending() {
     use allocation_worker::adapters::outbox::{decode_headers, encode_headers};
 
     let pool = empty_database().await;
@@ -748,8 +749,9 @@ async fn outbox_headers_move_into_one_column_and_read_back() {
     let names: Vec<&str> = headers.iter().map(|h| h.0).collect();
     let values: Vec<&[u8]> = headers.iter().map(|h| h.1).collect();
     sqlx::query(
-        "INSERT INTO outbox (kind, message_key, payload, header_names, header_values) \
-         VALUES ('DeadLetter', 'k', 'v', $1, $2), ('Allocated', 'k', 'v', '{}', '{}')",
+        "INSERT INTO outbox (kind, message_key, payload, header_names, header_values, sent_at) \
+         VALUES ('DeadLetter', 'k', 'v', $1, $2, NULL), ('Allocated', 'k', 'v', '{}', '{}', NULL), \
+                ('OutOfStock', 'k', 'v', '{}', '{}', now())",
     )
     .bind(&names)
     .bind(&values)
@@ -765,10 +767,24 @@ async fn outbox_headers_move_into_one_column_and_read_back() {
         .fetch_all(&pool)
         .await
         .unwrap();
-    assert_eq!(stored.len(), 2);
+    assert_eq!(stored.len(), 3);
     assert_eq!(decode_headers(&stored[0]), Some(headers.clone()));
     assert_eq!(stored[0], encode_headers(headers.iter().copied()).unwrap());
     assert_eq!(decode_headers(&stored[1]), Some(vec![]));
+    // The two unsent rows are listed as pending; the sent one is not.
+    let pending: Vec<String> = sqlx::query_scalar(
+        "SELECT o.kind FROM outbox_pending p JOIN outbox o ON o.id = p.id ORDER BY p.id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, ["DeadLetter", "Allocated"]);
+    let marked: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT marked_at FROM outbox_relay")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(marked.is_some(), "the last marking is carried over");
 
     let read: Vec<(String, Vec<u8>)> = sqlx::query_as(
         "SELECT h.name, h.value FROM outbox, outbox_headers(headers) h WHERE kind = 'DeadLetter'",

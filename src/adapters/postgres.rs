@@ -524,7 +524,9 @@ impl PgProductRepository<'_> {
                  INSERT INTO outbox (kind, message_key, payload, headers) \
                  SELECT x.kind, x.k, x.p, x.h \
                  FROM unnest($9::text[], $10::bytea[], $11::bytea[], $12::bytea[]) \
-                 WITH ORDINALITY AS x(kind, k, p, h, n) ORDER BY x.n) \
+                 WITH ORDINALITY AS x(kind, k, p, h, n) ORDER BY x.n RETURNING id), \
+             pending AS ( \
+                 INSERT INTO outbox_pending (id) SELECT id FROM records) \
              SELECT count(*) FROM versions",
         )
         .bind(&writes.versions.0)

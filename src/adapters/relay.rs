@@ -94,17 +94,17 @@ impl Relay {
         // evaluated once, as a one-time filter: without the lock (another
         // instance relays) no row is read at all. A pass holds at most
         // `batch_size` rows and, after the first row, `MAX_PASS_BYTES` of
-        // values: dead letters can carry megabytes each.
+        // values: dead letters can carry megabytes each. The pending ids
+        // are taken first and the rows looked up by primary key: written as
+        // a join, the plan hashed the whole outbox on every pass.
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, kind, message_key, payload, headers, rows FROM ( \
-                 SELECT l.*, \
-                        sum(COALESCE(octet_length(payload), 0)) OVER (ORDER BY id) AS upto, \
+                 SELECT o.id, o.kind, o.message_key, o.payload, o.headers, \
+                        sum(COALESCE(octet_length(o.payload), 0)) OVER (ORDER BY o.id) AS upto, \
                         count(*) OVER () AS rows \
-                 FROM ( \
-                     SELECT id, kind, message_key, payload, headers \
-                     FROM outbox \
-                     WHERE (SELECT pg_try_advisory_xact_lock($2)) AND sent_at IS NULL \
-                     ORDER BY id LIMIT $1) l) r \
+                 FROM outbox o \
+                 WHERE (SELECT pg_try_advisory_xact_lock($2)) \
+                 AND o.id = ANY(ARRAY(SELECT id FROM outbox_pending ORDER BY id LIMIT $1))) r \
              WHERE upto - COALESCE(octet_length(payload), 0) < $3 \
              ORDER BY id",
         )
@@ -193,16 +193,20 @@ impl Relay {
         }
         let acknowledged = started.elapsed();
         if !sent.is_empty() {
-            // sent_at: when the mark is written, after the acknowledgements
-            // (now() would be the start of the pass, before they were sent).
-            // The marks need not wait for the disk: should a crash lose
-            // them, the rows are published again with the same ce_id, which
-            // at-least-once allows, and waiting held up every pass by a WAL
-            // flush. set_config(…, true) is SET LOCAL, for this transaction
-            // only; evaluated once, in the statement, it saves a round trip.
+            // Marking deletes the rows' ids from outbox_pending; the rows
+            // themselves are never rewritten (migration 20261128000005).
+            // outbox_relay.marked_at is when the marks are written, after the
+            // acknowledgements. The marks need not wait for the disk: should
+            // a crash lose them, the rows are published again with the same
+            // ce_id, which at-least-once allows, and waiting held up every
+            // pass by a WAL flush. set_config(…, true) is SET LOCAL, for this
+            // transaction only; evaluated once, in the statement, it saves a
+            // round trip.
             sqlx::query(
-                "UPDATE outbox SET sent_at = statement_timestamp() WHERE id = ANY($1) \
-                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'",
+                "WITH marked AS ( \
+                     DELETE FROM outbox_pending WHERE id = ANY($1) \
+                     AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off') \
+                 UPDATE outbox_relay SET marked_at = statement_timestamp()",
             )
             .bind(&sent)
             .execute(&mut *tx)
@@ -344,11 +348,13 @@ fn too_large(error: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
-/// Unsent outbox rows and the age of the oldest, in seconds.
+/// Unsent outbox rows and the age of the oldest, in seconds. Looked up by
+/// primary key, like the relay's rows, not joined: the outbox keeps every row
+/// ever written.
 pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 \
-         FROM outbox WHERE sent_at IS NULL",
+         FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox_pending))",
     )
     .fetch_one(pool)
     .await
