@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 
 use allocation_worker::adapters::inbound::{decode, DecodeError, InboundKind};
 use allocation_worker::adapters::outbox::{
-    dead_letter_record, event_record, DeadLetterReason, InboundMessage, MessageContext, OutboxKind,
-    OutboxRecord, CE_SOURCE,
+    dead_letter_record, event_record, wire_headers, DeadLetterReason, InboundMessage,
+    MessageContext, OutboxKind, OutboxRecord, CE_SOURCE,
 };
 use allocation_worker::domain::events::{Allocated, Deallocated, OutOfStock};
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Sku};
@@ -348,6 +348,19 @@ fn payload(record: &OutboxRecord) -> Value {
     serde_json::from_slice(record.payload.as_deref().expect("a payload")).expect("JSON payload")
 }
 
+/// The headers a record is published with, as the relay sends them.
+fn published_headers(record: &OutboxRecord) -> Vec<(String, Vec<u8>)> {
+    let stored = record
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    wire_headers(record.kind, stored)
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v.to_vec()))
+        .collect()
+}
+
 fn header_names(headers: &[(String, Vec<u8>)]) -> BTreeSet<String> {
     let names: BTreeSet<String> = headers.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(names.len(), headers.len(), "a header repeats: {headers:?}");
@@ -387,6 +400,7 @@ fn event_records_match_the_schemas_and_the_asyncapi_headers() {
             };
             let record = event_record(&event, &context, 2);
             assert_eq!(record.kind, *kind);
+            let wire = published_headers(&record);
 
             let value = payload(&record);
             let errors = schema_errors(&payload_validator, &value);
@@ -397,7 +411,7 @@ fn event_records_match_the_schemas_and_the_asyncapi_headers() {
             assert_eq!(value["sku"], json!(key));
             assert!(key_validator.is_valid(&json!(key)));
 
-            let names = header_names(&record.headers);
+            let names = header_names(&wire);
             let mut expected = required.clone();
             if traceparent.is_some() {
                 assert!(declared.contains("traceparent"));
@@ -405,7 +419,7 @@ fn event_records_match_the_schemas_and_the_asyncapi_headers() {
                 expected.insert("traceparent".to_owned());
             }
             assert_eq!(names, expected, "{message}: headers");
-            let headers = headers_json(&record.headers);
+            let headers = headers_json(&wire);
             let errors = schema_errors(&headers_validator, &headers);
             assert!(errors.is_empty(), "{message}: {headers} {errors:?}");
             assert_eq!(headers["ce_type"], json!(format!("allocation.{message}")));
@@ -487,7 +501,9 @@ fn dead_letters_carry_the_asyncapi_headers_and_reasons() {
         assert_eq!(record.key, message.key);
         assert_eq!(record.payload, message.payload);
 
-        let names = header_names(&record.headers);
+        let wire = published_headers(&record);
+        assert_eq!(wire, record.headers, "a dead letter goes as stored");
+        let names = header_names(&wire);
         let original: BTreeSet<String> = message.headers.iter().map(|(n, _)| n.clone()).collect();
         let expected: BTreeSet<String> = original.union(&required).cloned().collect();
         assert_eq!(names, expected, "{reason:?}: headers");

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
-use super::outbox::{decode_headers, encode_headers, OutboxKind, VALUE_OMITTED_HEADER};
+use super::outbox::{
+    decode_headers, encode_headers, wire_headers, OutboxKind, VALUE_OMITTED_HEADER,
+};
 use super::postgres::classify;
 use crate::service_layer::RepositoryError;
 
@@ -137,6 +139,7 @@ impl Relay {
                 failure = Some(format!("outbox row {id} has unreadable headers"));
                 break;
             };
+            let headers = wire_headers(kind, headers);
             let count = headers.len();
             let headers =
                 headers
