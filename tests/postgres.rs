@@ -60,7 +60,9 @@ async fn drop_database(pool: PgPool) {
         .get_database()
         .expect("test pools name their database")
         .to_owned();
-    pool.close().await;
+    // Not pool.close(): it waits for every connection, and a processor
+    // still in scope keeps its last one. FORCE ends those sessions.
+    drop(pool);
     let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
     let base: PgConnectOptions = url.parse().expect("DATABASE_URL is a PostgreSQL URL");
     let mut admin = sqlx::PgConnection::connect_with(&base)

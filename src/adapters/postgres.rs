@@ -13,10 +13,11 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use chrono::NaiveDate;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 
@@ -53,6 +54,73 @@ pub fn lazy_pool(options: sqlx::postgres::PgConnectOptions, max_connections: u32
 /// How long a pooled connection may sit unused before it is checked on
 /// acquire.
 const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connections kept out of the pool from one transaction to the next. sqlx
+/// 0.8 pings every connection the pool takes back, a round trip per
+/// transaction that cannot be switched off; a caller that begins its next
+/// transaction soon after reuses the connection of its last one instead.
+/// Only a connection whose transaction committed should be kept: one that
+/// failed goes back to the pool, which checks it. One kept for
+/// `IDLE_BEFORE_PING` or longer goes back to the pool too, so an idle
+/// worker's connections are checked as any other idle connection.
+pub struct KeptConnections {
+    pool: PgPool,
+    kept: Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
+    most: usize,
+    /// Set by [`Self::close`]: nothing is kept any more.
+    closed: AtomicBool,
+}
+
+impl KeptConnections {
+    /// Keeps at most `most` connections, which the pool counts as in use:
+    /// leave it some for the others (the HTTP probes).
+    pub fn new(pool: PgPool, most: usize) -> Self {
+        Self {
+            pool,
+            kept: Mutex::new(Vec::with_capacity(most)),
+            most,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The most recently kept connection, or one from the pool.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        loop {
+            let next = self.lock().pop();
+            match next {
+                Some((conn, since)) if since.elapsed() < IDLE_BEFORE_PING => return Ok(conn),
+                // Dropped: back to the pool, which checks it.
+                Some(_) => continue,
+                None => return self.pool.acquire().await,
+            }
+        }
+    }
+
+    /// Keeps `conn` for the next [`Self::acquire`]; hands it back to the pool
+    /// when enough are kept.
+    pub fn keep(&self, conn: PoolConnection<Postgres>) {
+        let mut kept = self.lock();
+        if kept.len() < self.most && !self.closed.load(Ordering::Relaxed) {
+            kept.push((conn, std::time::Instant::now()));
+        }
+    }
+
+    /// Hands every kept connection back to the pool, and keeps none from now
+    /// on: closing the pool waits for all its connections, and a task still
+    /// running at shutdown (a message stuck on a lock) keeps this alive.
+    pub fn close(&self) {
+        let mut kept = self.lock();
+        self.closed.store(true, Ordering::Relaxed);
+        kept.clear();
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, std::time::Instant)>> {
+        // A panic while holding it cannot leave the list inconsistent.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// Maps a database error to the service layer's two transient kinds. Unique
 /// violations, serialization failures and deadlocks mean another transaction
@@ -144,7 +212,7 @@ type BatchRow = (i64, String, String, i64, Option<NaiveDate>);
 type LineRow = (String, i64, String, i64);
 
 pub struct PgProductRepository<'c> {
-    tx: Transaction<'static, Postgres>,
+    tx: Transaction<'c, Postgres>,
     cache: &'c ProductCache,
     seen: Vec<Tracked>,
     /// Owners of stored batches, as learnt from the cache or the database.
@@ -748,8 +816,13 @@ pub struct PgUnitOfWork<'c> {
 }
 
 impl<'c> PgUnitOfWork<'c> {
-    pub async fn begin(pool: &PgPool, cache: &'c ProductCache) -> Result<Self, RepositoryError> {
-        let tx = pool.begin().await.map_err(classify)?;
+    /// Begins on `conn`: the pool, or a connection in hand (see
+    /// [`KeptConnections`]).
+    pub async fn begin(
+        conn: impl sqlx::Acquire<'c, Database = Postgres>,
+        cache: &'c ProductCache,
+    ) -> Result<Self, RepositoryError> {
+        let tx = conn.begin().await.map_err(classify)?;
         Ok(Self {
             products: PgProductRepository {
                 tx,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +21,7 @@ use super::metrics::Metrics;
 use super::outbox::{
     decode_headers, encode_headers, wire_headers, OutboxKind, VALUE_OMITTED_HEADER,
 };
-use super::postgres::classify;
+use super::postgres::{classify, KeptConnections};
 use crate::service_layer::RepositoryError;
 
 /// Most bytes of values in one relay pass (beyond its first row), so that a
@@ -54,7 +54,8 @@ type OutboxRow = (
 );
 
 pub struct Relay {
-    pool: PgPool,
+    /// One connection kept from pass to pass (see [`KeptConnections`]).
+    connections: KeptConnections,
     producer: FutureProducer<WorkerContext>,
     topics: Topics,
     /// Rung by the worker after each commit, so events leave without waiting
@@ -75,8 +76,12 @@ impl Relay {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // One kept connection, when the pool has room for it beside the
+        // partitions' (which leave it three): with fewer than four, keeping
+        // one could starve everything else.
+        let most = usize::from(pool.options().get_max_connections() >= 4);
         Self {
-            pool,
+            connections: KeptConnections::new(pool, most),
             producer,
             topics,
             wake,
@@ -90,8 +95,18 @@ impl Relay {
     /// Publishes one batch of unsent rows; returns how many were marked sent.
     /// Zero when there was nothing to send or another instance holds the lock.
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
+        let mut conn = self.connections.acquire().await.map_err(classify)?;
+        let pass = self.pass(&mut conn).await;
+        // A publishing error comes after the commit: the connection is fine.
+        if !matches!(pass, Err(RelayError::Database(_))) {
+            self.connections.keep(conn);
+        }
+        pass
+    }
+
+    async fn pass(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
         let started = Instant::now();
-        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut tx = conn.begin().await.map_err(classify)?;
         // The lock and the rows in one round trip. The scalar subquery is
         // evaluated once, as a one-time filter: without the lock (another
         // instance relays) no row is read at all. A pass holds at most

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +30,7 @@ use crate::adapters::metrics::Metrics;
 use crate::adapters::outbox::{
     dead_letter_record, DeadLetterReason, InboundMessage, MessageContext,
 };
-use crate::adapters::postgres::{PgUnitOfWork, ProductCache};
+use crate::adapters::postgres::{classify, KeptConnections, PgUnitOfWork, ProductCache};
 use crate::adapters::relay::Backoff;
 use crate::domain::{Command, DomainError};
 use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
@@ -115,9 +115,11 @@ impl Rejection {
 type Attempt = (Vec<Outcome>, Vec<(usize, String)>);
 
 /// Handles batches of messages, one transaction per batch, with no Kafka
-/// client of its own: tests drive it directly against a real database.
+/// client of its own: tests drive it directly against a real database. It
+/// keeps connections out of the pool between batches ([`KeptConnections`]):
+/// drop it before closing the pool, which waits for them.
 pub struct Processor {
-    pool: PgPool,
+    connections: KeptConnections,
     topics: Topics,
     /// Rung after each commit, so the relay publishes without waiting to poll.
     relay_wake: Arc<Notify>,
@@ -133,8 +135,11 @@ impl Processor {
         relay_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // Keep up to one connection per busy partition, leaving three of
+        // the pool to the relay and the HTTP probes.
+        let most = (pool.options().get_max_connections() as usize).saturating_sub(3);
         Self {
-            pool,
+            connections: KeptConnections::new(pool, most),
             topics,
             relay_wake,
             metrics,
@@ -238,7 +243,27 @@ impl Processor {
         contexts: &[MessageContext],
     ) -> Result<Attempt, RepositoryError> {
         let started = std::time::Instant::now();
-        let mut uow = PgUnitOfWork::begin(&self.pool, &self.cache).await?;
+        let mut conn = self.connections.acquire().await.map_err(classify)?;
+        let attempt = self
+            .attempt_on(&mut conn, batch, plans, contexts, started)
+            .await;
+        // Kept only after a commit; after an error it goes back to the pool,
+        // which checks it.
+        if attempt.is_ok() {
+            self.connections.keep(conn);
+        }
+        attempt
+    }
+
+    async fn attempt_on(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[Plan],
+        contexts: &[MessageContext],
+        started: std::time::Instant,
+    ) -> Result<Attempt, RepositoryError> {
+        let mut uow = PgUnitOfWork::begin(conn, &self.cache).await?;
         let keys: Vec<&str> = contexts
             .iter()
             .map(|c| c.idempotency_key.as_str())
@@ -470,6 +495,9 @@ impl Worker {
                 "in-flight messages did not finish in time; they will be consumed again"
             );
         }
+        // A task still running holds the worker: hand its connections back,
+        // or closing the pool would wait for them.
+        this.processor.connections.close();
         // librdkafka's commit and close block, for ever while the broker is
         // unreachable: keep them off the async threads and under a deadline.
         let consumer = Arc::clone(&this.consumer);
