@@ -35,15 +35,22 @@ async fn fresh_database() -> PgPool {
     pool
 }
 
-/// A new database on the server of DATABASE_URL, without any migration.
-async fn empty_database() -> PgPool {
+/// The options of DATABASE_URL, and a connection to its database, from
+/// which test databases are created and dropped.
+async fn admin_connection() -> (PgConnectOptions, sqlx::PgConnection) {
     let url = std::env::var("DATABASE_URL")
         .expect("DATABASE_URL is not set: run `source scripts/services.sh` first");
     let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
-    let name = format!("aw_test_{:016x}", rand::rng().random::<u64>());
-    let mut admin = sqlx::PgConnection::connect_with(&base)
+    let admin = sqlx::PgConnection::connect_with(&base)
         .await
         .expect("cannot connect to DATABASE_URL: is PostgreSQL running? (scripts/services.sh)");
+    (base, admin)
+}
+
+/// A new database on the server of DATABASE_URL, without any migration.
+async fn empty_database() -> PgPool {
+    let (base, mut admin) = admin_connection().await;
+    let name = format!("aw_test_{:016x}", rand::rng().random::<u64>());
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await
@@ -63,11 +70,7 @@ async fn drop_database(pool: PgPool) {
     // Not pool.close(): it waits for every connection, and a processor
     // still in scope keeps its last one. FORCE ends those sessions.
     drop(pool);
-    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-    let base: PgConnectOptions = url.parse().expect("DATABASE_URL is a PostgreSQL URL");
-    let mut admin = sqlx::PgConnection::connect_with(&base)
-        .await
-        .expect("connect to drop the test database");
+    let (_, mut admin) = admin_connection().await;
     sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .execute(&mut admin)
         .await

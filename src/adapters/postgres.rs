@@ -60,9 +60,10 @@ const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 /// transaction that cannot be switched off; a caller that begins its next
 /// transaction soon after reuses the connection of its last one instead.
 /// Only a connection whose transaction committed should be kept: one that
-/// failed goes back to the pool, which checks it. One kept for
-/// `IDLE_BEFORE_PING` or longer goes back to the pool too, so an idle
-/// worker's connections are checked as any other idle connection.
+/// failed goes back to the pool, which checks it. One found, at the next
+/// acquire, to have been kept for `IDLE_BEFORE_PING` or longer goes back to
+/// the pool too instead of being used, so a connection that sat idle is
+/// checked as any other. Until then, kept connections count as in use.
 pub struct KeptConnections {
     pool: PgPool,
     kept: Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
