@@ -166,15 +166,24 @@ impl ClientContext for WorkerContext {
         let Some(metrics) = &self.metrics else { return };
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                // -1 is librdkafka's internal unassigned partition; a lag of -1
-                // means not known yet.
-                if *partition < 0 || p.consumer_lag < 0 {
+                // The lag from the worker's position, the offset it stored
+                // once the messages before were done: the committed offset
+                // trails it by up to the auto-commit interval (5 s of
+                // traffic). Before anything is stored in this assignment,
+                // the committed offset is the position. -1 is librdkafka's
+                // internal unassigned partition; a lag of -1 is not known yet.
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else {
+                    p.consumer_lag
+                };
+                if *partition < 0 || lag < 0 {
                     continue;
                 }
                 metrics
                     .consumer_lag
                     .with_label_values(&[topic.as_str(), &partition.to_string()])
-                    .set(p.consumer_lag);
+                    .set(lag);
             }
         }
     }
