@@ -96,12 +96,6 @@ async fn migrate_when_reachable(
 
 /// `allocation-worker run`.
 pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(), BootstrapError> {
-    // First line of the log: which build this is.
-    tracing::info!(
-        version = crate::VERSION,
-        revision = crate::REVISION,
-        "allocation-worker starting"
-    );
     let metrics = Arc::new(Metrics::new().map_err(BootstrapError::Metrics)?);
     // Clients first: a bad librdkafka property is a configuration error and
     // must stop the binary before it touches anything.
@@ -111,6 +105,14 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .consumer(Arc::clone(&metrics), Arc::clone(&consumer_assigned))
         .map_err(kafka_config_error)?;
     let producer = settings.kafka.producer().map_err(kafka_config_error)?;
+    // The first line of the log says which build this is; not before the
+    // clients accepted the settings: a bad setting is one line and nothing
+    // else.
+    tracing::info!(
+        version = crate::VERSION,
+        revision = crate::REVISION,
+        "allocation-worker starting"
+    );
     let pool = lazy_pool(
         settings.database.options.clone(),
         settings.database.max_connections,
