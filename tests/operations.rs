@@ -300,13 +300,40 @@ async fn retention_trims_old_idempotency_records_and_published_outbox_rows() {
 
 // ------------------------------------------------------------------ probes
 
-/// With SKIP_MIGRATIONS=true on a database three migrations behind, /readyz
-/// says which schema it found and which it needs; `allocation-worker
-/// migrate` brings it up to date and the same process becomes ready, and
-/// handles what arrived meanwhile.
+/// Polls /readyz until it answers 503 with `reason` in its body.
+async fn readyz_503_saying(env: &TestEnv, addr: std::net::SocketAddr, reason: &str) {
+    let body = env
+        .eventually(&format!("readyz 503 says {reason:?}"), DEADLINE, || async {
+            Ok::<_, String>(match http_get(addr, "/readyz").await {
+                Some((503, body)) if body.contains(reason) => Some(body),
+                _ => None,
+            })
+        })
+        .await;
+    env.note(&format!("readyz: {}", body.trim()));
+}
+
+/// With SKIP_MIGRATIONS=true on a database without any migration, /readyz
+/// says so; three migrations applied, it says which schema it found and
+/// which it needs; `allocation-worker migrate` brings it up to date and the
+/// same process becomes ready, and handles what arrived meanwhile.
 #[tokio::test]
 async fn readyz_names_the_missing_schema_until_migrated_without_a_restart() {
     let env = TestEnv::new().await;
+    let needs = MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .expect("migrations");
+    let mut worker = env.spawn_worker_with(&[("SKIP_MIGRATIONS", "true")]);
+    let addr = worker.http_addr;
+    readyz_503_saying(
+        &env,
+        addr,
+        &format!("schema at none (no migration applied), needs {needs}"),
+    )
+    .await;
+
     // The schema of three migrations ago.
     let dir = std::env::temp_dir().join(format!("aw_migrations_{}", env.suffix));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -323,17 +350,9 @@ async fn readyz_names_the_missing_schema_until_migrated_without_a_restart() {
         .expect("read the old migrations");
     before.run(&env.db).await.expect("old migrations apply");
     std::fs::remove_dir_all(&dir).expect("remove the temp dir");
-    let needs = MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .max()
-        .expect("migrations");
 
-    let mut worker = env.spawn_worker_with(&[("SKIP_MIGRATIONS", "true")]);
-    let addr = worker.http_addr;
-    let body = http_until(&env, addr, "/readyz", 503).await;
     let want = format!("schema at 20261128000003, needs {needs}");
-    check!(env, body.contains(&want), "readyz says {want:?}: {body:?}");
+    readyz_503_saying(&env, addr, &want).await;
     // It stays so: the worker does not pretend.
     let sku = unique("SKU");
     let batch = unique("b");
