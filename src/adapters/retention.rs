@@ -188,3 +188,24 @@ impl Retention {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RetentionSettings;
+    use std::time::Duration;
+
+    fn every(idempotency: u64, outbox: u64) -> Duration {
+        RetentionSettings {
+            idempotency: Duration::from_secs(idempotency),
+            outbox: Duration::from_secs(outbox),
+        }
+        .interval()
+    }
+
+    #[test]
+    fn passes_come_every_quarter_of_the_shorter_retention_within_bounds() {
+        assert_eq!(every(7 * 86_400, 86_400), Duration::from_secs(60));
+        assert_eq!(every(8, 3), Duration::from_secs(1));
+        assert_eq!(every(120, 100), Duration::from_secs(25));
+    }
+}
