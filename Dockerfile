@@ -1,6 +1,6 @@
 # allocation-worker container image.
 #
-#   docker build -t allocation-worker .
+#   docker build --build-arg REVISION=$(git rev-parse --short HEAD) -t allocation-worker .
 #   docker run --rm -e DATABASE_URL=... -e KAFKA_BOOTSTRAP_SERVERS=... -p 9464:9464 allocation-worker
 #
 # Runs as an unprivileged user, works with a read-only root filesystem, and
@@ -36,10 +36,15 @@ RUN mkdir src \
 
 COPY src ./src
 COPY migrations ./migrations
+COPY build.rs ./
+# The git commit, for allocation_build_info{revision} and the first log line:
+# the context has no .git, so pass it, e.g.
+#   docker build --build-arg REVISION=$(git rev-parse --short HEAD) -t allocation-worker .
+ARG REVISION=unknown
 # The copied sources can be older than the placeholder build: make sure cargo
 # rebuilds the crate itself. sqlx::migrate! embeds ./migrations at compile time.
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin allocation-worker \
+ && ALLOCATION_WORKER_REVISION="$REVISION" cargo build --release --locked --bin allocation-worker \
  && install -D -m 0755 target/release/allocation-worker /out/allocation-worker
 
 # --- run ----------------------------------------------------------------------

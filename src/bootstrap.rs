@@ -12,10 +12,12 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::health::PollClock;
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::{lazy_pool, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
+use crate::adapters::retention::Retention;
 use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
 use crate::entrypoints::worker::{Processor, Worker};
 
@@ -103,6 +105,14 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .consumer(Arc::clone(&metrics), Arc::clone(&consumer_assigned))
         .map_err(kafka_config_error)?;
     let producer = settings.kafka.producer().map_err(kafka_config_error)?;
+    // The first line of the log says which build this is; not before the
+    // clients accepted the settings: a bad setting is one line and nothing
+    // else.
+    tracing::info!(
+        version = crate::VERSION,
+        revision = crate::REVISION,
+        "allocation-worker starting"
+    );
     let pool = lazy_pool(
         settings.database.options.clone(),
         settings.database.max_connections,
@@ -111,6 +121,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     // HTTP first, so /healthz answers and /readyz says "not ready" while the
     // database is still being waited for.
     let consumer_running = Arc::new(AtomicBool::new(false));
+    let poll_clock = Arc::new(PollClock::default());
     let listener = tokio::net::TcpListener::bind(settings.http_addr)
         .await
         .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
@@ -124,6 +135,8 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         metrics: Arc::clone(&metrics),
         consumer_running: Arc::clone(&consumer_running),
         consumer_assigned,
+        poll_clock: Arc::clone(&poll_clock),
+        health_poll_timeout: settings.health_poll_timeout,
     });
     let http_task = tokio::spawn(
         axum::serve(listener, app)
@@ -152,10 +165,21 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let (relay_deadline, relay_deadline_rx) = tokio::sync::oneshot::channel();
     let relay_task = tokio::spawn(relay.run_until_stopped(relay_stop.clone(), relay_deadline_rx));
 
+    let retention_stop = CancellationToken::new();
+    let retention_task = tokio::spawn(
+        Retention::new(pool.clone(), settings.retention, Arc::clone(&metrics))
+            .run_until_stopped(retention_stop.clone()),
+    );
+
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
-    let worker = Worker::new(processor, consumer, settings.worker, consumer_running);
+    let worker = Worker::new(processor, consumer, settings.worker, consumer_running)
+        .with_poll_clock(poll_clock);
     let result = worker.run_until_stopped(shutdown).await;
+    retention_stop.cancel();
+    if let Err(error) = retention_task.await {
+        tracing::error!(%error, "retention task failed");
+    }
 
     let deadline = match &result {
         Ok(deadline) => *deadline,

@@ -16,6 +16,14 @@
 //!   place where a message's transaction begins and ends.
 //! - [`bootstrap`]: builds the pieces from the settings and wires them.
 
+/// The crate version this binary was built as.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit this binary was built from (`git rev-parse --short HEAD`
+/// by build.rs), `ALLOCATION_WORKER_REVISION` when set at build time (Docker
+/// builds have no `.git`), else `unknown`.
+pub const REVISION: &str = env!("ALLOCATION_WORKER_REVISION");
+
 pub mod adapters;
 pub mod bootstrap;
 pub mod domain;

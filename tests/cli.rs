@@ -80,6 +80,19 @@ fn invalid_settings_are_named_without_echoing_secrets() {
 }
 
 #[test]
+fn retention_and_health_settings_are_checked() {
+    for (name, flag) in [
+        ("IDEMPOTENCY_RETENTION", "--idempotency-retention"),
+        ("OUTBOX_RETENTION", "--outbox-retention"),
+        ("HEALTH_POLL_TIMEOUT", "--health-poll-timeout"),
+    ] {
+        assert_config_error(&worker(&["run"], &[DB, KAFKA, (name, "a week")]), flag);
+        // Zero would delete every record at once, or fail every probe.
+        assert_config_error(&worker(&["run"], &[DB, KAFKA, (name, "0s")]), name);
+    }
+}
+
+#[test]
 fn an_unknown_librdkafka_property_is_a_setting_error() {
     let out = worker(
         &["run"],

@@ -3,7 +3,8 @@
 
 - the JSON parses, panel ids are unique, panels fit the 24-column grid, every
   query uses the dashboard's ${datasource} variable;
-- every metric of the worker's contract is shown by at least one panel;
+- every metric of the worker's contract is shown by at least one panel, and
+  every query filters by the $namespace variable as well as $job;
 - with --rules FILE: writes every panel query, with Grafana's variables
   replaced, as a Prometheus rule file, so that `promtool check rules FILE`
   proves each one is valid PromQL (deploy/prometheus/check.sh does this).
@@ -26,6 +27,11 @@ METRICS = [
     "allocation_consumer_lag_messages",
     "allocation_optimistic_concurrency_retries_total",
     "allocation_ready",
+    "allocation_waiting_messages",
+    "allocation_waiting_oldest_age_seconds",
+    "allocation_retention_removed_rows_total",
+    "allocation_retention_kept_rows",
+    "allocation_build_info",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 ]
@@ -33,6 +39,7 @@ VARIABLES = {
     "$__rate_interval": "1m",
     "$__interval": "15s",
     "$__range": "1h",
+    "$namespace": ".*",
     "$job": ".*",
     "$instance": ".*",
 }
@@ -68,6 +75,10 @@ def check(path, problems, queries):
             if target.get("datasource", {}).get("uid") != "${datasource}":
                 problems.append(f"{path.name}: panel {title!r} does not use the ${{datasource}} variable")
             expr = target.get("expr", "")
+            # Kubernetes runs one worker per namespace and environment: every
+            # series selector that picks the job picks the namespace too.
+            if 'job=~"$job"' in expr and expr.count('job=~"$job"') != expr.count('namespace=~"$namespace"'):
+                problems.append(f"{path.name}: panel {title!r} does not filter by $namespace: {expr}")
             for name, value in VARIABLES.items():
                 expr = expr.replace(name, value)
             if "$" in expr:

@@ -10,7 +10,9 @@
    than SHUTDOWN_TIMEOUT, non-root with a read-only root filesystem, settings
    from the ConfigMap and the Secret, scrape annotations that match the port,
    selectors of the Service and the PodDisruptionBudget that match the pods,
-   the migrate Job, a kustomization that lists existing files and leaves the
+   a disruption budget that lets a drain evict a lone replica, the migrate
+   init container (the upgrade procedure of deploy/README.md), no migrate
+   Job beside it, a kustomization that lists existing files and leaves the
    example Secret out.
 3. When `kubectl` is installed: `kubectl kustomize` builds the kustomization.
 4. When the kubernetes-validate package is installed (pip install
@@ -83,18 +85,18 @@ def get(objects, kind, name):
     return objects[(kind, name)]
 
 
-def check_pod(where, spec, containers_args, configmap, secret_names):
-    """What the worker's pods (Deployment and Job) have in common."""
+def check_pod(where, spec, containers_args, configmap, secret_names, key="containers"):
+    """What the worker's containers and its init container have in common."""
     pod_security = spec.get("securityContext") or {}
     if pod_security.get("runAsNonRoot") is not True:
         problem(where, "pod securityContext.runAsNonRoot is not true")
     if not pod_security.get("runAsUser"):
         problem(where, "pod securityContext.runAsUser is not a non-zero uid")
-    containers = spec.get("containers") or []
+    containers = spec.get(key) or []
     if len(containers) != 1:
-        problem(where, "expected exactly one container")
+        problem(where, f"expected exactly one container in {key}")
     for container in containers:
-        cname = f"{where} container {container.get('name')}"
+        cname = f"{where} {key} {container.get('name')}"
         if container.get("args") != containers_args:
             problem(cname, f"args are {container.get('args')}, expected {containers_args}")
         security = container.get("securityContext") or {}
@@ -155,7 +157,7 @@ def check(objects):
     pod_labels = (template.get("metadata") or {}).get("labels") or {}
     pod_spec = template.get("spec") or {}
     if not isinstance(spec.get("replicas"), int) or spec["replicas"] < 2:
-        problem("deployment.yaml", f"replicas is {spec.get('replicas')}: at least 2, or the PodDisruptionBudget blocks node drains")
+        problem("deployment.yaml", f"replicas is {spec.get('replicas')}: at least 2, so that one keeps consuming while the other moves")
     selector = (spec.get("selector") or {}).get("matchLabels") or {}
     if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
         problem("deployment.yaml", "selector.matchLabels do not match the pod template's labels")
@@ -186,7 +188,16 @@ def check(objects):
     if memory_request and not re.fullmatch(r"\d+Mi", memory_request):
         problem("deployment.yaml", f"memory request {memory_request!r}: expected Mi")
     if settings.get("SKIP_MIGRATIONS") != "true":
-        problem("configmap.yaml", "SKIP_MIGRATIONS should be \"true\": the migrate Job applies them")
+        problem("configmap.yaml", "SKIP_MIGRATIONS should be \"true\": the migrate init container applies them")
+    # The upgrade procedure: each pod migrates in its init container before
+    # its worker starts; a rolling update keeps the old pods until then.
+    init = check_pod("deployment.yaml", pod_spec, ["migrate"], "allocation-worker",
+                     ["allocation-worker-secrets"], key="initContainers")
+    if init and init.get("image") != container.get("image"):
+        problem("deployment.yaml", "the migrate init container must run the worker's image (its migrations)")
+    rolling = (spec.get("strategy") or {}).get("rollingUpdate") or {}
+    if (spec.get("strategy") or {}).get("type", "RollingUpdate") != "RollingUpdate" or rolling.get("maxUnavailable") != 0:
+        problem("deployment.yaml", "strategy must be RollingUpdate with maxUnavailable 0: old pods run until a new one is ready")
 
     # --- Service ------------------------------------------------------------
     _, service = get(objects, "Service", "allocation-worker")
@@ -204,22 +215,19 @@ def check(objects):
     # --- PodDisruptionBudget ------------------------------------------------
     _, pdb = get(objects, "PodDisruptionBudget", "allocation-worker")
     pdb_spec = pdb.get("spec") or {}
-    if pdb_spec.get("minAvailable") != 1:
-        problem("pdb.yaml", f"minAvailable is {pdb_spec.get('minAvailable')}, expected 1")
+    # minAvailable: 1 blocks every drain of the node of a lone replica.
+    if pdb_spec.get("maxUnavailable") != 1 or "minAvailable" in pdb_spec:
+        problem("pdb.yaml", "expected maxUnavailable: 1 and no minAvailable, so that a drain can evict a lone replica")
     pdb_selector = (pdb_spec.get("selector") or {}).get("matchLabels") or {}
     if not pdb_selector or any(pod_labels.get(k) != v for k, v in pdb_selector.items()):
         problem("pdb.yaml", "selector does not match the Deployment's pods")
 
-    # --- migrate Job --------------------------------------------------------
-    _, job = get(objects, "Job", "allocation-worker-migrate")
-    job_template = (job.get("spec") or {}).get("template") or {}
-    job_pod = job_template.get("spec") or {}
-    if job_pod.get("restartPolicy") not in ("Never", "OnFailure"):
-        problem("migrate-job.yaml", "restartPolicy must be Never or OnFailure")
-    job_labels = (job_template.get("metadata") or {}).get("labels") or {}
-    if job_labels and all(job_labels.get(k) == v for k, v in selector.items()):
-        problem("migrate-job.yaml", "the Job's pods match the Deployment's selector (and the Service's, the PDB's)")
-    check_pod("migrate-job.yaml", job_pod, ["migrate"], "allocation-worker", ["allocation-worker-secrets"])
+    # --- one upgrade procedure ----------------------------------------------
+    # The init container migrates; a migrate Job applied beside the
+    # Deployment would race it (nothing orders the two).
+    for kind, name in objects:
+        if kind == "Job":
+            problem(objects[(kind, name)][0], f"Job {name}: the Deployment's init container migrates; a Job beside it is a second procedure")
 
     # --- kustomization ------------------------------------------------------
     kustomization_file, kustomization = objects.get(("Kustomization", "kustomization.yaml"), (None, {}))

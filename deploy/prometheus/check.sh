@@ -7,8 +7,9 @@
 #   promtool test rules   alerts.test.yml            (unit tests of every alert)
 #   the Grafana dashboard's queries, as rules: promtool check rules
 #
-# plus: every alert is tested firing and not firing, and has a runbook section
-# in deploy/README.md. Installs Debian's `prometheus` package (which brings
+# plus: every alert is tested firing and not firing, has a runbook section
+# in deploy/README.md and a `runbook_url` to it on the placeholder base, and
+# render-alerts.sh (which puts your base there) gives valid rules. Installs Debian's `prometheus` package (which brings
 # promtool) when promtool is missing, without letting the package start the
 # Prometheus server. Exit status non-zero on any failure. Usage:
 #
@@ -116,6 +117,38 @@ while read -r alert; do
     fi
 done < <(sed -n 's/^ *- alert: *\([A-Za-z0-9_]*\).*/\1/p' alerts.yml)
 [ "$missing" = 0 ] || exit 1
+
+step "runbook_url: absolute, on the base render-alerts.sh replaces, one per alert"
+placeholder=$(sed -n "s/^PLACEHOLDER='\(.*\)'$/\1/p" render-alerts.sh)
+[ -n "$placeholder" ] || { log "ERROR: no PLACEHOLDER in render-alerts.sh"; exit 1; }
+bad=0
+while read -r alert; do
+    want="runbook_url: \"$placeholder#$(tr 'A-Z' 'a-z' <<<"$alert")\""
+    # The alert's block: from its `- alert:` line to the next.
+    block=$(awk -v a="$alert" '
+        $0 ~ "^ *- alert: *" a "$" { on = 1; next }
+        on && /^ *- (alert|record):/ { on = 0 }
+        on { print }
+    ' alerts.yml)
+    if ! grep -qF "$want" <<<"$block"; then
+        log "ERROR: $alert has no $want"
+        bad=1
+    fi
+done < <(sed -n 's/^ *- alert: *\([A-Za-z0-9_]*\).*/\1/p' alerts.yml)
+[ "$bad" = 0 ] || exit 1
+rendered=$(mktemp --suffix=.yml)
+bash render-alerts.sh 'https://runbooks.example.org/allocation-worker/README.md' >"$rendered"
+if grep -qF "$placeholder#" "$rendered"; then
+    log "ERROR: render-alerts.sh left the placeholder base in place"
+    exit 1
+fi
+promtool check rules "$rendered"
+rm -f "$rendered"
+if bash render-alerts.sh 'not-a-url' >/dev/null 2>&1; then
+    log "ERROR: render-alerts.sh accepted a base that is not a URL"
+    exit 1
+fi
+printf 'every alert links its runbook; render-alerts.sh rewrites the base\n'
 
 step "Grafana dashboard: structure, metric coverage, every query parses (promtool)"
 queries=$(mktemp)

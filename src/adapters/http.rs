@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
 
+use super::health::{schema, PollClock, Schema};
 use super::metrics::Metrics;
 use super::relay::outbox_backlog;
 
@@ -25,6 +26,10 @@ pub struct HttpState {
     pub consumer_running: Arc<AtomicBool>,
     /// Set while the consumer holds a group assignment.
     pub consumer_assigned: Arc<AtomicBool>,
+    /// When the consumer loop last polled, for `/healthz`.
+    pub poll_clock: Arc<PollClock>,
+    /// `/healthz` fails when the loop has not polled for this long.
+    pub health_poll_timeout: Duration,
 }
 
 /// A probe or scrape must answer quickly even while the database hangs.
@@ -39,29 +44,43 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Alive unless the consumer loop is stuck: it has been away from the
+/// consumer (not waiting for a message) for longer than
+/// HEALTH_POLL_TIMEOUT. An outage of PostgreSQL or Kafka is not for this
+/// probe: the loop keeps polling (or waits in the poll) through both.
+async fn healthz(State(state): State<HttpState>) -> Response {
+    match state.poll_clock.away() {
+        Some(away) if away > state.health_poll_timeout => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "consumer loop stuck: it has not polled Kafka for {:.1}s (HEALTH_POLL_TIMEOUT {})\n",
+                away.as_secs_f64(),
+                humantime::format_duration(state.health_poll_timeout)
+            ),
+        )
+            .into_response(),
+        _ => "ok\n".into_response(),
+    }
 }
 
-/// Ready when the database answers and the consumer is running as a member
-/// of its group (an assignment, possibly empty, is held).
-async fn readiness(state: &HttpState) -> (bool, &'static str) {
-    let database = tokio::time::timeout(
-        DB_PROBE_TIMEOUT,
-        sqlx::query("SELECT 1").execute(&state.pool),
-    )
-    .await;
-    let ready = if !matches!(database, Ok(Ok(_))) {
-        (false, "database unreachable\n")
+/// Ready when the database answers with every migration this binary needs
+/// applied, and the consumer is running as a member of its group (an
+/// assignment, possibly empty, is held).
+async fn readiness(state: &HttpState) -> (bool, String) {
+    let schema = tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.pool))
+        .await
+        .unwrap_or_else(|_| Schema::Unreachable("timed out".into()));
+    let ready = if schema != Schema::Current {
+        (false, format!("{}\n", schema.reason()))
     } else if !state.consumer_running.load(Ordering::Relaxed) {
-        (false, "consumer not running\n")
+        (false, "consumer not running\n".to_owned())
     } else if !state.consumer_assigned.load(Ordering::Relaxed) {
         (
             false,
-            "consumer not in its group (broker unreachable, or rebalancing)\n",
+            "consumer not in its group (broker unreachable, or rebalancing)\n".to_owned(),
         )
     } else {
-        (true, "ready\n")
+        (true, "ready\n".to_owned())
     };
     state.metrics.ready.set(i64::from(ready.0));
     ready

@@ -166,15 +166,15 @@ impl ClientContext for WorkerContext {
         let Some(metrics) = &self.metrics else { return };
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                // -1 is librdkafka's internal unassigned partition; a lag of -1
-                // means not known yet.
-                if *partition < 0 || p.consumer_lag < 0 {
+                // -1 is librdkafka's internal unassigned partition.
+                if *partition < 0 {
                     continue;
                 }
+                let Some(lag) = position_lag(p) else { continue };
                 metrics
                     .consumer_lag
                     .with_label_values(&[topic.as_str(), &partition.to_string()])
-                    .set(p.consumer_lag);
+                    .set(lag);
             }
         }
     }
@@ -212,6 +212,26 @@ impl ConsumerContext for WorkerContext {
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
+    }
+}
+
+/// The lag from the worker's position, the offset it stored once the
+/// messages before were done: the committed offset trails it by up to the
+/// auto-commit interval (5 s of traffic), so a worker that keeps up would
+/// show that much lag for ever. `None` when not known yet.
+fn position_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    if p.consumer_lag_stored >= 0 {
+        Some(p.consumer_lag_stored)
+    } else if p.stored_offset >= 0 {
+        // librdkafka gives -1 when the position is past the end it last
+        // heard of from the broker (which can trail by a fetch): caught up.
+        (p.hi_offset >= 0).then_some(0)
+    } else if p.consumer_lag >= 0 {
+        // Nothing stored yet in this assignment: the committed offset is
+        // where the worker will start.
+        Some(p.consumer_lag)
+    } else {
+        None
     }
 }
 
@@ -275,4 +295,48 @@ fn raw_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> 
             Some((name, value))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::position_lag;
+    use rdkafka::statistics::Partition;
+
+    fn partition(hi: i64, stored: i64, committed: i64) -> Partition {
+        // As librdkafka computes them (rdkafka.c, rd_kafka_stats_emit_toppar).
+        let lag = |at: i64| {
+            if at >= 0 && hi >= 0 && at <= hi {
+                hi - at
+            } else {
+                -1
+            }
+        };
+        Partition {
+            hi_offset: hi,
+            stored_offset: stored,
+            committed_offset: committed,
+            consumer_lag_stored: lag(stored),
+            consumer_lag: lag(committed),
+            ..Partition::default()
+        }
+    }
+
+    #[test]
+    fn lag_counts_from_the_stored_position_not_the_committed_offset() {
+        // Kept up: everything stored, the commit 250 messages behind.
+        assert_eq!(position_lag(&partition(1000, 1000, 750)), Some(0));
+        assert_eq!(position_lag(&partition(1000, 990, 750)), Some(10));
+    }
+
+    #[test]
+    fn a_position_past_a_stale_end_is_caught_up() {
+        assert_eq!(position_lag(&partition(1000, 1005, 750)), Some(0));
+    }
+
+    #[test]
+    fn before_anything_is_stored_the_committed_offset_is_the_position() {
+        assert_eq!(position_lag(&partition(1000, -1001, 400)), Some(600));
+        assert_eq!(position_lag(&partition(1000, -1001, -1001)), None);
+        assert_eq!(position_lag(&partition(-1001, 10, 5)), None);
+    }
 }

@@ -4,7 +4,7 @@
 //! and label sets bounded by the topics, types and reasons of the contract.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -22,6 +22,11 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub concurrency_retries: IntCounter,
     pub ready: IntGauge,
+    pub build_info: IntGaugeVec,
+    pub retention_removed: IntCounterVec,
+    pub retention_kept: IntGaugeVec,
+    pub waiting_messages: IntGaugeVec,
+    pub waiting_oldest_age: GaugeVec,
 }
 
 impl Metrics {
@@ -79,7 +84,8 @@ impl Metrics {
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
                 "allocation_consumer_lag_messages",
-                "Messages between the committed offset and the end of each assigned partition.",
+                "Messages between the worker's position (the offset it stored once the messages \
+                 before were done) and the end of each assigned partition.",
             ),
             &["topic", "partition"],
         )?;
@@ -91,6 +97,50 @@ impl Metrics {
             "allocation_ready",
             "1 when the database is reachable and the consumer is running, else 0.",
         )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "allocation_build_info",
+                "Always 1; the labels say which build runs: the crate version and the git \
+                 commit it was built from.",
+            ),
+            &["version", "revision"],
+        )?;
+        build_info
+            .with_label_values(&[crate::VERSION, crate::REVISION])
+            .set(1);
+        let retention_removed = IntCounterVec::new(
+            Opts::new(
+                "allocation_retention_removed_rows_total",
+                "Rows deleted by retention, by table (processed_messages: idempotency records \
+                 older than IDEMPOTENCY_RETENTION; outbox: published rows older than \
+                 OUTBOX_RETENTION).",
+            ),
+            &["table"],
+        )?;
+        let retention_kept = IntGaugeVec::new(
+            Opts::new(
+                "allocation_retention_kept_rows",
+                "Rows in each table that retention trims, after its last pass (PostgreSQL's \
+                 live-row count, pg_stat_user_tables.n_live_tup: an estimate).",
+            ),
+            &["table"],
+        )?;
+        let waiting_messages = IntGaugeVec::new(
+            Opts::new(
+                "allocation_waiting_messages",
+                "Messages of a partition waiting for a SKU or batch not known yet (parked), \
+                 by topic and partition.",
+            ),
+            &["topic", "partition"],
+        )?;
+        let waiting_oldest_age = GaugeVec::new(
+            Opts::new(
+                "allocation_waiting_oldest_age_seconds",
+                "How long the oldest waiting (parked) message of a partition has waited; 0 \
+                 when none waits.",
+            ),
+            &["topic", "partition"],
+        )?;
         registry.register(Box::new(messages_consumed.clone()))?;
         registry.register(Box::new(handling_duration.clone()))?;
         registry.register(Box::new(batch_messages.clone()))?;
@@ -101,6 +151,11 @@ impl Metrics {
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(concurrency_retries.clone()))?;
         registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        registry.register(Box::new(retention_removed.clone()))?;
+        registry.register(Box::new(retention_kept.clone()))?;
+        registry.register(Box::new(waiting_messages.clone()))?;
+        registry.register(Box::new(waiting_oldest_age.clone()))?;
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -108,6 +163,9 @@ impl Metrics {
         }
         for kind in OutboxKind::ALL {
             events_published.with_label_values(&[kind.as_str()]);
+        }
+        for table in crate::adapters::retention::TABLES {
+            retention_removed.with_label_values(&[table]);
         }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -125,6 +183,11 @@ impl Metrics {
             consumer_lag,
             concurrency_retries,
             ready,
+            build_info,
+            retention_removed,
+            retention_kept,
+            waiting_messages,
+            waiting_oldest_age,
         })
     }
 

@@ -2,6 +2,7 @@
 //! (repository, unit of work, outbox), Kafka (decoding, consumer, relay),
 //! HTTP (health, metrics, the read model).
 
+pub mod health;
 pub mod http;
 pub mod inbound;
 pub mod kafka;
@@ -9,3 +10,4 @@ pub mod metrics;
 pub mod outbox;
 pub mod postgres;
 pub mod relay;
+pub mod retention;

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::adapters::kafka::{KafkaSettings, Topics};
+use crate::adapters::retention::RetentionSettings;
 use crate::entrypoints::worker::WorkerSettings;
 
 #[derive(Debug, Parser)]
@@ -144,6 +145,22 @@ pub struct RunArgs {
     /// per message.
     #[arg(long, env = "MAX_BATCH_MESSAGES", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch_messages: u32,
+
+    /// How long idempotency records are kept, e.g. 7d. Keep it longer than
+    /// the inbound topics' retention.ms: a redelivered message whose record
+    /// is gone is applied again.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub idempotency_retention: Duration,
+
+    /// How long outbox rows are kept once published, e.g. 24h. Unpublished
+    /// rows are kept whatever their age.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub outbox_retention: Duration,
+
+    /// /healthz answers 503 when the consumer loop has not polled Kafka for
+    /// this long, e.g. 5m.
+    #[arg(long, env = "HEALTH_POLL_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub health_poll_timeout: Duration,
 }
 
 /// A setting that parsed but cannot be used. Displays as one line.
@@ -163,6 +180,8 @@ pub struct RunSettings {
     pub migrate: bool,
     pub http_addr: std::net::SocketAddr,
     pub worker: WorkerSettings,
+    pub retention: RetentionSettings,
+    pub health_poll_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +243,27 @@ impl RunArgs {
                 reason: "the three inbound topics must be different".into(),
             });
         }
+        for (setting, value) in [
+            (
+                "IDEMPOTENCY_RETENTION (--idempotency-retention)",
+                self.idempotency_retention,
+            ),
+            (
+                "OUTBOX_RETENTION (--outbox-retention)",
+                self.outbox_retention,
+            ),
+            (
+                "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
+                self.health_poll_timeout,
+            ),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError {
+                    setting,
+                    reason: "must be longer than 0".into(),
+                });
+            }
+        }
         Ok(RunSettings {
             database,
             kafka: KafkaSettings {
@@ -239,6 +279,11 @@ impl RunArgs {
                 shutdown_timeout: self.shutdown_timeout,
                 max_batch_messages: self.max_batch_messages as usize,
             },
+            retention: RetentionSettings {
+                idempotency: self.idempotency_retention,
+                outbox: self.outbox_retention,
+            },
+            health_poll_timeout: self.health_poll_timeout,
         })
     }
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::adapters::health::PollClock;
 use crate::adapters::inbound::{self, DecodeError};
 use crate::adapters::kafka::{to_inbound, Topics, WorkerContext};
 use crate::adapters::metrics::Metrics;
@@ -355,6 +356,8 @@ pub struct Worker {
     settings: WorkerSettings,
     /// Read by `/readyz`: true while the loop runs and the consumer is healthy.
     consumer_running: Arc<AtomicBool>,
+    /// Read by `/healthz`: when the loop last polled the consumer.
+    poll_clock: Arc<PollClock>,
 }
 
 impl Worker {
@@ -369,7 +372,14 @@ impl Worker {
             consumer: Arc::new(consumer),
             settings,
             consumer_running,
+            poll_clock: Arc::default(),
         }
+    }
+
+    /// Records the loop's polls on `clock`, which `/healthz` reads.
+    pub fn with_poll_clock(mut self, clock: Arc<PollClock>) -> Self {
+        self.poll_clock = clock;
+        self
     }
 
     /// [`Processor::process_batch`] until it succeeds, backing off while the
@@ -419,10 +429,12 @@ impl Worker {
         let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
         let mut errors = Backoff::default();
         loop {
+            this.poll_clock.polling();
             let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
             };
+            this.poll_clock.polled();
             let message = match received {
                 Ok(message) => {
                     errors.reset();
@@ -581,7 +593,31 @@ impl Worker {
                     stored = Some(offset);
                 }
             }
+            self.report_waiting(&topic, partition, Some(&parked));
         }
+        self.report_waiting(&topic, partition, None);
+    }
+
+    /// The waiting-message gauges of a partition from its parked queue;
+    /// `None` removes them (the partition task ends).
+    fn report_waiting(&self, topic: &str, partition: i32, parked: Option<&VecDeque<Parked>>) {
+        let metrics = &self.processor.metrics;
+        let partition = partition.to_string();
+        let labels = [topic, partition.as_str()];
+        let Some(parked) = parked else {
+            let _ = metrics.waiting_messages.remove_label_values(&labels);
+            let _ = metrics.waiting_oldest_age.remove_label_values(&labels);
+            return;
+        };
+        let oldest = parked.iter().map(|p| p.since).min();
+        metrics
+            .waiting_messages
+            .with_label_values(&labels)
+            .set(parked.len() as i64);
+        metrics
+            .waiting_oldest_age
+            .with_label_values(&labels)
+            .set(oldest.map_or(0.0, |since| since.elapsed().as_secs_f64()));
     }
 
     /// Retries, as one batch in offset order, every parked message that is

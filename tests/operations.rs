@@ -1,0 +1,553 @@
+//! Day-two operations on the real binary: retention of the idempotency
+//! records and the published outbox, honest probes (`/readyz` knows the
+//! schema, `/healthz` knows a stuck consumer loop), build info, and a lag
+//! gauge measured from the worker's position.
+//!
+//! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`).
+//! Worker logs: `target/e2e-logs/<test>-w<n>.log` (named in every failure).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use allocation_worker::adapters::postgres::MIGRATOR;
+use common::{unique, TestEnv, DEADLINE};
+
+// ------------------------------------------------------------------ helpers
+
+/// A plain HTTP/1.1 GET: status and body. `None` while nothing listens yet.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Polls `path` until it answers with `status`; returns the body.
+async fn http_until(env: &TestEnv, addr: std::net::SocketAddr, path: &str, status: u16) -> String {
+    env.eventually(
+        &format!("GET {path} answers {status}"),
+        DEADLINE,
+        || async {
+            Ok::<_, String>(match http_get(addr, path).await {
+                Some((s, body)) if s == status => Some(body),
+                _ => None,
+            })
+        },
+    )
+    .await
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition;
+/// `labels` is the exact label string, e.g. `table="outbox"`.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (series == wanted).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Polls /metrics until `done` holds for it; returns the exposition.
+async fn metrics_until<F>(env: &TestEnv, addr: std::net::SocketAddr, what: &str, done: F) -> String
+where
+    F: Fn(&str) -> bool,
+{
+    env.eventually(what, DEADLINE, || async {
+        let Some((200, m)) = http_get(addr, "/metrics").await else {
+            return Ok::<_, String>(None);
+        };
+        Ok(done(&m).then_some(m))
+    })
+    .await
+}
+
+/// The group's committed offset of each partition of `topic` (negative:
+/// none), asked of the group coordinator by a client outside the group.
+fn committed_offsets(env: &TestEnv, topic: &str) -> Vec<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .set("group.id", &env.group_id)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("offset-reading consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..common::PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(20))
+        .expect("committed offsets");
+    committed
+        .elements()
+        .iter()
+        .map(|e| e.offset().to_raw().unwrap_or(-1))
+        .collect()
+}
+
+async fn count(env: &TestEnv, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&env.db)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Whether the idempotency record of each key is there.
+async fn keys_present(env: &TestEnv, keys: &[String]) -> i64 {
+    // A message's idempotency key is its ce_id, so prefixed.
+    let keys: Vec<String> = keys.iter().map(|k| format!("ce_id:{k}")).collect();
+    sqlx::query_scalar("SELECT count(*) FROM processed_messages WHERE idempotency_key = ANY($1)")
+        .bind(&keys)
+        .fetch_one(&env.db)
+        .await
+        .expect("count idempotency records")
+}
+
+// ---------------------------------------------------------------- retention
+
+/// IDEMPOTENCY_RETENTION and OUTBOX_RETENTION of a few seconds: a burst of
+/// messages fills both tables, then, while messages keep flowing, the
+/// burst's rows are deleted and only recent ones stay. Every outbox row was
+/// published before it went (the witness saw every event), and a redelivery
+/// inside the retention is still recognised and applies nothing.
+#[tokio::test]
+async fn retention_trims_old_idempotency_records_and_published_outbox_rows() {
+    let env = TestEnv::new().await;
+    let worker =
+        env.spawn_worker_with(&[("IDEMPOTENCY_RETENTION", "8s"), ("OUTBOX_RETENTION", "3s")]);
+    let addr = worker.http_addr;
+    let t = env.topics.clone();
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 1_000_000, None).await;
+    env.wait_batch(&batch).await;
+
+    // The burst: each message carries its own ce_id, its idempotency key.
+    let burst: Vec<String> = (0..60)
+        .map(|i| format!("{}-burst-{i}", env.suffix))
+        .collect();
+    let mut orders = Vec::new();
+    for key in &burst {
+        let order = unique("o");
+        env.allocation_required(&order, &sku, 1, &[("ce_id", key)])
+            .await;
+        orders.push(order);
+    }
+    env.eventually("the burst is processed", DEADLINE, || async {
+        Ok::<_, String>((keys_present(&env, &burst).await == burst.len() as i64).then_some(()))
+    })
+    .await;
+
+    // A redelivery inside the retention (8 s; the burst was just recorded):
+    // recognised as a duplicate, nothing applied.
+    let last = burst.last().expect("a burst");
+    env.allocation_required(
+        orders.last().expect("an order"),
+        &sku,
+        1,
+        &[("ce_id", last)],
+    )
+    .await;
+    let consumed =
+        |outcome: &str| format!("outcome=\"{outcome}\",topic=\"{}\"", t.allocation_required);
+    let duplicate = consumed("duplicate");
+    metrics_until(&env, addr, "the redelivery counted as a duplicate", |m| {
+        sample(m, "allocation_messages_consumed_total", &duplicate) == Some(1.0)
+    })
+    .await;
+    let outbox_after_burst = count(&env, "SELECT count(*) FROM outbox").await;
+    check!(
+        env,
+        outbox_after_burst >= burst.len() as i64,
+        "the burst's events are in the outbox: {outbox_after_burst}"
+    );
+    let burst_outbox_max: i64 = count(&env, "SELECT COALESCE(max(id), 0) FROM outbox").await;
+
+    // Messages keep flowing, a few a second, until the burst's rows are gone.
+    let started = Instant::now();
+    let mut flow = Vec::new();
+    loop {
+        let key = format!("{}-flow-{}", env.suffix, flow.len());
+        let order = unique("o");
+        env.allocation_required(&order, &sku, 1, &[("ce_id", &key)])
+            .await;
+        flow.push(key);
+        orders.push(order);
+        let burst_left = keys_present(&env, &burst).await;
+        let outbox_left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id <= $1")
+            .bind(burst_outbox_max)
+            .fetch_one(&env.db)
+            .await
+            .expect("count outbox rows");
+        if burst_left == 0 && outbox_left == 0 {
+            env.note(&format!(
+                "the burst's rows are gone after {:?}, {} messages later",
+                started.elapsed(),
+                flow.len()
+            ));
+            break;
+        }
+        check!(
+            env,
+            started.elapsed() < DEADLINE,
+            "after {:?}, {burst_left} idempotency records and {outbox_left} outbox rows of the \
+             burst are still there",
+            started.elapsed()
+        );
+        // The pace of the flow, not a wait for a result.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The flow's recent records are kept: the tables shrank back, they were
+    // not emptied.
+    let recent = &flow[flow.len().saturating_sub(3)..];
+    env.eventually("the latest messages are recorded", DEADLINE, || async {
+        Ok::<_, String>((keys_present(&env, recent).await == recent.len() as i64).then_some(()))
+    })
+    .await;
+    let processed = count(&env, "SELECT count(*) FROM processed_messages").await;
+    let too_old = count(
+        &env,
+        "SELECT count(*) FROM processed_messages WHERE processed_at < now() - interval '30 seconds'",
+    )
+    .await;
+    check_eq!(
+        env,
+        too_old,
+        0,
+        "idempotency records well past the retention"
+    );
+    check!(
+        env,
+        processed < (burst.len() + flow.len()) as i64,
+        "{processed} idempotency records for {} messages",
+        burst.len() + flow.len() + 1
+    );
+
+    // Nothing unpublished was deleted: every decision reached its topic.
+    let wanted: HashSet<&String> = orders.iter().collect();
+    env.wait_for("an Allocated event for every order", DEADLINE, |rs| {
+        let seen: HashSet<String> = rs
+            .iter()
+            .filter(|r| r.topic == t.allocated)
+            .map(|r| r.field("orderid"))
+            .collect();
+        wanted.iter().all(|o| seen.contains(*o))
+    })
+    .await;
+
+    // Counted: rows removed per table, rows kept per table.
+    let metrics = metrics_until(&env, addr, "retention metrics", |m| {
+        sample(
+            m,
+            "allocation_retention_removed_rows_total",
+            "table=\"processed_messages\"",
+        )
+        .is_some_and(|v| v >= burst.len() as f64)
+            && sample(
+                m,
+                "allocation_retention_removed_rows_total",
+                "table=\"outbox\"",
+            )
+            .is_some_and(|v| v >= burst.len() as f64)
+            && sample(m, "allocation_retention_kept_rows", "table=\"outbox\"").is_some()
+            && sample(
+                m,
+                "allocation_retention_kept_rows",
+                "table=\"processed_messages\"",
+            )
+            .is_some()
+    })
+    .await;
+    env.note(&format!(
+        "retention metrics:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("allocation_retention"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+
+    // The flip side: once its record is gone, the same key is applied as new.
+    let applied_before = sample(
+        &metrics,
+        "allocation_messages_consumed_total",
+        &consumed("applied"),
+    )
+    .expect("applied count");
+    env.allocation_required(&orders[burst.len() - 1], &sku, 1, &[("ce_id", last)])
+        .await;
+    let applied = consumed("applied");
+    metrics_until(&env, addr, "the expired key applied again", |m| {
+        sample(m, "allocation_messages_consumed_total", &applied) == Some(applied_before + 1.0)
+    })
+    .await;
+    drop(worker);
+    env.finish().await;
+}
+
+// ------------------------------------------------------------------ probes
+
+/// Polls /readyz until it answers 503 with `reason` in its body.
+async fn readyz_503_saying(env: &TestEnv, addr: std::net::SocketAddr, reason: &str) {
+    let body = env
+        .eventually(&format!("readyz 503 says {reason:?}"), DEADLINE, || async {
+            Ok::<_, String>(match http_get(addr, "/readyz").await {
+                Some((503, body)) if body.contains(reason) => Some(body),
+                _ => None,
+            })
+        })
+        .await;
+    env.note(&format!("readyz: {}", body.trim()));
+}
+
+/// With SKIP_MIGRATIONS=true on a database without any migration, /readyz
+/// says so; three migrations applied, it says which schema it found and
+/// which it needs; `allocation-worker migrate` brings it up to date and the
+/// same process becomes ready, and handles what arrived meanwhile.
+#[tokio::test]
+async fn readyz_names_the_missing_schema_until_migrated_without_a_restart() {
+    let env = TestEnv::new().await;
+    let needs = MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .expect("migrations");
+    let mut worker = env.spawn_worker_with(&[("SKIP_MIGRATIONS", "true")]);
+    let addr = worker.http_addr;
+    readyz_503_saying(
+        &env,
+        addr,
+        &format!("schema at none (no migration applied), needs {needs}"),
+    )
+    .await;
+
+    // The schema of three migrations ago.
+    let dir = std::env::temp_dir().join(format!("aw_migrations_{}", env.suffix));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for file in [
+        "20261128000001_initial.sql",
+        "20261128000002_product_revision.sql",
+        "20261128000003_outbox_headers_column.sql",
+    ] {
+        std::fs::copy(source.join(file), dir.join(file)).expect("copy a migration");
+    }
+    let before = sqlx::migrate::Migrator::new(dir.as_path())
+        .await
+        .expect("read the old migrations");
+    before.run(&env.db).await.expect("old migrations apply");
+    std::fs::remove_dir_all(&dir).expect("remove the temp dir");
+
+    let want = format!("schema at 20261128000003, needs {needs}");
+    readyz_503_saying(&env, addr, &want).await;
+    // It stays so: the worker does not pretend.
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 5, None).await;
+    let body = http_until(&env, addr, "/readyz", 503).await;
+    check!(env, body.contains(&want), "still {want:?}: {body:?}");
+    check_eq!(
+        env,
+        http_get(addr, "/healthz").await.map(|r| r.0),
+        Some(200),
+        "alive all the same"
+    );
+
+    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
+        .arg("migrate")
+        .env_clear()
+        .env("DATABASE_URL", &env.database_url)
+        .env("RUST_LOG", "info")
+        .output()
+        .await
+        .expect("run allocation-worker migrate");
+    check!(
+        env,
+        migrate.status.success(),
+        "migrate: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    http_until(&env, addr, "/readyz", 200).await;
+    worker.assert_running();
+    // What came while the schema was missing is applied now.
+    env.wait_batch(&batch).await;
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
+
+/// HEALTH_POLL_TIMEOUT of 2 s. Idle, the loop waits in its poll and is
+/// healthy. Stuck (a partition blocked on a row lock that nobody releases,
+/// its queue full, so the loop cannot hand the next message on and does not
+/// poll), /healthz answers 503; once the lock goes, 200 again.
+#[tokio::test]
+async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
+    let env = TestEnv::new().await;
+    let worker =
+        env.spawn_worker_with(&[("HEALTH_POLL_TIMEOUT", "2s"), ("MAX_BATCH_MESSAGES", "1")]);
+    let addr = worker.http_addr;
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 1_000, None).await;
+    env.wait_batch(&batch).await;
+    http_until(&env, addr, "/readyz", 200).await;
+
+    // Idle for twice the timeout: still healthy.
+    let idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(4) {
+        let answer = http_get(addr, "/healthz").await;
+        check_eq!(
+            env,
+            answer.as_ref().map(|a| a.0),
+            Some(200),
+            "idle, {:?} in: {answer:?}",
+            idle.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // Hold the product's row: the partition's transaction waits for it.
+    let mut lock = env.db.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE")
+        .bind(&sku)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the product");
+    // More than the partition's queue holds (64 with batches of 1), all on
+    // the SKU's partition.
+    let orders: Vec<String> = (0..100).map(|_| unique("o")).collect();
+    for order in &orders {
+        env.allocation_required(order, &sku, 1, &[]).await;
+    }
+    let body = http_until(&env, addr, "/healthz", 503).await;
+    check!(
+        env,
+        body.contains("has not polled"),
+        "healthz says why: {body:?}"
+    );
+    lock.rollback().await.expect("release the lock");
+    http_until(&env, addr, "/healthz", 200).await;
+    env.eventually("every order allocated", DEADLINE, || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations WHERE sku = $1")
+            .bind(&sku)
+            .fetch_one(&env.db)
+            .await?;
+        Ok::<_, sqlx::Error>((n == orders.len() as i64).then_some(()))
+    })
+    .await;
+    drop(worker);
+    env.finish().await;
+}
+
+// -------------------------------------------------------------- build info
+
+/// allocation_build_info{version, revision} is 1, and the first line the
+/// worker logs names both. The revision is the commit HEAD names (when this
+/// is a git checkout and the build was not given one).
+#[tokio::test]
+async fn build_info_names_the_version_and_revision() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let addr = worker.http_addr;
+    let version = env!("CARGO_PKG_VERSION");
+    let revision = allocation_worker::REVISION;
+    check!(env, !revision.is_empty(), "the build recorded a revision");
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    let overridden = std::env::var_os("ALLOCATION_WORKER_REVISION").is_some();
+    if let Ok(out) = git {
+        if out.status.success() && !overridden {
+            let head = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            check_eq!(
+                env,
+                revision,
+                head.as_str(),
+                "the revision is HEAD's commit"
+            );
+        }
+    }
+    let labels = format!("revision=\"{revision}\",version=\"{version}\"");
+    metrics_until(&env, addr, "allocation_build_info", |m| {
+        sample(m, "allocation_build_info", &labels) == Some(1.0)
+    })
+    .await;
+    let log = std::fs::read_to_string(&worker.log).expect("the worker log");
+    // Lines starting with "# " are the harness's record of the settings.
+    let first = log
+        .lines()
+        .find(|l| !l.starts_with("# "))
+        .expect("the worker logged");
+    check!(
+        env,
+        first.contains(&format!("version=\"{version}\""))
+            || first.contains(&format!("version={version}")),
+        "the first line names the version: {first}"
+    );
+    check!(
+        env,
+        first.contains(revision),
+        "the first line names the revision {revision}: {first}"
+    );
+    drop(worker);
+    env.finish().await;
+}
+
+// --------------------------------------------------------------------- lag
+
+/// The lag gauge counts from the worker's position, not the committed
+/// offset. Auto-commit every 10 minutes here, so the committed offset stays
+/// where it was for the whole test: once the worker has caught up, the
+/// gauge reads 0 for every partition all the same.
+#[tokio::test]
+async fn lag_is_counted_from_the_position_the_worker_stored() {
+    let env = TestEnv::new().await;
+    let properties = format!(
+        "{},auto.commit.interval.ms=600000,statistics.interval.ms=1000",
+        common::WORKER_KAFKA_PROPERTIES
+    );
+    let worker = env.spawn_worker_with(&[("KAFKA_PROPERTIES", &properties)]);
+    let addr = worker.http_addr;
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 1_000, None).await;
+    env.wait_batch(&batch).await;
+    let n = 40;
+    let mut partition = 0;
+    for _ in 0..n {
+        // All on the SKU's partition (keyed by SKU).
+        partition = env
+            .allocation_required(&unique("o"), &sku, 1, &[])
+            .await
+            .partition;
+    }
+    env.wait_processed(n + 1, DEADLINE).await;
+    let topic = env.topics.allocation_required.clone();
+    let labels = format!("partition=\"{partition}\",topic=\"{topic}\"");
+    let metrics = metrics_until(&env, addr, "lag 0 on the partition of the messages", |m| {
+        sample(m, "allocation_consumer_lag_messages", &labels) == Some(0.0)
+    })
+    .await;
+    // Nothing was committed: a lag from the committed offset would read n.
+    let committed = committed_offsets(&env, &topic);
+    check!(
+        env,
+        committed.iter().all(|o| *o <= 0),
+        "no offset committed during the test: {committed:?}\n{metrics}"
+    );
+    drop(worker);
+    env.finish().await;
+}
