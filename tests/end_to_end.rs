@@ -1285,3 +1285,74 @@ async fn is_alive_but_not_ready_while_the_database_is_unreachable() {
     );
     env.finish().await;
 }
+
+// ------------------------------------------------------------ compression
+
+/// Inbound messages compressed with every codec a Kafka producer can use are
+/// read like any other (the contract's inbound messages): a batch and an
+/// order per codec, each produced by a producer of its own with that
+/// `compression.codec`, all applied.
+#[tokio::test]
+async fn reads_messages_compressed_with_every_codec() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let t = env.topics.clone();
+    let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+    let mut orders = Vec::new();
+    for codec in codecs {
+        let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.bootstrap_servers)
+            .set("compression.codec", codec)
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .unwrap_or_else(|e| panic!("a producer with compression.codec={codec}: {e}"));
+        let sku = unique(&format!("SKU-{codec}"));
+        let batch = unique(&format!("b-{codec}"));
+        let order = unique(&format!("o-{codec}"));
+        // Values long and repetitive enough that every codec compresses them.
+        let padding = "x".repeat(2000);
+        let created = json!({"ref": batch, "sku": sku, "qty": 10, "padding": padding});
+        let required = json!({"orderid": order, "sku": sku, "qty": 2, "padding": padding});
+        for (topic, value) in [
+            (&t.batch_created, created),
+            (&t.allocation_required, required),
+        ] {
+            env.produce_record_via(
+                &producer,
+                topic,
+                Some(sku.as_bytes()),
+                Some(value.to_string().as_bytes()),
+                &[],
+            )
+            .await;
+        }
+        orders.push((codec, order, batch));
+    }
+    let allocated = env
+        .wait_for_count(
+            "an Allocated event per codec",
+            &t.allocated,
+            codecs.len(),
+            DEADLINE,
+            |_| true,
+        )
+        .await;
+    for (codec, order, batch) in &orders {
+        let event = allocated.iter().find(|r| &r.field("orderid") == order);
+        check!(
+            env,
+            event.is_some(),
+            "no Allocated event for the {codec} order"
+        );
+        check_eq!(
+            env,
+            event.map(|r| r.field("batchref")),
+            Some(batch.clone()),
+            "the {codec} order's batch"
+        );
+    }
+    check_eq!(env, env.records_on(&t.dead_letter).len(), 0, "dead letters");
+    drop(worker);
+    env.finish().await;
+}

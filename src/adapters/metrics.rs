@@ -8,6 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::kafka::ConsumerErrorKind;
 use super::outbox::{DeadLetterReason, OutboxKind};
 
 pub struct Metrics {
@@ -22,6 +23,7 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub concurrency_retries: IntCounter,
     pub ready: IntGauge,
+    pub consumer_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -91,6 +93,16 @@ impl Metrics {
             "allocation_ready",
             "1 when the database is reachable and the consumer is running, else 0.",
         )?;
+        let consumer_errors = IntCounterVec::new(
+            Opts::new(
+                "allocation_kafka_consumer_errors_total",
+                "Errors the Kafka consumer returned instead of a message, by kind: \
+                 `undecodable` (a message set librdkafka cannot decode: a codec it \
+                 lacks, a corrupt batch; its partition does not move past it), \
+                 `other` (broker unreachable and the like, which pass by themselves).",
+            ),
+            &["kind"],
+        )?;
         registry.register(Box::new(messages_consumed.clone()))?;
         registry.register(Box::new(handling_duration.clone()))?;
         registry.register(Box::new(batch_messages.clone()))?;
@@ -101,6 +113,7 @@ impl Metrics {
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(concurrency_retries.clone()))?;
         registry.register(Box::new(ready.clone()))?;
+        registry.register(Box::new(consumer_errors.clone()))?;
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -108,6 +121,9 @@ impl Metrics {
         }
         for kind in OutboxKind::ALL {
             events_published.with_label_values(&[kind.as_str()]);
+        }
+        for kind in ConsumerErrorKind::ALL {
+            consumer_errors.with_label_values(&[kind.as_str()]);
         }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -125,6 +141,7 @@ impl Metrics {
             consumer_lag,
             concurrency_retries,
             ready,
+            consumer_errors,
         })
     }
 
@@ -137,6 +154,13 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts an error the consumer returned instead of a message, by kind.
+    pub fn consumer_error(&self, error: &rdkafka::error::KafkaError) {
+        self.consumer_errors
+            .with_label_values(&[ConsumerErrorKind::of(error).as_str()])
+            .inc();
+    }
+
     /// Creates the consumed-message series of `topics` at 0 (see `new`).
     pub fn init_topics(&self, topics: &[&str]) {
         for topic in topics {

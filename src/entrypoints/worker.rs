@@ -431,6 +431,7 @@ impl Worker {
                 }
                 Err(error) => {
                     this.consumer_running.store(false, Ordering::Relaxed);
+                    this.processor.metrics.consumer_error(&error);
                     let delay = errors.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "consumer error");
                     tokio::select! {
