@@ -804,3 +804,76 @@ async fn older_outbox_rows_migrate_headers_into_one_column_and_unsent_into_pendi
     assert_eq!(read, headers);
     drop_database(pool).await;
 }
+
+/// The contract's duplicate-batch rule across transactions and a reload:
+/// the creating message again is a no-op after a quantity change, the
+/// current quantity is not, and a batch stored before the created quantity
+/// was recorded compares with its quantity then.
+#[tokio::test]
+async fn the_creating_batch_again_is_a_no_op_after_a_quantity_change_even_reloaded() {
+    let pool = fresh_database().await;
+    let t = topics();
+    let created = json!({"ref": "b1", "sku": "LAMP", "qty": 10, "eta": "2030-01-02"});
+    let steps = [
+        (
+            message(&t.batch_created, 0, created.clone()),
+            Outcome::Applied,
+        ),
+        (
+            message(
+                &t.batch_quantity_changed,
+                0,
+                json!({"ref": "b1", "qty": 25}),
+            ),
+            Outcome::Applied,
+        ),
+    ];
+    {
+        let p = processor(&pool);
+        for (m, expected) in &steps {
+            assert_eq!(p.process_one(m, false).await.unwrap(), *expected);
+        }
+    }
+    // A new processor reads the batch back from the database, not its cache.
+    let p = processor(&pool);
+    let again = message(&t.batch_created, 1, created);
+    assert_eq!(
+        p.process_one(&again, false).await.unwrap(),
+        Outcome::Applied
+    );
+    let current = message(
+        &t.batch_created,
+        2,
+        json!({"ref": "b1", "sku": "LAMP", "qty": 25, "eta": "2030-01-02"}),
+    );
+    assert_eq!(
+        p.process_one(&current, false).await.unwrap(),
+        Outcome::DeadLettered(DeadLetterReason::DuplicateBatch)
+    );
+    let stored: (i64, Option<i64>) = sqlx::query_as(
+        "SELECT purchased_quantity, created_quantity FROM batches WHERE reference = 'b1'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (25, Some(10)));
+    assert_eq!(outbox_kinds(&pool).await, ["DeadLetter"]);
+
+    // A row without a created quantity (written by the previous version
+    // during a rolling upgrade) is compared with its purchased quantity.
+    sqlx::raw_sql(
+        "INSERT INTO products (sku, version_number) VALUES ('RUG', 1); \
+         INSERT INTO batches (reference, sku, purchased_quantity, eta) VALUES ('r1', 'RUG', 7, NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let p = processor(&pool);
+    let old = message(
+        &t.batch_created,
+        3,
+        json!({"ref": "r1", "sku": "RUG", "qty": 7}),
+    );
+    assert_eq!(p.process_one(&old, false).await.unwrap(), Outcome::Applied);
+    drop_database(pool).await;
+}

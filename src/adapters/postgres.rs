@@ -209,7 +209,7 @@ struct Tracked {
 }
 
 type ProductRow = (String, i64, i64);
-type BatchRow = (i64, String, String, i64, Option<NaiveDate>);
+type BatchRow = (i64, String, String, i64, i64, Option<NaiveDate>);
 type LineRow = (String, i64, String, i64);
 
 pub struct PgProductRepository<'c> {
@@ -376,7 +376,8 @@ impl PgProductRepository<'_> {
         let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
         let batch_rows: Vec<BatchRow> = sqlx::query_as(
-            "SELECT id, sku, reference, purchased_quantity, eta FROM batches \
+            "SELECT id, sku, reference, purchased_quantity, \
+             COALESCE(created_quantity, purchased_quantity), eta FROM batches \
              WHERE sku = ANY($1) ORDER BY id",
         )
         .bind(&skus)
@@ -408,19 +409,22 @@ impl PgProductRepository<'_> {
             });
         }
         let mut batches: HashMap<&str, (Vec<Batch>, HashMap<BatchRef, i64>)> = HashMap::new();
-        for (id, sku, reference, purchased, eta) in batch_rows {
+        for (id, sku, reference, purchased, created, eta) in batch_rows {
             let owner = sku_of(&sku)?;
             let reference = stored_name(BatchRef::parse(reference))?;
             let entry = batches.entry(owner.as_str()).or_default();
             entry.1.insert(reference.clone(), id);
             self.owners.insert(reference.clone(), owner.clone());
-            entry.0.push(Batch::restore(
-                reference,
-                owner.clone(),
-                stored_qty(purchased)?,
-                eta,
-                lines.remove(&id).unwrap_or_default(),
-            ));
+            entry.0.push(
+                Batch::restore(
+                    reference,
+                    owner.clone(),
+                    stored_qty(purchased)?,
+                    eta,
+                    lines.remove(&id).unwrap_or_default(),
+                )
+                .created_with(stored_qty(created)?),
+            );
         }
         for (sku, version, revision) in &products {
             let (list, ids) = batches.remove(sku.as_str()).unwrap_or_default();
@@ -511,14 +515,16 @@ impl PgProductRepository<'_> {
         }
         if !writes.new_batches.0.is_empty() {
             let ids: Vec<(i64, String)> = sqlx::query_as(
-                "INSERT INTO batches (reference, sku, purchased_quantity, eta) \
-                 SELECT r, s, q, e FROM unnest($1::text[], $2::text[], $3::int8[], $4::date[]) \
-                 WITH ORDINALITY AS v(r, s, q, e, n) ORDER BY n RETURNING id, reference",
+                "INSERT INTO batches (reference, sku, purchased_quantity, created_quantity, eta) \
+                 SELECT r, s, q, c, e \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::date[], $5::int8[]) \
+                 WITH ORDINALITY AS v(r, s, q, e, c, n) ORDER BY n RETURNING id, reference",
             )
             .bind(&writes.new_batches.0)
             .bind(&writes.new_batches.1)
             .bind(&writes.new_batches.2)
             .bind(&writes.new_batches.3)
+            .bind(&writes.new_batches.4)
             .fetch_all(&mut *conn)
             .await
             .map_err(classify)?;
@@ -635,8 +641,14 @@ impl PgProductRepository<'_> {
     }
 }
 
-/// reference, sku, purchased quantity, eta.
-type NewBatches<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<Option<NaiveDate>>);
+/// reference, sku, purchased quantity, eta, created quantity.
+type NewBatches<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<Option<NaiveDate>>,
+    Vec<i64>,
+);
 
 /// The rows a commit writes, gathered product by product.
 #[derive(Default)]
@@ -693,6 +705,7 @@ impl<'a> Writes<'a> {
                         .2
                         .push(i64::from(batch.purchased_quantity()));
                     self.new_batches.3.push(batch.eta());
+                    self.new_batches.4.push(i64::from(batch.created_quantity()));
                 }
                 Some(old) if old.purchased_quantity() != batch.purchased_quantity() => {
                     self.quantities.0.push(batch.reference().as_str());
