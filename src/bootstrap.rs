@@ -49,7 +49,7 @@ impl BootstrapError {
 
 fn kafka_config_error(error: rdkafka::error::KafkaError) -> BootstrapError {
     BootstrapError::Config {
-        setting: "KAFKA_PROPERTIES (--kafka-property)",
+        setting: "KAFKA_PROPERTIES / KAFKA_PROPERTY_<NAME> / --kafka-property",
         reason: error.to_string(),
     }
 }
