@@ -1286,6 +1286,136 @@ async fn is_alive_but_not_ready_while_the_database_is_unreachable() {
     env.finish().await;
 }
 
+// ------------------------------------------------ connections and time bounds
+
+/// Worker sessions of the test database waiting on a lock.
+async fn worker_sessions_waiting_on_a_lock(env: &TestEnv) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'allocation-worker' AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&env.db)
+    .await
+}
+
+/// Products on every inbound partition, each with a batch, so that orders for
+/// them keep every partition busy once their rows are locked.
+async fn a_product_per_partition(env: &TestEnv) -> Vec<String> {
+    let mut by_partition: BTreeMap<i32, String> = BTreeMap::new();
+    while by_partition.len() < common::PARTITIONS as usize {
+        let sku = unique("SKU");
+        let batch = unique("b");
+        let delivered = env.batch_created(&batch, &sku, 100, None).await;
+        env.wait_batch(&batch).await;
+        by_partition.entry(delivered.partition).or_insert(sku);
+    }
+    by_partition.into_values().collect()
+}
+
+/// A session of the test that holds the rows of `skus` until it is dropped
+/// or commits.
+async fn lock_products(
+    env: &TestEnv,
+    skus: &[String],
+) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut holder = env.db.acquire().await.expect("a test connection");
+    sqlx::query("BEGIN").execute(&mut *holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE sku = ANY($1) FOR UPDATE")
+        .bind(skus)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// With every partition busy (each one's product locked by another session),
+/// the worker's pool keeps room for the probes: /readyz stays 200.
+#[tokio::test]
+async fn readyz_stays_ready_with_every_partition_busy() {
+    let env = TestEnv::new().await;
+    // Four connections: one for the partitions, three for the relay and probes.
+    let worker = env.spawn_worker_with(&[("DATABASE_MAX_CONNECTIONS", "4")]);
+    let addr = worker.http_addr;
+    let skus = a_product_per_partition(&env).await;
+    http_until(&env, addr, "/readyz", 200).await;
+
+    let mut holder = lock_products(&env, &skus).await;
+    for (i, sku) in skus.iter().enumerate() {
+        for n in 0..3 {
+            env.allocation_required(&format!("o-{i}-{n}-{}", random_hex(6)), sku, 1, &[])
+                .await;
+        }
+    }
+    env.eventually("a partition waits on the lock", DEADLINE, || async {
+        Ok::<_, sqlx::Error>((worker_sessions_waiting_on_a_lock(&env).await? >= 1).then_some(()))
+    })
+    .await;
+    // Well within lock_timeout (10 s): the partitions stay stuck throughout.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut answers = 0;
+    while Instant::now() < until {
+        let answer = http_get(addr, "/readyz").await;
+        check!(
+            env,
+            matches!(answer, Some((200, _))),
+            "/readyz with every partition busy: {answer:?}"
+        );
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check!(env, answers > 10, "only {answers} probes answered");
+    sqlx::query("COMMIT").execute(&mut *holder).await.unwrap();
+    drop(holder);
+    env.wait_for_count(
+        "every order allocated",
+        &env.topics.allocated.clone(),
+        skus.len() * 3,
+        DEADLINE,
+        |_| true,
+    )
+    .await;
+    drop(worker);
+    env.finish().await;
+}
+
+/// SIGTERM while a partition's transaction waits on a row lock that is never
+/// released: the worker gives it up and exits 0 within SHUTDOWN_TIMEOUT.
+#[tokio::test]
+async fn sigterm_while_a_transaction_waits_on_a_lock_exits_0_in_time() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker_with(&[("SHUTDOWN_TIMEOUT", "4s")]);
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+
+    let holder = lock_products(&env, std::slice::from_ref(&sku)).await;
+    env.allocation_required(&unique("o"), &sku, 1, &[]).await;
+    env.eventually(
+        "the worker's transaction waits on the lock",
+        DEADLINE,
+        || async {
+            Ok::<_, sqlx::Error>(
+                (worker_sessions_waiting_on_a_lock(&env).await? >= 1).then_some(()),
+            )
+        },
+    )
+    .await;
+    let started = Instant::now();
+    worker.sigterm();
+    // SHUTDOWN_TIMEOUT, plus the second the runtime gives its blocking
+    // threads, plus process exit.
+    let status = worker.wait_exit(Duration::from_secs(4 + 2)).await;
+    let elapsed = started.elapsed();
+    check!(
+        env,
+        status.is_some_and(|s| s.success()),
+        "exit within SHUTDOWN_TIMEOUT with status 0: {status:?} after {elapsed:?}"
+    );
+    drop(holder);
+    env.finish().await;
+}
+
 // ------------------------------------------------------------ compression
 
 /// Inbound messages compressed with every codec a Kafka producer can use are

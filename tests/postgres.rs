@@ -6,7 +6,9 @@ use std::sync::Arc;
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, MessageContext};
-use allocation_worker::adapters::postgres::{lazy_pool, PgUnitOfWork, ProductCache, MIGRATOR};
+use allocation_worker::adapters::postgres::{
+    lazy_pool, worker_connect_options, PgUnitOfWork, ProductCache, MIGRATOR,
+};
 use allocation_worker::domain::{OrderId, OrderLine, Sku};
 use allocation_worker::entrypoints::worker::{Outcome, Processor};
 use allocation_worker::service_layer::{ProductRepository, UnitOfWork};
@@ -875,5 +877,129 @@ async fn the_creating_batch_again_is_a_no_op_after_a_quantity_change_even_reload
         json!({"ref": "r1", "sku": "RUG", "qty": 7}),
     );
     assert_eq!(p.process_one(&old, false).await.unwrap(), Outcome::Applied);
+    drop_database(pool).await;
+}
+
+/// However many partitions are busy, waiting on a lock another session
+/// holds, the pool keeps three connections for the relay and the probes.
+#[tokio::test]
+async fn busy_partitions_leave_three_pool_connections_free() {
+    let pool = fresh_database().await;
+    let t = topics();
+    processor(&pool)
+        .process_one(
+            &message(
+                &t.batch_created,
+                0,
+                json!({"ref": "b1", "sku": "LAMP", "qty": 100}),
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+
+    // Another session holds the product's row.
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE sku = 'LAMP' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    // A pool of five on the same database: two for the partitions.
+    let options = pool.connect_options().as_ref().clone();
+    let small = lazy_pool(options, 5);
+    let p = Arc::new(processor(&small));
+    let partitions: Vec<_> = (0..6)
+        .map(|partition| {
+            let p = Arc::clone(&p);
+            let mut m = message(
+                &t.allocation_required,
+                partition,
+                json!({"orderid": format!("o{partition}"), "sku": "LAMP", "qty": 1}),
+            );
+            m.partition = partition as i32;
+            tokio::spawn(async move { p.process_one(&m, false).await })
+        })
+        .collect();
+    // Every partition is waiting now: on the lock, or for a turn.
+    let blocked = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < blocked,
+            "the partitions never waited on the lock ({waiting} waiting)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The probes and the relay still find a connection, at once.
+    let mut reserved = Vec::new();
+    for i in 0..3 {
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(2), small.acquire())
+            .await
+            .unwrap_or_else(|_| panic!("reserved connection {i} not available"))
+            .unwrap();
+        reserved.push(conn);
+    }
+    drop(reserved);
+    sqlx::query("COMMIT").execute(&mut *holder).await.unwrap();
+    for partition in partitions {
+        assert_eq!(partition.await.unwrap().unwrap(), Outcome::Applied);
+    }
+    let allocated: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(allocated, 6);
+    drop(holder);
+    drop(p);
+    small.close().await;
+    drop_database(pool).await;
+}
+
+/// The worker's sessions carry its name and the time bounds; a setting given
+/// in DATABASE_URL wins over the worker's.
+#[tokio::test]
+async fn worker_sessions_are_named_and_time_bounded_unless_the_url_says_otherwise() {
+    let pool = fresh_database().await;
+    let base = pool.connect_options().as_ref().clone();
+    let show = |options: PgConnectOptions| async move {
+        let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+        let mut values = Vec::new();
+        for name in [
+            "application_name",
+            "statement_timeout",
+            "lock_timeout",
+            "idle_in_transaction_session_timeout",
+        ] {
+            let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            values.push(value);
+        }
+        values
+    };
+    assert_eq!(
+        show(worker_connect_options(base.clone())).await,
+        ["allocation-worker", "30s", "10s", "2min"]
+    );
+    let given = base
+        .clone()
+        .application_name("erp-allocator")
+        .options([("lock_timeout", "3s")]);
+    assert_eq!(
+        show(worker_connect_options(given)).await,
+        ["erp-allocator", "30s", "3s", "2min"]
+    );
     drop_database(pool).await;
 }

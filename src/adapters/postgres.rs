@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use chrono::NaiveDate;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::domain::{Batch, BatchRef, Event, OrderId, OrderLine, Product, Sku};
@@ -29,9 +29,58 @@ use super::outbox::{self, MessageContext, OutboxColumns, OutboxRecord};
 /// The migrations under `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Session settings of the worker's connections, each unless DATABASE_URL
+/// sets it already (`application_name=…`, or `options=-c name=value`):
+///
+/// - `application_name`: the worker, in `pg_stat_activity` and the logs;
+/// - `statement_timeout`: no statement of the worker takes seconds; one that
+///   runs away is cancelled and its transaction retried, like an outage;
+/// - `lock_timeout`: a transaction waiting for a row lock (another session
+///   holding a product) gives up, hands its connection back and is retried
+///   after a back-off, rather than holding a connection for as long as the
+///   lock is held;
+/// - `idle_in_transaction_session_timeout`: a session that leaves a
+///   transaction open (the worker stuck between two statements) loses it and
+///   its locks. The relay holds its transaction while the broker
+///   acknowledges a pass (up to librdkafka's `message.timeout.ms`, 30 s by
+///   default), so this is well above that.
+///
+/// They go in the startup packet's `options`, set once per connection at no
+/// cost per transaction. A pooler in transaction mode (PgBouncer) refuses
+/// that parameter unless told to ignore it (`ignore_startup_parameters =
+/// options`); set them on the database role instead then (`ALTER ROLE …
+/// SET lock_timeout = '10s'`). Migrations run without them (see bootstrap).
+pub fn worker_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    let options = match options.get_application_name() {
+        Some(_) => options,
+        None => options.application_name(APPLICATION_NAME),
+    };
+    let given = options.get_options().unwrap_or_default().to_owned();
+    let missing: Vec<(&str, &str)> = SESSION_TIMEOUTS
+        .iter()
+        .filter(|(name, _)| !given.contains(&format!("{name}=")))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        options
+    } else {
+        options.options(missing)
+    }
+}
+
+/// `application_name` of the worker's connections.
+pub const APPLICATION_NAME: &str = "allocation-worker";
+
+/// See [`worker_connect_options`].
+pub const SESSION_TIMEOUTS: [(&str, &str); 3] = [
+    ("statement_timeout", "30s"),
+    ("lock_timeout", "10s"),
+    ("idle_in_transaction_session_timeout", "2min"),
+];
+
 /// A pool that does not connect until first used, so that the worker can start,
 /// report not-ready and back off while the database is down.
-pub fn lazy_pool(options: sqlx::postgres::PgConnectOptions, max_connections: u32) -> PgPool {
+pub fn lazy_pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
