@@ -1003,3 +1003,85 @@ async fn worker_sessions_are_named_and_time_bounded_unless_the_url_says_otherwis
     );
     drop_database(pool).await;
 }
+
+/// A batch whose transaction rolled back (here: its commit refused by a
+/// deferred trigger) leaves nothing behind in the processor's caches: its
+/// reference is unknown, not owned by the product it named, so a quantity
+/// change for it waits instead of being recorded as applied without effect,
+/// and the same reference created for another product is no duplicate.
+#[tokio::test]
+async fn a_rolled_back_batch_leaves_no_owner_behind() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let created = |offset, reference: &str, sku: &str, qty| {
+        message(
+            &t.batch_created,
+            offset,
+            json!({"ref": reference, "sku": sku, "qty": qty}),
+        )
+    };
+    let changed = |offset, qty| {
+        message(
+            &t.batch_quantity_changed,
+            offset,
+            json!({"ref": "doomed", "qty": qty}),
+        )
+    };
+    assert_eq!(
+        p.process_one(&created(0, "lamp-1", "LAMP", 10), false)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.reference = 'doomed' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+         RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER refuse_doomed AFTER INSERT ON batches \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_doomed();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let doomed = created(1, "doomed", "LAMP", 5);
+    assert!(
+        p.process_one(&doomed, false).await.is_err(),
+        "the commit is refused"
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse_doomed ON batches; DROP FUNCTION refuse_doomed();")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // The batch does not exist: its quantity change waits for it.
+    assert_eq!(
+        p.process_one(&changed(0, 3), false).await.unwrap(),
+        Outcome::Deferred
+    );
+    // The reference is free: another product may create it.
+    assert_eq!(
+        p.process_one(&created(2, "doomed", "RUG", 7), false)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        p.process_one(&changed(0, 3), false).await.unwrap(),
+        Outcome::Applied
+    );
+    let stored: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT reference, sku, purchased_quantity FROM batches ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("lamp-1".to_owned(), "LAMP".to_owned(), 10),
+            ("doomed".to_owned(), "RUG".to_owned(), 3),
+        ]
+    );
+    assert!(outbox_kinds(&pool).await.is_empty(), "no dead letter");
+    drop_database(pool).await;
+}

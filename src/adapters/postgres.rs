@@ -852,9 +852,25 @@ impl ProductRepository for PgProductRepository<'_> {
                 self.owners.get(reference).cloned()
             }
         };
-        match owner {
-            Some(sku) => self.get(&sku).await,
-            None => Ok(None),
+        let Some(sku) = owner else { return Ok(None) };
+        let holds = self
+            .get(&sku)
+            .await?
+            .is_some_and(|p| p.batch(reference).is_some());
+        if holds {
+            return self.get(&sku).await;
+        }
+        // An owner that does not hold the batch: never learnt from a
+        // committed transaction, then. Forget it and ask the database.
+        tracing::warn!(%reference, owner = %sku, "cached batch owner was wrong; reading it again");
+        self.owners.remove(reference);
+        self.new_owners.remove(reference);
+        self.cache.state().owners.remove(reference);
+        self.absent_refs.remove(reference);
+        self.preload(&[], &[reference], &[]).await?;
+        match self.owners.get(reference).cloned() {
+            Some(owner) if owner != sku => self.get(&owner).await,
+            _ => Ok(None),
         }
     }
 
@@ -963,20 +979,23 @@ impl<'c> PgUnitOfWork<'c> {
             new_owners,
             ..
         } = self.products;
-        // Back in the cache before the commit, so that the next transaction
-        // to lock one of these products (it waits for this one) finds it.
-        // Should the commit fail, their revisions are not the database's.
-        {
-            let mut state = cache.state();
-            owners.extend(new_owners);
-            for tracked in &seen {
-                for batch in tracked.product.batches() {
-                    if !owners.contains_key(batch.reference()) {
-                        owners.insert(batch.reference().clone(), tracked.product.sku().clone());
-                    }
+        // Batch owners are learnt only once the commit succeeded: an owner
+        // carries no revision, so one cached from a transaction that rolled
+        // back could not be told from a true one.
+        owners.extend(new_owners);
+        for tracked in &seen {
+            for batch in tracked.product.batches() {
+                if !owners.contains_key(batch.reference()) {
+                    owners.insert(batch.reference().clone(), tracked.product.sku().clone());
                 }
             }
-            state.owners.extend(owners);
+        }
+        // Products go back in the cache before the commit, so that the next
+        // transaction to lock one of them (it waits for this one) finds it.
+        // Should the commit fail, their revisions are not the database's,
+        // and the copies are never used.
+        {
+            let mut state = cache.state();
             for tracked in seen {
                 state.products.insert(
                     tracked.product.sku().clone(),
@@ -990,11 +1009,14 @@ impl<'c> PgUnitOfWork<'c> {
             if state.products.len() > CACHE_CAPACITY {
                 state.products.clear();
             }
-            if state.owners.len() > 4 * CACHE_CAPACITY {
-                state.owners.clear();
-            }
         }
-        tx.commit().await.map_err(classify)
+        tx.commit().await.map_err(classify)?;
+        let mut state = cache.state();
+        state.owners.extend(owners);
+        if state.owners.len() > 4 * CACHE_CAPACITY {
+            state.owners.clear();
+        }
+        Ok(())
     }
 }
 
