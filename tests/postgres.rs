@@ -1,7 +1,8 @@
 //! The PostgreSQL adapters and the message processor against a real database:
 //! one fresh database per test. Needs DATABASE_URL (see scripts/services.sh).
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
@@ -9,10 +10,13 @@ use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, Mess
 use allocation_worker::adapters::postgres::{
     lazy_pool, worker_connect_options, PgUnitOfWork, ProductCache, MIGRATOR,
 };
+use allocation_worker::adapters::relay::{Delivery, OutboundRecord, Publisher, Relay};
 use allocation_worker::domain::{OrderId, OrderLine, Sku};
 use allocation_worker::entrypoints::worker::{Outcome, Processor};
 use allocation_worker::service_layer::{ProductRepository, UnitOfWork};
 use rand::Rng;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};
@@ -1083,5 +1087,198 @@ async fn a_rolled_back_batch_leaves_no_owner_behind() {
         ]
     );
     assert!(outbox_kinds(&pool).await.is_empty(), "no dead letter");
+    drop_database(pool).await;
+}
+
+// ------------------------------------------------------------------ relay
+
+/// A producer double for the relay: records what reaches the "broker", in
+/// order, and fails the first send of the orders named in `refuse` (at once,
+/// as a full queue would) or `lose` (at delivery, as a timeout would).
+#[derive(Default)]
+struct FlakyBroker {
+    refuse: Mutex<HashSet<String>>,
+    lose: Mutex<HashSet<String>>,
+    /// (topic, SKU, orderid) of every record delivered.
+    delivered: Mutex<Vec<(String, String, String)>>,
+}
+
+struct FlakyPublisher(Arc<FlakyBroker>);
+
+impl Publisher for FlakyPublisher {
+    fn send(&self, record: OutboundRecord<'_>) -> Result<Delivery, KafkaError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.payload.expect("events have a value")).unwrap();
+        let orderid = value["orderid"].as_str().unwrap().to_owned();
+        let sku = String::from_utf8(record.key.unwrap().to_vec()).unwrap();
+        if self.0.refuse.lock().unwrap().remove(&orderid) {
+            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+        }
+        if self.0.lose.lock().unwrap().remove(&orderid) {
+            return Ok(Box::pin(async {
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ))
+            }));
+        }
+        self.0
+            .delivered
+            .lock()
+            .unwrap()
+            .push((record.topic.to_owned(), sku, orderid));
+        Ok(Box::pin(async { Ok(()) }))
+    }
+
+    fn flush(&self, _timeout: std::time::Duration) -> Result<(), KafkaError> {
+        Ok(())
+    }
+}
+
+/// Outbox rows for two SKUs, decided in this order: Allocated a1 (A),
+/// Allocated b1 (B), Allocated a2 (A), OutOfStock a3 (A), Allocated b2 (B).
+async fn two_skus_of_events(pool: &PgPool) {
+    let p = processor(pool);
+    let t = topics();
+    let steps = [
+        message(
+            &t.batch_created,
+            0,
+            json!({"ref": "ba", "sku": "A", "qty": 2}),
+        ),
+        message(
+            &t.batch_created,
+            1,
+            json!({"ref": "bb", "sku": "B", "qty": 9}),
+        ),
+        message(
+            &t.allocation_required,
+            0,
+            json!({"orderid": "a1", "sku": "A", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            1,
+            json!({"orderid": "b1", "sku": "B", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            2,
+            json!({"orderid": "a2", "sku": "A", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            3,
+            json!({"orderid": "a3", "sku": "A", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            4,
+            json!({"orderid": "b2", "sku": "B", "qty": 1}),
+        ),
+    ];
+    for m in &steps {
+        assert_eq!(p.process_one(m, false).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(
+        outbox_kinds(pool).await,
+        [
+            "Allocated",
+            "Allocated",
+            "Allocated",
+            "OutOfStock",
+            "Allocated"
+        ]
+    );
+}
+
+fn relay_through(pool: &PgPool, broker: &Arc<FlakyBroker>) -> Relay {
+    Relay::with_publisher(
+        pool.clone(),
+        Box::new(FlakyPublisher(Arc::clone(broker))),
+        topics(),
+        Arc::new(Notify::new()),
+        Arc::new(Metrics::new().expect("metrics register")),
+    )
+}
+
+async fn pending_orders(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT convert_from(o.payload, 'UTF8')::json->>'orderid' FROM outbox o \
+         JOIN outbox_pending p USING (id) ORDER BY o.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Each SKU's orders as delivered, in delivery order.
+fn delivered_by_sku(broker: &FlakyBroker) -> HashMap<String, Vec<String>> {
+    let mut by_sku: HashMap<String, Vec<String>> = HashMap::new();
+    for (_, sku, orderid) in broker.delivered.lock().unwrap().iter() {
+        by_sku.entry(sku.clone()).or_default().push(orderid.clone());
+    }
+    by_sku
+}
+
+/// A send refused mid-pass: what was acknowledged before it, and the other
+/// SKU's rows, are marked and never sent again; the refused row and the rest
+/// of its SKU go out next pass, in order.
+#[tokio::test]
+async fn a_refused_send_leaves_no_acknowledged_row_unmarked() {
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    let broker = Arc::new(FlakyBroker::default());
+    broker.refuse.lock().unwrap().insert("a2".into());
+    let relay = relay_through(&pool, &broker);
+
+    let first = relay.publish_pending().await;
+    assert!(first.is_err(), "the pass reports the failure: {first:?}");
+    assert_eq!(pending_orders(&pool).await, ["a2", "a3"]);
+    assert_eq!(relay.publish_pending().await.unwrap(), 2);
+    assert!(pending_orders(&pool).await.is_empty());
+
+    let by_sku = delivered_by_sku(&broker);
+    assert_eq!(by_sku["A"], ["a1", "a2", "a3"], "A in order, each once");
+    assert_eq!(by_sku["B"], ["b1", "b2"], "B once each");
+    drop(relay);
+    drop_database(pool).await;
+}
+
+/// A delivery that fails, followed by a row of the same SKU for another
+/// topic: that row waits for the failed one, so the SKU's events reach the
+/// broker in the order they were decided; the other SKU is not held up.
+#[tokio::test]
+async fn a_lost_delivery_never_lets_a_later_event_of_its_sku_overtake_it() {
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    let broker = Arc::new(FlakyBroker::default());
+    broker.lose.lock().unwrap().insert("a2".into());
+    let relay = relay_through(&pool, &broker);
+
+    assert!(relay.publish_pending().await.is_err());
+    assert_eq!(pending_orders(&pool).await, ["a2", "a3"]);
+    assert_eq!(relay.publish_pending().await.unwrap(), 2);
+    assert!(pending_orders(&pool).await.is_empty());
+
+    let by_sku = delivered_by_sku(&broker);
+    assert_eq!(by_sku["A"], ["a1", "a2", "a3"], "A in order, each once");
+    assert_eq!(by_sku["B"], ["b1", "b2"], "B once each");
+    let topics_of_a: Vec<String> = broker
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, sku, _)| sku == "A")
+        .map(|(topic, _, _)| topic.clone())
+        .collect();
+    assert_eq!(
+        topics_of_a,
+        [
+            "allocation.allocated",
+            "allocation.allocated",
+            "allocation.out-of-stock"
+        ]
+    );
+    drop(relay);
     drop_database(pool).await;
 }
