@@ -137,6 +137,7 @@ fn the_properties_the_guarantees_rest_on_are_refused_however_given() {
         ("group.id", "another-group"),
         ("auto.offset.reset", "latest"),
         ("offset.store.method", "file"),
+        ("enable.partition.eof", "true"),
         ("enable.idempotence", "false"),
         ("acks", "1"),
         ("request.required.acks", "0"),

@@ -414,6 +414,13 @@ const GUARDED: &[Guarded] = &[
         allowed: |v| matches!(v.trim(), "earliest" | "smallest" | "beginning"),
         why: "must be earliest: a group with no committed offset must not skip what was published before",
     },
+    // Each partition's end would come back as a consumer error: the worker
+    // would report itself not ready and back off at every one.
+    Guarded {
+        name: "enable.partition.eof",
+        allowed: is_false,
+        why: "must be false: the end of a partition is not an error to the worker",
+    },
     Guarded {
         name: "enable.idempotence",
         allowed: is_true,
