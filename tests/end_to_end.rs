@@ -1486,3 +1486,158 @@ async fn reads_messages_compressed_with_every_codec() {
     drop(worker);
     env.finish().await;
 }
+
+/// CRC-32C (Castagnoli), the checksum of a Kafka record batch.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ if crc & 1 == 1 { 0x82F6_3B78 } else { 0 };
+        }
+    }
+    !crc
+}
+
+/// Produces, with a raw Produce request (v3), one record batch marked as
+/// zstd-compressed whose data is not zstd: a well-formed batch, with a right
+/// CRC, that no consumer can decompress. Returns the broker's error code.
+async fn produce_undecodable_batch(bootstrap: &str, topic: &str, partition: i32) -> i16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let now = chrono::Utc::now().timestamp_millis();
+    let data = b"\x28\xb5\x2f\xfd not zstd at all";
+    let mut after_crc = Vec::new();
+    after_crc.extend(4i16.to_be_bytes()); // attributes: zstd
+    after_crc.extend(0i32.to_be_bytes()); // last offset delta
+    after_crc.extend(now.to_be_bytes());
+    after_crc.extend(now.to_be_bytes());
+    after_crc.extend((-1i64).to_be_bytes()); // producer id
+    after_crc.extend((-1i16).to_be_bytes()); // producer epoch
+    after_crc.extend((-1i32).to_be_bytes()); // base sequence
+    after_crc.extend(1i32.to_be_bytes()); // one record
+    after_crc.extend(data);
+    let mut batch = Vec::new();
+    batch.extend(0i64.to_be_bytes()); // base offset
+    batch.extend((4 + 1 + 4 + after_crc.len() as i32).to_be_bytes());
+    batch.extend(0i32.to_be_bytes()); // partition leader epoch
+    batch.push(2); // magic
+    batch.extend(crc32c(&after_crc).to_be_bytes());
+    batch.extend(&after_crc);
+
+    let string = |s: &str| {
+        let mut out = (s.len() as i16).to_be_bytes().to_vec();
+        out.extend(s.as_bytes());
+        out
+    };
+    let mut request = Vec::new();
+    request.extend(0i16.to_be_bytes()); // Produce
+    request.extend(3i16.to_be_bytes()); // v3
+    request.extend(1i32.to_be_bytes()); // correlation id
+    request.extend(string("e2e-raw"));
+    request.extend((-1i16).to_be_bytes()); // no transactional id
+    request.extend((-1i16).to_be_bytes()); // acks all
+    request.extend(10_000i32.to_be_bytes());
+    request.extend(1i32.to_be_bytes());
+    request.extend(string(topic));
+    request.extend(1i32.to_be_bytes());
+    request.extend(partition.to_be_bytes());
+    request.extend((batch.len() as i32).to_be_bytes());
+    request.extend(&batch);
+
+    let address = bootstrap.split(',').next().expect("a bootstrap server");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the broker");
+    stream
+        .write_all(&(request.len() as i32).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&request).await.unwrap();
+    let size = stream.read_i32().await.expect("a Produce response") as usize;
+    let mut response = vec![0; size];
+    stream.read_exact(&mut response).await.unwrap();
+    // correlation id, topics (1), name, partitions (1), partition, error code
+    let at = 4 + 4 + 2 + topic.len() + 4 + 4;
+    i16::from_be_bytes([response[at], response[at + 1]])
+}
+
+/// A message set no consumer can decode is never skipped, nor silently
+/// stalled on: its partition stays at it, the worker counts it as an
+/// undecodable consumer error at every poll (the metric the alert reads),
+/// and the other partitions keep flowing.
+#[tokio::test]
+async fn an_undecodable_message_set_is_counted_and_the_other_partitions_flow() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let addr = worker.http_addr;
+    let t = env.topics.clone();
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 100, None).await;
+    env.wait_batch(&batch).await;
+
+    let error = produce_undecodable_batch(&env.bootstrap_servers, &t.allocation_required, 0).await;
+    check_eq!(env, error, 0, "the broker took the batch");
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .create()
+        .expect("a test producer");
+    let behind = unique("o-behind");
+    let elsewhere = unique("o-elsewhere");
+    for (orderid, partition) in [(&behind, 0), (&elsewhere, 1)] {
+        let value = json!({"orderid": orderid, "sku": sku, "qty": 1}).to_string();
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::<str, str>::to(&t.allocation_required)
+                    .partition(partition)
+                    .key(&sku)
+                    .payload(&value),
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("produced");
+    }
+
+    env.wait_for(
+        "the order on the other partition allocated",
+        DEADLINE,
+        |rs| {
+            rs.iter()
+                .any(|r| r.topic == t.allocated && r.field("orderid") == elsewhere)
+        },
+    )
+    .await;
+    // Reported again at every poll: the partition stays at the batch.
+    env.eventually(
+        "the undecodable batch reported three times",
+        DEADLINE,
+        || async {
+            Ok::<_, String>(match http_get(addr, "/metrics").await {
+                Some((200, body)) => sample(
+                    &body,
+                    "allocation_kafka_consumer_errors_total",
+                    "kind=\"undecodable\"",
+                )
+                .filter(|n| *n >= 3.0),
+                _ => None,
+            })
+        },
+    )
+    .await;
+    // Not skipped: the order behind it on its partition is not handled.
+    let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations WHERE orderid = $1")
+        .bind(&behind)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    check_eq!(env, handled, 0, "the order behind the undecodable batch");
+    check!(
+        env,
+        !env.records_on(&t.allocated)
+            .iter()
+            .any(|r| r.field("orderid") == behind),
+        "the order behind the undecodable batch was allocated: it was skipped"
+    );
+    drop(worker);
+    env.finish().await;
+}
