@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::health::PollClock;
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::metrics::Metrics;
-use crate::adapters::postgres::{lazy_pool, MIGRATOR};
+use crate::adapters::postgres::{lazy_pool, worker_connect_options, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::adapters::retention::Retention;
 use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
@@ -51,7 +51,7 @@ impl BootstrapError {
 
 fn kafka_config_error(error: rdkafka::error::KafkaError) -> BootstrapError {
     BootstrapError::Config {
-        setting: "KAFKA_PROPERTIES (--kafka-property)",
+        setting: "KAFKA_PROPERTIES / KAFKA_PROPERTY_<NAME> / --kafka-property",
         reason: error.to_string(),
     }
 }
@@ -114,7 +114,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         "allocation-worker starting"
     );
     let pool = lazy_pool(
-        settings.database.options.clone(),
+        worker_connect_options(settings.database.options.clone()),
         settings.database.max_connections,
     );
 
@@ -145,7 +145,13 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     );
 
     if settings.migrate {
-        migrate_when_reachable(&pool, &shutdown).await?;
+        // A connection of its own, without the worker's statement and lock
+        // timeouts: a migration may rewrite a large table, or wait for the
+        // locks of instances still running the previous version.
+        let migrations = lazy_pool(settings.database.options.clone(), 1);
+        let migrated = migrate_when_reachable(&migrations, &shutdown).await;
+        migrations.close().await;
+        migrated?;
         if shutdown.is_cancelled() {
             http_stop.cancel();
             return Ok(());
@@ -196,7 +202,18 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
         Err(error) => tracing::warn!(%error, "http task failed"),
     }
-    pool.close().await;
+    // Closing waits for every connection to come back: one still held by a
+    // partition stuck past its deadline (on a lock) would hold the exit up.
+    // It is dropped with the process instead, which rolls its transaction back.
+    let at_least = tokio::time::Instant::now() + std::time::Duration::from_millis(100);
+    if tokio::time::timeout_at(deadline.max(at_least), pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "database connections still in use at the deadline; closing them with the process"
+        );
+    }
     tracing::info!("stopped");
     result.map(|_| ()).map_err(BootstrapError::from)
 }

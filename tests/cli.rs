@@ -102,6 +102,135 @@ fn an_unknown_librdkafka_property_is_a_setting_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no.such.property"));
 }
 
+/// Flags and environment variables of one invocation.
+type Given = (Vec<String>, Vec<(String, String)>);
+
+/// Each way of passing librdkafka properties: the list variable (one line,
+/// or one property a line), a variable per property, and the flag.
+fn property_ways(name: &str, value: &str) -> Vec<Given> {
+    let variable = format!(
+        "KAFKA_PROPERTY_{}",
+        name.to_ascii_uppercase().replace('.', "_")
+    );
+    vec![
+        (
+            vec![],
+            vec![("KAFKA_PROPERTIES".into(), format!("{name}={value}"))],
+        ),
+        (
+            vec![],
+            vec![(
+                "KAFKA_PROPERTIES".into(),
+                format!("session.timeout.ms=6000\n{name}={value}\n"),
+            )],
+        ),
+        (vec![], vec![(variable, value.into())]),
+        (
+            vec!["--kafka-property".into(), format!("{name}={value}")],
+            vec![],
+        ),
+    ]
+}
+
+fn run_with(flags: &[String], vars: &[(String, String)]) -> Output {
+    let mut args = vec!["run"];
+    args.extend(flags.iter().map(String::as_str));
+    let mut env = vec![DB, KAFKA];
+    env.extend(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    worker(&args, &env)
+}
+
+#[test]
+fn the_properties_the_guarantees_rest_on_are_refused_however_given() {
+    let refused = [
+        ("enable.auto.offset.store", "true"),
+        ("enable.auto.commit", "false"),
+        ("auto.commit.enable", "false"),
+        ("auto.commit.interval.ms", "0"),
+        ("group.id", "another-group"),
+        ("auto.offset.reset", "latest"),
+        ("offset.store.method", "file"),
+        ("enable.partition.eof", "true"),
+        ("enable.idempotence", "false"),
+        ("acks", "1"),
+        ("request.required.acks", "0"),
+    ];
+    for (name, value) in refused {
+        for (flags, vars) in property_ways(name, value) {
+            let out = run_with(&flags, &vars);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_config_error(&out, &format!("{name} must"));
+            assert!(stderr.contains("refused"), "{stderr}");
+        }
+    }
+}
+
+/// A value with commas reaches librdkafka whole, however it is given: the
+/// property after it is the one librdkafka refuses (so the value with
+/// commas was taken), and a bad flag inside the value is reported by
+/// librdkafka against `debug`, not by the worker as a broken KEY=VALUE.
+#[test]
+fn values_with_commas_reach_librdkafka_whole() {
+    let s = |v: &str| v.to_owned();
+    let accepted_then_unknown: [Given; 3] = [
+        (
+            vec![],
+            vec![(
+                s("KAFKA_PROPERTIES"),
+                s("# debug contexts, comma-separated\ndebug=broker,topic\nno.such.property=1"),
+            )],
+        ),
+        (
+            vec![],
+            vec![
+                (s("KAFKA_PROPERTY_DEBUG"), s("broker,topic")),
+                (s("KAFKA_PROPERTY_NO_SUCH_PROPERTY"), s("1")),
+            ],
+        ),
+        (
+            vec![
+                s("--kafka-property"),
+                s("debug=broker,topic"),
+                s("--kafka-property"),
+                s("no.such.property=1"),
+            ],
+            vec![],
+        ),
+    ];
+    for (flags, vars) in accepted_then_unknown {
+        assert_config_error(&run_with(&flags, &vars), "no.such.property");
+    }
+    for (flags, vars) in property_ways("debug", "broker,no-such-context") {
+        if vars
+            .iter()
+            .any(|(k, v)| k == "KAFKA_PROPERTIES" && !v.contains('\n'))
+        {
+            continue; // one line: comma-separated, as before
+        }
+        let out = run_with(&flags, &vars);
+        assert_config_error(&out, "\"debug\"");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"),
+            "the value was split"
+        );
+    }
+}
+
+#[test]
+fn the_worker_s_own_values_of_guarded_properties_are_accepted() {
+    // Accepted, then the unknown property after them stops the worker.
+    let out = run_with(
+        &[],
+        &[(
+            "KAFKA_PROPERTIES".into(),
+            "enable.auto.offset.store=false,enable.auto.commit=true,auto.offset.reset=smallest,\
+             acks=all,enable.idempotence=true,no.such.property=1"
+                .into(),
+        )],
+    );
+    assert_config_error(&out, "no.such.property");
+}
+
 #[test]
 fn help_lists_every_command() {
     let out = worker(&["--help"], &[]);

@@ -1285,3 +1285,359 @@ async fn is_alive_but_not_ready_while_the_database_is_unreachable() {
     );
     env.finish().await;
 }
+
+// ------------------------------------------------ connections and time bounds
+
+/// Worker sessions of the test database waiting on a lock.
+async fn worker_sessions_waiting_on_a_lock(env: &TestEnv) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'allocation-worker' AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(&env.db)
+    .await
+}
+
+/// Products on every inbound partition, each with a batch, so that orders for
+/// them keep every partition busy once their rows are locked.
+async fn a_product_per_partition(env: &TestEnv) -> Vec<String> {
+    let mut by_partition: BTreeMap<i32, String> = BTreeMap::new();
+    while by_partition.len() < common::PARTITIONS as usize {
+        let sku = unique("SKU");
+        let batch = unique("b");
+        let delivered = env.batch_created(&batch, &sku, 100, None).await;
+        env.wait_batch(&batch).await;
+        by_partition.entry(delivered.partition).or_insert(sku);
+    }
+    by_partition.into_values().collect()
+}
+
+/// A session of the test that holds the rows of `skus` until it is dropped
+/// or commits.
+async fn lock_products(
+    env: &TestEnv,
+    skus: &[String],
+) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut holder = env.db.acquire().await.expect("a test connection");
+    sqlx::query("BEGIN").execute(&mut *holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE sku = ANY($1) FOR UPDATE")
+        .bind(skus)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// With every partition busy (each one's product locked by another session),
+/// the worker's pool keeps room for the probes: /readyz stays 200.
+#[tokio::test]
+async fn readyz_stays_ready_with_every_partition_busy() {
+    let env = TestEnv::new().await;
+    // Four connections: one for the partitions, three for the relay and probes.
+    let worker = env.spawn_worker_with(&[("DATABASE_MAX_CONNECTIONS", "4")]);
+    let addr = worker.http_addr;
+    let skus = a_product_per_partition(&env).await;
+    http_until(&env, addr, "/readyz", 200).await;
+
+    let mut holder = lock_products(&env, &skus).await;
+    for (i, sku) in skus.iter().enumerate() {
+        for n in 0..3 {
+            env.allocation_required(&format!("o-{i}-{n}-{}", random_hex(6)), sku, 1, &[])
+                .await;
+        }
+    }
+    env.eventually("a partition waits on the lock", DEADLINE, || async {
+        Ok::<_, sqlx::Error>((worker_sessions_waiting_on_a_lock(&env).await? >= 1).then_some(()))
+    })
+    .await;
+    // Well within lock_timeout (10 s): the partitions stay stuck throughout.
+    let until = Instant::now() + Duration::from_secs(6);
+    let mut answers = 0;
+    while Instant::now() < until {
+        let answer = http_get(addr, "/readyz").await;
+        check!(
+            env,
+            matches!(answer, Some((200, _))),
+            "/readyz with every partition busy: {answer:?}"
+        );
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    check!(env, answers > 10, "only {answers} probes answered");
+    sqlx::query("COMMIT").execute(&mut *holder).await.unwrap();
+    drop(holder);
+    env.wait_for_count(
+        "every order allocated",
+        &env.topics.allocated.clone(),
+        skus.len() * 3,
+        DEADLINE,
+        |_| true,
+    )
+    .await;
+    drop(worker);
+    env.finish().await;
+}
+
+/// SIGTERM while a partition's transaction waits on a row lock that is never
+/// released: the worker gives it up and exits 0 within SHUTDOWN_TIMEOUT.
+#[tokio::test]
+async fn sigterm_while_a_transaction_waits_on_a_lock_exits_0_in_time() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker_with(&[("SHUTDOWN_TIMEOUT", "4s")]);
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+
+    let holder = lock_products(&env, std::slice::from_ref(&sku)).await;
+    env.allocation_required(&unique("o"), &sku, 1, &[]).await;
+    env.eventually(
+        "the worker's transaction waits on the lock",
+        DEADLINE,
+        || async {
+            Ok::<_, sqlx::Error>(
+                (worker_sessions_waiting_on_a_lock(&env).await? >= 1).then_some(()),
+            )
+        },
+    )
+    .await;
+    let started = Instant::now();
+    worker.sigterm();
+    // SHUTDOWN_TIMEOUT, plus the second the runtime gives its blocking
+    // threads, plus process exit.
+    let status = worker.wait_exit(Duration::from_secs(4 + 2)).await;
+    let elapsed = started.elapsed();
+    check!(
+        env,
+        status.is_some_and(|s| s.success()),
+        "exit within SHUTDOWN_TIMEOUT with status 0: {status:?} after {elapsed:?}"
+    );
+    drop(holder);
+    env.finish().await;
+}
+
+// ------------------------------------------------------------ compression
+
+/// Inbound messages compressed with every codec a Kafka producer can use are
+/// read like any other (the contract's inbound messages): a batch and an
+/// order per codec, each produced by a producer of its own with that
+/// `compression.codec`, all applied.
+#[tokio::test]
+async fn reads_messages_compressed_with_every_codec() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let t = env.topics.clone();
+    let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+    let mut orders = Vec::new();
+    for codec in codecs {
+        let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.bootstrap_servers)
+            .set("compression.codec", codec)
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()
+            .unwrap_or_else(|e| panic!("a producer with compression.codec={codec}: {e}"));
+        let sku = unique(&format!("SKU-{codec}"));
+        let batch = unique(&format!("b-{codec}"));
+        let order = unique(&format!("o-{codec}"));
+        // Values long and repetitive enough that every codec compresses them.
+        let padding = "x".repeat(2000);
+        let created = json!({"ref": batch, "sku": sku, "qty": 10, "padding": padding});
+        let required = json!({"orderid": order, "sku": sku, "qty": 2, "padding": padding});
+        for (topic, value) in [
+            (&t.batch_created, created),
+            (&t.allocation_required, required),
+        ] {
+            env.produce_record_via(
+                &producer,
+                topic,
+                Some(sku.as_bytes()),
+                Some(value.to_string().as_bytes()),
+                &[],
+            )
+            .await;
+        }
+        orders.push((codec, order, batch));
+    }
+    let allocated = env
+        .wait_for_count(
+            "an Allocated event per codec",
+            &t.allocated,
+            codecs.len(),
+            DEADLINE,
+            |_| true,
+        )
+        .await;
+    for (codec, order, batch) in &orders {
+        let event = allocated.iter().find(|r| &r.field("orderid") == order);
+        check!(
+            env,
+            event.is_some(),
+            "no Allocated event for the {codec} order"
+        );
+        check_eq!(
+            env,
+            event.map(|r| r.field("batchref")),
+            Some(batch.clone()),
+            "the {codec} order's batch"
+        );
+    }
+    check_eq!(env, env.records_on(&t.dead_letter).len(), 0, "dead letters");
+    drop(worker);
+    env.finish().await;
+}
+
+/// CRC-32C (Castagnoli), the checksum of a Kafka record batch.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for byte in data {
+        crc ^= u32::from(*byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ if crc & 1 == 1 { 0x82F6_3B78 } else { 0 };
+        }
+    }
+    !crc
+}
+
+/// Produces, with a raw Produce request (v3), one record batch marked as
+/// zstd-compressed whose data is not zstd: a well-formed batch, with a right
+/// CRC, that no consumer can decompress. Returns the broker's error code.
+async fn produce_undecodable_batch(bootstrap: &str, topic: &str, partition: i32) -> i16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let now = chrono::Utc::now().timestamp_millis();
+    let data = b"\x28\xb5\x2f\xfd not zstd at all";
+    let mut after_crc = Vec::new();
+    after_crc.extend(4i16.to_be_bytes()); // attributes: zstd
+    after_crc.extend(0i32.to_be_bytes()); // last offset delta
+    after_crc.extend(now.to_be_bytes());
+    after_crc.extend(now.to_be_bytes());
+    after_crc.extend((-1i64).to_be_bytes()); // producer id
+    after_crc.extend((-1i16).to_be_bytes()); // producer epoch
+    after_crc.extend((-1i32).to_be_bytes()); // base sequence
+    after_crc.extend(1i32.to_be_bytes()); // one record
+    after_crc.extend(data);
+    let mut batch = Vec::new();
+    batch.extend(0i64.to_be_bytes()); // base offset
+    batch.extend((4 + 1 + 4 + after_crc.len() as i32).to_be_bytes());
+    batch.extend(0i32.to_be_bytes()); // partition leader epoch
+    batch.push(2); // magic
+    batch.extend(crc32c(&after_crc).to_be_bytes());
+    batch.extend(&after_crc);
+
+    let string = |s: &str| {
+        let mut out = (s.len() as i16).to_be_bytes().to_vec();
+        out.extend(s.as_bytes());
+        out
+    };
+    let mut request = Vec::new();
+    request.extend(0i16.to_be_bytes()); // Produce
+    request.extend(3i16.to_be_bytes()); // v3
+    request.extend(1i32.to_be_bytes()); // correlation id
+    request.extend(string("e2e-raw"));
+    request.extend((-1i16).to_be_bytes()); // no transactional id
+    request.extend((-1i16).to_be_bytes()); // acks all
+    request.extend(10_000i32.to_be_bytes());
+    request.extend(1i32.to_be_bytes());
+    request.extend(string(topic));
+    request.extend(1i32.to_be_bytes());
+    request.extend(partition.to_be_bytes());
+    request.extend((batch.len() as i32).to_be_bytes());
+    request.extend(&batch);
+
+    let address = bootstrap.split(',').next().expect("a bootstrap server");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the broker");
+    stream
+        .write_all(&(request.len() as i32).to_be_bytes())
+        .await
+        .unwrap();
+    stream.write_all(&request).await.unwrap();
+    let size = stream.read_i32().await.expect("a Produce response") as usize;
+    let mut response = vec![0; size];
+    stream.read_exact(&mut response).await.unwrap();
+    // correlation id, topics (1), name, partitions (1), partition, error code
+    let at = 4 + 4 + 2 + topic.len() + 4 + 4;
+    i16::from_be_bytes([response[at], response[at + 1]])
+}
+
+/// A message set no consumer can decode is never skipped, nor silently
+/// stalled on: its partition stays at it, the worker counts it as an
+/// undecodable consumer error at every poll (the metric the alert reads),
+/// and the other partitions keep flowing.
+#[tokio::test]
+async fn an_undecodable_message_set_is_counted_and_the_other_partitions_flow() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let addr = worker.http_addr;
+    let t = env.topics.clone();
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 100, None).await;
+    env.wait_batch(&batch).await;
+
+    let error = produce_undecodable_batch(&env.bootstrap_servers, &t.allocation_required, 0).await;
+    check_eq!(env, error, 0, "the broker took the batch");
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .create()
+        .expect("a test producer");
+    let behind = unique("o-behind");
+    let elsewhere = unique("o-elsewhere");
+    for (orderid, partition) in [(&behind, 0), (&elsewhere, 1)] {
+        let value = json!({"orderid": orderid, "sku": sku, "qty": 1}).to_string();
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::<str, str>::to(&t.allocation_required)
+                    .partition(partition)
+                    .key(&sku)
+                    .payload(&value),
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("produced");
+    }
+
+    env.wait_for(
+        "the order on the other partition allocated",
+        DEADLINE,
+        |rs| {
+            rs.iter()
+                .any(|r| r.topic == t.allocated && r.field("orderid") == elsewhere)
+        },
+    )
+    .await;
+    // Reported again at every poll: the partition stays at the batch.
+    env.eventually(
+        "the undecodable batch reported three times",
+        DEADLINE,
+        || async {
+            Ok::<_, String>(match http_get(addr, "/metrics").await {
+                Some((200, body)) => sample(
+                    &body,
+                    "allocation_kafka_consumer_errors_total",
+                    "kind=\"undecodable\"",
+                )
+                .filter(|n| *n >= 3.0),
+                _ => None,
+            })
+        },
+    )
+    .await;
+    // Not skipped: the order behind it on its partition is not handled.
+    let handled: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations WHERE orderid = $1")
+        .bind(&behind)
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    check_eq!(env, handled, 0, "the order behind the undecodable batch");
+    check!(
+        env,
+        !env.records_on(&t.allocated)
+            .iter()
+            .any(|r| r.field("orderid") == behind),
+        "the order behind the undecodable batch was allocated: it was skipped"
+    );
+    drop(worker);
+    env.finish().await;
+}

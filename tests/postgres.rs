@@ -1,16 +1,22 @@
 //! The PostgreSQL adapters and the message processor against a real database:
 //! one fresh database per test. Needs DATABASE_URL (see scripts/services.sh).
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, MessageContext};
-use allocation_worker::adapters::postgres::{lazy_pool, PgUnitOfWork, ProductCache, MIGRATOR};
+use allocation_worker::adapters::postgres::{
+    lazy_pool, worker_connect_options, PgUnitOfWork, ProductCache, MIGRATOR,
+};
+use allocation_worker::adapters::relay::{Delivery, OutboundRecord, Publisher, Relay};
 use allocation_worker::domain::{OrderId, OrderLine, Sku};
 use allocation_worker::entrypoints::worker::{Outcome, Processor};
 use allocation_worker::service_layer::{ProductRepository, UnitOfWork};
 use rand::Rng;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};
@@ -802,5 +808,477 @@ async fn older_outbox_rows_migrate_headers_into_one_column_and_unsent_into_pendi
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
     assert_eq!(read, headers);
+    drop_database(pool).await;
+}
+
+/// The contract's duplicate-batch rule across transactions and a reload:
+/// the creating message again is a no-op after a quantity change, the
+/// current quantity is not, and a batch stored before the created quantity
+/// was recorded compares with its quantity then.
+#[tokio::test]
+async fn the_creating_batch_again_is_a_no_op_after_a_quantity_change_even_reloaded() {
+    let pool = fresh_database().await;
+    let t = topics();
+    let created = json!({"ref": "b1", "sku": "LAMP", "qty": 10, "eta": "2030-01-02"});
+    let steps = [
+        (
+            message(&t.batch_created, 0, created.clone()),
+            Outcome::Applied,
+        ),
+        (
+            message(
+                &t.batch_quantity_changed,
+                0,
+                json!({"ref": "b1", "qty": 25}),
+            ),
+            Outcome::Applied,
+        ),
+    ];
+    {
+        let p = processor(&pool);
+        for (m, expected) in &steps {
+            assert_eq!(p.process_one(m, false).await.unwrap(), *expected);
+        }
+    }
+    // A new processor reads the batch back from the database, not its cache.
+    let p = processor(&pool);
+    let again = message(&t.batch_created, 1, created);
+    assert_eq!(
+        p.process_one(&again, false).await.unwrap(),
+        Outcome::Applied
+    );
+    let current = message(
+        &t.batch_created,
+        2,
+        json!({"ref": "b1", "sku": "LAMP", "qty": 25, "eta": "2030-01-02"}),
+    );
+    assert_eq!(
+        p.process_one(&current, false).await.unwrap(),
+        Outcome::DeadLettered(DeadLetterReason::DuplicateBatch)
+    );
+    let stored: (i64, Option<i64>) = sqlx::query_as(
+        "SELECT purchased_quantity, created_quantity FROM batches WHERE reference = 'b1'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (25, Some(10)));
+    assert_eq!(outbox_kinds(&pool).await, ["DeadLetter"]);
+
+    // A row without a created quantity (written by the previous version
+    // during a rolling upgrade) is compared with its purchased quantity.
+    sqlx::raw_sql(
+        "INSERT INTO products (sku, version_number) VALUES ('RUG', 1); \
+         INSERT INTO batches (reference, sku, purchased_quantity, eta) VALUES ('r1', 'RUG', 7, NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let p = processor(&pool);
+    let old = message(
+        &t.batch_created,
+        3,
+        json!({"ref": "r1", "sku": "RUG", "qty": 7}),
+    );
+    assert_eq!(p.process_one(&old, false).await.unwrap(), Outcome::Applied);
+    drop_database(pool).await;
+}
+
+/// However many partitions are busy, waiting on a lock another session
+/// holds, the pool keeps three connections for the relay and the probes.
+#[tokio::test]
+async fn busy_partitions_leave_three_pool_connections_free() {
+    let pool = fresh_database().await;
+    let t = topics();
+    processor(&pool)
+        .process_one(
+            &message(
+                &t.batch_created,
+                0,
+                json!({"ref": "b1", "sku": "LAMP", "qty": 100}),
+            ),
+            false,
+        )
+        .await
+        .unwrap();
+
+    // Another session holds the product's row.
+    let mut holder = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut *holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE sku = 'LAMP' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    // A pool of five on the same database: two for the partitions.
+    let options = pool.connect_options().as_ref().clone();
+    let small = lazy_pool(options, 5);
+    let p = Arc::new(processor(&small));
+    let partitions: Vec<_> = (0..6)
+        .map(|partition| {
+            let p = Arc::clone(&p);
+            let mut m = message(
+                &t.allocation_required,
+                partition,
+                json!({"orderid": format!("o{partition}"), "sku": "LAMP", "qty": 1}),
+            );
+            m.partition = partition as i32;
+            tokio::spawn(async move { p.process_one(&m, false).await })
+        })
+        .collect();
+    // Every partition is waiting now: on the lock, or for a turn.
+    let blocked = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < blocked,
+            "the partitions never waited on the lock ({waiting} waiting)"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The probes and the relay still find a connection, at once.
+    let mut reserved = Vec::new();
+    for i in 0..3 {
+        let conn = tokio::time::timeout(std::time::Duration::from_secs(2), small.acquire())
+            .await
+            .unwrap_or_else(|_| panic!("reserved connection {i} not available"))
+            .unwrap();
+        reserved.push(conn);
+    }
+    drop(reserved);
+    sqlx::query("COMMIT").execute(&mut *holder).await.unwrap();
+    for partition in partitions {
+        assert_eq!(partition.await.unwrap().unwrap(), Outcome::Applied);
+    }
+    let allocated: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(allocated, 6);
+    drop(holder);
+    drop(p);
+    small.close().await;
+    drop_database(pool).await;
+}
+
+/// The worker's sessions carry its name and the time bounds; a setting given
+/// in DATABASE_URL wins over the worker's.
+#[tokio::test]
+async fn worker_sessions_are_named_and_time_bounded_unless_the_url_says_otherwise() {
+    let pool = fresh_database().await;
+    let base = pool.connect_options().as_ref().clone();
+    let show = |options: PgConnectOptions| async move {
+        let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+        let mut values = Vec::new();
+        for name in [
+            "application_name",
+            "statement_timeout",
+            "lock_timeout",
+            "idle_in_transaction_session_timeout",
+        ] {
+            let value: String = sqlx::query_scalar(&format!("SHOW {name}"))
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            values.push(value);
+        }
+        values
+    };
+    assert_eq!(
+        show(worker_connect_options(base.clone())).await,
+        ["allocation-worker", "30s", "10s", "2min"]
+    );
+    let given = base
+        .clone()
+        .application_name("erp-allocator")
+        .options([("lock_timeout", "3s")]);
+    assert_eq!(
+        show(worker_connect_options(given)).await,
+        ["erp-allocator", "30s", "3s", "2min"]
+    );
+    drop_database(pool).await;
+}
+
+/// A batch whose transaction rolled back (here: its commit refused by a
+/// deferred trigger) leaves nothing behind in the processor's caches: its
+/// reference is unknown, not owned by the product it named, so a quantity
+/// change for it waits instead of being recorded as applied without effect,
+/// and the same reference created for another product is no duplicate.
+#[tokio::test]
+async fn a_rolled_back_batch_leaves_no_owner_behind() {
+    let pool = fresh_database().await;
+    let p = processor(&pool);
+    let t = topics();
+    let created = |offset, reference: &str, sku: &str, qty| {
+        message(
+            &t.batch_created,
+            offset,
+            json!({"ref": reference, "sku": sku, "qty": qty}),
+        )
+    };
+    let changed = |offset, qty| {
+        message(
+            &t.batch_quantity_changed,
+            offset,
+            json!({"ref": "doomed", "qty": qty}),
+        )
+    };
+    assert_eq!(
+        p.process_one(&created(0, "lamp-1", "LAMP", 10), false)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_doomed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.reference = 'doomed' THEN RAISE EXCEPTION 'refused at commit'; END IF; \
+         RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER refuse_doomed AFTER INSERT ON batches \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_doomed();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let doomed = created(1, "doomed", "LAMP", 5);
+    assert!(
+        p.process_one(&doomed, false).await.is_err(),
+        "the commit is refused"
+    );
+    sqlx::raw_sql("DROP TRIGGER refuse_doomed ON batches; DROP FUNCTION refuse_doomed();")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // The batch does not exist: its quantity change waits for it.
+    assert_eq!(
+        p.process_one(&changed(0, 3), false).await.unwrap(),
+        Outcome::Deferred
+    );
+    // The reference is free: another product may create it.
+    assert_eq!(
+        p.process_one(&created(2, "doomed", "RUG", 7), false)
+            .await
+            .unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        p.process_one(&changed(0, 3), false).await.unwrap(),
+        Outcome::Applied
+    );
+    let stored: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT reference, sku, purchased_quantity FROM batches ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored,
+        [
+            ("lamp-1".to_owned(), "LAMP".to_owned(), 10),
+            ("doomed".to_owned(), "RUG".to_owned(), 3),
+        ]
+    );
+    assert!(outbox_kinds(&pool).await.is_empty(), "no dead letter");
+    drop_database(pool).await;
+}
+
+// ------------------------------------------------------------------ relay
+
+/// A producer double for the relay: records what reaches the "broker", in
+/// order, and fails the first send of the orders named in `refuse` (at once,
+/// as a full queue would) or `lose` (at delivery, as a timeout would).
+#[derive(Default)]
+struct FlakyBroker {
+    refuse: Mutex<HashSet<String>>,
+    lose: Mutex<HashSet<String>>,
+    /// (topic, SKU, orderid) of every record delivered.
+    delivered: Mutex<Vec<(String, String, String)>>,
+}
+
+struct FlakyPublisher(Arc<FlakyBroker>);
+
+impl Publisher for FlakyPublisher {
+    fn send(&self, record: OutboundRecord<'_>) -> Result<Delivery, KafkaError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.payload.expect("events have a value")).unwrap();
+        let orderid = value["orderid"].as_str().unwrap().to_owned();
+        let sku = String::from_utf8(record.key.unwrap().to_vec()).unwrap();
+        if self.0.refuse.lock().unwrap().remove(&orderid) {
+            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+        }
+        if self.0.lose.lock().unwrap().remove(&orderid) {
+            return Ok(Box::pin(async {
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ))
+            }));
+        }
+        self.0
+            .delivered
+            .lock()
+            .unwrap()
+            .push((record.topic.to_owned(), sku, orderid));
+        Ok(Box::pin(async { Ok(()) }))
+    }
+
+    fn flush(&self, _timeout: std::time::Duration) -> Result<(), KafkaError> {
+        Ok(())
+    }
+}
+
+/// Outbox rows for two SKUs, decided in this order: Allocated a1 (A),
+/// Allocated b1 (B), Allocated a2 (A), OutOfStock a3 (A), Allocated b2 (B).
+async fn two_skus_of_events(pool: &PgPool) {
+    let p = processor(pool);
+    let t = topics();
+    let steps = [
+        message(
+            &t.batch_created,
+            0,
+            json!({"ref": "ba", "sku": "A", "qty": 2}),
+        ),
+        message(
+            &t.batch_created,
+            1,
+            json!({"ref": "bb", "sku": "B", "qty": 9}),
+        ),
+        message(
+            &t.allocation_required,
+            0,
+            json!({"orderid": "a1", "sku": "A", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            1,
+            json!({"orderid": "b1", "sku": "B", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            2,
+            json!({"orderid": "a2", "sku": "A", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            3,
+            json!({"orderid": "a3", "sku": "A", "qty": 1}),
+        ),
+        message(
+            &t.allocation_required,
+            4,
+            json!({"orderid": "b2", "sku": "B", "qty": 1}),
+        ),
+    ];
+    for m in &steps {
+        assert_eq!(p.process_one(m, false).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(
+        outbox_kinds(pool).await,
+        [
+            "Allocated",
+            "Allocated",
+            "Allocated",
+            "OutOfStock",
+            "Allocated"
+        ]
+    );
+}
+
+fn relay_through(pool: &PgPool, broker: &Arc<FlakyBroker>) -> Relay {
+    Relay::with_publisher(
+        pool.clone(),
+        Box::new(FlakyPublisher(Arc::clone(broker))),
+        topics(),
+        Arc::new(Notify::new()),
+        Arc::new(Metrics::new().expect("metrics register")),
+    )
+}
+
+async fn pending_orders(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT convert_from(o.payload, 'UTF8')::json->>'orderid' FROM outbox o \
+         JOIN outbox_pending p USING (id) ORDER BY o.id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Each SKU's orders as delivered, in delivery order.
+fn delivered_by_sku(broker: &FlakyBroker) -> HashMap<String, Vec<String>> {
+    let mut by_sku: HashMap<String, Vec<String>> = HashMap::new();
+    for (_, sku, orderid) in broker.delivered.lock().unwrap().iter() {
+        by_sku.entry(sku.clone()).or_default().push(orderid.clone());
+    }
+    by_sku
+}
+
+/// A send refused mid-pass: what was acknowledged before it, and the other
+/// SKU's rows, are marked and never sent again; the refused row and the rest
+/// of its SKU go out next pass, in order.
+#[tokio::test]
+async fn a_refused_send_leaves_no_acknowledged_row_unmarked() {
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    let broker = Arc::new(FlakyBroker::default());
+    broker.refuse.lock().unwrap().insert("a2".into());
+    let relay = relay_through(&pool, &broker);
+
+    let first = relay.publish_pending().await;
+    assert!(first.is_err(), "the pass reports the failure: {first:?}");
+    assert_eq!(pending_orders(&pool).await, ["a2", "a3"]);
+    assert_eq!(relay.publish_pending().await.unwrap(), 2);
+    assert!(pending_orders(&pool).await.is_empty());
+
+    let by_sku = delivered_by_sku(&broker);
+    assert_eq!(by_sku["A"], ["a1", "a2", "a3"], "A in order, each once");
+    assert_eq!(by_sku["B"], ["b1", "b2"], "B once each");
+    drop(relay);
+    drop_database(pool).await;
+}
+
+/// A delivery that fails, followed by a row of the same SKU for another
+/// topic: that row waits for the failed one, so the SKU's events reach the
+/// broker in the order they were decided; the other SKU is not held up.
+#[tokio::test]
+async fn a_lost_delivery_never_lets_a_later_event_of_its_sku_overtake_it() {
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    let broker = Arc::new(FlakyBroker::default());
+    broker.lose.lock().unwrap().insert("a2".into());
+    let relay = relay_through(&pool, &broker);
+
+    assert!(relay.publish_pending().await.is_err());
+    assert_eq!(pending_orders(&pool).await, ["a2", "a3"]);
+    assert_eq!(relay.publish_pending().await.unwrap(), 2);
+    assert!(pending_orders(&pool).await.is_empty());
+
+    let by_sku = delivered_by_sku(&broker);
+    assert_eq!(by_sku["A"], ["a1", "a2", "a3"], "A in order, each once");
+    assert_eq!(by_sku["B"], ["b1", "b2"], "B once each");
+    let topics_of_a: Vec<String> = broker
+        .delivered
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, sku, _)| sku == "A")
+        .map(|(topic, _, _)| topic.clone())
+        .collect();
+    assert_eq!(
+        topics_of_a,
+        [
+            "allocation.allocated",
+            "allocation.allocated",
+            "allocation.out-of-stock"
+        ]
+    );
+    drop(relay);
     drop_database(pool).await;
 }

@@ -434,6 +434,53 @@ fn adding_a_batch_with_an_existing_ref_and_other_eta_is_a_duplicate_batch() {
     assert_eq!(p, before);
 }
 
+#[test]
+fn the_creating_batch_again_after_a_quantity_change_is_a_no_op() {
+    let mut p = product("LAMP", &[("b1", 20, today())]);
+    p.allocate(line("o1", "LAMP", 5)).unwrap();
+    assert!(p.change_batch_quantity(&bref("b1"), 30));
+    p.take_events();
+    let before = p.clone();
+
+    // The message that created it, delivered again: nothing changes, and
+    // the changed quantity stays.
+    p.add_batch(bref("b1"), 20, today()).unwrap();
+
+    assert_eq!(p, before);
+    assert_eq!(p.batch(&bref("b1")).unwrap().purchased_quantity(), 30);
+    assert_eq!(p.batch(&bref("b1")).unwrap().created_quantity(), 20);
+}
+
+#[test]
+fn a_batch_created_with_its_changed_quantity_is_a_duplicate_batch() {
+    let mut p = product("LAMP", &[("b1", 20, today())]);
+    assert!(p.change_batch_quantity(&bref("b1"), 30));
+    p.take_events();
+    let before = p.clone();
+
+    // The current quantity is not the creating message's: another batch.
+    assert_eq!(
+        p.add_batch(bref("b1"), 30, today()),
+        Err(DomainError::DuplicateBatch(bref("b1")))
+    );
+    assert_eq!(p, before);
+}
+
+#[test]
+fn a_restored_batch_compares_with_the_quantity_it_was_created_with() {
+    let batch = Batch::restore(bref("b1"), sku("LAMP"), 7, today(), vec![]).created_with(20);
+    let mut p = Product::restore(sku("LAMP"), 3, vec![batch]);
+    let before = p.clone();
+
+    p.add_batch(bref("b1"), 20, today()).unwrap();
+    assert_eq!(p, before);
+    assert_eq!(
+        p.add_batch(bref("b1"), 7, today()),
+        Err(DomainError::DuplicateBatch(bref("b1")))
+    );
+    assert_eq!(p, before);
+}
+
 // -------------------------------------------- product: changing a quantity
 
 #[test]

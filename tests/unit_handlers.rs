@@ -265,6 +265,45 @@ async fn add_batch_with_existing_ref_and_different_data_is_rejected() {
 }
 
 #[tokio::test]
+async fn the_creating_batch_again_after_quantity_changes_is_a_no_op() {
+    let mut uow = FakeUnitOfWork::default();
+    given(
+        &mut uow,
+        vec![
+            create_batch("b1", "RUG", 100, tomorrow()),
+            Command::ChangeBatchQuantity(ChangeBatchQuantity {
+                reference: bref("b1"),
+                qty: 40,
+            }),
+        ],
+    )
+    .await;
+    let before = uow.product("RUG").clone();
+
+    handle(create_batch("b1", "RUG", 100, tomorrow()), &mut uow)
+        .await
+        .unwrap();
+    assert_eq!(uow.product("RUG"), &before);
+    assert_eq!(
+        uow.product("RUG")
+            .batch(&bref("b1"))
+            .unwrap()
+            .purchased_quantity(),
+        40
+    );
+
+    // Its current quantity is not the creating message's.
+    let err = handle(create_batch("b1", "RUG", 40, tomorrow()), &mut uow)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HandlerError::Rejected(DomainError::DuplicateBatch(r)) if r == &bref("b1")),
+        "got {err:?}"
+    );
+    assert_eq!(uow.product("RUG"), &before);
+}
+
+#[tokio::test]
 async fn add_batch_with_ref_of_another_skus_batch_is_rejected() {
     let mut uow = FakeUnitOfWork::default();
     given(&mut uow, vec![create_batch("b1", "RUG", 100, None)]).await;

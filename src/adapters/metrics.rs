@@ -8,6 +8,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::kafka::ConsumerErrorKind;
 use super::outbox::{DeadLetterReason, OutboxKind};
 
 pub struct Metrics {
@@ -27,6 +28,7 @@ pub struct Metrics {
     pub retention_kept: IntGaugeVec,
     pub waiting_messages: IntGaugeVec,
     pub waiting_oldest_age: GaugeVec,
+    pub consumer_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -141,6 +143,16 @@ impl Metrics {
             ),
             &["topic", "partition"],
         )?;
+        let consumer_errors = IntCounterVec::new(
+            Opts::new(
+                "allocation_kafka_consumer_errors_total",
+                "Errors the Kafka consumer returned instead of a message, by kind: \
+                 `undecodable` (a message set librdkafka cannot decode: a codec it \
+                 lacks, a corrupt batch; its partition does not move past it), \
+                 `other` (broker unreachable and the like, which pass by themselves).",
+            ),
+            &["kind"],
+        )?;
         registry.register(Box::new(messages_consumed.clone()))?;
         registry.register(Box::new(handling_duration.clone()))?;
         registry.register(Box::new(batch_messages.clone()))?;
@@ -156,6 +168,7 @@ impl Metrics {
         registry.register(Box::new(retention_kept.clone()))?;
         registry.register(Box::new(waiting_messages.clone()))?;
         registry.register(Box::new(waiting_oldest_age.clone()))?;
+        registry.register(Box::new(consumer_errors.clone()))?;
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -166,6 +179,9 @@ impl Metrics {
         }
         for table in crate::adapters::retention::TABLES {
             retention_removed.with_label_values(&[table]);
+        }
+        for kind in ConsumerErrorKind::ALL {
+            consumer_errors.with_label_values(&[kind.as_str()]);
         }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -188,6 +204,7 @@ impl Metrics {
             retention_kept,
             waiting_messages,
             waiting_oldest_age,
+            consumer_errors,
         })
     }
 
@@ -200,6 +217,13 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts an error the consumer returned instead of a message, by kind.
+    pub fn consumer_error(&self, error: &rdkafka::error::KafkaError) {
+        self.consumer_errors
+            .with_label_values(&[ConsumerErrorKind::of(error).as_str()])
+            .inc();
+    }
+
     /// Creates the consumed-message series of `topics` at 0 (see `new`).
     pub fn init_topics(&self, topics: &[&str]) {
         for topic in topics {

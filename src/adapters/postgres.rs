@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use chrono::NaiveDate;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::domain::{Batch, BatchRef, Event, OrderId, OrderLine, Product, Sku};
@@ -29,9 +29,58 @@ use super::outbox::{self, MessageContext, OutboxColumns, OutboxRecord};
 /// The migrations under `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Session settings of the worker's connections, each unless DATABASE_URL
+/// sets it already (`application_name=…`, or `options=-c name=value`):
+///
+/// - `application_name`: the worker, in `pg_stat_activity` and the logs;
+/// - `statement_timeout`: no statement of the worker takes seconds; one that
+///   runs away is cancelled and its transaction retried, like an outage;
+/// - `lock_timeout`: a transaction waiting for a row lock (another session
+///   holding a product) gives up, hands its connection back and is retried
+///   after a back-off, rather than holding a connection for as long as the
+///   lock is held;
+/// - `idle_in_transaction_session_timeout`: a session that leaves a
+///   transaction open (the worker stuck between two statements) loses it and
+///   its locks. The relay holds its transaction while the broker
+///   acknowledges a pass (up to librdkafka's `message.timeout.ms`, 30 s by
+///   default), so this is well above that.
+///
+/// They go in the startup packet's `options`, set once per connection at no
+/// cost per transaction. A pooler in transaction mode (PgBouncer) refuses
+/// that parameter unless told to ignore it (`ignore_startup_parameters =
+/// options`); set them on the database role instead then (`ALTER ROLE …
+/// SET lock_timeout = '10s'`). Migrations run without them (see bootstrap).
+pub fn worker_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    let options = match options.get_application_name() {
+        Some(_) => options,
+        None => options.application_name(APPLICATION_NAME),
+    };
+    let given = options.get_options().unwrap_or_default().to_owned();
+    let missing: Vec<(&str, &str)> = SESSION_TIMEOUTS
+        .iter()
+        .filter(|(name, _)| !given.contains(&format!("{name}=")))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        options
+    } else {
+        options.options(missing)
+    }
+}
+
+/// `application_name` of the worker's connections.
+pub const APPLICATION_NAME: &str = "allocation-worker";
+
+/// See [`worker_connect_options`].
+pub const SESSION_TIMEOUTS: [(&str, &str); 3] = [
+    ("statement_timeout", "30s"),
+    ("lock_timeout", "10s"),
+    ("idle_in_transaction_session_timeout", "2min"),
+];
+
 /// A pool that does not connect until first used, so that the worker can start,
 /// report not-ready and back off while the database is down.
-pub fn lazy_pool(options: sqlx::postgres::PgConnectOptions, max_connections: u32) -> PgPool {
+pub fn lazy_pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(5))
@@ -209,7 +258,7 @@ struct Tracked {
 }
 
 type ProductRow = (String, i64, i64);
-type BatchRow = (i64, String, String, i64, Option<NaiveDate>);
+type BatchRow = (i64, String, String, i64, i64, Option<NaiveDate>);
 type LineRow = (String, i64, String, i64);
 
 pub struct PgProductRepository<'c> {
@@ -376,7 +425,8 @@ impl PgProductRepository<'_> {
         let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
         let batch_rows: Vec<BatchRow> = sqlx::query_as(
-            "SELECT id, sku, reference, purchased_quantity, eta FROM batches \
+            "SELECT id, sku, reference, purchased_quantity, \
+             COALESCE(created_quantity, purchased_quantity), eta FROM batches \
              WHERE sku = ANY($1) ORDER BY id",
         )
         .bind(&skus)
@@ -408,19 +458,22 @@ impl PgProductRepository<'_> {
             });
         }
         let mut batches: HashMap<&str, (Vec<Batch>, HashMap<BatchRef, i64>)> = HashMap::new();
-        for (id, sku, reference, purchased, eta) in batch_rows {
+        for (id, sku, reference, purchased, created, eta) in batch_rows {
             let owner = sku_of(&sku)?;
             let reference = stored_name(BatchRef::parse(reference))?;
             let entry = batches.entry(owner.as_str()).or_default();
             entry.1.insert(reference.clone(), id);
             self.owners.insert(reference.clone(), owner.clone());
-            entry.0.push(Batch::restore(
-                reference,
-                owner.clone(),
-                stored_qty(purchased)?,
-                eta,
-                lines.remove(&id).unwrap_or_default(),
-            ));
+            entry.0.push(
+                Batch::restore(
+                    reference,
+                    owner.clone(),
+                    stored_qty(purchased)?,
+                    eta,
+                    lines.remove(&id).unwrap_or_default(),
+                )
+                .created_with(stored_qty(created)?),
+            );
         }
         for (sku, version, revision) in &products {
             let (list, ids) = batches.remove(sku.as_str()).unwrap_or_default();
@@ -511,14 +564,16 @@ impl PgProductRepository<'_> {
         }
         if !writes.new_batches.0.is_empty() {
             let ids: Vec<(i64, String)> = sqlx::query_as(
-                "INSERT INTO batches (reference, sku, purchased_quantity, eta) \
-                 SELECT r, s, q, e FROM unnest($1::text[], $2::text[], $3::int8[], $4::date[]) \
-                 WITH ORDINALITY AS v(r, s, q, e, n) ORDER BY n RETURNING id, reference",
+                "INSERT INTO batches (reference, sku, purchased_quantity, created_quantity, eta) \
+                 SELECT r, s, q, c, e \
+                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::date[], $5::int8[]) \
+                 WITH ORDINALITY AS v(r, s, q, e, c, n) ORDER BY n RETURNING id, reference",
             )
             .bind(&writes.new_batches.0)
             .bind(&writes.new_batches.1)
             .bind(&writes.new_batches.2)
             .bind(&writes.new_batches.3)
+            .bind(&writes.new_batches.4)
             .fetch_all(&mut *conn)
             .await
             .map_err(classify)?;
@@ -635,8 +690,14 @@ impl PgProductRepository<'_> {
     }
 }
 
-/// reference, sku, purchased quantity, eta.
-type NewBatches<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<i64>, Vec<Option<NaiveDate>>);
+/// reference, sku, purchased quantity, eta, created quantity.
+type NewBatches<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    Vec<Option<NaiveDate>>,
+    Vec<i64>,
+);
 
 /// The rows a commit writes, gathered product by product.
 #[derive(Default)]
@@ -693,6 +754,7 @@ impl<'a> Writes<'a> {
                         .2
                         .push(i64::from(batch.purchased_quantity()));
                     self.new_batches.3.push(batch.eta());
+                    self.new_batches.4.push(i64::from(batch.created_quantity()));
                 }
                 Some(old) if old.purchased_quantity() != batch.purchased_quantity() => {
                     self.quantities.0.push(batch.reference().as_str());
@@ -790,9 +852,25 @@ impl ProductRepository for PgProductRepository<'_> {
                 self.owners.get(reference).cloned()
             }
         };
-        match owner {
-            Some(sku) => self.get(&sku).await,
-            None => Ok(None),
+        let Some(sku) = owner else { return Ok(None) };
+        let holds = self
+            .get(&sku)
+            .await?
+            .is_some_and(|p| p.batch(reference).is_some());
+        if holds {
+            return self.get(&sku).await;
+        }
+        // An owner that does not hold the batch: never learnt from a
+        // committed transaction, then. Forget it and ask the database.
+        tracing::warn!(%reference, owner = %sku, "cached batch owner was wrong; reading it again");
+        self.owners.remove(reference);
+        self.new_owners.remove(reference);
+        self.cache.state().owners.remove(reference);
+        self.absent_refs.remove(reference);
+        self.preload(&[], &[reference], &[]).await?;
+        match self.owners.get(reference).cloned() {
+            Some(owner) if owner != sku => self.get(&owner).await,
+            _ => Ok(None),
         }
     }
 
@@ -901,20 +979,23 @@ impl<'c> PgUnitOfWork<'c> {
             new_owners,
             ..
         } = self.products;
-        // Back in the cache before the commit, so that the next transaction
-        // to lock one of these products (it waits for this one) finds it.
-        // Should the commit fail, their revisions are not the database's.
-        {
-            let mut state = cache.state();
-            owners.extend(new_owners);
-            for tracked in &seen {
-                for batch in tracked.product.batches() {
-                    if !owners.contains_key(batch.reference()) {
-                        owners.insert(batch.reference().clone(), tracked.product.sku().clone());
-                    }
+        // Batch owners are learnt only once the commit succeeded: an owner
+        // carries no revision, so one cached from a transaction that rolled
+        // back could not be told from a true one.
+        owners.extend(new_owners);
+        for tracked in &seen {
+            for batch in tracked.product.batches() {
+                if !owners.contains_key(batch.reference()) {
+                    owners.insert(batch.reference().clone(), tracked.product.sku().clone());
                 }
             }
-            state.owners.extend(owners);
+        }
+        // Products go back in the cache before the commit, so that the next
+        // transaction to lock one of them (it waits for this one) finds it.
+        // Should the commit fail, their revisions are not the database's,
+        // and the copies are never used.
+        {
+            let mut state = cache.state();
             for tracked in seen {
                 state.products.insert(
                     tracked.product.sku().clone(),
@@ -928,11 +1009,14 @@ impl<'c> PgUnitOfWork<'c> {
             if state.products.len() > CACHE_CAPACITY {
                 state.products.clear();
             }
-            if state.owners.len() > 4 * CACHE_CAPACITY {
-                state.owners.clear();
-            }
         }
-        tx.commit().await.map_err(classify)
+        tx.commit().await.map_err(classify)?;
+        let mut state = cache.state();
+        state.owners.extend(owners);
+        if state.owners.len() > 4 * CACHE_CAPACITY {
+            state.owners.clear();
+        }
+        Ok(())
     }
 }
 

@@ -5,11 +5,24 @@
 //! One relay publishes at a time across all instances (a PostgreSQL advisory
 //! lock held for the pass), because two relays interleaving rows of one SKU
 //! would break the per-SKU order of events.
+//!
+//! Order within a pass: the rows of one message key (the SKU, for events)
+//! are sent in id order; rows of one key bound for the same topic (so the same
+//! partition) are pipelined, which the idempotent producer keeps in order; a
+//! row bound for another topic than the key's previous one waits until that
+//! one is acknowledged. At the first failure of a key, nothing more of that
+//! key is sent in the pass. Marked sent is every acknowledged row not
+//! preceded, in its key, by a row that was not: the rows of the other keys,
+//! and the acknowledged rows before a failure, are never sent again.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{Connection, PgConnection, PgPool};
@@ -43,6 +56,72 @@ pub enum RelayError {
     },
 }
 
+/// A record on its way out: the relay's view of a Kafka record.
+pub struct OutboundRecord<'a> {
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+    pub headers: Vec<(&'a str, &'a [u8])>,
+}
+
+/// Resolves once the broker acknowledged a record (`Ok`) or its delivery
+/// failed for good.
+pub type Delivery = Pin<Box<dyn Future<Output = Result<(), KafkaError>> + Send>>;
+
+/// What the relay publishes through: the Kafka producer in production, and
+/// in tests a double that fails chosen sends.
+pub trait Publisher: Send + Sync + 'static {
+    /// Hands `record` over; `Err` when it is refused at once.
+    fn send(&self, record: OutboundRecord<'_>) -> Result<Delivery, KafkaError>;
+    /// Waits up to `timeout` for everything handed over to be delivered.
+    fn flush(&self, timeout: Duration) -> Result<(), KafkaError>;
+}
+
+impl Publisher for FutureProducer<WorkerContext> {
+    fn send(&self, record: OutboundRecord<'_>) -> Result<Delivery, KafkaError> {
+        let count = record.headers.len();
+        let headers = record.headers.into_iter().fold(
+            OwnedHeaders::new_with_capacity(count),
+            |hs, (n, v)| {
+                hs.insert(Header {
+                    key: n,
+                    value: Some(v),
+                })
+            },
+        );
+        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(record.topic).headers(headers);
+        if let Some(key) = record.key {
+            out = out.key(key);
+        }
+        if let Some(payload) = record.payload {
+            out = out.payload(payload);
+        }
+        let delivery = self.send_result(out).map_err(|(e, _)| e)?;
+        Ok(Box::pin(async move {
+            match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e),
+                // The producer was dropped with the record still queued.
+                Err(_) => Err(KafkaError::Canceled),
+            }
+        }))
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        Producer::flush(self, timeout)
+    }
+}
+
+/// What became of one row in a pass.
+enum Sent {
+    Acknowledged,
+    /// Refused or not delivered; `too_large` when for its size.
+    Failed {
+        error: String,
+        too_large: bool,
+    },
+}
+
 type OutboxRow = (
     i64,
     String,
@@ -56,7 +135,7 @@ type OutboxRow = (
 pub struct Relay {
     /// One connection kept from pass to pass (see [`KeptConnections`]).
     connections: KeptConnections,
-    producer: FutureProducer<WorkerContext>,
+    publisher: Box<dyn Publisher>,
     topics: Topics,
     /// Rung by the worker after each commit, so events leave without waiting
     /// for the next poll.
@@ -76,13 +155,24 @@ impl Relay {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Self::with_publisher(pool, Box::new(producer), topics, wake, metrics)
+    }
+
+    /// A relay that publishes through `publisher` (a test double, say).
+    pub fn with_publisher(
+        pool: PgPool,
+        publisher: Box<dyn Publisher>,
+        topics: Topics,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         // One kept connection, when the pool has room for it beside the
         // partitions' (which leave it three): with fewer than four, keeping
         // one could starve everything else.
         let most = usize::from(pool.options().get_max_connections() >= 4);
         Self {
             connections: KeptConnections::new(pool, most),
-            producer,
+            publisher,
             topics,
             wake,
             batch_size: 2000,
@@ -136,79 +226,55 @@ impl Relay {
         }
         let selected = started.elapsed();
 
-        let mut deliveries: Vec<(i64, OutboxKind, _)> = Vec::with_capacity(rows.len());
-        let mut too_large_dead_letters = Vec::new();
-        let mut failure = None;
         // Full (or cut short by its byte bound): more rows are waiting.
         let full = rows.len() as i64 == self.batch_size
             || rows.first().is_some_and(|r| r.5 > rows.len() as i64);
         self.more_waiting.store(full, Ordering::Relaxed);
-        for (id, kind, key, payload, headers, _) in &rows {
-            // Written by a newer version, or damaged: stop here rather than
-            // skip it and publish later rows of its SKU out of order.
-            let Some(kind) = OutboxKind::parse(kind) else {
-                failure = Some(format!("outbox row {id} has unknown kind {kind:?}"));
-                break;
-            };
-            let Some(headers) = decode_headers(headers) else {
-                failure = Some(format!("outbox row {id} has unreadable headers"));
-                break;
-            };
-            let headers = wire_headers(kind, headers);
-            let count = headers.len();
-            let headers =
-                headers
-                    .into_iter()
-                    .fold(OwnedHeaders::new_with_capacity(count), |hs, (n, v)| {
-                        hs.insert(Header {
-                            key: n,
-                            value: Some(v),
-                        })
-                    });
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(self.topics.outbound(kind)).headers(headers);
-            if let Some(key) = key {
-                record = record.key(key.as_slice());
-            }
-            if let Some(payload) = payload {
-                record = record.payload(payload.as_slice());
-            }
-            match self.producer.send_result(record) {
-                Ok(delivery) => deliveries.push((*id, kind, delivery)),
-                Err((e, _)) => {
-                    if kind == OutboxKind::DeadLetter && too_large(&e) {
-                        too_large_dead_letters.push(*id);
-                    }
-                    failure = Some(e.to_string());
-                    break;
-                }
-            }
-        }
 
+        // The rows of each key, in id order; keys in order of first row.
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        let mut chain_of: HashMap<Option<&[u8]>, usize> = HashMap::new();
+        for (i, row) in rows.iter().enumerate() {
+            let chain = *chain_of.entry(row.2.as_deref()).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[chain].push(i);
+        }
+        // Every key's rows go out concurrently with the other keys'.
+        let outcomes: Vec<Vec<(usize, Sent)>> =
+            futures::future::join_all(chains.iter().map(|chain| self.send_chain(&rows, chain)))
+                .await;
         let produced = started.elapsed();
-        // Only the prefix acknowledged in order is marked: a row after a failed
-        // one is sent again next pass, so no SKU's events skip ahead.
-        let attempted = deliveries.len();
-        let mut sent = Vec::with_capacity(attempted);
-        let mut sent_kinds = Vec::with_capacity(attempted);
-        for (id, kind, delivery) in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) if failure.is_none() => {
-                    sent.push(id);
-                    sent_kinds.push(kind);
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    if kind == OutboxKind::DeadLetter && too_large(&e) {
-                        too_large_dead_letters.push(id);
+
+        let mut sent = Vec::with_capacity(rows.len());
+        let mut sent_kinds = Vec::with_capacity(rows.len());
+        let mut too_large_dead_letters = Vec::new();
+        let mut failure: Option<String> = None;
+        for chain in outcomes {
+            let mut intact = true;
+            for (i, outcome) in chain {
+                let (id, kind) = (rows[i].0, OutboxKind::parse(&rows[i].1));
+                match outcome {
+                    Sent::Acknowledged if intact => {
+                        sent.push(id);
+                        sent_kinds.extend(kind);
                     }
-                    failure.get_or_insert_with(|| e.to_string());
-                }
-                Err(_) => {
-                    failure.get_or_insert_with(|| "producer dropped the delivery".to_owned());
+                    // Acknowledged after a failed row of its key: sent again
+                    // after that row, so that the key's last word stays last.
+                    Sent::Acknowledged => {}
+                    Sent::Failed { error, too_large } => {
+                        intact = false;
+                        if too_large && kind == Some(OutboxKind::DeadLetter) {
+                            too_large_dead_letters.push(id);
+                        }
+                        failure.get_or_insert(error);
+                    }
                 }
             }
         }
+        // Marked in id order, as the rows were read.
+        sent.sort_unstable();
         let acknowledged = started.elapsed();
         if !sent.is_empty() {
             // Marking deletes the rows' ids from outbox_pending; the rows
@@ -278,6 +344,68 @@ impl Relay {
                 error,
             }),
         }
+    }
+
+    /// Sends the rows `chain` of one key, in order: pipelined while they go
+    /// to the same topic, waiting for the acknowledgements before a row for
+    /// another topic, and nothing more after the first failure. Returns the
+    /// outcome of every row sent, in chain order.
+    async fn send_chain(&self, rows: &[OutboxRow], chain: &[usize]) -> Vec<(usize, Sent)> {
+        let mut outcomes = Vec::with_capacity(chain.len());
+        let mut in_flight: Vec<(usize, Delivery)> = Vec::new();
+        let mut topic_in_flight: Option<&str> = None;
+        for &i in chain {
+            let (id, kind, key, payload, headers, _) = &rows[i];
+            // Written by a newer version, or damaged: stop here rather than
+            // skip it and publish later rows of its key out of order.
+            let Some(kind) = OutboxKind::parse(kind) else {
+                let error = format!("outbox row {id} has unknown kind {kind:?}");
+                outcomes.push((
+                    i,
+                    Sent::Failed {
+                        error,
+                        too_large: false,
+                    },
+                ));
+                break;
+            };
+            let Some(headers) = decode_headers(headers) else {
+                let error = format!("outbox row {id} has unreadable headers");
+                outcomes.push((
+                    i,
+                    Sent::Failed {
+                        error,
+                        too_large: false,
+                    },
+                ));
+                break;
+            };
+            let topic = self.topics.outbound(kind);
+            if topic_in_flight.is_some_and(|t| t != topic)
+                && !settle(&mut in_flight, &mut outcomes).await
+            {
+                break;
+            }
+            let record = OutboundRecord {
+                topic,
+                key: key.as_deref(),
+                payload: payload.as_deref(),
+                headers: wire_headers(kind, headers),
+            };
+            match self.publisher.send(record) {
+                Ok(delivery) => {
+                    in_flight.push((i, delivery));
+                    topic_in_flight = Some(topic);
+                }
+                Err(e) => {
+                    settle(&mut in_flight, &mut outcomes).await;
+                    outcomes.push((i, failed(&e)));
+                    break;
+                }
+            }
+        }
+        settle(&mut in_flight, &mut outcomes).await;
+        outcomes
     }
 
     /// Publishes until `shutdown`, then makes a last pass and flushes the
@@ -350,15 +478,38 @@ impl Relay {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
         // flush blocks its thread; block_in_place lets the runtime move other work away.
-        if let Err(error) = tokio::task::block_in_place(|| self.producer.flush(remaining)) {
+        if let Err(error) = tokio::task::block_in_place(|| self.publisher.flush(remaining)) {
             tracing::warn!(%error, "producer flush did not complete");
         }
         tracing::info!("outbox relay stopped");
     }
 }
 
+/// Waits for the deliveries in flight, in order, and records their outcomes;
+/// `false` when one failed.
+async fn settle(in_flight: &mut Vec<(usize, Delivery)>, outcomes: &mut Vec<(usize, Sent)>) -> bool {
+    let mut all_acknowledged = true;
+    for (i, delivery) in in_flight.drain(..) {
+        match delivery.await {
+            Ok(()) => outcomes.push((i, Sent::Acknowledged)),
+            Err(e) => {
+                all_acknowledged = false;
+                outcomes.push((i, failed(&e)));
+            }
+        }
+    }
+    all_acknowledged
+}
+
+fn failed(error: &KafkaError) -> Sent {
+    Sent::Failed {
+        error: error.to_string(),
+        too_large: too_large(error),
+    }
+}
+
 /// Whether the producer or the broker refused a record for its size.
-fn too_large(error: &rdkafka::error::KafkaError) -> bool {
+fn too_large(error: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode;
     matches!(
         error.rdkafka_error_code(),

@@ -44,6 +44,10 @@ pub struct Batch {
     reference: BatchRef,
     sku: Sku,
     purchased_quantity: u32,
+    /// The quantity the batch was created with: a BatchCreated that carries
+    /// it (and the same SKU and eta) is the same message again, whatever
+    /// quantity changes came since.
+    created_quantity: u32,
     eta: Option<NaiveDate>,
     /// In the order they were allocated: quantity drops free the last first.
     allocations: Vec<OrderLine>,
@@ -60,12 +64,15 @@ impl Batch {
             reference,
             sku,
             purchased_quantity,
+            created_quantity: purchased_quantity,
             eta,
             allocations: Vec::new(),
         }
     }
 
     /// Rebuilds a stored batch; `allocations` must be in allocation order.
+    /// It was created with `purchased_quantity` unless
+    /// [`Self::created_with`] says otherwise.
     pub fn restore(
         reference: BatchRef,
         sku: Sku,
@@ -77,9 +84,17 @@ impl Batch {
             reference,
             sku,
             purchased_quantity,
+            created_quantity: purchased_quantity,
             eta,
             allocations,
         }
+    }
+
+    /// The same batch, recorded as created with `qty` (a stored batch whose
+    /// quantity was changed since).
+    pub fn created_with(mut self, qty: u32) -> Self {
+        self.created_quantity = qty;
+        self
     }
 
     pub fn reference(&self) -> &BatchRef {
@@ -96,6 +111,11 @@ impl Batch {
 
     pub fn purchased_quantity(&self) -> u32 {
         self.purchased_quantity
+    }
+
+    /// The quantity of the message that created the batch.
+    pub fn created_quantity(&self) -> u32 {
+        self.created_quantity
     }
 
     pub fn allocations(&self) -> &[OrderLine] {
@@ -115,8 +135,10 @@ impl Batch {
         self.sku == line.sku && self.available_quantity() >= i64::from(line.qty)
     }
 
-    fn has_same_data(&self, sku: &Sku, qty: u32, eta: Option<NaiveDate>) -> bool {
-        &self.sku == sku && self.purchased_quantity == qty && self.eta == eta
+    /// Whether a BatchCreated with this data is the one that created the
+    /// batch, delivered again.
+    fn created_by(&self, sku: &Sku, qty: u32, eta: Option<NaiveDate>) -> bool {
+        &self.sku == sku && self.created_quantity == qty && self.eta == eta
     }
 }
 
@@ -169,8 +191,9 @@ impl Product {
         std::mem::take(&mut self.events)
     }
 
-    /// Adds a batch. The same batch again is a no-op (redelivery from the ERP);
-    /// the same reference with other data is refused.
+    /// Adds a batch. The message that created the batch, again, is a no-op
+    /// (redelivery from the ERP), even after the batch's quantity was changed
+    /// since; the same reference with other data is refused.
     pub fn add_batch(
         &mut self,
         reference: BatchRef,
@@ -178,7 +201,7 @@ impl Product {
         eta: Option<NaiveDate>,
     ) -> Result<(), DomainError> {
         if let Some(existing) = self.batch(&reference) {
-            return if existing.has_same_data(&self.sku, qty, eta) {
+            return if existing.created_by(&self.sku, qty, eta) {
                 Ok(())
             } else {
                 Err(DomainError::DuplicateBatch(reference))

@@ -76,16 +76,8 @@ pub struct RunArgs {
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "allocation-worker")]
     pub kafka_group_id: String,
 
-    /// Any librdkafka property, KEY=VALUE (TLS, SASL, timeouts); repeat the
-    /// flag, or separate with commas in the variable. Applied last.
-    #[arg(
-        long = "kafka-property",
-        env = "KAFKA_PROPERTIES",
-        value_delimiter = ',',
-        hide_env_values = true,
-        value_name = "KEY=VALUE"
-    )]
-    pub kafka_properties: Vec<String>,
+    #[command(flatten)]
+    pub kafka_properties: KafkaPropertyArgs,
 
     #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
     pub topic_batch_created: String,
@@ -219,7 +211,8 @@ impl RunArgs {
             &self.kafka_bootstrap_servers,
         )?;
         non_empty("KAFKA_GROUP_ID (--kafka-group-id)", &self.kafka_group_id)?;
-        let properties = kafka_properties(&self.kafka_properties)?;
+        let properties = self.kafka_properties.properties()?;
+        refuse_guarantee_breakers(&properties)?;
         let topics = Topics {
             batch_created: topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
             batch_quantity_changed: topic(
@@ -299,15 +292,110 @@ fn non_empty(setting: &'static str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Any librdkafka property (TLS, SASL, timeouts), three ways, applied in
+/// this order after the worker's own settings, so that the last one given
+/// wins: the `KAFKA_PROPERTIES` list, one `KAFKA_PROPERTY_<NAME>` variable per
+/// property, then the `--kafka-property` flags.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KafkaPropertyArgs {
+    /// Any librdkafka property, KEY=VALUE (TLS, SASL, timeouts); repeat the
+    /// flag for more. The value is taken whole, commas included. Also
+    /// KAFKA_PROPERTY_<NAME> variables, one per property (the name upper-cased,
+    /// dots as `_`, e.g. KAFKA_PROPERTY_SASL_PASSWORD). Applied last.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    pub flags: Vec<String>,
+
+    /// librdkafka properties as one list: one KEY=VALUE per line (values may
+    /// hold commas), or, on a single line, comma-separated.
+    #[arg(
+        long = "kafka-properties",
+        env = "KAFKA_PROPERTIES",
+        hide_env_values = true,
+        value_name = "LIST"
+    )]
+    pub list: Option<String>,
+}
+
+/// Prefix of the variables that each set one librdkafka property.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+
+impl KafkaPropertyArgs {
+    /// Every property given, in the order they apply; values never echoed.
+    pub fn properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut properties = Vec::new();
+        if let Some(list) = &self.list {
+            properties.extend(kafka_properties(
+                "KAFKA_PROPERTIES (--kafka-properties)",
+                &split_property_list(list),
+            )?);
+        }
+        properties.extend(property_variables(std::env::vars_os())?);
+        properties.extend(kafka_properties("--kafka-property", &self.flags)?);
+        Ok(properties)
+    }
+}
+
+/// A `KAFKA_PROPERTIES` value as entries: one per line when it has several
+/// lines (so that values may hold commas: `debug=broker,topic`), otherwise
+/// comma-separated, as before lines were read. Lines starting with `#` are
+/// comments.
+fn split_property_list(list: &str) -> Vec<String> {
+    if list.trim().contains('\n') {
+        list.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| l.trim_end_matches('\r').to_owned())
+            .collect()
+    } else {
+        list.split(',').map(str::to_owned).collect()
+    }
+}
+
+/// `KAFKA_PROPERTY_<NAME>=value` variables as properties, sorted by name.
+/// The name is lower-cased and `_` read as `.`; `__` stands for a literal
+/// `_` (the convention of Confluent's images).
+pub(crate) fn property_variables(
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut properties = Vec::new();
+    for (name, value) in vars {
+        let Some(name) = name.to_str() else { continue };
+        let Some(property) = name.strip_prefix(KAFKA_PROPERTY_PREFIX) else {
+            continue;
+        };
+        let error = |reason: String| ConfigError {
+            setting: "KAFKA_PROPERTY_<NAME>",
+            reason,
+        };
+        if property.is_empty() {
+            return Err(error(format!("{name} names no property")));
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| error(format!("{name} is not valid UTF-8")))?;
+        let property = property
+            .to_ascii_lowercase()
+            .split("__")
+            .map(|part| part.replace('_', "."))
+            .collect::<Vec<_>>()
+            .join("_");
+        properties.push((property, value));
+    }
+    properties.sort();
+    Ok(properties)
+}
+
 /// `KEY=VALUE` librdkafka properties; blank entries are skipped. The value
 /// is never echoed back: it may be a password.
-pub(crate) fn kafka_properties(raw: &[String]) -> Result<Vec<(String, String)>, ConfigError> {
+pub(crate) fn kafka_properties(
+    setting: &'static str,
+    raw: &[String],
+) -> Result<Vec<(String, String)>, ConfigError> {
     raw.iter()
         .filter(|p| !p.trim().is_empty())
         .map(|p| match p.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
             _ => Err(ConfigError {
-                setting: "KAFKA_PROPERTIES (--kafka-property)",
+                setting,
                 reason: format!(
                     "expected KEY=VALUE, got {:?}",
                     p.split('=').next().unwrap_or_default()
@@ -315,6 +403,103 @@ pub(crate) fn kafka_properties(raw: &[String]) -> Result<Vec<(String, String)>, 
             }),
         })
         .collect()
+}
+
+/// A librdkafka property that the delivery guarantees rest on: `allowed`
+/// says which values keep them (the worker's own, in librdkafka's spellings).
+struct Guarded {
+    name: &'static str,
+    allowed: fn(&str) -> bool,
+    why: &'static str,
+}
+
+fn is_true(v: &str) -> bool {
+    matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "t" | "1")
+}
+
+fn is_false(v: &str) -> bool {
+    matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "f" | "0")
+}
+
+const GUARDED: &[Guarded] = &[
+    Guarded {
+        name: "group.id",
+        allowed: |_| false,
+        why: "must not be set as a property: it is KAFKA_GROUP_ID (--kafka-group-id)",
+    },
+    Guarded {
+        name: "enable.auto.offset.store",
+        allowed: is_false,
+        why: "must be false: an offset is stored only once the message's effects are committed",
+    },
+    Guarded {
+        name: "enable.auto.commit",
+        allowed: is_true,
+        why: "must be true: the offsets the worker stores are committed in the background",
+    },
+    // The legacy consumer's spelling of enable.auto.commit.
+    Guarded {
+        name: "auto.commit.enable",
+        allowed: is_true,
+        why: "must be true: the offsets the worker stores are committed in the background",
+    },
+    // 0 switches auto commit off.
+    Guarded {
+        name: "auto.commit.interval.ms",
+        allowed: |v| v.trim().parse::<u64>().is_ok_and(|ms| ms > 0),
+        why: "must be a positive number of milliseconds (0 switches committing off)",
+    },
+    Guarded {
+        name: "offset.store.method",
+        allowed: |v| v.trim() == "broker",
+        why: "must be broker: offsets are committed to the consumer group",
+    },
+    Guarded {
+        name: "auto.offset.reset",
+        allowed: |v| matches!(v.trim(), "earliest" | "smallest" | "beginning"),
+        why: "must be earliest: a group with no committed offset must not skip what was published before",
+    },
+    // Each partition's end would come back as a consumer error: the worker
+    // would report itself not ready and back off at every one.
+    Guarded {
+        name: "enable.partition.eof",
+        allowed: is_false,
+        why: "must be false: the end of a partition is not an error to the worker",
+    },
+    Guarded {
+        name: "enable.idempotence",
+        allowed: is_true,
+        why: "must be true: the producer's retries must never duplicate or reorder events",
+    },
+    Guarded {
+        name: "acks",
+        allowed: |v| matches!(v.trim(), "all" | "-1"),
+        why: "must be all: an event is marked sent only once every in-sync replica has it",
+    },
+    Guarded {
+        name: "request.required.acks",
+        allowed: |v| matches!(v.trim(), "all" | "-1"),
+        why: "must be all: an event is marked sent only once every in-sync replica has it",
+    },
+];
+
+/// Refuses a property that would break a delivery guarantee (offset
+/// storing, auto commit, group id, offset reset, the producer's
+/// idempotence): one line naming it. Its value is not echoed.
+pub(crate) fn refuse_guarantee_breakers(
+    properties: &[(String, String)],
+) -> Result<(), ConfigError> {
+    for (name, value) in properties {
+        if let Some(guarded) = GUARDED.iter().find(|g| g.name == name) {
+            if !(guarded.allowed)(value) {
+                return Err(ConfigError {
+                    setting: "Kafka property",
+                    reason: format!("{name} {} (refused)", guarded.why),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Kafka's own rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.

@@ -40,7 +40,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::entrypoints::cli::{kafka_properties, topic, ConfigError};
+use crate::entrypoints::cli::{topic, ConfigError, KafkaPropertyArgs};
 
 // ------------------------------------------------------------------- flags
 
@@ -51,16 +51,8 @@ pub struct ConnectionArgs {
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     pub kafka_bootstrap_servers: String,
 
-    /// Any librdkafka property, KEY=VALUE (TLS, SASL, timeouts); repeat the
-    /// flag, or separate with commas in the variable. Applied last.
-    #[arg(
-        long = "kafka-property",
-        env = "KAFKA_PROPERTIES",
-        value_delimiter = ',',
-        hide_env_values = true,
-        value_name = "KEY=VALUE"
-    )]
-    pub kafka_properties: Vec<String>,
+    #[command(flatten)]
+    pub kafka_properties: KafkaPropertyArgs,
 }
 
 /// What the summary reads, and when it stops.
@@ -162,7 +154,7 @@ impl ConnectionArgs {
                 reason: "must not be empty".into(),
             });
         }
-        let properties = kafka_properties(&self.kafka_properties)?;
+        let properties = self.kafka_properties.properties()?;
         Ok(Connection {
             bootstrap_servers: self.kafka_bootstrap_servers.clone(),
             properties,
@@ -190,7 +182,7 @@ impl Connection {
 
 pub(crate) fn kafka_config_error(error: rdkafka::error::KafkaError) -> ToolError {
     ToolError::Config(ConfigError {
-        setting: "KAFKA_PROPERTIES (--kafka-property)",
+        setting: "KAFKA_PROPERTIES / KAFKA_PROPERTY_<NAME> / --kafka-property",
         reason: error.to_string(),
     })
 }

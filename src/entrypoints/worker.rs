@@ -127,6 +127,10 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     /// Shared by the partitions: products stay in memory between batches.
     cache: ProductCache,
+    /// Transactions the partitions may have open at once: three connections
+    /// fewer than the pool holds, so that the relay and the HTTP probes always
+    /// find one, however many partitions are busy (or waiting on a lock).
+    transactions: Arc<Semaphore>,
 }
 
 impl Processor {
@@ -136,15 +140,19 @@ impl Processor {
         relay_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        // Keep up to one connection per busy partition, leaving three of
-        // the pool to the relay and the HTTP probes.
-        let most = (pool.options().get_max_connections() as usize).saturating_sub(3);
+        // Up to one connection per busy partition, leaving three of the pool
+        // to the relay and the HTTP probes (with a pool of fewer than four,
+        // one for the partitions all the same).
+        let most = (pool.options().get_max_connections() as usize)
+            .saturating_sub(RESERVED_CONNECTIONS)
+            .max(1);
         Self {
             connections: KeptConnections::new(pool, most),
             topics,
             relay_wake,
             metrics,
             cache: ProductCache::default(),
+            transactions: Arc::new(Semaphore::new(most)),
         }
     }
 
@@ -243,6 +251,12 @@ impl Processor {
         plans: &[Plan],
         contexts: &[MessageContext],
     ) -> Result<Attempt, RepositoryError> {
+        // Held until the connection is back (kept or in the pool).
+        let _transaction = self
+            .transactions
+            .acquire()
+            .await
+            .map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
         let started = std::time::Instant::now();
         let mut conn = self.connections.acquire().await.map_err(classify)?;
         let attempt = self
@@ -349,6 +363,10 @@ impl Processor {
     }
 }
 
+/// Pool connections the partitions leave to the relay (one) and the HTTP
+/// probes and metrics (two).
+pub const RESERVED_CONNECTIONS: usize = 3;
+
 /// The consumer loop around a [`Processor`].
 pub struct Worker {
     processor: Processor,
@@ -443,6 +461,7 @@ impl Worker {
                 }
                 Err(error) => {
                     this.consumer_running.store(false, Ordering::Relaxed);
+                    this.processor.metrics.consumer_error(&error);
                     let delay = errors.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "consumer error");
                     tokio::select! {

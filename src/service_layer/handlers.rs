@@ -54,7 +54,11 @@ pub async fn change_batch_quantity<U: UnitOfWork>(
         .get_by_batchref(&cmd.reference)
         .await?
         .ok_or_else(|| HandlerError::UnknownBatch(cmd.reference.clone()))?;
-    product.change_batch_quantity(&cmd.reference, cmd.qty);
+    // The repository found the batch's product: it holds the batch. Should it
+    // not, the change is not recorded as applied without its effect.
+    if !product.change_batch_quantity(&cmd.reference, cmd.qty) {
+        return Err(HandlerError::UnknownBatch(cmd.reference));
+    }
     Ok(())
 }
 
