@@ -77,10 +77,23 @@ async fn drop_database(pool: PgPool) {
     // still in scope keeps its last one. FORCE ends those sessions.
     drop(pool);
     let (_, mut admin) = admin_connection().await;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .expect("drop the test database");
+    // FORCE cannot end an autovacuum worker, which runs as the superuser,
+    // for a role without pg_signal_backend (SQLSTATE 42501): wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+        match dropped {
+            Ok(_) => return,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("42501") && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("drop the test database {name}: {e}"),
+        }
+    }
 }
 
 fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {
