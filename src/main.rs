@@ -7,7 +7,7 @@ use clap::Parser;
 
 use allocation_worker::bootstrap;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
-use allocation_worker::entrypoints::{simulate, telemetry, watch};
+use allocation_worker::entrypoints::{replay, simulate, telemetry, watch};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -62,6 +62,12 @@ fn main() -> ExitCode {
                 let shutdown = bootstrap::shutdown_on_signals()
                     .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
                 watch::run(settings, shutdown)
+                    .await
+                    .map_err(|e| (e.exit_code(), e.to_string()))
+            }
+            CommandLine::ReplayDeadLetters(args) => {
+                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
+                replay::run(settings)
                     .await
                     .map_err(|e| (e.exit_code(), e.to_string()))
             }

@@ -49,6 +49,9 @@ pub enum CommandLine {
     /// Live summary of what the worker decides: outbound topics, dead letters,
     /// consumer lag and outbox backlog.
     Watch(Box<crate::entrypoints::watch::WatchArgs>),
+    /// Publish dead letters again to the topic they came from, chosen by
+    /// reason, original topic and time; --dry-run lists them.
+    ReplayDeadLetters(Box<crate::entrypoints::replay::ReplayArgs>),
 }
 
 #[derive(Debug, Args)]
