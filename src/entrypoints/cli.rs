@@ -58,7 +58,12 @@ pub enum CommandLine {
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
+
+    /// A file holding the PostgreSQL URL, e.g. a mounted Kubernetes Secret;
+    /// surrounding whitespace is ignored. Instead of DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE", value_name = "PATH")]
+    pub database_url_file: Option<std::path::PathBuf>,
 
     /// Most connections the worker opens to PostgreSQL.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -88,6 +93,12 @@ pub struct RunArgs {
         value_name = "KEY=VALUE"
     )]
     pub kafka_properties: Vec<String>,
+
+    /// A file of librdkafka properties, one KEY=VALUE a line (`#` starts a
+    /// comment), e.g. a mounted Kubernetes Secret with SASL credentials.
+    /// Applied before KAFKA_PROPERTIES, which win.
+    #[arg(long, env = "KAFKA_PROPERTIES_FILE", value_name = "PATH")]
+    pub kafka_properties_file: Option<std::path::PathBuf>,
 
     #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
     pub topic_batch_created: String,
@@ -176,22 +187,62 @@ pub struct DatabaseSettings {
 
 impl DatabaseArgs {
     pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
+        let (setting, url) = self.database_url()?;
         // The URL is not echoed back: it usually holds a password.
-        let scheme = self.database_url.split("://").next().unwrap_or_default();
-        if !matches!(scheme, "postgres" | "postgresql") || !self.database_url.contains("://") {
+        let scheme = url.split("://").next().unwrap_or_default();
+        if !matches!(scheme, "postgres" | "postgresql") || !url.contains("://") {
             return Err(ConfigError {
-                setting: "DATABASE_URL (--database-url)",
+                setting,
                 reason: "expected a postgres:// or postgresql:// URL".into(),
             });
         }
-        let options = PgConnectOptions::from_str(&self.database_url).map_err(|e| ConfigError {
-            setting: "DATABASE_URL (--database-url)",
+        let options = PgConnectOptions::from_str(&url).map_err(|e| ConfigError {
+            setting,
             reason: e.to_string(),
         })?;
         Ok(DatabaseSettings {
             options,
             max_connections: self.database_max_connections,
         })
+    }
+}
+
+impl DatabaseArgs {
+    /// The URL, from DATABASE_URL or from the file DATABASE_URL_FILE names,
+    /// and the setting it came from (for messages). A blank DATABASE_URL
+    /// counts as not set, as an empty variable in a manifest often is.
+    fn database_url(&self) -> Result<(&'static str, String), ConfigError> {
+        const URL: &str = "DATABASE_URL (--database-url)";
+        const FILE: &str = "DATABASE_URL_FILE (--database-url-file)";
+        let url = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty());
+        match (url, &self.database_url_file) {
+            (Some(_), Some(_)) => Err(ConfigError {
+                setting: "DATABASE_URL / DATABASE_URL_FILE",
+                reason: "set one of them, not both".into(),
+            }),
+            (None, None) => Err(ConfigError {
+                setting: URL,
+                reason: "required (or DATABASE_URL_FILE naming a file that holds it)".into(),
+            }),
+            (Some(url), None) => Ok((URL, url.to_owned())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    setting: FILE,
+                    reason: format!("cannot read {}: {e}", path.display()),
+                })?;
+                let url = text.trim();
+                if url.is_empty() {
+                    return Err(ConfigError {
+                        setting: FILE,
+                        reason: format!("{} is empty", path.display()),
+                    });
+                }
+                Ok((FILE, url.to_owned()))
+            }
+        }
     }
 }
 
@@ -204,6 +255,7 @@ impl RunArgs {
         )?;
         non_empty("KAFKA_GROUP_ID (--kafka-group-id)", &self.kafka_group_id)?;
         let properties = kafka_properties(&self.kafka_properties)?;
+        let properties = with_properties_file(self.kafka_properties_file.as_deref(), properties)?;
         let topics = Topics {
             batch_created: topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
             batch_quantity_changed: topic(
@@ -273,6 +325,44 @@ pub(crate) fn kafka_properties(raw: &[String]) -> Result<Vec<(String, String)>, 
             }),
         })
         .collect()
+}
+
+/// The properties of a KAFKA_PROPERTIES_FILE, if one is named, then
+/// `properties` (so that those win). A line is `KEY=VALUE`, both trimmed;
+/// blank lines and lines starting with `#` or `!` are skipped. Values are
+/// never echoed back: they are secrets.
+pub(crate) fn with_properties_file(
+    path: Option<&std::path::Path>,
+    properties: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    const SETTING: &str = "KAFKA_PROPERTIES_FILE (--kafka-properties-file)";
+    let Some(path) = path else {
+        return Ok(properties);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        setting: SETTING,
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let mut from_file = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                from_file.push((key.trim().to_owned(), value.trim().to_owned()))
+            }
+            _ => {
+                return Err(ConfigError {
+                    setting: SETTING,
+                    reason: format!("{} line {}: expected KEY=VALUE", path.display(), number + 1),
+                })
+            }
+        }
+    }
+    from_file.extend(properties);
+    Ok(from_file)
 }
 
 /// Kafka's own rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.

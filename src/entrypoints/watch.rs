@@ -40,7 +40,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::entrypoints::cli::{kafka_properties, topic, ConfigError};
+use crate::entrypoints::cli::{kafka_properties, topic, with_properties_file, ConfigError};
 
 // ------------------------------------------------------------------- flags
 
@@ -61,6 +61,12 @@ pub struct ConnectionArgs {
         value_name = "KEY=VALUE"
     )]
     pub kafka_properties: Vec<String>,
+
+    /// A file of librdkafka properties, one KEY=VALUE a line (`#` starts a
+    /// comment), e.g. a mounted Kubernetes Secret. Applied before
+    /// KAFKA_PROPERTIES, which win.
+    #[arg(long, env = "KAFKA_PROPERTIES_FILE", value_name = "PATH")]
+    pub kafka_properties_file: Option<std::path::PathBuf>,
 }
 
 /// What the summary reads, and when it stops.
@@ -163,6 +169,7 @@ impl ConnectionArgs {
             });
         }
         let properties = kafka_properties(&self.kafka_properties)?;
+        let properties = with_properties_file(self.kafka_properties_file.as_deref(), properties)?;
         Ok(Connection {
             bootstrap_servers: self.kafka_bootstrap_servers.clone(),
             properties,
