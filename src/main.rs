@@ -21,7 +21,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(cli.log_format);
+    let telemetry = match telemetry::init(cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -76,6 +82,8 @@ fn main() -> ExitCode {
     // Dropping a runtime waits for every blocking task; one stuck in
     // librdkafka on an unreachable broker must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last spans, outside the runtime: the exporter's client blocks.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {

@@ -839,6 +839,7 @@ impl<'c> PgUnitOfWork<'c> {
             context: MessageContext {
                 idempotency_key: String::new(),
                 traceparent: None,
+                tracestate: None,
             },
             message_start: 0,
             outbox: Vec::new(),
