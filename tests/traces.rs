@@ -294,3 +294,41 @@ async fn without_an_endpoint_the_trace_context_is_carried_as_it_came() {
     drop(worker);
     env.finish().await;
 }
+
+/// A collector that does not answer holds up neither the messages nor the
+/// exit after SIGTERM (the last spans are given at most a few seconds).
+#[tokio::test]
+async fn an_unreachable_collector_holds_up_neither_the_work_nor_the_exit() {
+    let env = TestEnv::new().await;
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let endpoint = format!("http://{closed}");
+    let mut worker = env.spawn_worker_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("SHUTDOWN_TIMEOUT", "5s"),
+    ]);
+    let sku = unique("sku");
+    let batch = unique("batch");
+    env.batch_created(&batch, &sku, 10, None).await;
+    let orderid = unique("order");
+    let traceparent = format!("00-{}-{}-01", random_hex(32), random_hex(16));
+    env.allocation_required(&orderid, &sku, 1, &[("traceparent", &traceparent)])
+        .await;
+    env.wait_for_count("Allocated", &env.topics.allocated, 1, DEADLINE, |r| {
+        r.field("orderid") == orderid
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let status = worker.terminate(std::time::Duration::from_secs(20)).await;
+    check!(env, status.success(), "exit status {status}");
+    check!(
+        env,
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "took {:?} to exit",
+        started.elapsed()
+    );
+    drop(worker);
+    env.finish().await;
+}
