@@ -7,7 +7,7 @@ use clap::Parser;
 
 use allocation_worker::bootstrap;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
-use allocation_worker::entrypoints::{simulate, telemetry, watch};
+use allocation_worker::entrypoints::{replay, simulate, telemetry, watch};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -21,7 +21,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(cli.log_format);
+    let telemetry = match telemetry::init(cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -65,11 +71,19 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| (e.exit_code(), e.to_string()))
             }
+            CommandLine::ReplayDeadLetters(args) => {
+                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
+                replay::run(settings)
+                    .await
+                    .map_err(|e| (e.exit_code(), e.to_string()))
+            }
         }
     });
     // Dropping a runtime waits for every blocking task; one stuck in
     // librdkafka on an unreachable broker must not keep the process alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // The last spans, outside the runtime: the exporter's client blocks.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {

@@ -129,7 +129,20 @@ fn property_ways(name: &str, value: &str) -> Vec<Given> {
             vec!["--kafka-property".into(), format!("{name}={value}")],
             vec![],
         ),
+        (
+            vec![],
+            vec![("KAFKA_PROPERTIES_FILE".into(), properties_file(name, value))],
+        ),
     ]
+}
+
+/// A KAFKA_PROPERTIES_FILE holding `name=value`, as a mounted Secret would.
+fn properties_file(name: &str, value: &str) -> String {
+    let path =
+        std::env::temp_dir().join(format!("aw-cli-{}-{name}.properties", std::process::id()));
+    std::fs::write(&path, format!("# mounted secret\n{name}={value}\n"))
+        .expect("write a properties file in the temporary directory");
+    path.to_string_lossy().into_owned()
 }
 
 fn run_with(flags: &[String], vars: &[(String, String)]) -> Output {

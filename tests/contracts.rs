@@ -274,6 +274,7 @@ fn outbound_examples_are_what_event_record_builds() {
     let context = MessageContext {
         idempotency_key: "erp.allocation-required/0/42".to_owned(),
         traceparent: None,
+        tracestate: None,
     };
     for (message, _) in OUTBOUND {
         let validator = schema_validator(message);
@@ -397,6 +398,7 @@ fn event_records_match_the_schemas_and_the_asyncapi_headers() {
             let context = MessageContext {
                 idempotency_key: "ce_id:erp-message-7".to_owned(),
                 traceparent: traceparent.map(|t| t.as_bytes().to_vec()),
+                tracestate: None,
             };
             let record = event_record(&event, &context, 2);
             assert_eq!(record.kind, *kind);
@@ -434,6 +436,7 @@ fn event_records_match_the_schemas_and_the_asyncapi_headers() {
         let context = MessageContext {
             idempotency_key: "erp.batch-quantity-changed/1/9".to_owned(),
             traceparent: None,
+            tracestate: None,
         };
         let ce_id = |position| {
             let record = event_record(&event, &context, position);

@@ -247,6 +247,7 @@ fn context(key: &str) -> MessageContext {
     MessageContext {
         idempotency_key: key.into(),
         traceparent: None,
+        tracestate: None,
     }
 }
 

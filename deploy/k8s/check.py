@@ -8,7 +8,8 @@
 2. What the worker needs of them (README "Configuration", SPEC section 7):
    replicas, probes on /healthz and /readyz, resources, a grace period longer
    than SHUTDOWN_TIMEOUT, non-root with a read-only root filesystem, settings
-   from the ConfigMap and the Secret, scrape annotations that match the port,
+   from the ConfigMap, credentials from the Secret mounted as files
+   (DATABASE_URL_FILE, KAFKA_PROPERTIES_FILE), scrape annotations that match the port,
    selectors of the Service and the PodDisruptionBudget that match the pods,
    a disruption budget that lets a drain evict a lone replica, the migrate
    init container (the upgrade procedure of deploy/README.md), no migrate
@@ -116,11 +117,29 @@ def check_pod(where, spec, containers_args, configmap, secret_names, key="contai
         secrets = [e["secretRef"]["name"] for e in env_from if "secretRef" in e]
         if configmaps != [configmap]:
             problem(cname, f"envFrom ConfigMaps are {configmaps}, expected [{configmap!r}]")
-        if secrets != secret_names:
-            problem(cname, f"envFrom Secrets are {secrets}, expected {secret_names}")
-        for env in container.get("env") or []:
-            if env.get("name") in ("DATABASE_URL", "KAFKA_PROPERTIES") and "value" in env:
-                problem(cname, f"{env['name']} is a literal value; it belongs in the Secret")
+        if secrets:
+            problem(cname, f"envFrom Secrets {secrets}: credentials are mounted as files, not environment variables")
+        env = {e.get("name"): e for e in container.get("env") or []}
+        for name in ("DATABASE_URL", "KAFKA_PROPERTIES"):
+            if name in env:
+                problem(cname, f"{name} is set; the Secret's file is read through {name}_FILE")
+        # The Secret mounted as files, which the *_FILE settings name.
+        volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+        mounts = [
+            m for m in container.get("volumeMounts") or []
+            if ((volumes.get(m.get("name")) or {}).get("secret") or {}).get("secretName") in secret_names
+        ]
+        if not mounts:
+            problem(cname, f"the Secret {secret_names} is not mounted")
+        for mount in mounts:
+            if mount.get("readOnly") is not True:
+                problem(cname, f"the Secret's mount {mount.get('mountPath')} is not readOnly")
+        for name, key in (("DATABASE_URL_FILE", "DATABASE_URL"), ("KAFKA_PROPERTIES_FILE", "kafka.properties")):
+            value = (env.get(name) or {}).get("value", "")
+            if not any(value == f"{m.get('mountPath')}/{key}" for m in mounts):
+                problem(cname, f"{name} is {value!r}, expected the Secret's {key} in its mount")
+        if mounts and not pod_security.get("fsGroup"):
+            problem(where, "no pod securityContext.fsGroup: the non-root user cannot read the Secret's files")
     return containers[0] if containers else {}
 
 
@@ -142,7 +161,7 @@ def check(objects):
 
     secret_file, secret = get(objects, "Secret", "allocation-worker-secrets")
     secret_data = secret.get("stringData") or {}
-    for key in ("DATABASE_URL", "KAFKA_PROPERTIES"):
+    for key in ("DATABASE_URL", "kafka.properties"):
         if key not in secret_data:
             problem(secret_file or "secret", f"no stringData.{key}")
     if secret and not all("CHANGE_ME" in str(v) for v in secret_data.values()):

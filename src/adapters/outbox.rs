@@ -22,8 +22,12 @@ const CE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5c1f_3a8e_0d6b_4f4e_9c1e_2a7b_6d
 pub struct MessageContext {
     /// `ce_id` header when present, otherwise `topic/partition/offset`.
     pub idempotency_key: String,
-    /// W3C trace context, carried to every event the message causes.
+    /// W3C trace context, carried to every event the message causes: the
+    /// inbound `traceparent`, or the worker's span of the message when traces
+    /// are exported.
     pub traceparent: Option<Vec<u8>>,
+    /// W3C `tracestate`, carried with `traceparent`.
+    pub tracestate: Option<Vec<u8>>,
 }
 
 /// Where a row is published; the topic name is looked up at publish time, so a
@@ -113,6 +117,9 @@ pub fn event_record(event: &Event, context: &MessageContext, position: usize) ->
     ];
     if let Some(traceparent) = &context.traceparent {
         headers.push(("traceparent".to_owned(), traceparent.clone()));
+        if let Some(tracestate) = &context.tracestate {
+            headers.push(("tracestate".to_owned(), tracestate.clone()));
+        }
     }
     OutboxRecord {
         kind,
@@ -229,6 +236,7 @@ impl InboundMessage {
         MessageContext {
             idempotency_key,
             traceparent: self.header("traceparent").map(<[u8]>::to_vec),
+            tracestate: self.header("tracestate").map(<[u8]>::to_vec),
         }
     }
 }

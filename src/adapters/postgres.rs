@@ -917,6 +917,7 @@ impl<'c> PgUnitOfWork<'c> {
             context: MessageContext {
                 idempotency_key: String::new(),
                 traceparent: None,
+                tracestate: None,
             },
             message_start: 0,
             outbox: Vec::new(),

@@ -50,13 +50,21 @@ pub enum CommandLine {
     /// Live summary of what the worker decides: outbound topics, dead letters,
     /// consumer lag and outbox backlog.
     Watch(Box<crate::entrypoints::watch::WatchArgs>),
+    /// Publish dead letters again to the topic they came from, chosen by
+    /// reason, original topic and time; --dry-run lists them.
+    ReplayDeadLetters(Box<crate::entrypoints::replay::ReplayArgs>),
 }
 
 #[derive(Debug, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: Option<String>,
+
+    /// A file holding the PostgreSQL URL, e.g. a mounted Kubernetes Secret;
+    /// surrounding whitespace is ignored. Instead of DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE", value_name = "PATH")]
+    pub database_url_file: Option<std::path::PathBuf>,
 
     /// Most connections the worker opens to PostgreSQL.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -184,22 +192,62 @@ pub struct DatabaseSettings {
 
 impl DatabaseArgs {
     pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
+        let (setting, url) = self.database_url()?;
         // The URL is not echoed back: it usually holds a password.
-        let scheme = self.database_url.split("://").next().unwrap_or_default();
-        if !matches!(scheme, "postgres" | "postgresql") || !self.database_url.contains("://") {
+        let scheme = url.split("://").next().unwrap_or_default();
+        if !matches!(scheme, "postgres" | "postgresql") || !url.contains("://") {
             return Err(ConfigError {
-                setting: "DATABASE_URL (--database-url)",
+                setting,
                 reason: "expected a postgres:// or postgresql:// URL".into(),
             });
         }
-        let options = PgConnectOptions::from_str(&self.database_url).map_err(|e| ConfigError {
-            setting: "DATABASE_URL (--database-url)",
+        let options = PgConnectOptions::from_str(&url).map_err(|e| ConfigError {
+            setting,
             reason: e.to_string(),
         })?;
         Ok(DatabaseSettings {
             options,
             max_connections: self.database_max_connections,
         })
+    }
+}
+
+impl DatabaseArgs {
+    /// The URL, from DATABASE_URL or from the file DATABASE_URL_FILE names,
+    /// and the setting it came from (for messages). A blank DATABASE_URL
+    /// counts as not set, as an empty variable in a manifest often is.
+    fn database_url(&self) -> Result<(&'static str, String), ConfigError> {
+        const URL: &str = "DATABASE_URL (--database-url)";
+        const FILE: &str = "DATABASE_URL_FILE (--database-url-file)";
+        let url = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty());
+        match (url, &self.database_url_file) {
+            (Some(_), Some(_)) => Err(ConfigError {
+                setting: "DATABASE_URL / DATABASE_URL_FILE",
+                reason: "set one of them, not both".into(),
+            }),
+            (None, None) => Err(ConfigError {
+                setting: URL,
+                reason: "required (or DATABASE_URL_FILE naming a file that holds it)".into(),
+            }),
+            (Some(url), None) => Ok((URL, url.to_owned())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    setting: FILE,
+                    reason: format!("cannot read {}: {e}", path.display()),
+                })?;
+                let url = text.trim();
+                if url.is_empty() {
+                    return Err(ConfigError {
+                        setting: FILE,
+                        reason: format!("{} is empty", path.display()),
+                    });
+                }
+                Ok((FILE, url.to_owned()))
+            }
+        }
     }
 }
 
@@ -292,10 +340,11 @@ fn non_empty(setting: &'static str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// Any librdkafka property (TLS, SASL, timeouts), three ways, applied in
+/// Any librdkafka property (TLS, SASL, timeouts), four ways, applied in
 /// this order after the worker's own settings, so that the last one given
-/// wins: the `KAFKA_PROPERTIES` list, one `KAFKA_PROPERTY_<NAME>` variable per
-/// property, then the `--kafka-property` flags.
+/// wins: the `KAFKA_PROPERTIES_FILE` file, the `KAFKA_PROPERTIES` list, one
+/// `KAFKA_PROPERTY_<NAME>` variable per property, then the
+/// `--kafka-property` flags.
 #[derive(Debug, Clone, Default, Args)]
 pub struct KafkaPropertyArgs {
     /// Any librdkafka property, KEY=VALUE (TLS, SASL, timeouts); repeat the
@@ -314,6 +363,16 @@ pub struct KafkaPropertyArgs {
         value_name = "LIST"
     )]
     pub list: Option<String>,
+
+    /// A file of librdkafka properties, one KEY=VALUE a line (`#` starts a
+    /// comment), e.g. a mounted Kubernetes Secret with SASL credentials.
+    /// Applied first: the other forms win.
+    #[arg(
+        long = "kafka-properties-file",
+        env = "KAFKA_PROPERTIES_FILE",
+        value_name = "PATH"
+    )]
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// Prefix of the variables that each set one librdkafka property.
@@ -322,7 +381,7 @@ pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
 impl KafkaPropertyArgs {
     /// Every property given, in the order they apply; values never echoed.
     pub fn properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        let mut properties = Vec::new();
+        let mut properties = with_properties_file(self.file.as_deref(), Vec::new())?;
         if let Some(list) = &self.list {
             properties.extend(kafka_properties(
                 "KAFKA_PROPERTIES (--kafka-properties)",
@@ -500,6 +559,44 @@ pub(crate) fn refuse_guarantee_breakers(
         }
     }
     Ok(())
+}
+
+/// The properties of a KAFKA_PROPERTIES_FILE, if one is named, then
+/// `properties` (so that those win). A line is `KEY=VALUE`, both trimmed;
+/// blank lines and lines starting with `#` or `!` are skipped. Values are
+/// never echoed back: they are secrets.
+pub(crate) fn with_properties_file(
+    path: Option<&std::path::Path>,
+    properties: Vec<(String, String)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    const SETTING: &str = "KAFKA_PROPERTIES_FILE (--kafka-properties-file)";
+    let Some(path) = path else {
+        return Ok(properties);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        setting: SETTING,
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let mut from_file = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((key, value)) if !key.trim().is_empty() => {
+                from_file.push((key.trim().to_owned(), value.trim().to_owned()))
+            }
+            _ => {
+                return Err(ConfigError {
+                    setting: SETTING,
+                    reason: format!("{} line {}: expected KEY=VALUE", path.display(), number + 1),
+                })
+            }
+        }
+    }
+    from_file.extend(properties);
+    Ok(from_file)
 }
 
 /// Kafka's own rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.

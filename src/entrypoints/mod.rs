@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod generator;
+pub mod replay;
 pub mod simulate;
 pub mod telemetry;
 pub mod watch;

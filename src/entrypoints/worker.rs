@@ -34,6 +34,7 @@ use crate::adapters::outbox::{
 use crate::adapters::postgres::{classify, KeptConnections, PgUnitOfWork, ProductCache};
 use crate::adapters::relay::Backoff;
 use crate::domain::{Command, DomainError};
+use crate::entrypoints::telemetry;
 use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
 
 /// Tuning of the worker loop.
@@ -186,11 +187,21 @@ impl Processor {
         batch: &[(&InboundMessage, bool)],
     ) -> Result<Vec<Outcome>, RepositoryError> {
         let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
-        let contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
+        let mut contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
+        // One span per message when traces are exported (none otherwise),
+        // ended with this call; the events carry its trace context.
+        let spans: Vec<tracing::Span> = batch
+            .iter()
+            .zip(contexts.iter_mut())
+            .filter_map(|((m, _), context)| telemetry::message_span(m, context))
+            .collect();
         let mut conflicts = 0;
         loop {
             match self.attempt(batch, &plans, &contexts).await {
                 Ok((outcomes, errors)) => {
+                    for (span, outcome) in spans.iter().zip(&outcomes) {
+                        span.record("outcome", tracing::field::debug(outcome));
+                    }
                     for (i, error) in errors {
                         if let Outcome::DeadLettered(reason) = outcomes[i] {
                             let m = batch[i].0;

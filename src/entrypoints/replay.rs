@@ -1,0 +1,739 @@
+//! `allocation-worker replay-dead-letters`: publish dead letters again to the
+//! topic they came from, once their cause is fixed (a product created late, a
+//! corrected ERP record).
+//!
+//! - **Reading.** A consumer of its own `assign`s every partition of the
+//!   dead-letter topic from the beginning: no consumer group is joined and
+//!   nothing is committed, so a replay can be repeated, and two operators do
+//!   not steal partitions from each other. A partition is read to its first
+//!   partition-EOF, which is where the broker says it ends when the replay
+//!   starts (Tansu's high watermark from ListOffsets can be short of the end,
+//!   so it is only a fallback, see [`read_letters`]). A letter written while
+//!   the replay runs may be missed: run it again.
+//! - **Selecting.** `--reason`, `--topic` (the original topic), `--since`
+//!   (inclusive) and `--until` (exclusive) on the dead letter's record
+//!   timestamp; every filter given must match.
+//! - **Publishing.** Everything is read before anything is sent, so a letter
+//!   dead-lettered again during the replay is never replayed in the same run.
+//!   Each selected letter goes to `dlq.original.topic`, partition
+//!   `dlq.original.partition`, with its key, value and headers minus the
+//!   `dlq.*` ones, a `ce_id` derived from its dead-letter position (UUIDv5 of
+//!   `topic/partition/offset`: the worker's idempotency key, so a letter
+//!   replayed twice is applied once) and `replayed-from:
+//!   topic/partition/offset`. Every delivery report is awaited; the last
+//!   line on stdout says how many were sent.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use clap::Args;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use uuid::Uuid;
+
+use crate::adapters::kafka::to_inbound;
+use crate::adapters::outbox::DeadLetterReason;
+use crate::entrypoints::cli::{topic, ConfigError};
+use crate::entrypoints::watch::{kafka_config_error, Connection, ConnectionArgs, ToolError};
+
+/// The header that names the dead letter a replayed message came from.
+pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
+
+/// Namespace of the replayed messages' `ce_id`s (UUIDv5), distinct from the
+/// one of the events the worker publishes.
+const REPLAY_CE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x7e2d_91c4_3b5a_4c0f_8d36_1f9e_52a8_d0b7);
+
+/// How long reading may go without a record or an end of partition before
+/// the replay gives up (the broker is unreachable, or the topic stalled).
+const READ_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a partition that has reached the high watermark read at start may
+/// stay silent before it counts as read, when no partition-EOF comes.
+const QUIET_AT_WATERMARK: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    #[arg(
+        long,
+        env = "TOPIC_DEAD_LETTER",
+        default_value = "allocation.dead-letter"
+    )]
+    pub topic_dead_letter: String,
+
+    /// Only letters with this `dlq.reason` (repeat, or separate with commas):
+    /// malformed-json, invalid-message, unknown-sku, unknown-batch,
+    /// duplicate-batch, duplicate-line, unknown-topic.
+    #[arg(long, value_delimiter = ',', value_name = "REASON")]
+    pub reason: Vec<String>,
+
+    /// Only letters that came from this topic (`dlq.original.topic`; repeat,
+    /// or separate with commas).
+    #[arg(long, value_delimiter = ',', value_name = "TOPIC")]
+    pub topic: Vec<String>,
+
+    /// Only letters dead-lettered at or after this time: RFC 3339
+    /// (2026-11-29T10:00:00Z) or a UTC date (2026-11-29).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+
+    /// Only letters dead-lettered before this time: RFC 3339 or a UTC date
+    /// (the start of that day).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+
+    /// List the selected letters, one a line, and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Which letters to replay. An empty list selects any value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub reasons: Vec<String>,
+    pub topics: Vec<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Everything the replay needs, validated.
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    pub connection: Connection,
+    pub dead_letter_topic: String,
+    pub selection: Selection,
+    pub dry_run: bool,
+}
+
+impl ReplayArgs {
+    pub fn settings(&self) -> Result<ReplaySettings, ConfigError> {
+        let connection = self.connection.settings()?;
+        let dead_letter_topic = topic(
+            "TOPIC_DEAD_LETTER (--topic-dead-letter)",
+            &self.topic_dead_letter,
+        )?;
+        let mut reasons = Vec::new();
+        for reason in self
+            .reason
+            .iter()
+            .map(|r| r.trim())
+            .filter(|r| !r.is_empty())
+        {
+            if !DeadLetterReason::ALL.iter().any(|r| r.as_str() == reason) {
+                let known: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
+                return Err(ConfigError {
+                    setting: "--reason",
+                    reason: format!("{reason:?} is not one of {}", known.join(", ")),
+                });
+            }
+            reasons.push(reason.to_owned());
+        }
+        let topics = self
+            .topic
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .map(|t| topic("--topic", t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let since = self
+            .since
+            .as_deref()
+            .map(|t| parse_time("--since", t))
+            .transpose()?;
+        let until = self
+            .until
+            .as_deref()
+            .map(|t| parse_time("--until", t))
+            .transpose()?;
+        if let (Some(since), Some(until)) = (since, until) {
+            if since >= until {
+                return Err(ConfigError {
+                    setting: "--since / --until",
+                    reason: "--since must be before --until".into(),
+                });
+            }
+        }
+        Ok(ReplaySettings {
+            connection,
+            dead_letter_topic,
+            selection: Selection {
+                reasons,
+                topics,
+                since,
+                until,
+            },
+            dry_run: self.dry_run,
+        })
+    }
+}
+
+/// RFC 3339, or `YYYY-MM-DD` for midnight UTC of that day.
+pub fn parse_time(setting: &'static str, text: &str) -> Result<DateTime<Utc>, ConfigError> {
+    let text = text.trim();
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        if let Some(midnight) = date.and_hms_opt(0, 0, 0) {
+            return Ok(midnight.and_utc());
+        }
+    }
+    Err(ConfigError {
+        setting,
+        reason: format!(
+            "{text:?} is neither an RFC 3339 time (2026-11-29T10:00:00Z) nor a date (2026-11-29)"
+        ),
+    })
+}
+
+// ------------------------------------------------------------------ letters
+
+/// One record of the dead-letter topic, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Letter {
+    pub partition: i32,
+    pub offset: i64,
+    /// The record's timestamp: when it was dead-lettered.
+    pub time: Option<DateTime<Utc>>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// `None` is a header with a null value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Letter {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        self.header("dlq.reason")
+    }
+
+    pub fn original_topic(&self) -> Option<String> {
+        self.header("dlq.original.topic")
+    }
+
+    fn original_partition(&self) -> Option<i32> {
+        self.header("dlq.original.partition")?.trim().parse().ok()
+    }
+
+    /// Whether `selection` picks this letter.
+    pub fn selected_by(&self, selection: &Selection) -> bool {
+        let reason_ok = selection.reasons.is_empty()
+            || self
+                .reason()
+                .is_some_and(|r| selection.reasons.contains(&r));
+        let topic_ok = selection.topics.is_empty()
+            || self
+                .original_topic()
+                .is_some_and(|t| selection.topics.contains(&t));
+        let since_ok = selection
+            .since
+            .is_none_or(|since| self.time.is_some_and(|t| t >= since));
+        let until_ok = selection
+            .until
+            .is_none_or(|until| self.time.is_some_and(|t| t < until));
+        reason_ok && topic_ok && since_ok && until_ok
+    }
+
+    /// Why this letter cannot be published again, if it cannot.
+    pub fn unreplayable(&self) -> Option<&'static str> {
+        match self.original_topic() {
+            None => Some("no dlq.original.topic header"),
+            Some(t) if topic("", &t).is_err() => Some("dlq.original.topic is not a topic name"),
+            Some(_) if self.header("dlq.value-omitted").is_some() => {
+                Some("its value was too large for the dead-letter topic (dlq.value-omitted)")
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// The `ce_id` of this letter's replay: the same on every replay.
+    pub fn replay_ce_id(&self, dead_letter_topic: &str) -> String {
+        Uuid::new_v5(
+            &REPLAY_CE_ID_NAMESPACE,
+            self.position(dead_letter_topic).as_bytes(),
+        )
+        .to_string()
+    }
+
+    /// `topic/partition/offset` of the dead letter.
+    pub fn position(&self, dead_letter_topic: &str) -> String {
+        format!("{dead_letter_topic}/{}/{}", self.partition, self.offset)
+    }
+
+    /// The headers of the replayed message: the letter's without `dlq.*`,
+    /// and without the `ce_id` and `replayed-from` of an earlier life, then
+    /// the new `ce_id` and `replayed-from`.
+    pub fn replay_headers(&self, dead_letter_topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = self
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !name.starts_with("dlq.") && name != "ce_id" && name != REPLAYED_FROM_HEADER
+            })
+            .cloned()
+            .collect();
+        headers.push((
+            "ce_id".to_owned(),
+            Some(self.replay_ce_id(dead_letter_topic).into_bytes()),
+        ));
+        headers.push((
+            REPLAYED_FROM_HEADER.to_owned(),
+            Some(self.position(dead_letter_topic).into_bytes()),
+        ));
+        headers
+    }
+
+    /// One line for the listing: position, time, reason, original position,
+    /// error.
+    pub fn line(&self, dead_letter_topic: &str) -> String {
+        let unknown = || "?".to_owned();
+        format!(
+            "{} {} {} {}/{}/{} {}",
+            self.position(dead_letter_topic),
+            self.time
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+                .unwrap_or_else(unknown),
+            self.reason().unwrap_or_else(unknown),
+            self.original_topic().unwrap_or_else(unknown),
+            self.header("dlq.original.partition")
+                .unwrap_or_else(unknown),
+            self.header("dlq.original.offset").unwrap_or_else(unknown),
+            self.header("dlq.error")
+                .unwrap_or_default()
+                .replace(['\n', '\r'], " "),
+        )
+    }
+}
+
+// ----------------------------------------------------------------- reading
+
+/// Sends librdkafka's logs to `tracing`; the end of a partition is expected.
+struct ReplayContext;
+
+impl ClientContext for ReplayContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "CONFWARN" && message.contains("will be ignored by this") {
+            return;
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        ) {
+            return;
+        }
+        tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
+    }
+}
+
+impl ConsumerContext for ReplayContext {}
+
+/// Every letter of the dead-letter topic, up to where each partition ended
+/// when reading began. Blocking.
+///
+/// A partition is read when its first partition-EOF arrives. Should none
+/// come, a partition whose position reached the high watermark fetched at
+/// start and that stayed silent for [`QUIET_AT_WATERMARK`] counts as read too.
+fn read_letters(
+    connection: &Connection,
+    dead_letter_topic: &str,
+) -> Result<Vec<Letter>, ToolError> {
+    let group = format!(
+        "allocation-worker-replay-{}-{}",
+        std::process::id(),
+        Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    );
+    let consumer: BaseConsumer<ReplayContext> = connection
+        .client_config(&[
+            // Required by librdkafka, never joined: assign(), no subscribe().
+            ("group.id", &group),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.partition.eof", "true"),
+            ("fetch.wait.max.ms", "100"),
+        ])
+        .create_with_context(ReplayContext)
+        .map_err(kafka_config_error)?;
+    let ids = partition_ids(&consumer, dead_letter_topic)?;
+    let mut high = HashMap::new();
+    for id in &ids {
+        let (_, h) = consumer
+            .fetch_watermarks(dead_letter_topic, *id, Duration::from_secs(15))
+            .map_err(|e| {
+                ToolError::Kafka(format!(
+                    "cannot read the end of {dead_letter_topic}/{id}: {e}"
+                ))
+            })?;
+        high.insert(*id, h);
+    }
+    let mut assignment = TopicPartitionList::new();
+    for id in &ids {
+        assignment
+            .add_partition_offset(dead_letter_topic, *id, Offset::Beginning)
+            .map_err(|e| ToolError::Kafka(e.to_string()))?;
+    }
+    consumer.assign(&assignment).map_err(|e| {
+        ToolError::Kafka(format!(
+            "cannot assign the partitions of {dead_letter_topic}: {e}"
+        ))
+    })?;
+
+    // Next offset to read, per partition not yet read to its end.
+    let mut reading: HashMap<i32, i64> = ids.iter().map(|&id| (id, 0)).collect();
+    let mut letters = Vec::new();
+    let mut last_progress = Instant::now();
+    let mut last_error = String::new();
+    while !reading.is_empty() {
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Ok(message)) => {
+                last_progress = Instant::now();
+                // Copied at once: no borrowed message outlives the poll. Header
+                // names are read as the worker reads them (a producer's name
+                // that is not UTF-8 would make rdkafka's iterator panic).
+                let time = message
+                    .timestamp()
+                    .to_millis()
+                    .and_then(DateTime::<Utc>::from_timestamp_millis);
+                let record = to_inbound(&message);
+                let letter = Letter {
+                    partition: record.partition,
+                    offset: record.offset,
+                    time,
+                    key: record.key,
+                    value: record.payload,
+                    headers: record.headers,
+                };
+                if let Some(next) = reading.get_mut(&letter.partition) {
+                    *next = letter.offset + 1;
+                    letters.push(letter);
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                last_progress = Instant::now();
+                reading.remove(&partition);
+            }
+            Some(Err(error)) => {
+                let error = error.to_string();
+                if error != last_error {
+                    tracing::warn!(%error, "reading the dead-letter topic");
+                    last_error = error;
+                }
+            }
+        }
+        let quiet = last_progress.elapsed();
+        if quiet >= QUIET_AT_WATERMARK {
+            reading.retain(|id, next| *next < high.get(id).copied().unwrap_or(0));
+        }
+        if !reading.is_empty() && quiet >= READ_STALL_TIMEOUT {
+            let mut left: Vec<String> = reading
+                .keys()
+                .map(|id| format!("{dead_letter_topic}/{id}"))
+                .collect();
+            left.sort();
+            return Err(ToolError::Kafka(format!(
+                "nothing read for {READ_STALL_TIMEOUT:?} before the end of {}{}",
+                left.join(", "),
+                if last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last error: {last_error})")
+                }
+            )));
+        }
+    }
+    letters.sort_by_key(|l| (l.partition, l.offset));
+    Ok(letters)
+}
+
+/// The partitions of `topic`; an error naming it when it does not exist.
+fn partition_ids(
+    consumer: &BaseConsumer<ReplayContext>,
+    topic: &str,
+) -> Result<Vec<i32>, ToolError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(15))
+        .map_err(|e| ToolError::Kafka(format!("cannot read topic {topic}: {e}")))?;
+    let missing = || ToolError::Kafka(format!("topic {topic} does not exist"));
+    let meta = metadata.topics().first().ok_or_else(missing)?;
+    if let Some(error) = meta.error() {
+        let code = RDKafkaErrorCode::from(error);
+        return Err(if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+            missing()
+        } else {
+            ToolError::Kafka(format!("topic {topic}: {code}"))
+        });
+    }
+    let ids: Vec<i32> = meta.partitions().iter().map(|p| p.id()).collect();
+    if ids.is_empty() {
+        return Err(missing());
+    }
+    Ok(ids)
+}
+
+// -------------------------------------------------------------- publishing
+
+/// Sends every letter and waits for every delivery report; returns how many
+/// the broker acknowledged and the first error.
+async fn publish(
+    settings: &ReplaySettings,
+    letters: &[&Letter],
+) -> Result<(usize, Option<String>), ToolError> {
+    let producer: FutureProducer = settings
+        .connection
+        .client_config(&[
+            // Retries never duplicate nor reorder within a partition.
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+            ("message.max.bytes", "16777216"),
+            ("message.timeout.ms", "30000"),
+        ])
+        .create()
+        .map_err(kafka_config_error)?;
+    let topic = &settings.dead_letter_topic;
+    // Owned here: every record borrows its topic until it is queued.
+    let targets: Vec<(&Letter, String)> = letters
+        .iter()
+        .filter_map(|l| Some((*l, l.original_topic()?)))
+        .collect();
+    let mut deliveries = Vec::with_capacity(targets.len());
+    let mut first_error: Option<String> = None;
+    for (letter, original_topic) in &targets {
+        let headers = letter.replay_headers(topic);
+        let owned = headers.iter().fold(
+            OwnedHeaders::new_with_capacity(headers.len()),
+            |hs, (name, value)| {
+                hs.insert(Header {
+                    key: name.as_str(),
+                    value: value.as_deref(),
+                })
+            },
+        );
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(original_topic).headers(owned);
+        // Back where it came from; the partitioner decides only when the
+        // letter does not say.
+        if let Some(partition) = letter.original_partition() {
+            record = record.partition(partition);
+        }
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &letter.value {
+            record = record.payload(value.as_slice());
+        }
+        let position = letter.position(topic);
+        // Queued at once, all of them; the reports are awaited below. A full
+        // queue drains as the broker acknowledges.
+        let queued_by = Instant::now() + Duration::from_secs(30);
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push((position, delivery));
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < queued_by =>
+                {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err((error, _)) => {
+                    tracing::error!(%error, letter = %position, "replay not queued");
+                    first_error.get_or_insert_with(|| format!("{position}: {error}"));
+                    break;
+                }
+            }
+        }
+    }
+    let mut sent = 0;
+    for (position, delivery) in deliveries {
+        let error = match delivery.await {
+            Ok(Ok(_)) => {
+                sent += 1;
+                continue;
+            }
+            Ok(Err((error, _))) => error.to_string(),
+            Err(_) => "the producer went away".to_owned(),
+        };
+        tracing::error!(%error, letter = %position, "replay not delivered");
+        first_error.get_or_insert_with(|| format!("{position}: {error}"));
+    }
+    Ok((sent, first_error))
+}
+
+/// `allocation-worker replay-dead-letters`.
+pub async fn run(settings: ReplaySettings) -> Result<(), ToolError> {
+    let reader_settings = settings.clone();
+    let letters = tokio::task::spawn_blocking(move || {
+        read_letters(
+            &reader_settings.connection,
+            &reader_settings.dead_letter_topic,
+        )
+    })
+    .await
+    .map_err(|e| ToolError::Failed(format!("the reader failed: {e}")))??;
+    let topic = &settings.dead_letter_topic;
+    let selected: Vec<&Letter> = letters
+        .iter()
+        .filter(|l| l.selected_by(&settings.selection))
+        .collect();
+    let mut stdout = std::io::stdout().lock();
+    let mut replayable = Vec::with_capacity(selected.len());
+    for letter in &selected {
+        match letter.unreplayable() {
+            Some(why) => {
+                let _ = writeln!(stdout, "skip {} ({why})", letter.line(topic));
+            }
+            None => {
+                let _ = writeln!(stdout, "{}", letter.line(topic));
+                replayable.push(*letter);
+            }
+        }
+    }
+    let skipped = selected.len() - replayable.len();
+    if settings.dry_run {
+        let _ = writeln!(
+            stdout,
+            "dry run: {} of {} dead letters selected, {skipped} of them cannot be replayed; sent 0",
+            selected.len(),
+            letters.len()
+        );
+        return Ok(());
+    }
+    drop(stdout);
+    let (sent, error) = publish(&settings, &replayable).await?;
+    println!(
+        "sent {sent} of {} selected dead letters ({} read, {skipped} skipped)",
+        selected.len(),
+        letters.len()
+    );
+    match error {
+        None => Ok(()),
+        Some(error) => Err(ToolError::Failed(format!(
+            "{} dead letters not delivered, first: {error}; replaying again is safe",
+            replayable.len() - sent
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn letter(headers: &[(&str, &str)], millis: i64) -> Letter {
+        Letter {
+            partition: 2,
+            offset: 17,
+            time: DateTime::from_timestamp_millis(millis),
+            key: Some(b"sku-1".to_vec()),
+            value: Some(b"{}".to_vec()),
+            headers: headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), Some(v.as_bytes().to_vec())))
+                .collect(),
+        }
+    }
+
+    const DEAD: &[(&str, &str)] = &[
+        ("traceparent", "00-abc"),
+        ("ce_id", "erp-1"),
+        ("dlq.reason", "unknown-sku"),
+        ("dlq.error", "no product sku-1"),
+        ("dlq.original.topic", "erp.allocation-required"),
+        ("dlq.original.partition", "1"),
+        ("dlq.original.offset", "40"),
+    ];
+
+    #[test]
+    fn replay_headers_drop_dlq_and_carry_a_stable_ce_id_and_the_position() {
+        let l = letter(DEAD, 0);
+        let headers = l.replay_headers("allocation.dead-letter");
+        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["traceparent", "ce_id", "replayed-from"]);
+        assert_eq!(
+            headers[2].1.as_deref(),
+            Some(b"allocation.dead-letter/2/17".as_slice())
+        );
+        let id = l.replay_ce_id("allocation.dead-letter");
+        assert_eq!(headers[1].1.as_deref(), Some(id.as_bytes()));
+        assert_eq!(id, letter(DEAD, 99).replay_ce_id("allocation.dead-letter"));
+        assert_ne!(id, l.replay_ce_id("other.dead-letter"));
+        assert_eq!(l.original_partition(), Some(1));
+    }
+
+    #[test]
+    fn every_filter_given_must_match() {
+        let l = letter(DEAD, 1_000);
+        let at = |ms| DateTime::from_timestamp_millis(ms);
+        let mut s = Selection::default();
+        assert!(l.selected_by(&s));
+        s.reasons = vec!["unknown-batch".into(), "unknown-sku".into()];
+        assert!(l.selected_by(&s));
+        s.topics = vec!["erp.batch-created".into()];
+        assert!(!l.selected_by(&s));
+        s.topics.push("erp.allocation-required".into());
+        assert!(l.selected_by(&s));
+        s.since = at(1_000);
+        s.until = at(1_001);
+        assert!(l.selected_by(&s), "since inclusive");
+        s.until = at(1_000);
+        assert!(!l.selected_by(&s), "until exclusive");
+        s.until = None;
+        s.since = at(1_001);
+        assert!(!l.selected_by(&s));
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_dates() {
+        assert_eq!(
+            parse_time("--since", "2026-11-29").unwrap(),
+            parse_time("--since", "2026-11-29T00:00:00Z").unwrap()
+        );
+        assert_eq!(
+            parse_time("--since", "2026-11-29T01:00:00+01:00").unwrap(),
+            parse_time("--since", "2026-11-29").unwrap()
+        );
+        let error = parse_time("--until", "yesterday").unwrap_err().to_string();
+        assert!(error.starts_with("invalid setting --until:"), "{error}");
+    }
+
+    #[test]
+    fn a_letter_without_origin_or_value_is_not_replayed() {
+        assert_eq!(letter(DEAD, 0).unreplayable(), None);
+        assert!(letter(&[("dlq.reason", "unknown-sku")], 0)
+            .unreplayable()
+            .is_some());
+        let mut omitted = DEAD.to_vec();
+        omitted.push(("dlq.value-omitted", "2000000 bytes"));
+        assert!(letter(&omitted, 0).unreplayable().is_some());
+    }
+}

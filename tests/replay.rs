@@ -1,0 +1,544 @@
+//! `allocation-worker replay-dead-letters` (README "Operating it"): the real
+//! binary against the real broker and database.
+//!
+//! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`).
+//! Worker logs: `target/e2e-logs/<test>-w<n>.log` (named in every failure).
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+use common::{random_hex, unique, TestEnv, DEADLINE, PARTITIONS};
+
+// ------------------------------------------------------------------ helpers
+
+/// Runs `allocation-worker replay-dead-letters ARGS` against the test's broker
+/// and dead-letter topic; fails if it does not exit within a minute.
+async fn replay(env: &TestEnv, args: &[&str]) -> Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"));
+    command
+        .arg("replay-dead-letters")
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KAFKA_BOOTSTRAP_SERVERS", &env.bootstrap_servers)
+        .env("TOPIC_DEAD_LETTER", &env.topics.dead_letter)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().expect("spawn replay-dead-letters");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("replay-dead-letters {args:?} did not exit within 60s"))
+        .expect("replay-dead-letters output");
+    env.note(&format!(
+        "replay-dead-letters {args:?}: {}\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    ));
+    output
+}
+
+/// Stdout of a successful run, as lines.
+fn succeeded(output: &Output) -> Vec<String> {
+    assert!(
+        output.status.success(),
+        "replay-dead-letters failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The listed letters' positions (`topic/partition/offset`), in order.
+fn listed(lines: &[String], dead_letter_topic: &str) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.starts_with(&format!("{dead_letter_topic}/")))
+        .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+struct Seen {
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
+    }
+}
+
+/// Everything on `topic` now: read from the beginning, no consumer group, up
+/// to the first partition-EOF of every partition (not to the high watermark,
+/// which Tansu reports short of the end).
+async fn read_all(env: &TestEnv, topic: &str) -> Vec<Seen> {
+    let bootstrap = env.bootstrap_servers.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", format!("replay-test-{}", random_hex(12)))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .expect("reader consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..PARTITIONS {
+            tpl.add_partition_offset(&topic, p, Offset::Beginning)
+                .expect("reader partition");
+        }
+        consumer.assign(&tpl).expect("reader assign");
+        let mut ended = HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ended.len() < PARTITIONS as usize {
+            assert!(
+                Instant::now() < deadline,
+                "{topic}: no end of partition after 30s"
+            );
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => seen.push(Seen {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    value: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }),
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    ended.insert(p);
+                }
+                Some(Err(e)) => panic!("reading {topic}: {e}"),
+                None => {}
+            }
+        }
+        drop(consumer);
+        seen
+    })
+    .await
+    .expect("reader thread")
+}
+
+/// A plain HTTP/1.1 GET of the worker's `/metrics`; `None` until it answers.
+async fn metrics(addr: std::net::SocketAddr) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    Some(text.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// The value of `name{labels}` in a Prometheus text exposition.
+fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted = format!("{name}{{{labels}}}");
+    metrics.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        (series == wanted).then(|| value.parse().ok()).flatten()
+    })
+}
+
+// -------------------------------------------------------------------- tests
+
+/// A line dead-lettered as unknown-sku, its product created later: the dry
+/// run lists it and sends nothing; the replay allocates it once; a second
+/// replay of the same letter is recognised by its `ce_id` and applies nothing.
+#[tokio::test]
+async fn an_unknown_sku_letter_replayed_after_its_product_exists_is_allocated_once() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker_with(&[("UNKNOWN_REFERENCE_TIMEOUT", "1s")]);
+    let (ar, dlq) = (
+        env.topics.allocation_required.clone(),
+        env.topics.dead_letter.clone(),
+    );
+
+    let sku = unique("sku");
+    let orderid = unique("order");
+    let traceparent = format!("00-{}-{}-01", random_hex(32), random_hex(16));
+    let erp_ce_id = unique("erp");
+    env.allocation_required(
+        &orderid,
+        &sku,
+        3,
+        &[("ce_id", &erp_ce_id), ("traceparent", &traceparent)],
+    )
+    .await;
+    // Another letter, of another reason, that --reason leaves alone.
+    env.produce_raw(&env.topics.batch_created, Some(&sku), b"{not json", &[])
+        .await;
+    let letters = env
+        .wait_for_count("both dead letters", &dlq, 2, DEADLINE, |_| true)
+        .await;
+    let letter = letters
+        .iter()
+        .find(|r| r.header("dlq.reason").as_deref() == Some("unknown-sku"))
+        .unwrap_or_else(|| panic!("no unknown-sku letter among {letters:?}"));
+    let position = format!("{dlq}/{}/{}", letter.partition, letter.offset);
+
+    // The dry run lists the one letter and sends nothing.
+    let lines = succeeded(&replay(&env, &["--reason", "unknown-sku", "--dry-run"]).await);
+    check_eq!(
+        env,
+        listed(&lines, &dlq),
+        vec![position.clone()],
+        "listed: {lines:?}"
+    );
+    let line = &lines[0];
+    for part in ["unknown-sku", &format!("{ar}/"), &sku] {
+        check!(
+            env,
+            line.contains(part),
+            "{part:?} not in the listed line {line:?}"
+        );
+    }
+    check!(
+        env,
+        lines.last().is_some_and(|l| l.ends_with("sent 0")),
+        "last line of the dry run: {lines:?}"
+    );
+    let inbound = read_all(&env, &ar).await;
+    check_eq!(
+        env,
+        inbound.len(),
+        1,
+        "the dry run sent something: {inbound:?}"
+    );
+
+    // The product arrives; the replay allocates the line.
+    let batch = unique("batch");
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+    let lines = succeeded(&replay(&env, &["--reason", "unknown-sku"]).await);
+    check_eq!(
+        env,
+        listed(&lines, &dlq),
+        vec![position.clone()],
+        "{lines:?}"
+    );
+    check!(
+        env,
+        lines.last().is_some_and(|l| l.starts_with("sent 1 of 1 ")),
+        "last line: {lines:?}"
+    );
+    env.wait_for_count(
+        "the replayed line allocated",
+        &env.topics.allocated,
+        1,
+        DEADLINE,
+        |r| r.field("orderid") == orderid,
+    )
+    .await;
+
+    // Replayed again: recognised as handled, applied nothing.
+    let lines = succeeded(&replay(&env, &["--reason", "unknown-sku"]).await);
+    check!(
+        env,
+        lines.last().is_some_and(|l| l.starts_with("sent 1 of 1 ")),
+        "last line: {lines:?}"
+    );
+    let topic = ar.clone();
+    env.eventually("the second replay counted as a duplicate", DEADLINE, || {
+        let topic = topic.clone();
+        async move {
+            let text = metrics(worker.http_addr).await.unwrap_or_default();
+            let labels = format!(r#"outcome="duplicate",topic="{topic}""#);
+            match sample(&text, "allocation_messages_consumed_total", &labels) {
+                Some(n) if n >= 1.0 => Ok(Some(())),
+                _ => Err(text
+                    .lines()
+                    .filter(|l| l.starts_with("allocation_messages_consumed_total"))
+                    .collect::<Vec<_>>()
+                    .join("; ")),
+            }
+        }
+    })
+    .await;
+    let allocated: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'Allocated'")
+        .fetch_one(&env.db)
+        .await
+        .expect("count Allocated rows");
+    check_eq!(env, allocated, 1, "Allocated events decided");
+    let view: Vec<(String, String)> =
+        sqlx::query_as("SELECT sku, batchref FROM allocations_view WHERE orderid = $1")
+            .bind(&orderid)
+            .fetch_all(&env.db)
+            .await
+            .expect("query allocations_view");
+    check_eq!(env, view, vec![(sku.clone(), batch.clone())], "read model");
+
+    // What went back to the ERP topic: the original, then the same replay
+    // twice, without dlq.* headers, with one ce_id and the letter's position.
+    let inbound = read_all(&env, &ar).await;
+    check_eq!(env, inbound.len(), 3, "records on {ar}: {inbound:?}");
+    let replays: Vec<&Seen> = inbound
+        .iter()
+        .filter(|r| r.header("replayed-from").is_some())
+        .collect();
+    check_eq!(env, replays.len(), 2, "replays on {ar}: {inbound:?}");
+    let original = inbound
+        .iter()
+        .find(|r| r.header("replayed-from").is_none())
+        .expect("the original message");
+    for r in &replays {
+        check_eq!(
+            env,
+            r.header("replayed-from"),
+            Some(position.clone()),
+            "{r:?}"
+        );
+        check_eq!(env, &r.key, &original.key, "key of {r:?}");
+        check_eq!(env, &r.value, &original.value, "value of {r:?}");
+        check_eq!(env, r.partition, original.partition, "partition of {r:?}");
+        check_eq!(
+            env,
+            r.header("traceparent"),
+            Some(traceparent.clone()),
+            "{r:?}"
+        );
+        check!(
+            env,
+            r.headers.iter().all(|(n, _)| !n.starts_with("dlq.")),
+            "dlq headers left on {r:?}"
+        );
+        check_eq!(
+            env,
+            r.headers.iter().filter(|(n, _)| n == "ce_id").count(),
+            1,
+            "{r:?}"
+        );
+    }
+    check_eq!(
+        env,
+        replays[0].header("ce_id"),
+        replays[1].header("ce_id"),
+        "one ce_id"
+    );
+    check!(
+        env,
+        replays[0].header("ce_id") != Some(erp_ce_id.clone()),
+        "the replay kept the ce_id already recorded as handled: {:?}",
+        replays[0]
+    );
+
+    drop(worker);
+    env.finish().await;
+}
+
+/// Letters made by hand on the dead-letter topic, with known timestamps:
+/// `--topic`, `--since` and `--until` select among them, and only what is
+/// selected is sent.
+#[tokio::test]
+async fn selects_letters_by_original_topic_and_time() {
+    let env = TestEnv::new().await;
+    let dlq = env.topics.dead_letter.clone();
+    let (bc, ar) = (
+        env.topics.batch_created.clone(),
+        env.topics.allocation_required.clone(),
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .set("acks", "all")
+        .create()
+        .expect("producer");
+    let at = |text: &str| -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("a time")
+            .with_timezone(&Utc)
+    };
+    // (original topic, dead-lettered at); all in partition 0, in this order.
+    let letters = [
+        (&bc, at("2026-01-01T10:00:00Z")),
+        (&ar, at("2026-01-02T10:00:00Z")),
+        (&bc, at("2026-01-03T10:00:00Z")),
+    ];
+    let mut positions = Vec::new();
+    for (n, (topic, time)) in letters.iter().enumerate() {
+        let n = n.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dlq.reason",
+                value: Some("malformed-json"),
+            })
+            .insert(Header {
+                key: "dlq.error",
+                value: Some("expected value"),
+            })
+            .insert(Header {
+                key: "dlq.original.topic",
+                value: Some(topic.as_str()),
+            })
+            .insert(Header {
+                key: "dlq.original.partition",
+                value: Some("0"),
+            })
+            .insert(Header {
+                key: "dlq.original.offset",
+                value: Some(&n),
+            })
+            .insert(Header {
+                key: "n",
+                value: Some(&n),
+            });
+        let record = FutureRecord::to(&dlq)
+            .partition(0)
+            .key("k")
+            .payload("{}")
+            .timestamp(time.timestamp_millis())
+            .headers(headers);
+        let delivered = producer
+            .send(record, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing a letter: {e}"));
+        positions.push(format!(
+            "{dlq}/{}/{}",
+            delivered.partition, delivered.offset
+        ));
+    }
+    let select = |args: &'static [&'static str]| {
+        let env = &env;
+        async move {
+            listed(
+                &succeeded(&replay(env, args).await),
+                &env.topics.dead_letter,
+            )
+        }
+    };
+
+    check_eq!(env, select(&["--dry-run"]).await, positions, "no filter");
+    let by_topic = ["--dry-run", "--topic", bc.as_str()];
+    let lines = succeeded(&replay(&env, &by_topic).await);
+    check_eq!(
+        env,
+        listed(&lines, &dlq),
+        vec![positions[0].clone(), positions[2].clone()],
+        "--topic {bc}"
+    );
+    check_eq!(
+        env,
+        select(&["--dry-run", "--since", "2026-01-02"]).await,
+        positions[1..].to_vec(),
+        "--since a date"
+    );
+    check_eq!(
+        env,
+        select(&["--dry-run", "--until", "2026-01-02T10:00:00Z"]).await,
+        positions[..1].to_vec(),
+        "--until is exclusive"
+    );
+    check_eq!(
+        env,
+        select(&[
+            "--dry-run",
+            "--since",
+            "2026-01-02T10:00:00Z",
+            "--until",
+            "2026-01-03"
+        ])
+        .await,
+        positions[1..2].to_vec(),
+        "--since is inclusive"
+    );
+    check_eq!(
+        env,
+        select(&["--dry-run", "--reason", "unknown-batch"]).await,
+        Vec::<String>::new(),
+        "--reason"
+    );
+
+    // Sent for real: only the letters selected reach their topics.
+    let args = ["--topic", bc.as_str(), "--since", "2026-01-02"];
+    let lines = succeeded(&replay(&env, &args).await);
+    check!(
+        env,
+        lines.last().is_some_and(|l| l.starts_with("sent 1 of 1 ")),
+        "{lines:?}"
+    );
+    let on_bc = read_all(&env, &bc).await;
+    let on_ar = read_all(&env, &ar).await;
+    check_eq!(env, on_ar.len(), 0, "nothing for {ar}: {on_ar:?}");
+    check_eq!(env, on_bc.len(), 1, "one replay on {bc}: {on_bc:?}");
+    check_eq!(
+        env,
+        on_bc[0].header("n").as_deref(),
+        Some("2"),
+        "{:?}",
+        on_bc[0]
+    );
+    check_eq!(
+        env,
+        on_bc[0].header("replayed-from"),
+        Some(positions[2].clone()),
+        "{:?}",
+        on_bc[0]
+    );
+    check_eq!(env, on_bc[0].partition, 0, "back to its partition");
+    check_eq!(env, on_bc[0].offset, 0, "{:?}", on_bc[0]);
+
+    env.finish().await;
+}
+
+/// A bad setting is one line naming it, exit code 2, before anything is read.
+#[test]
+fn bad_settings_are_one_line_and_exit_2() {
+    for (args, needle) in [
+        (&["--reason", "unknown-thing"][..], "--reason"),
+        (&["--since", "last tuesday"][..], "--since"),
+        (&["--until", "2026-13-01"][..], "--until"),
+        (
+            &["--since", "2026-01-02", "--until", "2026-01-01"][..],
+            "--since",
+        ),
+        (&["--topic", "no spaces"][..], "--topic"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
+            .arg("replay-dead-letters")
+            .args(args)
+            .env_clear()
+            .env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: one line expected, got {stderr}");
+        assert!(
+            lines[0].contains(needle),
+            "{args:?}: {needle} not named in {stderr}"
+        );
+    }
+}
