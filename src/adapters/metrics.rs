@@ -22,6 +22,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub concurrency_retries: IntCounter,
     pub ready: IntGauge,
+    pub waiting_messages: IntGauge,
+    pub waiting_oldest_age: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -91,6 +93,16 @@ impl Metrics {
             "allocation_ready",
             "1 when the database is reachable and the consumer is running, else 0.",
         )?;
+        let waiting_messages = IntGauge::new(
+            "allocation_waiting_messages",
+            "Inbound messages waiting for a SKU or batch not known yet, or behind one that does.",
+        )?;
+        let waiting_oldest_age = prometheus::Gauge::new(
+            "allocation_waiting_oldest_age_seconds",
+            "How long the oldest waiting message has waited (wall-clock); 0 when none waits.",
+        )?;
+        registry.register(Box::new(waiting_messages.clone()))?;
+        registry.register(Box::new(waiting_oldest_age.clone()))?;
         registry.register(Box::new(messages_consumed.clone()))?;
         registry.register(Box::new(handling_duration.clone()))?;
         registry.register(Box::new(batch_messages.clone()))?;
@@ -125,6 +137,8 @@ impl Metrics {
             consumer_lag,
             concurrency_retries,
             ready,
+            waiting_messages,
+            waiting_oldest_age,
         })
     }
 

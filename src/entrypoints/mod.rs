@@ -4,5 +4,7 @@ pub mod cli;
 pub mod generator;
 pub mod simulate;
 pub mod telemetry;
+pub mod tracker;
 pub mod watch;
+pub mod window;
 pub mod worker;

@@ -10,15 +10,15 @@
 //! partition's stored offset never passes a parked message, and redelivered
 //! messages are recognised by their idempotency key.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +32,9 @@ use crate::adapters::outbox::{
 };
 use crate::adapters::postgres::{classify, KeptConnections, PgUnitOfWork, ProductCache};
 use crate::adapters::relay::Backoff;
-use crate::domain::{Command, DomainError};
+use crate::domain::{BatchRef, Command, DomainError, Sku};
+use crate::entrypoints::tracker::{BatchGate, Tracker};
+use crate::entrypoints::window::{Conditions, UsableClock};
 use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
 
 /// Tuning of the worker loop.
@@ -75,9 +77,39 @@ async fn pause_after_conflict(conflicts: u32) {
 
 /// What is known of a message before any transaction: a command to handle,
 /// or a dead letter (unknown topic, undecodable value).
-enum Plan {
+#[derive(Debug, Clone)]
+pub enum Plan {
     Handle(Command),
     DeadLetter(DeadLetterReason, String),
+}
+
+/// What a message names, for the waiting rule (README, "Dead letters"): the
+/// messages naming one key apply in the order of their partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MessageKey {
+    Sku(Sku),
+    Batch(BatchRef),
+}
+
+impl Plan {
+    /// The SKU and batch the message names; none for a dead letter.
+    pub fn keys(&self) -> Vec<MessageKey> {
+        match self {
+            Plan::Handle(Command::Allocate(c)) => vec![MessageKey::Sku(c.sku.clone())],
+            Plan::Handle(Command::CreateBatch(c)) => vec![
+                MessageKey::Sku(c.sku.clone()),
+                MessageKey::Batch(c.reference.clone()),
+            ],
+            Plan::Handle(Command::ChangeBatchQuantity(c)) => {
+                vec![MessageKey::Batch(c.reference.clone())]
+            }
+            Plan::DeadLetter(..) => Vec::new(),
+        }
+    }
+
+    fn creates_batch(&self) -> bool {
+        matches!(self, Plan::Handle(Command::CreateBatch(_)))
+    }
 }
 
 /// Why a command was not applied in this attempt.
@@ -126,6 +158,13 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     /// Shared by the partitions: products stay in memory between batches.
     cache: ProductCache,
+    /// Bumped after a commit that applied a BatchCreated: a SKU or batch
+    /// that messages wait for may exist now.
+    references: watch::Sender<u64>,
+    /// Whether the last transaction could be made (false after a transient
+    /// failure, until one commits): a condition of the unknown-reference
+    /// window.
+    store_reachable: AtomicBool,
 }
 
 impl Processor {
@@ -144,7 +183,20 @@ impl Processor {
             relay_wake,
             metrics,
             cache: ProductCache::default(),
+            references: watch::Sender::new(0),
+            store_reachable: AtomicBool::new(true),
         }
+    }
+
+    /// Changes after every commit that applied a BatchCreated.
+    pub fn references_changed(&self) -> watch::Receiver<u64> {
+        self.references.subscribe()
+    }
+
+    /// False after a transaction failed for a transient reason, until one
+    /// commits.
+    pub fn store_reachable(&self) -> bool {
+        self.store_reachable.load(Ordering::Relaxed)
     }
 
     /// Optimistic-concurrency conflicts retried so far.
@@ -177,11 +229,26 @@ impl Processor {
         batch: &[(&InboundMessage, bool)],
     ) -> Result<Vec<Outcome>, RepositoryError> {
         let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
+        let plans: Vec<&Plan> = plans.iter().collect();
+        self.process_planned(batch, &plans).await
+    }
+
+    /// [`Self::process_batch`] of messages already decoded by [`Self::plan`]
+    /// (one plan per message). Within the batch, a message naming a SKU or
+    /// batch of an earlier message that was deferred (or held back) is held
+    /// back too, without being tried: `Deferred`.
+    pub async fn process_planned(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+    ) -> Result<Vec<Outcome>, RepositoryError> {
         let contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
+        let keys: Vec<Vec<MessageKey>> = plans.iter().map(|p| p.keys()).collect();
         let mut conflicts = 0;
         loop {
-            match self.attempt(batch, &plans, &contexts).await {
+            match self.attempt(batch, plans, &keys, &contexts).await {
                 Ok((outcomes, errors)) => {
+                    self.store_reachable.store(true, Ordering::Relaxed);
                     for (i, error) in errors {
                         if let Outcome::DeadLettered(reason) = outcomes[i] {
                             let m = batch[i].0;
@@ -205,6 +272,13 @@ impl Processor {
                     {
                         self.relay_wake.notify_one();
                     }
+                    if outcomes
+                        .iter()
+                        .zip(plans)
+                        .any(|(o, p)| *o == Outcome::Applied && p.creates_batch())
+                    {
+                        self.references.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                     return Ok(outcomes);
                 }
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
@@ -213,12 +287,18 @@ impl Processor {
                     tracing::debug!(%why, conflicts, "concurrent change; retrying");
                     pause_after_conflict(conflicts).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, RepositoryError::Unavailable(_)) {
+                        self.store_reachable.store(false, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
 
-    fn plan(&self, message: &InboundMessage) -> Plan {
+    /// Decodes a message: what to do with it, and the keys it names.
+    pub fn plan(&self, message: &InboundMessage) -> Plan {
         let Some(kind) = self.topics.inbound_kind(&message.topic) else {
             let error = format!("topic {} is not an inbound topic", message.topic);
             return Plan::DeadLetter(DeadLetterReason::UnknownTopic, error);
@@ -239,13 +319,14 @@ impl Processor {
     async fn attempt(
         &self,
         batch: &[(&InboundMessage, bool)],
-        plans: &[Plan],
+        plans: &[&Plan],
+        message_keys: &[Vec<MessageKey>],
         contexts: &[MessageContext],
     ) -> Result<Attempt, RepositoryError> {
         let started = std::time::Instant::now();
         let mut conn = self.connections.acquire().await.map_err(classify)?;
         let attempt = self
-            .attempt_on(&mut conn, batch, plans, contexts, started)
+            .attempt_on(&mut conn, batch, plans, message_keys, contexts, started)
             .await;
         // Kept only after a commit; after an error it goes back to the pool,
         // which checks it.
@@ -259,7 +340,8 @@ impl Processor {
         &self,
         conn: &mut PgConnection,
         batch: &[(&InboundMessage, bool)],
-        plans: &[Plan],
+        plans: &[&Plan],
+        message_keys: &[Vec<MessageKey>],
         contexts: &[MessageContext],
         started: std::time::Instant,
     ) -> Result<Attempt, RepositoryError> {
@@ -274,7 +356,7 @@ impl Processor {
         let mut skus = Vec::new();
         let mut refs = Vec::new();
         for plan in plans {
-            match plan {
+            match *plan {
                 Plan::Handle(Command::CreateBatch(c)) => {
                     skus.push(&c.sku);
                     refs.push(&c.reference);
@@ -295,6 +377,7 @@ impl Processor {
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut errors = Vec::new();
             let mut claimed: HashSet<&str> = HashSet::with_capacity(batch.len());
+            let mut gate = BatchGate::default();
             for (i, (message, give_up)) in batch.iter().enumerate() {
                 let key = keys[i];
                 // The same key twice in one batch: the second is a redelivery.
@@ -302,7 +385,13 @@ impl Processor {
                     outcomes.push(Outcome::Duplicate);
                     continue;
                 }
-                let verdict = match (&plans[i], &rejected[i]) {
+                // Behind a deferred message naming the same SKU or batch: it
+                // waits its turn, untried.
+                if !gate.is_empty() && gate.blocked(&message_keys[i]) {
+                    outcomes.push(Outcome::Deferred);
+                    continue;
+                }
+                let verdict = match (plans[i], &rejected[i]) {
                     (_, Some(rejection)) => rejection.clone(),
                     (Plan::DeadLetter(reason, error), None) => {
                         Rejection::DeadLetter(*reason, error.clone())
@@ -330,7 +419,10 @@ impl Processor {
                     }
                 };
                 match verdict {
-                    Rejection::Deferred => outcomes.push(Outcome::Deferred),
+                    Rejection::Deferred => {
+                        gate.hold(&message_keys[i]);
+                        outcomes.push(Outcome::Deferred);
+                    }
                     Rejection::DeadLetter(reason, error) => {
                         let record = dead_letter_record(message, reason, &error);
                         uow.dead_letter(key.to_owned(), record);
@@ -355,7 +447,19 @@ pub struct Worker {
     settings: WorkerSettings,
     /// Read by `/readyz`: true while the loop runs and the consumer is healthy.
     consumer_running: Arc<AtomicBool>,
+    /// The unknown-reference window's clock: usable time only.
+    clock: std::sync::Mutex<UsableClock>,
+    /// Messages of the batch-created topic fetched and not yet handled.
+    unhandled_references: AtomicUsize,
+    /// Bytes held by waiting messages (part of QUEUED_BYTES).
+    waiting_bytes: AtomicUsize,
+    /// Waiting messages and the wall-clock arrival of the oldest, by partition.
+    waiting: std::sync::Mutex<WaitingByPartition>,
 }
+
+/// Waiting messages and the wall-clock arrival of the oldest, by topic and
+/// partition.
+type WaitingByPartition = HashMap<(String, i32), (usize, Option<Instant>)>;
 
 impl Worker {
     pub fn new(
@@ -369,19 +473,25 @@ impl Worker {
             consumer: Arc::new(consumer),
             settings,
             consumer_running,
+            clock: std::sync::Mutex::new(UsableClock::new()),
+            unhandled_references: AtomicUsize::new(0),
+            waiting_bytes: AtomicUsize::new(0),
+            waiting: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
-    /// [`Processor::process_batch`] until it succeeds, backing off while the
-    /// store is unavailable. `None` when shutdown came first: the batch is not done.
+    /// [`Processor::process_planned`] until it succeeds, backing off while
+    /// the store is unavailable. `None` when shutdown came first: the batch
+    /// is not done.
     async fn process_with_retry(
         &self,
         batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
-            match self.processor.process_batch(batch).await {
+            match self.processor.process_planned(batch, plans).await {
                 Ok(outcomes) => {
                     if backoff.failures() > 0 {
                         tracing::info!("database reachable again; resumed");
@@ -400,6 +510,47 @@ impl Worker {
         }
     }
 
+    /// Usable time so far (see [`Self::watch_window`]).
+    fn usable_time(&self) -> Duration {
+        self.clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(std::time::Instant::now())
+    }
+
+    /// Runs the unknown-reference window's clock while its conditions hold
+    /// ([`Conditions::usable`]), checked a few times a second.
+    async fn watch_window(&self, shutdown: CancellationToken) {
+        let reading = self.consumer.context().reading();
+        let mut was_usable = None;
+        loop {
+            let conditions = Conditions {
+                database_reachable: self.processor.store_reachable(),
+                consumer_connected: self.consumer_running.load(Ordering::Relaxed)
+                    && self.consumer.context().is_assigned(),
+                unhandled_references: self.unhandled_references.load(Ordering::Relaxed),
+                unread_references: reading
+                    .unread(&self.processor.topics.batch_created, STATISTICS_FRESH),
+                batch: self.settings.max_batch_messages.max(1),
+                waiting_memory_full: self.waiting_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES / 2,
+            };
+            let usable = conditions.usable();
+            self.clock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_usable(usable, std::time::Instant::now());
+            if was_usable != Some(usable) {
+                tracing::debug!(usable, ?conditions, "unknown-reference window clock");
+                was_usable = Some(usable);
+            }
+            self.report_waiting_age();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// Consumes until `shutdown`, then stops fetching, lets each partition
     /// finish the message in hand, and commits the stored offsets. Returns
     /// the deadline by which the rest of the shutdown must be done.
@@ -414,6 +565,12 @@ impl Worker {
         this.processor
             .metrics
             .init_topics(&this.processor.topics.inbound());
+        let window_stop = CancellationToken::new();
+        let window = tokio::spawn({
+            let worker = Arc::clone(&this);
+            let stop = window_stop.clone();
+            async move { worker.watch_window(stop).await }
+        });
         let tracker = TaskTracker::new();
         let mut partitions: HashMap<(String, i32), mpsc::Sender<Held>> = HashMap::new();
         let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
@@ -439,9 +596,12 @@ impl Worker {
                     }
                 }
             };
-            // Memory: what the partitions hold, queued or in the batch in
-            // hand, stays within QUEUED_BYTES (a message larger than that
-            // waits until it is alone).
+            if message.topic == this.processor.topics.batch_created {
+                this.unhandled_references.fetch_add(1, Ordering::Relaxed);
+            }
+            // Memory: what the partitions hold, queued, in the batch in hand
+            // or waiting, stays within QUEUED_BYTES (a message larger than
+            // that waits until it is alone).
             let size = held_size(&message);
             let permit = tokio::select! {
                 permit = Arc::clone(&budget).acquire_many_owned(size) => match permit {
@@ -453,6 +613,7 @@ impl Worker {
             let message = Held {
                 message,
                 _permit: permit,
+                size: size as usize,
             };
             let key = (message.message.topic.clone(), message.message.partition);
             let sender = partitions.entry(key.clone()).or_insert_with(|| {
@@ -479,6 +640,8 @@ impl Worker {
         }
 
         this.consumer_running.store(false, Ordering::Relaxed);
+        window_stop.cancel();
+        let _ = window.await;
         // From here on, every stage is bounded so that the whole stop takes
         // at most SHUTDOWN_TIMEOUT: half for the partitions to finish the
         // message in hand, a quarter to commit offsets and leave the group,
@@ -524,8 +687,12 @@ impl Worker {
     }
 
     /// One partition, in order: whatever has queued up (up to the batch
-    /// size) is handled in one transaction. Parked messages are retried on a
-    /// timer until they apply or their window closes.
+    /// size) is handled in one transaction. A message naming a SKU or batch
+    /// not known yet waits, and so does every later message naming one of
+    /// the keys of a waiting message ([`Tracker`]); the others flow. Waiting
+    /// messages are tried again, in order and a batch at a time, after a
+    /// commit that created a batch, after some of them settled, and on a
+    /// timer, until they apply or their window closes.
     async fn run_partition(
         &self,
         topic: String,
@@ -533,16 +700,28 @@ impl Worker {
         mut queue: mpsc::Receiver<Held>,
         shutdown: CancellationToken,
     ) {
-        let mut parked: VecDeque<Parked> = VecDeque::new();
-        let mut next_offset: Option<i64> = None;
+        let mut tracker: Tracker<MessageKey, Waiter> = Tracker::new();
         let mut stored: Option<i64> = None;
         let max = self.settings.max_batch_messages.max(1);
+        let brings_references = topic == self.processor.topics.batch_created;
+        let mut references = self.processor.references_changed();
+        let mut retry = RetrySchedule::new();
         let mut batch: Vec<Held> = Vec::with_capacity(max);
         loop {
-            let retry_at = parked.iter().map(|p| p.next_try).min();
-            tokio::select! {
+            let waiting = tracker.waiting_len() > 0;
+            let retry_at = waiting.then_some(retry.next);
+            // Waiting messages come first: under a backlog they would
+            // otherwise starve.
+            let retry_now = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                changed = references.changed(), if waiting => {
+                    if changed.is_ok() {
+                        retry.reset();
+                    }
+                    true
+                }
+                _ = sleep_until_opt(retry_at), if waiting => true,
                 received = queue.recv() => {
                     let Some(first) = received else { break };
                     batch.push(first);
@@ -552,81 +731,193 @@ impl Worker {
                             Err(_) => break,
                         }
                     }
-                    let items: Vec<(&InboundMessage, bool)> =
-                        batch.iter().map(|h| (&h.message, false)).collect();
-                    let Some(outcomes) = self.handle_batch(&topic, partition, &items, &shutdown).await else {
-                        break;
-                    };
-                    drop(items);
-                    next_offset = batch.last().map(|h| h.message.offset + 1);
-                    // Dropping a held message gives its bytes back; parked
-                    // ones are few (bounded by the unknown-reference window).
-                    for (held, outcome) in batch.drain(..).zip(outcomes) {
-                        if outcome == Outcome::Deferred {
-                            parked.push_back(Parked::new(held.message));
-                        }
-                    }
+                    false
                 }
-                _ = sleep_until_opt(retry_at), if retry_at.is_some() => {
-                    if !self.retry_parked(&topic, partition, &mut parked, &shutdown).await {
-                        break;
-                    }
+            };
+            if retry_now {
+                let Some(settled) = self
+                    .retry_waiting(&topic, partition, &mut tracker, &shutdown)
+                    .await
+                else {
+                    break;
+                };
+                if settled > 0 {
+                    // Those behind may go now: try them at once.
+                    retry.reset();
+                    retry.next = Instant::now();
+                } else {
+                    retry.back_off();
+                }
+            } else {
+                let fetched = batch.len();
+                let handled = self
+                    .handle_new(&topic, partition, &mut batch, &mut tracker, &shutdown)
+                    .await;
+                if brings_references {
+                    self.unhandled_references
+                        .fetch_sub(fetched, Ordering::Relaxed);
+                }
+                if !handled {
+                    break;
+                }
+                if tracker.waiting_len() > 0 && !waiting {
+                    retry = RetrySchedule::new();
                 }
             }
-            // Never past a parked message: a crash must see it again.
-            let watermark = parked.front().map(|p| p.message.offset).or(next_offset);
-            if let Some(offset) = watermark {
+            // Never past a message not settled: a crash must see it again.
+            if let Some(offset) = tracker.safe_offset() {
                 if stored.is_none_or(|s| offset > s) {
                     self.store_offset(&topic, partition, offset);
                     stored = Some(offset);
                 }
             }
+            self.set_waiting(&topic, partition, &tracker);
         }
+        // Whatever waits here is read again by the next owner or run.
+        let left: usize = tracker.waiting().map(|(_, w)| w.held.size).sum();
+        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
+        tracker.clear();
+        self.set_waiting(&topic, partition, &tracker);
     }
 
-    /// Retries, as one batch in offset order, every parked message that is
-    /// due. `false` when shutdown interrupted it.
-    async fn retry_parked(
+    /// Admits the messages just read (in offset order): those behind a
+    /// waiting message with a shared key wait; the others are handled in one
+    /// transaction. `false` when shutdown interrupted it.
+    async fn handle_new(
         &self,
         topic: &str,
         partition: i32,
-        parked: &mut VecDeque<Parked>,
+        batch: &mut Vec<Held>,
+        tracker: &mut Tracker<MessageKey, Waiter>,
         shutdown: &CancellationToken,
     ) -> bool {
-        let now = Instant::now();
-        let due: Vec<usize> = (0..parked.len())
-            .filter(|i| parked[*i].next_try <= now)
-            .collect();
-        if due.is_empty() {
+        let arrived = self.usable_time();
+        let since = Instant::now();
+        let mut ready: Vec<Waiter> = Vec::with_capacity(batch.len());
+        for held in batch.drain(..) {
+            let plan = self.processor.plan(&held.message);
+            let offset = held.message.offset;
+            let size = held.size;
+            let waiter = Waiter {
+                held,
+                plan,
+                arrived,
+                since,
+            };
+            let keys = waiter.plan.keys();
+            match tracker.admit(offset, keys, waiter) {
+                Some(waiter) => ready.push(waiter),
+                None => {
+                    self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
+                }
+            }
+        }
+        if ready.is_empty() {
             return true;
         }
-        let items: Vec<(&InboundMessage, bool)> = due
-            .iter()
-            .map(|i| {
-                let p = &parked[*i];
-                let give_up =
-                    now.duration_since(p.since) >= self.settings.unknown_reference_timeout;
-                (&p.message, give_up)
-            })
-            .collect();
-        let Some(outcomes) = self.handle_batch(topic, partition, &items, shutdown).await else {
+        let items: Vec<(&InboundMessage, bool)> =
+            ready.iter().map(|w| (&w.held.message, false)).collect();
+        let plans: Vec<&Plan> = ready.iter().map(|w| &w.plan).collect();
+        let Some(outcomes) = self
+            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .await
+        else {
             return false;
         };
         drop(items);
-        let mut settled = HashSet::new();
-        for (i, outcome) in due.into_iter().zip(outcomes) {
+        drop(plans);
+        // Dropping a message gives its bytes back; waiting ones keep theirs.
+        for (waiter, outcome) in ready.into_iter().zip(outcomes) {
+            let offset = waiter.held.message.offset;
             if outcome == Outcome::Deferred {
-                parked[i].schedule_next();
+                self.waiting_bytes
+                    .fetch_add(waiter.held.size, Ordering::Relaxed);
+                let keys = waiter.plan.keys();
+                tracker.defer(offset, keys, waiter);
             } else {
-                settled.insert(i);
+                tracker.settle(offset);
             }
         }
-        let mut i = 0;
-        parked.retain(|_| {
-            i += 1;
-            !settled.contains(&(i - 1))
-        });
         true
+    }
+
+    /// Tries the first waiting messages again, in offset order, as one
+    /// batch; each whose window has closed is dead-lettered, and those
+    /// behind it are then tried in turn. Returns how many settled, `None`
+    /// when shutdown interrupted it.
+    async fn retry_waiting(
+        &self,
+        topic: &str,
+        partition: i32,
+        tracker: &mut Tracker<MessageKey, Waiter>,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let now = self.usable_time();
+        let window = self.settings.unknown_reference_timeout;
+        let max = self
+            .settings
+            .max_batch_messages
+            .clamp(1, RETRY_BATCH_MESSAGES);
+        let due = tracker.retry_batch(max);
+        if due.is_empty() {
+            return Some(0);
+        }
+        let offsets: Vec<i64> = due.iter().map(|(o, _)| *o).collect();
+        let items: Vec<(&InboundMessage, bool)> = due
+            .iter()
+            .map(|(_, w)| (&w.held.message, now.saturating_sub(w.arrived) >= window))
+            .collect();
+        let plans: Vec<&Plan> = due.iter().map(|(_, w)| &w.plan).collect();
+        let outcomes = self
+            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .await?;
+        drop(items);
+        drop(plans);
+        drop(due);
+        let mut settled = 0;
+        for (offset, outcome) in offsets.into_iter().zip(outcomes) {
+            if outcome != Outcome::Deferred {
+                if let Some(waiter) = tracker.settle(offset) {
+                    self.waiting_bytes
+                        .fetch_sub(waiter.held.size, Ordering::Relaxed);
+                }
+                settled += 1;
+            }
+        }
+        Some(settled)
+    }
+
+    /// Updates the waiting gauges with this partition's waiting messages.
+    fn set_waiting(&self, topic: &str, partition: i32, tracker: &Tracker<MessageKey, Waiter>) {
+        let oldest = tracker.waiting().next().map(|(_, w)| w.since);
+        let count = tracker.waiting_len();
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (topic.to_owned(), partition);
+            if count == 0 {
+                if waiting.remove(&key).is_none() {
+                    return;
+                }
+            } else {
+                waiting.insert(key, (count, oldest));
+            }
+            let total: usize = waiting.values().map(|(n, _)| n).sum();
+            self.processor
+                .metrics
+                .waiting_messages
+                .set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        self.report_waiting_age();
+    }
+
+    /// Sets the age of the oldest waiting message.
+    fn report_waiting_age(&self) {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = waiting.values().filter_map(|(_, since)| *since).min();
+        self.processor
+            .metrics
+            .waiting_oldest_age
+            .set(oldest.map_or(0.0, |o| o.elapsed().as_secs_f64()));
     }
 
     async fn handle_batch(
@@ -634,6 +925,7 @@ impl Worker {
         topic: &str,
         partition: i32,
         batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let span = tracing::info_span!(
@@ -646,7 +938,7 @@ impl Worker {
         );
         async {
             let started = std::time::Instant::now();
-            let outcomes = self.process_with_retry(batch, shutdown).await?;
+            let outcomes = self.process_with_retry(batch, plans, shutdown).await?;
             // Every message of the batch waited for the whole transaction:
             // that is its handling duration.
             let elapsed = started.elapsed().as_secs_f64();
@@ -702,15 +994,25 @@ impl Worker {
     }
 }
 
-/// Bytes of inbound messages the partitions may hold at once. With batches
-/// of 500 messages of a few hundred bytes this never binds; it keeps a run of
-/// megabyte messages from taking the memory of a whole batch each.
+/// Bytes of inbound messages the partitions may hold at once, waiting ones
+/// included. With batches of 500 messages of a few hundred bytes this never
+/// binds; it keeps a run of megabyte messages from taking the memory of a
+/// whole batch each.
 const QUEUED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Most waiting messages tried again in one transaction.
+const RETRY_BATCH_MESSAGES: usize = 100;
+
+/// Statistics older than this say nothing of whether the worker has caught
+/// up (librdkafka reports every second; see adapters::kafka).
+const STATISTICS_FRESH: Duration = Duration::from_secs(10);
 
 /// A message on its way through a partition, holding its share of QUEUED_BYTES.
 struct Held {
     message: InboundMessage,
     _permit: OwnedSemaphorePermit,
+    /// Bytes it holds of QUEUED_BYTES.
+    size: usize,
 }
 
 /// What a message counts against QUEUED_BYTES: its key, value and headers,
@@ -727,28 +1029,42 @@ fn held_size(message: &InboundMessage) -> u32 {
     u32::try_from(bytes.min(QUEUED_BYTES)).unwrap_or(u32::MAX)
 }
 
-struct Parked {
-    message: InboundMessage,
+/// A message of a partition with what was learnt of it when it was read.
+struct Waiter {
+    held: Held,
+    plan: Plan,
+    /// Usable time when it was read: its window closes `window` later.
+    arrived: Duration,
+    /// Wall-clock time when it was read, for the age gauge.
     since: Instant,
-    next_try: Instant,
+}
+
+/// When a partition tries its waiting messages again, on a timer that backs
+/// off while nothing changes.
+struct RetrySchedule {
+    next: Instant,
     delay: Duration,
 }
 
-impl Parked {
-    fn new(message: InboundMessage) -> Self {
-        let delay = Duration::from_millis(200);
-        let now = Instant::now();
+impl RetrySchedule {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MOST: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
         Self {
-            message,
-            since: now,
-            next_try: now + delay,
-            delay,
+            next: Instant::now() + Self::FIRST,
+            delay: Self::FIRST,
         }
     }
 
-    fn schedule_next(&mut self) {
-        self.delay = (self.delay * 2).min(Duration::from_secs(2));
-        self.next_try = Instant::now() + self.delay;
+    fn reset(&mut self) {
+        self.delay = Self::FIRST;
+        self.next = Instant::now() + self.delay;
+    }
+
+    fn back_off(&mut self) {
+        self.delay = (self.delay * 2).min(Self::MOST);
+        self.next = Instant::now() + self.delay;
     }
 }
 
