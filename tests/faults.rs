@@ -2075,3 +2075,75 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
     drop(restarted);
     env.finish().await;
 }
+
+/// Issue 12 item 2: orders wait for their products (window 5 s) while the
+/// database is stopped for 60 s; one product is published during the
+/// outage, the other right after it. No late reference becomes a dead
+/// letter: the window counts only while the database is reachable.
+#[tokio::test]
+async fn a_database_outage_turns_no_late_reference_into_a_dead_letter() {
+    let _serial = SERIAL.lock().await;
+    const LONG_OUTAGE: Duration = Duration::from_secs(60);
+    let pg = PrivatePostgres::start().await;
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        .expect("KAFKA_BOOTSTRAP_SERVERS is not set: run `source scripts/services.sh`");
+    let env = TestEnv::with_services(&pg.admin_url(), &bootstrap).await;
+    let t = env.topics.clone();
+    let mut worker = spawn(&env, &[("UNKNOWN_REFERENCE_TIMEOUT", "5s")]);
+    env.batch_created(&unique("warm"), &unique("warm-sku"), 1, None)
+        .await;
+    env.wait_processed(1, DEADLINE).await;
+
+    let (during, after) = (unique("sku-during"), unique("sku-after"));
+    let mut orders = Vec::new();
+    for sku in [&during, &after] {
+        for _ in 0..3 {
+            let orderid = unique("order");
+            env.allocation_required(&orderid, sku, 1, &[]).await;
+            orders.push((orderid, sku.clone()));
+        }
+    }
+    let addr = worker.http_addr;
+    env.eventually("six orders wait", DEADLINE, || async move {
+        let Some((200, text)) = http_get(addr, "/metrics").await else {
+            return Ok::<_, String>(None);
+        };
+        Ok((metric(&text, "allocation_waiting_messages") >= 6.0).then_some(()))
+    })
+    .await;
+
+    pg.stop_server().await;
+    let stopped_at = Instant::now();
+    env.note("database stopped with six orders waiting");
+    tokio::time::sleep_until((stopped_at + LONG_OUTAGE / 2).into()).await;
+    env.batch_created(&unique("batch"), &during, 10, None).await;
+    env.note("the first product published during the outage");
+    while stopped_at.elapsed() < LONG_OUTAGE {
+        worker.assert_running();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pg.start_server().await;
+    env.batch_created(&unique("batch"), &after, 10, None).await;
+    env.note(&format!(
+        "database started again after {:?}; the second product published",
+        stopped_at.elapsed()
+    ));
+
+    env.wait_processed(1 + 6 + 2, RECOVERY_DEADLINE).await;
+    let records = wait_outbox_published(&env, RECOVERY_DEADLINE).await;
+    let dead: Vec<String> = on(&records, &t.dead_letter).map(Record::summary).collect();
+    check!(
+        env,
+        dead.is_empty(),
+        "dead letters after the outage: {dead:#?}"
+    );
+    let allocated: BTreeSet<String> = on(&records, &t.allocated)
+        .map(|r| r.field("orderid"))
+        .collect();
+    let expected: BTreeSet<String> = orders.iter().map(|(o, _)| o.clone()).collect();
+    check_eq!(env, allocated, expected, "every waiting order allocated");
+    worker.assert_running();
+    drop(worker);
+    env.finish().await;
+    drop(pg);
+}

@@ -716,10 +716,12 @@ impl Worker {
                 biased;
                 _ = shutdown.cancelled() => break,
                 changed = references.changed(), if waiting => {
+                    // Soon, not at once: a run of small commits creating
+                    // batches would otherwise retry after every one.
                     if changed.is_ok() {
-                        retry.reset();
+                        retry.soon();
                     }
-                    true
+                    false
                 }
                 _ = sleep_until_opt(retry_at), if waiting => true,
                 received = queue.recv() => {
@@ -735,6 +737,7 @@ impl Worker {
                 }
             };
             if retry_now {
+                retry.last = Instant::now();
                 let Some(settled) = self
                     .retry_waiting(&topic, partition, &mut tracker, &shutdown)
                     .await
@@ -748,7 +751,7 @@ impl Worker {
                 } else {
                     retry.back_off();
                 }
-            } else {
+            } else if !batch.is_empty() {
                 let fetched = batch.len();
                 let handled = self
                     .handle_new(&topic, partition, &mut batch, &mut tracker, &shutdown)
@@ -761,6 +764,8 @@ impl Worker {
                     break;
                 }
                 if tracker.waiting_len() > 0 && !waiting {
+                    // Batches created before now were there for this try.
+                    references.borrow_and_update();
                     retry = RetrySchedule::new();
                 }
             }
@@ -1044,17 +1049,31 @@ struct Waiter {
 struct RetrySchedule {
     next: Instant,
     delay: Duration,
+    /// When the last retry began.
+    last: Instant,
 }
 
 impl RetrySchedule {
     const FIRST: Duration = Duration::from_millis(200);
     const MOST: Duration = Duration::from_secs(1);
+    /// Least time between two retries prompted by new batches.
+    const SPACING: Duration = Duration::from_millis(25);
 
     fn new() -> Self {
+        let now = Instant::now();
         Self {
-            next: Instant::now() + Self::FIRST,
+            next: now + Self::FIRST,
             delay: Self::FIRST,
+            last: now - Self::SPACING,
         }
+    }
+
+    /// Something changed: retry within [`Self::SPACING`] of the last retry.
+    fn soon(&mut self) {
+        self.delay = Self::FIRST;
+        self.next = self
+            .next
+            .min((self.last + Self::SPACING).max(Instant::now()));
     }
 
     fn reset(&mut self) {
