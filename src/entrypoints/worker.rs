@@ -10,7 +10,7 @@
 //! partition's stored offset never passes a parked message, and redelivered
 //! messages are recognised by their idempotency key.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -572,12 +572,31 @@ impl Worker {
             async move { worker.watch_window(stop).await }
         });
         let tracker = TaskTracker::new();
-        let mut partitions: HashMap<(String, i32), mpsc::Sender<Held>> = HashMap::new();
+        let mut partitions: HashMap<(String, i32), Slot> = HashMap::new();
         let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
         let mut errors = Backoff::default();
+        // The loop never waits for a partition: a partition whose queue is
+        // full (or that the memory bound stops) is paused and its messages
+        // kept aside until it has room again, while the loop goes on serving
+        // the other partitions, rebalances and statistics, and librdkafka
+        // sees its main queue polled (`max.poll.interval.ms`).
+        let mut unblock = tokio::time::interval(Duration::from_millis(20));
+        unblock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let any_paused = partitions.values().any(|s| s.paused);
             let received = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
+                _ = unblock.tick(), if any_paused => {
+                    for (key, slot) in partitions.iter_mut().filter(|(_, s)| s.paused) {
+                        slot.forward(&budget);
+                        if slot.overflow.is_empty() {
+                            slot.paused = false;
+                            this.pause_partition(&key.0, key.1, false);
+                        }
+                    }
+                    continue;
+                }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
             };
             let message = match received {
@@ -599,43 +618,34 @@ impl Worker {
             if message.topic == this.processor.topics.batch_created {
                 this.unhandled_references.fetch_add(1, Ordering::Relaxed);
             }
-            // Memory: what the partitions hold, queued, in the batch in hand
-            // or waiting, stays within QUEUED_BYTES (a message larger than
-            // that waits until it is alone).
-            let size = held_size(&message);
-            let permit = tokio::select! {
-                permit = Arc::clone(&budget).acquire_many_owned(size) => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // never closed
-                },
-                _ = shutdown.cancelled() => break,
-            };
-            let message = Held {
-                message,
-                _permit: permit,
-                size: size as usize,
-            };
-            let key = (message.message.topic.clone(), message.message.partition);
-            let sender = partitions.entry(key.clone()).or_insert_with(|| {
+            let key = (message.topic.clone(), message.partition);
+            let slot = partitions.entry(key.clone()).or_insert_with(|| {
                 // Room for two batches: one being handled, the next filling.
                 // It bounds memory, and what is queued but not handled at a
                 // crash is simply consumed again.
                 let (tx, rx) = mpsc::channel(2 * this.settings.max_batch_messages.max(32));
                 let worker = Arc::clone(&this);
                 let token = shutdown.clone();
+                let (topic, partition) = key.clone();
                 tracker.spawn(async move {
-                    worker.run_partition(key.0, key.1, rx, token).await;
+                    worker.run_partition(topic, partition, rx, token).await;
                 });
-                tx
-            });
-            tokio::select! {
-                sent = sender.send(message) => {
-                    if sent.is_err() {
-                        // The task only ends at shutdown; nothing to do but stop.
-                        break;
-                    }
+                Slot {
+                    sender: tx,
+                    overflow: VecDeque::new(),
+                    paused: false,
                 }
-                _ = shutdown.cancelled() => break,
+            });
+            slot.overflow.push_back(message);
+            slot.forward(&budget);
+            if slot.sender.is_closed() {
+                // The task only ends at shutdown; nothing to do but stop.
+                break;
+            }
+            // Paused again now and then, should a rebalance have resumed it.
+            if !slot.overflow.is_empty() && (!slot.paused || slot.overflow.len() % 1000 == 0) {
+                slot.paused = true;
+                this.pause_partition(&key.0, key.1, true);
             }
         }
 
@@ -986,6 +996,24 @@ impl Worker {
         .await
     }
 
+    /// Pauses (or resumes) fetching one partition. Messages of it already
+    /// fetched still arrive and are kept aside in its slot; librdkafka
+    /// resumes from the one after the last handed over.
+    fn pause_partition(&self, topic: &str, partition: i32, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let done = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match done {
+            Ok(()) => tracing::debug!(topic, partition, pause, "partition fetch paused/resumed"),
+            // Revoked meanwhile: its next owner fetches it.
+            Err(error) => tracing::debug!(%error, topic, partition, pause, "cannot pause/resume"),
+        }
+    }
+
     fn store_offset(&self, topic: &str, partition: i32, next: i64) {
         let mut tpl = TopicPartitionList::new();
         let stored = tpl
@@ -1011,6 +1039,39 @@ const RETRY_BATCH_MESSAGES: usize = 100;
 /// Statistics older than this say nothing of whether the worker has caught
 /// up (librdkafka reports every second; see adapters::kafka).
 const STATISTICS_FRESH: Duration = Duration::from_secs(10);
+
+/// The consumer loop's end of one partition's task.
+struct Slot {
+    sender: mpsc::Sender<Held>,
+    /// Messages read that did not fit (the queue was full, or the memory
+    /// bound reached), in offset order; the partition is paused meanwhile.
+    overflow: VecDeque<InboundMessage>,
+    paused: bool,
+}
+
+impl Slot {
+    /// Moves what is kept aside into the task's queue, in order, while
+    /// there is room there and in the memory bound.
+    fn forward(&mut self, budget: &Arc<Semaphore>) {
+        while let Some(message) = self.overflow.front() {
+            let Ok(room) = self.sender.try_reserve() else {
+                return;
+            };
+            let size = held_size(message);
+            let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(size) else {
+                return;
+            };
+            let Some(message) = self.overflow.pop_front() else {
+                return;
+            };
+            room.send(Held {
+                message,
+                _permit: permit,
+                size: size as usize,
+            });
+        }
+    }
+}
 
 /// A message on its way through a partition, holding its share of QUEUED_BYTES.
 struct Held {
