@@ -2279,3 +2279,172 @@ async fn a_locked_product_holds_up_only_its_own_partition() {
     drop(worker);
     env.finish().await;
 }
+
+/// Issue 12 item 5: two instances, and two rebalances (the second instance
+/// joins, then the first stops) while one partition is mid-batch (its
+/// product's row locked by another session, so its transaction waits) and
+/// another has messages waiting for a product not known yet. The revoked
+/// tasks finish or abandon their batch, drop their queues and waiting
+/// messages, and commit what they stored before the partitions move. Counted
+/// applications: each inbound message recorded once in processed_messages,
+/// each order's Allocated stored once in the outbox and published under one
+/// `ce_id`, and nothing lost.
+#[tokio::test]
+async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice() {
+    let _serial = SERIAL.lock().await;
+    const SKUS: usize = 12;
+    const LATE_ORDERS: usize = 20;
+    let env = TestEnv::new().await;
+    let extra = [
+        ("UNKNOWN_REFERENCE_TIMEOUT", "300s"),
+        ("MAX_BATCH_MESSAGES", "10"),
+    ];
+    let mut first = spawn(&env, &extra);
+    let mut stock = create_stock(&env, SKUS, 1000).await;
+    let mut orders: Vec<(String, String)> = Vec::new();
+
+    // Waiting: orders for a product not known yet.
+    let late = unique("sku-late");
+    let late_batch = unique("batch-late");
+    for i in 0..LATE_ORDERS {
+        let orderid = format!("late-{i}-{}", env.suffix);
+        env.allocation_required(&orderid, &late, 1, &[]).await;
+        orders.push((orderid, late.clone()));
+    }
+    let addr = first.http_addr;
+    env.eventually("the late orders wait", DEADLINE, || async move {
+        let Some((200, text)) = http_get(addr, "/metrics").await else {
+            return Ok::<_, String>(None);
+        };
+        Ok((metric(&text, "allocation_waiting_messages") >= LATE_ORDERS as f64).then_some(()))
+    })
+    .await;
+
+    // Mid-batch: a product's row locked, orders for it in flight.
+    let locked = stock[0].0.clone();
+    let mut session = env.db.begin().await.expect("begin the locking transaction");
+    sqlx::query("SELECT sku FROM products WHERE sku = $1 FOR UPDATE")
+        .bind(&locked)
+        .fetch_one(&mut *session)
+        .await
+        .expect("lock the product row");
+    let stuck: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("stuck-{i}-{}", env.suffix), locked.clone()))
+        .collect();
+    let pacer = Pacer::default();
+    produce_orders(&env, &stuck, 30, Duration::ZERO, &pacer).await;
+    orders.extend(stuck);
+    env.eventually(
+        "a worker transaction waits on the lock",
+        DEADLINE,
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE NOT l.granted AND a.datname = current_database()",
+            )
+            .fetch_one(&env.db)
+            .await?;
+            Ok::<_, sqlx::Error>((n > 0).then_some(()))
+        },
+    )
+    .await;
+
+    // Orders for the other products flow through both rebalances.
+    let flowing = orders_for(&stock[1..], 240);
+    orders.extend(flowing.iter().cloned());
+    let producing = produce_orders(&env, &flowing, 8, Duration::from_millis(100), &pacer);
+    let rebalancing = async {
+        let mark = read_log(&first).len();
+        let second = spawn(&env, &extra);
+        let shared = wait_shared(&env, &[&first, &second]).await;
+        env.note(&format!(
+            "shared after the join, with a batch stuck on the lock: first {} partitions, \
+             second {}",
+            shared[0].len(),
+            shared[1].len()
+        ));
+        let abandoned = log_lines_after(&first, mark, "abandoned, uncommitted");
+        env.note(&format!(
+            "first instance's hand-over: {} batch(es) abandoned",
+            abandoned.len()
+        ));
+        check!(
+            env,
+            !abandoned.is_empty(),
+            "the first instance did not abandon the batch stuck on the lock at the hand-over"
+        );
+        session.rollback().await.expect("release the lock");
+        env.note("lock released");
+        let kept = shared[0].clone();
+        env.batch_created(&late_batch, &late, 1000, None).await;
+        env.note("the late product published");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = first.terminate(Duration::from_secs(30)).await;
+        check!(
+            env,
+            status.success(),
+            "first instance exit status: {status}"
+        );
+        env.note(&format!(
+            "first instance stopped with {} orders produced",
+            pacer.produced()
+        ));
+        (second, mark, kept)
+    };
+    let (_, (mut second, mark, kept)) = tokio::join!(producing, rebalancing);
+
+    // After the hand-over, the first instance committed nothing on the
+    // partitions it gave up (a revoked task used to go on with its queue
+    // and waiting messages).
+    let log = read_log(&first);
+    let after = log.get(mark..).unwrap_or_default();
+    let revoked_at = after.find("partitions revoked");
+    check!(
+        env,
+        revoked_at.is_some(),
+        "the first instance logged no revocation"
+    );
+    let committed_after: Vec<&str> = after[revoked_at.unwrap_or(0)..]
+        .lines()
+        .filter(|l| l.contains("batch done"))
+        .filter(|l| {
+            let field = |name: &str| {
+                l.split(&format!("{name}=")).nth(1).and_then(|r| {
+                    r.trim_start_matches('"')
+                        .split(|c| c == '"' || c == ' ')
+                        .next()
+                })
+            };
+            match (field("topic"), field("partition")) {
+                (Some(topic), Some(partition)) => !kept.contains(&format!("{topic}/{partition}")),
+                _ => false,
+            }
+        })
+        .collect();
+    check!(
+        env,
+        committed_after.is_empty(),
+        "the first instance committed batches of partitions it had handed over: \
+         {committed_after:#?}"
+    );
+
+    stock.push((late.clone(), late_batch.clone()));
+    let expected = single_batch_model(&stock, &orders);
+    assert_allocated_once(
+        &env,
+        &expected,
+        (SKUS + 1 + orders.len()) as i64,
+        RECOVERY_DEADLINE,
+    )
+    .await;
+    second.assert_running();
+    let all = inbound_partitions(&env);
+    env.eventually(
+        "the second instance holds every partition after the first left",
+        DEADLINE,
+        || async { Ok::<_, String>((assignment(&second) == all).then_some(())) },
+    )
+    .await;
+    drop(second);
+    env.finish().await;
+}

@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
@@ -114,6 +114,7 @@ impl KafkaSettings {
             metrics: Some(metrics),
             assigned: Some(assigned),
             reading: Arc::default(),
+            hand_over: OnceLock::new(),
         })
     }
 
@@ -137,6 +138,7 @@ impl KafkaSettings {
             metrics: None,
             assigned: None,
             reading: Arc::default(),
+            hand_over: OnceLock::new(),
         })
     }
 }
@@ -151,12 +153,28 @@ pub struct WorkerContext {
     assigned: Option<Arc<AtomicBool>>,
     /// How far the consumer has read, from its statistics.
     reading: Arc<Reading>,
+    /// Told of revoked partitions before they are released.
+    hand_over: OnceLock<Arc<dyn HandOver>>,
+}
+
+/// What the consumer's owner does with partitions about to be revoked, in
+/// the rebalance callback, before their offsets are committed and they are
+/// released: stop working on them and store the offsets of what is done.
+/// It blocks the consumer's poll, so it must be bounded.
+pub trait HandOver: Send + Sync {
+    fn revoke(&self, partitions: &[(String, i32)]);
 }
 
 impl WorkerContext {
     /// How far the consumer has read, from its statistics.
     pub fn reading(&self) -> Arc<Reading> {
         Arc::clone(&self.reading)
+    }
+
+    /// Sets what is done with revoked partitions (once; later calls are
+    /// ignored).
+    pub fn set_hand_over(&self, hand_over: Arc<dyn HandOver>) {
+        let _ = self.hand_over.set(hand_over);
     }
 
     /// True between an assignment and the next revocation.
@@ -300,6 +318,45 @@ impl ClientContext for WorkerContext {
 }
 
 impl ConsumerContext for WorkerContext {
+    /// A clean hand-over: before revoked partitions are released, their
+    /// tasks finish or abandon (uncommitted) the batch in hand and store
+    /// their offsets, which are then committed, so that the next owner
+    /// starts after what is applied here.
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let partitions: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        if partitions.is_empty() {
+            return;
+        }
+        if let Some(hand_over) = self.hand_over.get() {
+            hand_over.revoke(&partitions);
+        }
+        // A partition paused because its task was full must not stay paused
+        // should it come back to this member.
+        if let Err(error) = consumer.resume(tpl) {
+            tracing::debug!(%error, "resuming revoked partitions");
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => {
+                tracing::info!(partitions = ?partition_names(tpl), "offsets committed before the partitions are released")
+            }
+            // NoOffset: nothing stored since the last commit.
+            Err(error) => {
+                tracing::info!(%error, "offset commit before the partitions are released")
+            }
+        }
+    }
+
     fn post_rebalance(
         &self,
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,

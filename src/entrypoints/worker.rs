@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::adapters::inbound::{self, DecodeError};
-use crate::adapters::kafka::{to_inbound, Topics, WorkerContext};
+use crate::adapters::kafka::{to_inbound, HandOver, Topics, WorkerContext};
 use crate::adapters::metrics::Metrics;
 use crate::adapters::outbox::{
     dead_letter_record, DeadLetterReason, InboundMessage, MessageContext,
@@ -491,7 +491,22 @@ impl Worker {
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
-            match self.processor.process_planned(batch, plans).await {
+            // Once told to stop (revoked, or shutting down), the batch in
+            // hand has a little while to commit; then it is abandoned,
+            // uncommitted (the transaction rolls back), and read again by
+            // whoever owns the partition next.
+            let processed = tokio::select! {
+                biased;
+                processed = self.processor.process_planned(batch, plans) => processed,
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(STOP_GRACE).await;
+                } => {
+                    tracing::info!("batch in hand abandoned, uncommitted: the partition stops");
+                    return None;
+                }
+            };
+            match processed {
                 Ok(outcomes) => {
                     if backoff.failures() > 0 {
                         tracing::info!("database reachable again; resumed");
@@ -572,6 +587,10 @@ impl Worker {
             async move { worker.watch_window(stop).await }
         });
         let tracker = TaskTracker::new();
+        let tasks = Arc::new(PartitionTasks::default());
+        this.consumer
+            .context()
+            .set_hand_over(Arc::clone(&tasks) as Arc<dyn HandOver>);
         let mut partitions: HashMap<(String, i32), Slot> = HashMap::new();
         let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
         let mut errors = Backoff::default();
@@ -599,6 +618,17 @@ impl Worker {
                 }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
             };
+            // Partitions handed over meanwhile: their tasks have stopped;
+            // what was kept aside for them is dropped (their next owner
+            // reads it again).
+            for key in tasks.take_revoked() {
+                if let Some(slot) = partitions.remove(&key) {
+                    if key.0 == this.processor.topics.batch_created {
+                        this.unhandled_references
+                            .fetch_sub(slot.overflow.len(), Ordering::Relaxed);
+                    }
+                }
+            }
             let message = match received {
                 Ok(message) => {
                     errors.reset();
@@ -619,16 +649,23 @@ impl Worker {
                 this.unhandled_references.fetch_add(1, Ordering::Relaxed);
             }
             let key = (message.topic.clone(), message.partition);
+            if partitions.get(&key).is_some_and(|s| s.sender.is_closed()) {
+                // Its task stopped at a hand-over: a new one starts afresh.
+                partitions.remove(&key);
+            }
             let slot = partitions.entry(key.clone()).or_insert_with(|| {
                 // Room for two batches: one being handled, the next filling.
                 // It bounds memory, and what is queued but not handled at a
                 // crash is simply consumed again.
                 let (tx, rx) = mpsc::channel(2 * this.settings.max_batch_messages.max(32));
                 let worker = Arc::clone(&this);
-                let token = shutdown.clone();
+                // Cancelled at shutdown, or when the partition is revoked.
+                let token = shutdown.child_token();
+                let done = tasks.register(key.clone(), token.clone());
                 let (topic, partition) = key.clone();
                 tracker.spawn(async move {
                     worker.run_partition(topic, partition, rx, token).await;
+                    drop(done);
                 });
                 Slot {
                     sender: tx,
@@ -638,10 +675,6 @@ impl Worker {
             });
             slot.overflow.push_back(message);
             slot.forward(&budget);
-            if slot.sender.is_closed() {
-                // The task only ends at shutdown; nothing to do but stop.
-                break;
-            }
             // Paused again now and then, should a rebalance have resumed it.
             if !slot.overflow.is_empty() && (!slot.paused || slot.overflow.len() % 1000 == 0) {
                 slot.paused = true;
@@ -788,7 +821,17 @@ impl Worker {
             }
             self.set_waiting(&topic, partition, &tracker);
         }
-        // Whatever waits here is read again by the next owner or run.
+        // Whatever is queued or waits here is read again by the next owner
+        // or run.
+        queue.close();
+        let mut queued = 0;
+        while queue.try_recv().is_ok() {
+            queued += 1;
+        }
+        if brings_references {
+            self.unhandled_references
+                .fetch_sub(queued, Ordering::Relaxed);
+        }
         let left: usize = tracker.waiting().map(|(_, w)| w.held.size).sum();
         self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
         tracker.clear();
@@ -1039,6 +1082,78 @@ const RETRY_BATCH_MESSAGES: usize = 100;
 /// Statistics older than this say nothing of whether the worker has caught
 /// up (librdkafka reports every second; see adapters::kafka).
 const STATISTICS_FRESH: Duration = Duration::from_secs(10);
+
+/// How long the batch in hand may still take to commit once its partition
+/// is told to stop; then it is abandoned, uncommitted.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The partitions' tasks, so that a revocation stops them before the
+/// partitions are released ([`HandOver`]).
+#[derive(Default)]
+struct PartitionTasks {
+    tasks: std::sync::Mutex<HashMap<(String, i32), TaskControl>>,
+    /// Revoked, for the consumer loop to forget.
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+struct TaskControl {
+    stop: CancellationToken,
+    /// Disconnected when the task has ended.
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl PartitionTasks {
+    /// Registers a partition's task; the task drops what is returned when it
+    /// ends.
+    fn register(&self, key: (String, i32), stop: CancellationToken) -> std::sync::mpsc::Sender<()> {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.insert(key, TaskControl { stop, done });
+        done_tx
+    }
+
+    fn take_revoked(&self) -> Vec<(String, i32)> {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *revoked)
+    }
+}
+
+impl HandOver for PartitionTasks {
+    /// Stops the revoked partitions' tasks and waits (bounded) until they
+    /// have ended: each finishes the batch in hand within [`STOP_GRACE`] or
+    /// abandons it, uncommitted, after storing the offsets of what it
+    /// committed; its queue and waiting messages are dropped. Runs in the
+    /// rebalance callback, on the thread of the consumer loop, not on the
+    /// runtime's workers that the tasks need.
+    fn revoke(&self, partitions: &[(String, i32)]) {
+        let stopping: Vec<((String, i32), TaskControl)> = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            partitions
+                .iter()
+                .filter_map(|p| tasks.remove(p).map(|c| (p.clone(), c)))
+                .collect()
+        };
+        for (_, control) in &stopping {
+            control.stop.cancel();
+        }
+        let deadline = std::time::Instant::now() + STOP_GRACE + Duration::from_secs(2);
+        for ((topic, partition), control) in stopping {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = control.done.recv_timeout(left)
+            {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "partition task did not stop in time for the hand-over"
+                );
+            }
+        }
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(partitions.iter().cloned());
+    }
+}
 
 /// The consumer loop's end of one partition's task.
 struct Slot {
