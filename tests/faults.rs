@@ -2409,11 +2409,9 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
         .filter(|l| l.contains("batch done"))
         .filter(|l| {
             let field = |name: &str| {
-                l.split(&format!("{name}=")).nth(1).and_then(|r| {
-                    r.trim_start_matches('"')
-                        .split(|c| c == '"' || c == ' ')
-                        .next()
-                })
+                l.split(&format!("{name}="))
+                    .nth(1)
+                    .and_then(|r| r.trim_start_matches('"').split(['"', ' ']).next())
             };
             match (field("topic"), field("partition")) {
                 (Some(topic), Some(partition)) => !kept.contains(&format!("{topic}/{partition}")),
