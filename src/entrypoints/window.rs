@@ -62,7 +62,8 @@ impl Default for UsableClock {
 pub struct Conditions {
     /// The last database transaction committed (or nothing failed since).
     pub database_reachable: bool,
-    /// The consumer has an assignment and reports no error.
+    /// The consumer has an assignment (and, through `unread_references`,
+    /// its group is up).
     pub consumer_connected: bool,
     /// Messages of the reference-bringing topic fetched and not yet handled.
     pub unhandled_references: usize,

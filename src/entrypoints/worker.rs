@@ -541,8 +541,10 @@ impl Worker {
         loop {
             let conditions = Conditions {
                 database_reachable: self.processor.store_reachable(),
-                consumer_connected: self.consumer_running.load(Ordering::Relaxed)
-                    && self.consumer.context().is_assigned(),
+                // Not `consumer_running`: it stays false after a transient
+                // error until a message arrives, which on idle topics could
+                // be never. The group being up shows in the statistics.
+                consumer_connected: self.consumer.context().is_assigned(),
                 unhandled_references: self.unhandled_references.load(Ordering::Relaxed),
                 unread_references: reading
                     .unread(&self.processor.topics.batch_created, STATISTICS_FRESH),
