@@ -2075,3 +2075,374 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
     drop(restarted);
     env.finish().await;
 }
+
+/// Issue 12 item 2: orders wait for their products (window 5 s) while the
+/// database is stopped for 60 s; one product is published during the
+/// outage, the other right after it. No late reference becomes a dead
+/// letter: the window counts only while the database is reachable.
+#[tokio::test]
+async fn a_database_outage_turns_no_late_reference_into_a_dead_letter() {
+    let _serial = SERIAL.lock().await;
+    const LONG_OUTAGE: Duration = Duration::from_secs(60);
+    let pg = PrivatePostgres::start().await;
+    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
+        .expect("KAFKA_BOOTSTRAP_SERVERS is not set: run `source scripts/services.sh`");
+    let env = TestEnv::with_services(&pg.admin_url(), &bootstrap).await;
+    let t = env.topics.clone();
+    let mut worker = spawn(&env, &[("UNKNOWN_REFERENCE_TIMEOUT", "5s")]);
+    env.batch_created(&unique("warm"), &unique("warm-sku"), 1, None)
+        .await;
+    env.wait_processed(1, DEADLINE).await;
+
+    let (during, after) = (unique("sku-during"), unique("sku-after"));
+    let mut orders = Vec::new();
+    for sku in [&during, &after] {
+        for _ in 0..3 {
+            let orderid = unique("order");
+            env.allocation_required(&orderid, sku, 1, &[]).await;
+            orders.push((orderid, sku.clone()));
+        }
+    }
+    let addr = worker.http_addr;
+    env.eventually("six orders wait", DEADLINE, || async move {
+        let Some((200, text)) = http_get(addr, "/metrics").await else {
+            return Ok::<_, String>(None);
+        };
+        Ok((metric(&text, "allocation_waiting_messages") >= 6.0).then_some(()))
+    })
+    .await;
+
+    pg.stop_server().await;
+    let stopped_at = Instant::now();
+    env.note("database stopped with six orders waiting");
+    tokio::time::sleep_until((stopped_at + LONG_OUTAGE / 2).into()).await;
+    env.batch_created(&unique("batch"), &during, 10, None).await;
+    env.note("the first product published during the outage");
+    while stopped_at.elapsed() < LONG_OUTAGE {
+        worker.assert_running();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pg.start_server().await;
+    env.batch_created(&unique("batch"), &after, 10, None).await;
+    env.note(&format!(
+        "database started again after {:?}; the second product published",
+        stopped_at.elapsed()
+    ));
+
+    env.wait_processed(1 + 6 + 2, RECOVERY_DEADLINE).await;
+    let records = wait_outbox_published(&env, RECOVERY_DEADLINE).await;
+    let dead: Vec<String> = on(&records, &t.dead_letter).map(Record::summary).collect();
+    check!(
+        env,
+        dead.is_empty(),
+        "dead letters after the outage: {dead:#?}"
+    );
+    let allocated: BTreeSet<String> = on(&records, &t.allocated)
+        .map(|r| r.field("orderid"))
+        .collect();
+    let expected: BTreeSet<String> = orders.iter().map(|(o, _)| o.clone()).collect();
+    check_eq!(env, allocated, expected, "every waiting order allocated");
+    worker.assert_running();
+    drop(worker);
+    env.finish().await;
+    drop(pg);
+}
+
+/// Issue 12 item 4: one product's row locked by another session for longer
+/// than `max.poll.interval.ms`, while orders flow for it and for products on
+/// the other partitions. The other partitions' orders are answered during
+/// the lock; the member stays in its group (no rebalance, same partitions,
+/// no poll-interval warning); afterwards the end state equals the model's.
+#[tokio::test]
+async fn a_locked_product_holds_up_only_its_own_partition() {
+    let _serial = SERIAL.lock().await;
+    const LOCK: Duration = Duration::from_secs(15);
+    const SKUS: usize = 12;
+    let env = TestEnv::new().await;
+    // Small batches so that the locked partition's queue fills at once;
+    // librdkafka wants max.poll.interval.ms >= session.timeout.ms.
+    let mut worker = spawn(
+        &env,
+        &[
+            (
+                "KAFKA_PROPERTIES",
+                "session.timeout.ms=2000,heartbeat.interval.ms=500,max.poll.interval.ms=4000",
+            ),
+            ("MAX_BATCH_MESSAGES", "10"),
+        ],
+    );
+    let stock = create_stock(&env, SKUS, 1000).await;
+    // Each SKU's partition of the order topic, from a first order.
+    let mut partition_of = HashMap::new();
+    let mut all_orders = Vec::new();
+    for (sku, _) in &stock {
+        let orderid = unique("probe");
+        let d = env.allocation_required(&orderid, sku, 1, &[]).await;
+        partition_of.insert(sku.clone(), d.partition);
+        all_orders.push((orderid, sku.clone()));
+    }
+    env.wait_processed(2 * SKUS as i64, DEADLINE).await;
+    let locked = stock[0].0.clone();
+    let free: Vec<(String, String)> = stock
+        .iter()
+        .filter(|(s, _)| partition_of[s] != partition_of[&locked])
+        .cloned()
+        .collect();
+    check!(
+        env,
+        !free.is_empty(),
+        "some SKUs on other partitions than the locked one: {partition_of:?}"
+    );
+    let assigned_before = assignment(&worker);
+    let mark = read_log(&worker).len();
+
+    let mut session = env.db.begin().await.expect("begin the locking transaction");
+    sqlx::query("SELECT sku FROM products WHERE sku = $1 FOR UPDATE")
+        .bind(&locked)
+        .fetch_one(&mut *session)
+        .await
+        .expect("lock the product row");
+    let locked_at = Instant::now();
+    env.note(&format!("product {locked} locked"));
+    // Far more orders for the locked product than its partition's queue
+    // holds, then orders for the products on the other partitions.
+    let blocked: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("locked-{i}-{}", env.suffix), locked.clone()))
+        .collect();
+    let pacer = Pacer::default();
+    produce_orders(&env, &blocked, 100, Duration::ZERO, &pacer).await;
+    let free_orders = orders_for(&free, 200);
+    produce_orders(&env, &free_orders, 100, Duration::ZERO, &pacer).await;
+    let free_ids: Vec<String> = free_orders.iter().map(|(o, _)| o.clone()).collect();
+    let answered = env
+        .eventually(
+            "the other partitions' orders answered during the lock",
+            LOCK,
+            || async {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM allocations WHERE orderid = ANY($1)")
+                        .bind(&free_ids)
+                        .fetch_one(&env.db)
+                        .await?;
+                Ok::<_, sqlx::Error>((n == free_ids.len() as i64).then_some(locked_at.elapsed()))
+            },
+        )
+        .await;
+    env.note(&format!(
+        "{} orders of other partitions answered {answered:?} into the lock",
+        free_ids.len()
+    ));
+    while locked_at.elapsed() < LOCK {
+        worker.assert_running();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let applied_locked: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations WHERE sku = $1")
+        .bind(&locked)
+        .fetch_one(&env.db)
+        .await
+        .expect("count the locked product's allocations");
+    check_eq!(
+        env,
+        applied_locked,
+        1,
+        "only the probe of the locked product applied during the lock"
+    );
+    session.rollback().await.expect("release the lock");
+    env.note(&format!("lock released after {:?}", locked_at.elapsed()));
+
+    all_orders.extend(blocked);
+    all_orders.extend(free_orders);
+    let expected = single_batch_model(&stock, &all_orders);
+    assert_allocated_once(
+        &env,
+        &expected,
+        (SKUS + all_orders.len()) as i64,
+        RECOVERY_DEADLINE,
+    )
+    .await;
+    let rebalances: Vec<String> = ["partitions revoked", "partitions assigned", "poll interval"]
+        .iter()
+        .flat_map(|needle| log_lines_after(&worker, mark, needle))
+        .collect();
+    check!(
+        env,
+        rebalances.is_empty(),
+        "the member left or rejoined its group: {rebalances:#?}"
+    );
+    check_eq!(
+        env,
+        assignment(&worker),
+        assigned_before,
+        "the partitions held"
+    );
+    worker.assert_running();
+    drop(worker);
+    env.finish().await;
+}
+
+/// Issue 12 item 5: two instances, and two rebalances (the second instance
+/// joins, then the first stops) while one partition is mid-batch (its
+/// product's row locked by another session, so its transaction waits) and
+/// another has messages waiting for a product not known yet. The revoked
+/// tasks finish or abandon their batch, drop their queues and waiting
+/// messages, and commit what they stored before the partitions move. Counted
+/// applications: each inbound message recorded once in processed_messages,
+/// each order's Allocated stored once in the outbox and published under one
+/// `ce_id`, and nothing lost.
+#[tokio::test]
+async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice() {
+    let _serial = SERIAL.lock().await;
+    const SKUS: usize = 12;
+    const LATE_ORDERS: usize = 20;
+    let env = TestEnv::new().await;
+    let extra = [
+        ("UNKNOWN_REFERENCE_TIMEOUT", "300s"),
+        ("MAX_BATCH_MESSAGES", "10"),
+    ];
+    let mut first = spawn(&env, &extra);
+    let mut stock = create_stock(&env, SKUS, 1000).await;
+    let mut orders: Vec<(String, String)> = Vec::new();
+
+    // Waiting: orders for a product not known yet.
+    let late = unique("sku-late");
+    let late_batch = unique("batch-late");
+    for i in 0..LATE_ORDERS {
+        let orderid = format!("late-{i}-{}", env.suffix);
+        env.allocation_required(&orderid, &late, 1, &[]).await;
+        orders.push((orderid, late.clone()));
+    }
+    let addr = first.http_addr;
+    env.eventually("the late orders wait", DEADLINE, || async move {
+        let Some((200, text)) = http_get(addr, "/metrics").await else {
+            return Ok::<_, String>(None);
+        };
+        Ok((metric(&text, "allocation_waiting_messages") >= LATE_ORDERS as f64).then_some(()))
+    })
+    .await;
+
+    // Mid-batch: a product's row locked, orders for it in flight.
+    let locked = stock[0].0.clone();
+    let mut session = env.db.begin().await.expect("begin the locking transaction");
+    sqlx::query("SELECT sku FROM products WHERE sku = $1 FOR UPDATE")
+        .bind(&locked)
+        .fetch_one(&mut *session)
+        .await
+        .expect("lock the product row");
+    let stuck: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("stuck-{i}-{}", env.suffix), locked.clone()))
+        .collect();
+    let pacer = Pacer::default();
+    produce_orders(&env, &stuck, 30, Duration::ZERO, &pacer).await;
+    orders.extend(stuck);
+    env.eventually(
+        "a worker transaction waits on the lock",
+        DEADLINE,
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE NOT l.granted AND a.datname = current_database()",
+            )
+            .fetch_one(&env.db)
+            .await?;
+            Ok::<_, sqlx::Error>((n > 0).then_some(()))
+        },
+    )
+    .await;
+
+    // Orders for the other products flow through both rebalances.
+    let flowing = orders_for(&stock[1..], 240);
+    orders.extend(flowing.iter().cloned());
+    let producing = produce_orders(&env, &flowing, 8, Duration::from_millis(100), &pacer);
+    let rebalancing = async {
+        let mark = read_log(&first).len();
+        let second = spawn(&env, &extra);
+        let shared = wait_shared(&env, &[&first, &second]).await;
+        env.note(&format!(
+            "shared after the join, with a batch stuck on the lock: first {} partitions, \
+             second {}",
+            shared[0].len(),
+            shared[1].len()
+        ));
+        let abandoned = log_lines_after(&first, mark, "abandoned, uncommitted");
+        env.note(&format!(
+            "first instance's hand-over: {} batch(es) abandoned",
+            abandoned.len()
+        ));
+        check!(
+            env,
+            !abandoned.is_empty(),
+            "the first instance did not abandon the batch stuck on the lock at the hand-over"
+        );
+        session.rollback().await.expect("release the lock");
+        env.note("lock released");
+        let kept = shared[0].clone();
+        env.batch_created(&late_batch, &late, 1000, None).await;
+        env.note("the late product published");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let status = first.terminate(Duration::from_secs(30)).await;
+        check!(
+            env,
+            status.success(),
+            "first instance exit status: {status}"
+        );
+        env.note(&format!(
+            "first instance stopped with {} orders produced",
+            pacer.produced()
+        ));
+        (second, mark, kept)
+    };
+    let (_, (mut second, mark, kept)) = tokio::join!(producing, rebalancing);
+
+    // After the hand-over, the first instance committed nothing on the
+    // partitions it gave up (a revoked task used to go on with its queue
+    // and waiting messages).
+    let log = read_log(&first);
+    let after = log.get(mark..).unwrap_or_default();
+    let revoked_at = after.find("partitions revoked");
+    check!(
+        env,
+        revoked_at.is_some(),
+        "the first instance logged no revocation"
+    );
+    let committed_after: Vec<&str> = after[revoked_at.unwrap_or(0)..]
+        .lines()
+        .filter(|l| l.contains("batch done"))
+        .filter(|l| {
+            let field = |name: &str| {
+                l.split(&format!("{name}="))
+                    .nth(1)
+                    .and_then(|r| r.trim_start_matches('"').split(['"', ' ']).next())
+            };
+            match (field("topic"), field("partition")) {
+                (Some(topic), Some(partition)) => !kept.contains(&format!("{topic}/{partition}")),
+                _ => false,
+            }
+        })
+        .collect();
+    check!(
+        env,
+        committed_after.is_empty(),
+        "the first instance committed batches of partitions it had handed over: \
+         {committed_after:#?}"
+    );
+
+    stock.push((late.clone(), late_batch.clone()));
+    let expected = single_batch_model(&stock, &orders);
+    assert_allocated_once(
+        &env,
+        &expected,
+        (SKUS + 1 + orders.len()) as i64,
+        RECOVERY_DEADLINE,
+    )
+    .await;
+    second.assert_running();
+    let all = inbound_partitions(&env);
+    env.eventually(
+        "the second instance holds every partition after the first left",
+        DEADLINE,
+        || async { Ok::<_, String>((assignment(&second) == all).then_some(())) },
+    )
+    .await;
+    drop(second);
+    env.finish().await;
+}

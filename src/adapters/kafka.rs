@@ -2,12 +2,14 @@
 //! publishes with, configured from our settings plus any librdkafka property
 //! the operator passes through (TLS, SASL, timeouts).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
@@ -95,8 +97,11 @@ impl KafkaSettings {
         let mut config = self.base();
         config
             .set("group.id", &self.group_id)
-            // Statistics carry the consumer lag per partition for the metrics.
-            .set("statistics.interval.ms", "5000")
+            // Statistics carry the consumer lag per partition for the metrics,
+            // and tell the unknown-reference window whether the worker has
+            // caught up (README, "Dead letters"): often enough for a window
+            // of a few seconds.
+            .set("statistics.interval.ms", "1000")
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -108,6 +113,8 @@ impl KafkaSettings {
         config.create_with_context(WorkerContext {
             metrics: Some(metrics),
             assigned: Some(assigned),
+            reading: Arc::default(),
+            hand_over: OnceLock::new(),
         })
     }
 
@@ -130,6 +137,8 @@ impl KafkaSettings {
         config.create_with_context(WorkerContext {
             metrics: None,
             assigned: None,
+            reading: Arc::default(),
+            hand_over: OnceLock::new(),
         })
     }
 }
@@ -142,6 +151,129 @@ pub struct WorkerContext {
     /// broker shows here (the session times out and the assignment is lost)
     /// long before it shows as a consumer error.
     assigned: Option<Arc<AtomicBool>>,
+    /// How far the consumer has read, from its statistics.
+    reading: Arc<Reading>,
+    /// Told of revoked partitions before they are released.
+    hand_over: OnceLock<Arc<dyn HandOver>>,
+}
+
+/// What the consumer's owner does with partitions about to be revoked, in
+/// the rebalance callback, before their offsets are committed and they are
+/// released: stop working on them and store the offsets of what is done.
+/// It blocks the consumer's poll, so it must be bounded.
+pub trait HandOver: Send + Sync {
+    fn revoke(&self, partitions: &[(String, i32)]);
+}
+
+impl WorkerContext {
+    /// How far the consumer has read, from its statistics.
+    pub fn reading(&self) -> Arc<Reading> {
+        Arc::clone(&self.reading)
+    }
+
+    /// Sets what is done with revoked partitions (once; later calls are
+    /// ignored).
+    pub fn set_hand_over(&self, hand_over: Arc<dyn HandOver>) {
+        let _ = self.hand_over.set(hand_over);
+    }
+
+    /// True between an assignment and the next revocation.
+    pub fn is_assigned(&self) -> bool {
+        self.assigned
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Relaxed))
+    }
+}
+
+/// Unread messages of the assigned partitions, as the consumer's latest
+/// statistics report them, forgotten at every rebalance so that a report
+/// never speaks of another assignment.
+#[derive(Debug, Default)]
+pub struct Reading {
+    state: Mutex<ReadingState>,
+}
+
+#[derive(Debug, Default)]
+struct ReadingState {
+    /// Unread messages by topic and partition; `None` until the first report
+    /// after the latest rebalance, or while the group is not up.
+    unread: Option<HashMap<(String, i32), i64>>,
+    reported: Option<Instant>,
+}
+
+impl Reading {
+    /// Unread messages of each assigned partition of `topic`, per the latest
+    /// statistics; `None` when there is no report since the latest rebalance,
+    /// or the latest is older than `fresh`.
+    pub fn unread(&self, topic: &str, fresh: std::time::Duration) -> Option<Vec<i64>> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.reported.is_none_or(|at| at.elapsed() > fresh) {
+            return None;
+        }
+        let unread = state.unread.as_ref()?;
+        Some(
+            unread
+                .iter()
+                .filter(|((t, _), _)| t == topic)
+                .map(|(_, n)| *n)
+                .collect(),
+        )
+    }
+
+    fn rebalanced(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.unread = None;
+    }
+
+    fn report(&self, statistics: &Statistics) {
+        // A group that is not up has no assignment to speak of.
+        let up = statistics
+            .cgrp
+            .as_ref()
+            .is_some_and(|g| g.state == "up" && g.join_state == "steady");
+        let unread = up.then(|| {
+            let mut unread = HashMap::new();
+            for (topic, stats) in &statistics.topics {
+                for (partition, p) in &stats.partitions {
+                    if *partition < 0 || !p.desired {
+                        continue;
+                    }
+                    unread.insert((topic.clone(), *partition), unread_of(p));
+                }
+            }
+            unread
+        });
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.unread = unread;
+        state.reported = Some(Instant::now());
+    }
+}
+
+/// Messages of a partition not yet handed to the application: from the
+/// offset after the last one handed over (else the next to fetch, counting
+/// what is prefetched; else the committed offset) to the high watermark. Not
+/// librdkafka's `consumer_lag`, which counts from the committed offset: a
+/// waiting message holds that back.
+fn unread_of(p: &rdkafka::statistics::Partition) -> i64 {
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    if end < 0 {
+        // Not known yet: not caught up.
+        return i64::MAX;
+    }
+    let unread = if p.app_offset >= 0 {
+        end - p.app_offset
+    } else if p.next_offset >= 0 {
+        end - p.next_offset + p.fetchq_cnt.max(0)
+    } else if p.committed_offset >= 0 {
+        end - p.committed_offset
+    } else {
+        return i64::MAX;
+    };
+    unread.max(0)
 }
 
 impl ClientContext for WorkerContext {
@@ -163,6 +295,7 @@ impl ClientContext for WorkerContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        self.reading.report(&statistics);
         let Some(metrics) = &self.metrics else { return };
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
@@ -185,6 +318,45 @@ impl ClientContext for WorkerContext {
 }
 
 impl ConsumerContext for WorkerContext {
+    /// A clean hand-over: before revoked partitions are released, their
+    /// tasks finish or abandon (uncommitted) the batch in hand and store
+    /// their offsets, which are then committed, so that the next owner
+    /// starts after what is applied here.
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let partitions: Vec<(String, i32)> = tpl
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        if partitions.is_empty() {
+            return;
+        }
+        if let Some(hand_over) = self.hand_over.get() {
+            hand_over.revoke(&partitions);
+        }
+        // A partition paused because its task was full must not stay paused
+        // should it come back to this member.
+        if let Err(error) = consumer.resume(tpl) {
+            tracing::debug!(%error, "resuming revoked partitions");
+        }
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => {
+                tracing::info!(partitions = ?partition_names(tpl), "offsets committed before the partitions are released")
+            }
+            // NoOffset: nothing stored since the last commit.
+            Err(error) => {
+                tracing::info!(%error, "offset commit before the partitions are released")
+            }
+        }
+    }
+
     fn post_rebalance(
         &self,
         _consumer: &rdkafka::consumer::BaseConsumer<Self>,
@@ -193,6 +365,7 @@ impl ConsumerContext for WorkerContext {
         if let Some(assigned) = &self.assigned {
             assigned.store(matches!(rebalance, Rebalance::Assign(_)), Ordering::Relaxed);
         }
+        self.reading.rebalanced();
         match rebalance {
             Rebalance::Assign(tpl) => {
                 tracing::info!(partitions = ?partition_names(tpl), "partitions assigned")

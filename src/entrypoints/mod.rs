@@ -5,5 +5,7 @@ pub mod generator;
 pub mod replay;
 pub mod simulate;
 pub mod telemetry;
+pub mod tracker;
 pub mod watch;
+pub mod window;
 pub mod worker;

@@ -11,14 +11,14 @@
 //! messages are recognised by their idempotency key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,15 +26,17 @@ use tracing::Instrument;
 
 use crate::adapters::health::PollClock;
 use crate::adapters::inbound::{self, DecodeError};
-use crate::adapters::kafka::{to_inbound, Topics, WorkerContext};
+use crate::adapters::kafka::{to_inbound, HandOver, Topics, WorkerContext};
 use crate::adapters::metrics::Metrics;
 use crate::adapters::outbox::{
     dead_letter_record, DeadLetterReason, InboundMessage, MessageContext,
 };
 use crate::adapters::postgres::{classify, KeptConnections, PgUnitOfWork, ProductCache};
 use crate::adapters::relay::Backoff;
-use crate::domain::{Command, DomainError};
+use crate::domain::{BatchRef, Command, DomainError, Sku};
 use crate::entrypoints::telemetry;
+use crate::entrypoints::tracker::{BatchGate, Tracker};
+use crate::entrypoints::window::{Conditions, UsableClock};
 use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
 
 /// Tuning of the worker loop.
@@ -77,9 +79,39 @@ async fn pause_after_conflict(conflicts: u32) {
 
 /// What is known of a message before any transaction: a command to handle,
 /// or a dead letter (unknown topic, undecodable value).
-enum Plan {
+#[derive(Debug, Clone)]
+pub enum Plan {
     Handle(Command),
     DeadLetter(DeadLetterReason, String),
+}
+
+/// What a message names, for the waiting rule (README, "Dead letters"): the
+/// messages naming one key apply in the order of their partition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum MessageKey {
+    Sku(Sku),
+    Batch(BatchRef),
+}
+
+impl Plan {
+    /// The SKU and batch the message names; none for a dead letter.
+    pub fn keys(&self) -> Vec<MessageKey> {
+        match self {
+            Plan::Handle(Command::Allocate(c)) => vec![MessageKey::Sku(c.sku.clone())],
+            Plan::Handle(Command::CreateBatch(c)) => vec![
+                MessageKey::Sku(c.sku.clone()),
+                MessageKey::Batch(c.reference.clone()),
+            ],
+            Plan::Handle(Command::ChangeBatchQuantity(c)) => {
+                vec![MessageKey::Batch(c.reference.clone())]
+            }
+            Plan::DeadLetter(..) => Vec::new(),
+        }
+    }
+
+    fn creates_batch(&self) -> bool {
+        matches!(self, Plan::Handle(Command::CreateBatch(_)))
+    }
 }
 
 /// Why a command was not applied in this attempt.
@@ -128,6 +160,13 @@ pub struct Processor {
     metrics: Arc<Metrics>,
     /// Shared by the partitions: products stay in memory between batches.
     cache: ProductCache,
+    /// Bumped after a commit that applied a BatchCreated: a SKU or batch
+    /// that messages wait for may exist now.
+    references: watch::Sender<u64>,
+    /// Whether the last transaction could be made (false after a transient
+    /// failure, until one commits): a condition of the unknown-reference
+    /// window.
+    store_reachable: AtomicBool,
     /// Transactions the partitions may have open at once: three connections
     /// fewer than the pool holds, so that the relay and the HTTP probes always
     /// find one, however many partitions are busy (or waiting on a lock).
@@ -153,8 +192,21 @@ impl Processor {
             relay_wake,
             metrics,
             cache: ProductCache::default(),
+            references: watch::Sender::new(0),
+            store_reachable: AtomicBool::new(true),
             transactions: Arc::new(Semaphore::new(most)),
         }
+    }
+
+    /// Changes after every commit that applied a BatchCreated.
+    pub fn references_changed(&self) -> watch::Receiver<u64> {
+        self.references.subscribe()
+    }
+
+    /// False after a transaction failed for a transient reason, until one
+    /// commits.
+    pub fn store_reachable(&self) -> bool {
+        self.store_reachable.load(Ordering::Relaxed)
     }
 
     /// Optimistic-concurrency conflicts retried so far.
@@ -187,6 +239,19 @@ impl Processor {
         batch: &[(&InboundMessage, bool)],
     ) -> Result<Vec<Outcome>, RepositoryError> {
         let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
+        let plans: Vec<&Plan> = plans.iter().collect();
+        self.process_planned(batch, &plans).await
+    }
+
+    /// [`Self::process_batch`] of messages already decoded by [`Self::plan`]
+    /// (one plan per message). Within the batch, a message naming a SKU or
+    /// batch of an earlier message that was deferred (or held back) is held
+    /// back too, without being tried: `Deferred`.
+    pub async fn process_planned(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+    ) -> Result<Vec<Outcome>, RepositoryError> {
         let mut contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
         // One span per message when traces are exported (none otherwise),
         // ended with this call; the events carry its trace context.
@@ -195,10 +260,12 @@ impl Processor {
             .zip(contexts.iter_mut())
             .filter_map(|((m, _), context)| telemetry::message_span(m, context))
             .collect();
+        let keys: Vec<Vec<MessageKey>> = plans.iter().map(|p| p.keys()).collect();
         let mut conflicts = 0;
         loop {
-            match self.attempt(batch, &plans, &contexts).await {
+            match self.attempt(batch, plans, &keys, &contexts).await {
                 Ok((outcomes, errors)) => {
+                    self.store_reachable.store(true, Ordering::Relaxed);
                     for (span, outcome) in spans.iter().zip(&outcomes) {
                         span.record("outcome", tracing::field::debug(outcome));
                     }
@@ -225,6 +292,13 @@ impl Processor {
                     {
                         self.relay_wake.notify_one();
                     }
+                    if outcomes
+                        .iter()
+                        .zip(plans)
+                        .any(|(o, p)| *o == Outcome::Applied && p.creates_batch())
+                    {
+                        self.references.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                     return Ok(outcomes);
                 }
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
@@ -233,12 +307,18 @@ impl Processor {
                     tracing::debug!(%why, conflicts, "concurrent change; retrying");
                     pause_after_conflict(conflicts).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, RepositoryError::Unavailable(_)) {
+                        self.store_reachable.store(false, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
 
-    fn plan(&self, message: &InboundMessage) -> Plan {
+    /// Decodes a message: what to do with it, and the keys it names.
+    pub fn plan(&self, message: &InboundMessage) -> Plan {
         let Some(kind) = self.topics.inbound_kind(&message.topic) else {
             let error = format!("topic {} is not an inbound topic", message.topic);
             return Plan::DeadLetter(DeadLetterReason::UnknownTopic, error);
@@ -259,7 +339,8 @@ impl Processor {
     async fn attempt(
         &self,
         batch: &[(&InboundMessage, bool)],
-        plans: &[Plan],
+        plans: &[&Plan],
+        message_keys: &[Vec<MessageKey>],
         contexts: &[MessageContext],
     ) -> Result<Attempt, RepositoryError> {
         // Held until the connection is back (kept or in the pool).
@@ -271,7 +352,7 @@ impl Processor {
         let started = std::time::Instant::now();
         let mut conn = self.connections.acquire().await.map_err(classify)?;
         let attempt = self
-            .attempt_on(&mut conn, batch, plans, contexts, started)
+            .attempt_on(&mut conn, batch, plans, message_keys, contexts, started)
             .await;
         // Kept only after a commit; after an error it goes back to the pool,
         // which checks it.
@@ -285,7 +366,8 @@ impl Processor {
         &self,
         conn: &mut PgConnection,
         batch: &[(&InboundMessage, bool)],
-        plans: &[Plan],
+        plans: &[&Plan],
+        message_keys: &[Vec<MessageKey>],
         contexts: &[MessageContext],
         started: std::time::Instant,
     ) -> Result<Attempt, RepositoryError> {
@@ -300,7 +382,7 @@ impl Processor {
         let mut skus = Vec::new();
         let mut refs = Vec::new();
         for plan in plans {
-            match plan {
+            match *plan {
                 Plan::Handle(Command::CreateBatch(c)) => {
                     skus.push(&c.sku);
                     refs.push(&c.reference);
@@ -321,6 +403,7 @@ impl Processor {
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut errors = Vec::new();
             let mut claimed: HashSet<&str> = HashSet::with_capacity(batch.len());
+            let mut gate = BatchGate::default();
             for (i, (message, give_up)) in batch.iter().enumerate() {
                 let key = keys[i];
                 // The same key twice in one batch: the second is a redelivery.
@@ -328,7 +411,13 @@ impl Processor {
                     outcomes.push(Outcome::Duplicate);
                     continue;
                 }
-                let verdict = match (&plans[i], &rejected[i]) {
+                // Behind a deferred message naming the same SKU or batch: it
+                // waits its turn, untried.
+                if !gate.is_empty() && gate.blocked(&message_keys[i]) {
+                    outcomes.push(Outcome::Deferred);
+                    continue;
+                }
+                let verdict = match (plans[i], &rejected[i]) {
                     (_, Some(rejection)) => rejection.clone(),
                     (Plan::DeadLetter(reason, error), None) => {
                         Rejection::DeadLetter(*reason, error.clone())
@@ -356,7 +445,10 @@ impl Processor {
                     }
                 };
                 match verdict {
-                    Rejection::Deferred => outcomes.push(Outcome::Deferred),
+                    Rejection::Deferred => {
+                        gate.hold(&message_keys[i]);
+                        outcomes.push(Outcome::Deferred);
+                    }
                     Rejection::DeadLetter(reason, error) => {
                         let record = dead_letter_record(message, reason, &error);
                         uow.dead_letter(key.to_owned(), record);
@@ -387,7 +479,19 @@ pub struct Worker {
     consumer_running: Arc<AtomicBool>,
     /// Read by `/healthz`: when the loop last polled the consumer.
     poll_clock: Arc<PollClock>,
+    /// The unknown-reference window's clock: usable time only.
+    clock: std::sync::Mutex<UsableClock>,
+    /// Messages of the batch-created topic fetched and not yet handled.
+    unhandled_references: AtomicUsize,
+    /// Bytes held by waiting messages (part of QUEUED_BYTES).
+    waiting_bytes: AtomicUsize,
+    /// Waiting messages and the wall-clock arrival of the oldest, by partition.
+    waiting: std::sync::Mutex<WaitingByPartition>,
 }
+
+/// Waiting messages and the wall-clock arrival of the oldest, by topic and
+/// partition.
+type WaitingByPartition = HashMap<(String, i32), (usize, Option<Instant>)>;
 
 impl Worker {
     pub fn new(
@@ -401,6 +505,10 @@ impl Worker {
             consumer: Arc::new(consumer),
             settings,
             consumer_running,
+            clock: std::sync::Mutex::new(UsableClock::new()),
+            unhandled_references: AtomicUsize::new(0),
+            waiting_bytes: AtomicUsize::new(0),
+            waiting: std::sync::Mutex::new(HashMap::new()),
             poll_clock: Arc::default(),
         }
     }
@@ -411,16 +519,33 @@ impl Worker {
         self
     }
 
-    /// [`Processor::process_batch`] until it succeeds, backing off while the
-    /// store is unavailable. `None` when shutdown came first: the batch is not done.
+    /// [`Processor::process_planned`] until it succeeds, backing off while
+    /// the store is unavailable. `None` when shutdown came first: the batch
+    /// is not done.
     async fn process_with_retry(
         &self,
         batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
-            match self.processor.process_batch(batch).await {
+            // Once told to stop (revoked, or shutting down), the batch in
+            // hand has a little while to commit; then it is abandoned,
+            // uncommitted (the transaction rolls back), and read again by
+            // whoever owns the partition next.
+            let processed = tokio::select! {
+                biased;
+                processed = self.processor.process_planned(batch, plans) => processed,
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(STOP_GRACE).await;
+                } => {
+                    tracing::info!("batch in hand abandoned, uncommitted: the partition stops");
+                    return None;
+                }
+            };
+            match processed {
                 Ok(outcomes) => {
                     if backoff.failures() > 0 {
                         tracing::info!("database reachable again; resumed");
@@ -439,6 +564,49 @@ impl Worker {
         }
     }
 
+    /// Usable time so far (see [`Self::watch_window`]).
+    fn usable_time(&self) -> Duration {
+        self.clock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(std::time::Instant::now())
+    }
+
+    /// Runs the unknown-reference window's clock while its conditions hold
+    /// ([`Conditions::usable`]), checked a few times a second.
+    async fn watch_window(&self, shutdown: CancellationToken) {
+        let reading = self.consumer.context().reading();
+        let mut was_usable = None;
+        loop {
+            let conditions = Conditions {
+                database_reachable: self.processor.store_reachable(),
+                // Not `consumer_running`: it stays false after a transient
+                // error until a message arrives, which on idle topics could
+                // be never. The group being up shows in the statistics.
+                consumer_connected: self.consumer.context().is_assigned(),
+                unhandled_references: self.unhandled_references.load(Ordering::Relaxed),
+                unread_references: reading
+                    .unread(&self.processor.topics.batch_created, STATISTICS_FRESH),
+                batch: self.settings.max_batch_messages.max(1),
+                waiting_memory_full: self.waiting_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES / 2,
+            };
+            let usable = conditions.usable();
+            self.clock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_usable(usable, std::time::Instant::now());
+            if was_usable != Some(usable) {
+                tracing::debug!(usable, ?conditions, "unknown-reference window clock");
+                was_usable = Some(usable);
+            }
+            self.report_waiting_age();
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// Consumes until `shutdown`, then stops fetching, lets each partition
     /// finish the message in hand, and commits the stored offsets. Returns
     /// the deadline by which the rest of the shutdown must be done.
@@ -453,17 +621,57 @@ impl Worker {
         this.processor
             .metrics
             .init_topics(&this.processor.topics.inbound());
+        let window_stop = CancellationToken::new();
+        let window = tokio::spawn({
+            let worker = Arc::clone(&this);
+            let stop = window_stop.clone();
+            async move { worker.watch_window(stop).await }
+        });
         let tracker = TaskTracker::new();
-        let mut partitions: HashMap<(String, i32), mpsc::Sender<Held>> = HashMap::new();
+        let tasks = Arc::new(PartitionTasks::default());
+        this.consumer
+            .context()
+            .set_hand_over(Arc::clone(&tasks) as Arc<dyn HandOver>);
+        let mut partitions: HashMap<(String, i32), Slot> = HashMap::new();
         let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
         let mut errors = Backoff::default();
+        // The loop never waits for a partition: a partition whose queue is
+        // full (or that the memory bound stops) is paused and its messages
+        // kept aside until it has room again, while the loop goes on serving
+        // the other partitions, rebalances and statistics, and librdkafka
+        // sees its main queue polled (`max.poll.interval.ms`).
+        let mut unblock = tokio::time::interval(Duration::from_millis(20));
+        unblock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let any_paused = partitions.values().any(|s| s.paused);
             this.poll_clock.polling();
             let received = tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
+                _ = unblock.tick(), if any_paused => {
+                    for (key, slot) in partitions.iter_mut().filter(|(_, s)| s.paused) {
+                        slot.forward(&budget);
+                        if slot.overflow.is_empty() {
+                            slot.paused = false;
+                            this.pause_partition(&key.0, key.1, false);
+                        }
+                    }
+                    continue;
+                }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
             };
             this.poll_clock.polled();
+            // Partitions handed over meanwhile: their tasks have stopped;
+            // what was kept aside for them is dropped (their next owner
+            // reads it again).
+            for key in tasks.take_revoked() {
+                if let Some(slot) = partitions.remove(&key) {
+                    if key.0 == this.processor.topics.batch_created {
+                        this.unhandled_references
+                            .fetch_sub(slot.overflow.len(), Ordering::Relaxed);
+                    }
+                }
+            }
             let message = match received {
                 Ok(message) => {
                     errors.reset();
@@ -481,46 +689,46 @@ impl Worker {
                     }
                 }
             };
-            // Memory: what the partitions hold, queued or in the batch in
-            // hand, stays within QUEUED_BYTES (a message larger than that
-            // waits until it is alone).
-            let size = held_size(&message);
-            let permit = tokio::select! {
-                permit = Arc::clone(&budget).acquire_many_owned(size) => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // never closed
-                },
-                _ = shutdown.cancelled() => break,
-            };
-            let message = Held {
-                message,
-                _permit: permit,
-            };
-            let key = (message.message.topic.clone(), message.message.partition);
-            let sender = partitions.entry(key.clone()).or_insert_with(|| {
+            if message.topic == this.processor.topics.batch_created {
+                this.unhandled_references.fetch_add(1, Ordering::Relaxed);
+            }
+            let key = (message.topic.clone(), message.partition);
+            if partitions.get(&key).is_some_and(|s| s.sender.is_closed()) {
+                // Its task stopped at a hand-over: a new one starts afresh.
+                partitions.remove(&key);
+            }
+            let slot = partitions.entry(key.clone()).or_insert_with(|| {
                 // Room for two batches: one being handled, the next filling.
                 // It bounds memory, and what is queued but not handled at a
                 // crash is simply consumed again.
                 let (tx, rx) = mpsc::channel(2 * this.settings.max_batch_messages.max(32));
                 let worker = Arc::clone(&this);
-                let token = shutdown.clone();
+                // Cancelled at shutdown, or when the partition is revoked.
+                let token = shutdown.child_token();
+                let done = tasks.register(key.clone(), token.clone());
+                let (topic, partition) = key.clone();
                 tracker.spawn(async move {
-                    worker.run_partition(key.0, key.1, rx, token).await;
+                    worker.run_partition(topic, partition, rx, token).await;
+                    drop(done);
                 });
-                tx
-            });
-            tokio::select! {
-                sent = sender.send(message) => {
-                    if sent.is_err() {
-                        // The task only ends at shutdown; nothing to do but stop.
-                        break;
-                    }
+                Slot {
+                    sender: tx,
+                    overflow: VecDeque::new(),
+                    paused: false,
                 }
-                _ = shutdown.cancelled() => break,
+            });
+            slot.overflow.push_back(message);
+            slot.forward(&budget);
+            // Paused again now and then, should a rebalance have resumed it.
+            if !slot.overflow.is_empty() && (!slot.paused || slot.overflow.len() % 1000 == 0) {
+                slot.paused = true;
+                this.pause_partition(&key.0, key.1, true);
             }
         }
 
         this.consumer_running.store(false, Ordering::Relaxed);
+        window_stop.cancel();
+        let _ = window.await;
         // From here on, every stage is bounded so that the whole stop takes
         // at most SHUTDOWN_TIMEOUT: half for the partitions to finish the
         // message in hand, a quarter to commit offsets and leave the group,
@@ -566,8 +774,12 @@ impl Worker {
     }
 
     /// One partition, in order: whatever has queued up (up to the batch
-    /// size) is handled in one transaction. Parked messages are retried on a
-    /// timer until they apply or their window closes.
+    /// size) is handled in one transaction. A message naming a SKU or batch
+    /// not known yet waits, and so does every later message naming one of
+    /// the keys of a waiting message ([`Tracker`]); the others flow. Waiting
+    /// messages are tried again, in order and a batch at a time, after a
+    /// commit that created a batch, after some of them settled, and on a
+    /// timer, until they apply or their window closes.
     async fn run_partition(
         &self,
         topic: String,
@@ -575,16 +787,30 @@ impl Worker {
         mut queue: mpsc::Receiver<Held>,
         shutdown: CancellationToken,
     ) {
-        let mut parked: VecDeque<Parked> = VecDeque::new();
-        let mut next_offset: Option<i64> = None;
+        let mut tracker: Tracker<MessageKey, Waiter> = Tracker::new();
         let mut stored: Option<i64> = None;
         let max = self.settings.max_batch_messages.max(1);
+        let brings_references = topic == self.processor.topics.batch_created;
+        let mut references = self.processor.references_changed();
+        let mut retry = RetrySchedule::new();
         let mut batch: Vec<Held> = Vec::with_capacity(max);
         loop {
-            let retry_at = parked.iter().map(|p| p.next_try).min();
-            tokio::select! {
+            let waiting = tracker.waiting_len() > 0;
+            let retry_at = waiting.then_some(retry.next);
+            // Waiting messages come first: under a backlog they would
+            // otherwise starve.
+            let retry_now = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                changed = references.changed(), if waiting => {
+                    // Soon, not at once: a run of small commits creating
+                    // batches would otherwise retry after every one.
+                    if changed.is_ok() {
+                        retry.soon();
+                    }
+                    false
+                }
+                _ = sleep_until_opt(retry_at), if waiting => true,
                 received = queue.recv() => {
                     let Some(first) = received else { break };
                     batch.push(first);
@@ -594,105 +820,213 @@ impl Worker {
                             Err(_) => break,
                         }
                     }
-                    let items: Vec<(&InboundMessage, bool)> =
-                        batch.iter().map(|h| (&h.message, false)).collect();
-                    let Some(outcomes) = self.handle_batch(&topic, partition, &items, &shutdown).await else {
-                        break;
-                    };
-                    drop(items);
-                    next_offset = batch.last().map(|h| h.message.offset + 1);
-                    // Dropping a held message gives its bytes back; parked
-                    // ones are few (bounded by the unknown-reference window).
-                    for (held, outcome) in batch.drain(..).zip(outcomes) {
-                        if outcome == Outcome::Deferred {
-                            parked.push_back(Parked::new(held.message));
-                        }
-                    }
+                    false
                 }
-                _ = sleep_until_opt(retry_at), if retry_at.is_some() => {
-                    if !self.retry_parked(&topic, partition, &mut parked, &shutdown).await {
-                        break;
-                    }
+            };
+            if retry_now {
+                retry.last = Instant::now();
+                let Some(settled) = self
+                    .retry_waiting(&topic, partition, &mut tracker, &shutdown)
+                    .await
+                else {
+                    break;
+                };
+                if settled > 0 {
+                    // Those behind may go now: try them at once.
+                    retry.reset();
+                    retry.next = Instant::now();
+                } else {
+                    retry.back_off();
+                }
+            } else if !batch.is_empty() {
+                let fetched = batch.len();
+                let handled = self
+                    .handle_new(&topic, partition, &mut batch, &mut tracker, &shutdown)
+                    .await;
+                if brings_references {
+                    self.unhandled_references
+                        .fetch_sub(fetched, Ordering::Relaxed);
+                }
+                if !handled {
+                    break;
+                }
+                if tracker.waiting_len() > 0 && !waiting {
+                    // Batches created before now were there for this try.
+                    references.borrow_and_update();
+                    retry = RetrySchedule::new();
                 }
             }
-            // Never past a parked message: a crash must see it again.
-            let watermark = parked.front().map(|p| p.message.offset).or(next_offset);
-            if let Some(offset) = watermark {
+            // Never past a message not settled: a crash must see it again.
+            if let Some(offset) = tracker.safe_offset() {
                 if stored.is_none_or(|s| offset > s) {
                     self.store_offset(&topic, partition, offset);
                     stored = Some(offset);
                 }
             }
-            self.report_waiting(&topic, partition, Some(&parked));
+            self.set_waiting(&topic, partition, &tracker);
         }
-        self.report_waiting(&topic, partition, None);
+        // Whatever is queued or waits here is read again by the next owner
+        // or run.
+        queue.close();
+        let mut queued = 0;
+        while queue.try_recv().is_ok() {
+            queued += 1;
+        }
+        if brings_references {
+            self.unhandled_references
+                .fetch_sub(queued, Ordering::Relaxed);
+        }
+        let left: usize = tracker.waiting().map(|(_, w)| w.held.size).sum();
+        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
+        tracker.clear();
+        self.set_waiting(&topic, partition, &tracker);
     }
 
-    /// The waiting-message gauges of a partition from its parked queue;
-    /// `None` removes them (the partition task ends).
-    fn report_waiting(&self, topic: &str, partition: i32, parked: Option<&VecDeque<Parked>>) {
-        let metrics = &self.processor.metrics;
-        let partition = partition.to_string();
-        let labels = [topic, partition.as_str()];
-        let Some(parked) = parked else {
-            let _ = metrics.waiting_messages.remove_label_values(&labels);
-            let _ = metrics.waiting_oldest_age.remove_label_values(&labels);
-            return;
-        };
-        let oldest = parked.iter().map(|p| p.since).min();
-        metrics
-            .waiting_messages
-            .with_label_values(&labels)
-            .set(parked.len() as i64);
-        metrics
-            .waiting_oldest_age
-            .with_label_values(&labels)
-            .set(oldest.map_or(0.0, |since| since.elapsed().as_secs_f64()));
-    }
-
-    /// Retries, as one batch in offset order, every parked message that is
-    /// due. `false` when shutdown interrupted it.
-    async fn retry_parked(
+    /// Admits the messages just read (in offset order): those behind a
+    /// waiting message with a shared key wait; the others are handled in one
+    /// transaction. `false` when shutdown interrupted it.
+    async fn handle_new(
         &self,
         topic: &str,
         partition: i32,
-        parked: &mut VecDeque<Parked>,
+        batch: &mut Vec<Held>,
+        tracker: &mut Tracker<MessageKey, Waiter>,
         shutdown: &CancellationToken,
     ) -> bool {
-        let now = Instant::now();
-        let due: Vec<usize> = (0..parked.len())
-            .filter(|i| parked[*i].next_try <= now)
-            .collect();
-        if due.is_empty() {
+        let arrived = self.usable_time();
+        let since = Instant::now();
+        let mut ready: Vec<Waiter> = Vec::with_capacity(batch.len());
+        for held in batch.drain(..) {
+            let plan = self.processor.plan(&held.message);
+            let offset = held.message.offset;
+            let size = held.size;
+            let waiter = Waiter {
+                held,
+                plan,
+                arrived,
+                since,
+            };
+            let keys = waiter.plan.keys();
+            match tracker.admit(offset, keys, waiter) {
+                Some(waiter) => ready.push(waiter),
+                None => {
+                    self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
+                }
+            }
+        }
+        if ready.is_empty() {
             return true;
         }
-        let items: Vec<(&InboundMessage, bool)> = due
-            .iter()
-            .map(|i| {
-                let p = &parked[*i];
-                let give_up =
-                    now.duration_since(p.since) >= self.settings.unknown_reference_timeout;
-                (&p.message, give_up)
-            })
-            .collect();
-        let Some(outcomes) = self.handle_batch(topic, partition, &items, shutdown).await else {
+        let items: Vec<(&InboundMessage, bool)> =
+            ready.iter().map(|w| (&w.held.message, false)).collect();
+        let plans: Vec<&Plan> = ready.iter().map(|w| &w.plan).collect();
+        let Some(outcomes) = self
+            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .await
+        else {
             return false;
         };
         drop(items);
-        let mut settled = HashSet::new();
-        for (i, outcome) in due.into_iter().zip(outcomes) {
+        drop(plans);
+        // Dropping a message gives its bytes back; waiting ones keep theirs.
+        for (waiter, outcome) in ready.into_iter().zip(outcomes) {
+            let offset = waiter.held.message.offset;
             if outcome == Outcome::Deferred {
-                parked[i].schedule_next();
+                self.waiting_bytes
+                    .fetch_add(waiter.held.size, Ordering::Relaxed);
+                let keys = waiter.plan.keys();
+                tracker.defer(offset, keys, waiter);
             } else {
-                settled.insert(i);
+                tracker.settle(offset);
             }
         }
-        let mut i = 0;
-        parked.retain(|_| {
-            i += 1;
-            !settled.contains(&(i - 1))
-        });
         true
+    }
+
+    /// Tries the first waiting messages again, in offset order, as one
+    /// batch; each whose window has closed is dead-lettered, and those
+    /// behind it are then tried in turn. Returns how many settled, `None`
+    /// when shutdown interrupted it.
+    async fn retry_waiting(
+        &self,
+        topic: &str,
+        partition: i32,
+        tracker: &mut Tracker<MessageKey, Waiter>,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let now = self.usable_time();
+        let window = self.settings.unknown_reference_timeout;
+        let max = self
+            .settings
+            .max_batch_messages
+            .clamp(1, RETRY_BATCH_MESSAGES);
+        let due = tracker.retry_batch(max);
+        if due.is_empty() {
+            return Some(0);
+        }
+        let offsets: Vec<i64> = due.iter().map(|(o, _)| *o).collect();
+        let items: Vec<(&InboundMessage, bool)> = due
+            .iter()
+            .map(|(_, w)| (&w.held.message, now.saturating_sub(w.arrived) >= window))
+            .collect();
+        let plans: Vec<&Plan> = due.iter().map(|(_, w)| &w.plan).collect();
+        let outcomes = self
+            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .await?;
+        drop(items);
+        drop(plans);
+        drop(due);
+        let mut settled = 0;
+        for (offset, outcome) in offsets.into_iter().zip(outcomes) {
+            if outcome != Outcome::Deferred {
+                if let Some(waiter) = tracker.settle(offset) {
+                    self.waiting_bytes
+                        .fetch_sub(waiter.held.size, Ordering::Relaxed);
+                }
+                settled += 1;
+            }
+        }
+        Some(settled)
+    }
+
+    /// Updates the waiting gauges with this partition's waiting messages.
+    fn set_waiting(&self, topic: &str, partition: i32, tracker: &Tracker<MessageKey, Waiter>) {
+        let oldest = tracker.waiting().next().map(|(_, w)| w.since);
+        let count = tracker.waiting_len();
+        {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (topic.to_owned(), partition);
+            let metrics = &self.processor.metrics;
+            let partition = partition.to_string();
+            let labels = [topic, partition.as_str()];
+            if count == 0 {
+                if waiting.remove(&key).is_none() {
+                    return;
+                }
+                let _ = metrics.waiting_messages.remove_label_values(&labels);
+                let _ = metrics.waiting_oldest_age.remove_label_values(&labels);
+            } else {
+                waiting.insert(key, (count, oldest));
+                metrics
+                    .waiting_messages
+                    .with_label_values(&labels)
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
+        }
+        self.report_waiting_age();
+    }
+
+    /// Sets the age of each partition's oldest waiting message.
+    fn report_waiting_age(&self) {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        for ((topic, partition), (_, since)) in waiting.iter() {
+            let partition = partition.to_string();
+            self.processor
+                .metrics
+                .waiting_oldest_age
+                .with_label_values(&[topic.as_str(), partition.as_str()])
+                .set(since.map_or(0.0, |o| o.elapsed().as_secs_f64()));
+        }
     }
 
     async fn handle_batch(
@@ -700,6 +1034,7 @@ impl Worker {
         topic: &str,
         partition: i32,
         batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let span = tracing::info_span!(
@@ -712,7 +1047,7 @@ impl Worker {
         );
         async {
             let started = std::time::Instant::now();
-            let outcomes = self.process_with_retry(batch, shutdown).await?;
+            let outcomes = self.process_with_retry(batch, plans, shutdown).await?;
             // Every message of the batch waited for the whole transaction:
             // that is its handling duration.
             let elapsed = started.elapsed().as_secs_f64();
@@ -755,6 +1090,24 @@ impl Worker {
         .await
     }
 
+    /// Pauses (or resumes) fetching one partition. Messages of it already
+    /// fetched still arrive and are kept aside in its slot; librdkafka
+    /// resumes from the one after the last handed over.
+    fn pause_partition(&self, topic: &str, partition: i32, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let done = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        match done {
+            Ok(()) => tracing::debug!(topic, partition, pause, "partition fetch paused/resumed"),
+            // Revoked meanwhile: its next owner fetches it.
+            Err(error) => tracing::debug!(%error, topic, partition, pause, "cannot pause/resume"),
+        }
+    }
+
     fn store_offset(&self, topic: &str, partition: i32, next: i64) {
         let mut tpl = TopicPartitionList::new();
         let stored = tpl
@@ -768,15 +1121,130 @@ impl Worker {
     }
 }
 
-/// Bytes of inbound messages the partitions may hold at once. With batches
-/// of 500 messages of a few hundred bytes this never binds; it keeps a run of
-/// megabyte messages from taking the memory of a whole batch each.
+/// Bytes of inbound messages the partitions may hold at once, waiting ones
+/// included. With batches of 500 messages of a few hundred bytes this never
+/// binds; it keeps a run of megabyte messages from taking the memory of a
+/// whole batch each.
 const QUEUED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Most waiting messages tried again in one transaction.
+const RETRY_BATCH_MESSAGES: usize = 100;
+
+/// Statistics older than this say nothing of whether the worker has caught
+/// up (librdkafka reports every second; see adapters::kafka).
+const STATISTICS_FRESH: Duration = Duration::from_secs(10);
+
+/// How long the batch in hand may still take to commit once its partition
+/// is told to stop; then it is abandoned, uncommitted.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The partitions' tasks, so that a revocation stops them before the
+/// partitions are released ([`HandOver`]).
+#[derive(Default)]
+struct PartitionTasks {
+    tasks: std::sync::Mutex<HashMap<(String, i32), TaskControl>>,
+    /// Revoked, for the consumer loop to forget.
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+}
+
+struct TaskControl {
+    stop: CancellationToken,
+    /// Disconnected when the task has ended.
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl PartitionTasks {
+    /// Registers a partition's task; the task drops what is returned when it
+    /// ends.
+    fn register(&self, key: (String, i32), stop: CancellationToken) -> std::sync::mpsc::Sender<()> {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.insert(key, TaskControl { stop, done });
+        done_tx
+    }
+
+    fn take_revoked(&self) -> Vec<(String, i32)> {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *revoked)
+    }
+}
+
+impl HandOver for PartitionTasks {
+    /// Stops the revoked partitions' tasks and waits (bounded) until they
+    /// have ended: each finishes the batch in hand within [`STOP_GRACE`] or
+    /// abandons it, uncommitted, after storing the offsets of what it
+    /// committed; its queue and waiting messages are dropped. Runs in the
+    /// rebalance callback, on the thread of the consumer loop, not on the
+    /// runtime's workers that the tasks need.
+    fn revoke(&self, partitions: &[(String, i32)]) {
+        let stopping: Vec<((String, i32), TaskControl)> = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            partitions
+                .iter()
+                .filter_map(|p| tasks.remove(p).map(|c| (p.clone(), c)))
+                .collect()
+        };
+        for (_, control) in &stopping {
+            control.stop.cancel();
+        }
+        let deadline = std::time::Instant::now() + STOP_GRACE + Duration::from_secs(2);
+        for ((topic, partition), control) in stopping {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = control.done.recv_timeout(left)
+            {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "partition task did not stop in time for the hand-over"
+                );
+            }
+        }
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(partitions.iter().cloned());
+    }
+}
+
+/// The consumer loop's end of one partition's task.
+struct Slot {
+    sender: mpsc::Sender<Held>,
+    /// Messages read that did not fit (the queue was full, or the memory
+    /// bound reached), in offset order; the partition is paused meanwhile.
+    overflow: VecDeque<InboundMessage>,
+    paused: bool,
+}
+
+impl Slot {
+    /// Moves what is kept aside into the task's queue, in order, while
+    /// there is room there and in the memory bound.
+    fn forward(&mut self, budget: &Arc<Semaphore>) {
+        while let Some(message) = self.overflow.front() {
+            let Ok(room) = self.sender.try_reserve() else {
+                return;
+            };
+            let size = held_size(message);
+            let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(size) else {
+                return;
+            };
+            let Some(message) = self.overflow.pop_front() else {
+                return;
+            };
+            room.send(Held {
+                message,
+                _permit: permit,
+                size: size as usize,
+            });
+        }
+    }
+}
 
 /// A message on its way through a partition, holding its share of QUEUED_BYTES.
 struct Held {
     message: InboundMessage,
     _permit: OwnedSemaphorePermit,
+    /// Bytes it holds of QUEUED_BYTES.
+    size: usize,
 }
 
 /// What a message counts against QUEUED_BYTES: its key, value and headers,
@@ -793,28 +1261,56 @@ fn held_size(message: &InboundMessage) -> u32 {
     u32::try_from(bytes.min(QUEUED_BYTES)).unwrap_or(u32::MAX)
 }
 
-struct Parked {
-    message: InboundMessage,
+/// A message of a partition with what was learnt of it when it was read.
+struct Waiter {
+    held: Held,
+    plan: Plan,
+    /// Usable time when it was read: its window closes `window` later.
+    arrived: Duration,
+    /// Wall-clock time when it was read, for the age gauge.
     since: Instant,
-    next_try: Instant,
-    delay: Duration,
 }
 
-impl Parked {
-    fn new(message: InboundMessage) -> Self {
-        let delay = Duration::from_millis(200);
+/// When a partition tries its waiting messages again, on a timer that backs
+/// off while nothing changes.
+struct RetrySchedule {
+    next: Instant,
+    delay: Duration,
+    /// When the last retry began.
+    last: Instant,
+}
+
+impl RetrySchedule {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MOST: Duration = Duration::from_secs(1);
+    /// Least time between two retries prompted by new batches.
+    const SPACING: Duration = Duration::from_millis(25);
+
+    fn new() -> Self {
         let now = Instant::now();
         Self {
-            message,
-            since: now,
-            next_try: now + delay,
-            delay,
+            next: now + Self::FIRST,
+            delay: Self::FIRST,
+            last: now - Self::SPACING,
         }
     }
 
-    fn schedule_next(&mut self) {
-        self.delay = (self.delay * 2).min(Duration::from_secs(2));
-        self.next_try = Instant::now() + self.delay;
+    /// Something changed: retry within [`Self::SPACING`] of the last retry.
+    fn soon(&mut self) {
+        self.delay = Self::FIRST;
+        self.next = self
+            .next
+            .min((self.last + Self::SPACING).max(Instant::now()));
+    }
+
+    fn reset(&mut self) {
+        self.delay = Self::FIRST;
+        self.next = Instant::now() + self.delay;
+    }
+
+    fn back_off(&mut self) {
+        self.delay = (self.delay * 2).min(Self::MOST);
+        self.next = Instant::now() + self.delay;
     }
 }
 
