@@ -29,7 +29,12 @@ fn main() -> ExitCode {
         }
     };
 
+    // At least two worker threads, even under a one-CPU quota: a revocation
+    // blocks the thread that polls the consumer while it waits for the
+    // partitions' tasks, which need another thread to finish.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .build()
     {

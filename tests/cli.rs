@@ -164,6 +164,7 @@ fn the_properties_the_guarantees_rest_on_are_refused_however_given() {
         ("auto.offset.reset", "latest"),
         ("offset.store.method", "file"),
         ("enable.partition.eof", "true"),
+        ("statistics.interval.ms", "0"),
         ("enable.idempotence", "false"),
         ("acks", "1"),
         ("request.required.acks", "0"),

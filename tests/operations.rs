@@ -388,15 +388,16 @@ async fn readyz_names_the_missing_schema_until_migrated_without_a_restart() {
     env.finish().await;
 }
 
-/// HEALTH_POLL_TIMEOUT of 2 s. Idle, the loop waits in its poll and is
-/// healthy. Stuck (a partition blocked on a row lock that nobody releases,
-/// its queue full, so the loop cannot hand the next message on and does not
-/// poll), /healthz answers 503; once the lock goes, 200 again.
+/// HEALTH_POLL_TIMEOUT of 1 s. Idle, the loop waits in its poll and is
+/// healthy; with one partition stuck on a row lock it still polls and is
+/// healthy. Held in a rebalance callback that waits for that partition's
+/// task (a real stall of the loop, a few seconds long), /healthz answers
+/// 503 with the reason; then 200 again.
 #[tokio::test]
 async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
     let env = TestEnv::new().await;
     let worker =
-        env.spawn_worker_with(&[("HEALTH_POLL_TIMEOUT", "2s"), ("MAX_BATCH_MESSAGES", "1")]);
+        env.spawn_worker_with(&[("HEALTH_POLL_TIMEOUT", "1s"), ("MAX_BATCH_MESSAGES", "1")]);
     let addr = worker.http_addr;
     let sku = unique("SKU");
     let batch = unique("b");
@@ -404,9 +405,9 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
     env.wait_batch(&batch).await;
     http_until(&env, addr, "/readyz", 200).await;
 
-    // Idle for twice the timeout: still healthy.
+    // Idle for more than twice the timeout: still healthy.
     let idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(4) {
+    while idle.elapsed() < Duration::from_millis(2_500) {
         let answer = http_get(addr, "/healthz").await;
         check_eq!(
             env,
@@ -418,27 +419,44 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // Hold the product's row: the partition's transaction waits for it.
+    // A locked product no longer stops the loop: its partition is paused
+    // and the loop goes on polling (no partition holds up the others).
     let mut lock = env.db.begin().await.expect("begin");
     sqlx::query("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE")
         .bind(&sku)
         .execute(&mut *lock)
         .await
         .expect("lock the product");
-    // More than the partition's queue holds (64 with batches of 1), all on
-    // the SKU's partition.
     let orders: Vec<String> = (0..100).map(|_| unique("o")).collect();
     for order in &orders {
         env.allocation_required(order, &sku, 1, &[]).await;
     }
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_millis(2_500) {
+        let answer = http_get(addr, "/healthz").await;
+        check_eq!(
+            env,
+            answer.as_ref().map(|a| a.0),
+            Some(200),
+            "one partition stuck on a lock, {:?} in: {answer:?}",
+            busy.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // What does stop the loop: a rebalance. Its revocation callback runs
+    // inside the consumer's poll and waits (a few seconds at most) for the
+    // stuck partition's task to finish or abandon its transaction, longer
+    // than the 1 s timeout. A second member joining the group brings it.
+    let second = env.spawn_worker();
     let body = http_until(&env, addr, "/healthz", 503).await;
     check!(
         env,
         body.contains("has not polled"),
         "healthz says why: {body:?}"
     );
-    lock.rollback().await.expect("release the lock");
     http_until(&env, addr, "/healthz", 200).await;
+    lock.rollback().await.expect("release the lock");
     env.eventually("every order allocated", DEADLINE, || async {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations WHERE sku = $1")
             .bind(&sku)
@@ -447,6 +465,7 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
         Ok::<_, sqlx::Error>((n == orders.len() as i64).then_some(()))
     })
     .await;
+    drop(second);
     drop(worker);
     env.finish().await;
 }

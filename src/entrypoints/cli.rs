@@ -525,6 +525,14 @@ const GUARDED: &[Guarded] = &[
         allowed: is_false,
         why: "must be false: the end of a partition is not an error to the worker",
     },
+    // The unknown-reference window counts time only while fresh statistics
+    // show the worker caught up: without them it would never close, and a
+    // reference that never comes would wait for ever.
+    Guarded {
+        name: "statistics.interval.ms",
+        allowed: |v| v.trim().parse::<u64>().is_ok_and(|ms| (1..=5_000).contains(&ms)),
+        why: "must be between 1 and 5000 ms: the unknown-reference window reads the consumer's statistics",
+    },
     Guarded {
         name: "enable.idempotence",
         allowed: is_true,

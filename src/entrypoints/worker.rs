@@ -628,7 +628,10 @@ impl Worker {
             async move { worker.watch_window(stop).await }
         });
         let tracker = TaskTracker::new();
-        let tasks = Arc::new(PartitionTasks::default());
+        let tasks = Arc::new(PartitionTasks {
+            poll_clock: Arc::clone(&this.poll_clock),
+            ..PartitionTasks::default()
+        });
         this.consumer
             .context()
             .set_hand_over(Arc::clone(&tasks) as Arc<dyn HandOver>);
@@ -1145,6 +1148,10 @@ struct PartitionTasks {
     tasks: std::sync::Mutex<HashMap<(String, i32), TaskControl>>,
     /// Revoked, for the consumer loop to forget.
     revoked: std::sync::Mutex<Vec<(String, i32)>>,
+    /// The loop's clock for `/healthz`: a revocation runs inside the
+    /// consumer's poll but is the loop's own work, which can take seconds
+    /// (it waits for the partitions' tasks), so it does not count as polling.
+    poll_clock: Arc<PollClock>,
 }
 
 struct TaskControl {
@@ -1177,6 +1184,16 @@ impl HandOver for PartitionTasks {
     /// rebalance callback, on the thread of the consumer loop, not on the
     /// runtime's workers that the tasks need.
     fn revoke(&self, partitions: &[(String, i32)]) {
+        self.poll_clock.polled();
+        self.stop_revoked(partitions);
+        self.poll_clock.polling();
+    }
+}
+
+impl PartitionTasks {
+    /// Stops the tasks of `partitions` and waits for them, a few seconds at
+    /// most (see [`HandOver::revoke`]).
+    fn stop_revoked(&self, partitions: &[(String, i32)]) {
         let stopping: Vec<((String, i32), TaskControl)> = {
             let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
             partitions
