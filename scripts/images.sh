@@ -57,8 +57,6 @@ have() { docker image inspect "$1" >/dev/null 2>&1; }
 fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{index .Config.Labels "made-from"}}' "$1")" = "$2" ]; }
 
 docker_engine_up
-# Without the buildx plugin, the classic builder, without its deprecation notice.
-docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
 
 # --- which bases --------------------------------------------------------------
 official_builder=rust:1-bookworm
@@ -197,7 +195,7 @@ revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 started=$SECONDS
 # IMAGES_CPU_SHARES: the build's CPU weight (1024 is a process's), lower on a
 # machine shared with work that should go first.
-docker build -q --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
+docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
     -t allocation-worker:local . >/dev/null \
     || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
 log "allocation-worker:local built in $((SECONDS - started)) s"

@@ -225,3 +225,74 @@ async fn start_kafka() -> (String, ContainerAsync<GenericImage>) {
     );
     (advertised, container)
 }
+
+// ------------------------------------------------- one per test process
+
+/// Containers shared by every test of the process, removed when it exits.
+static SHARED_DATABASE_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static SHARED_BOOTSTRAP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static AT_EXIT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// `DATABASE_URL`, or the URL of a PostgreSQL container shared by the tests
+/// of this process: for tests that only need a server to make databases on.
+pub fn shared_database_url() -> String {
+    if let Some(url) = set_var("DATABASE_URL") {
+        return url;
+    }
+    SHARED_DATABASE_URL
+        .get_or_init(|| shared(start_postgres))
+        .clone()
+}
+
+/// `KAFKA_BOOTSTRAP_SERVERS`, or those of a broker container shared by the
+/// tests of this process.
+pub fn shared_bootstrap_servers() -> String {
+    if let Some(servers) = set_var("KAFKA_BOOTSTRAP_SERVERS") {
+        return servers;
+    }
+    SHARED_BOOTSTRAP.get_or_init(|| shared(start_kafka)).clone()
+}
+
+/// Starts a container on a runtime of its own (each `#[tokio::test]` has its
+/// own, which ends with the test), and removes it when the process exits:
+/// the test harness ends with `exit`, which runs `atexit` handlers, not
+/// destructors of statics.
+fn shared<F, Fut>(start: F) -> String
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = (String, ContainerAsync<GenericImage>)>,
+{
+    let (address, id) = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to start a container on");
+        runtime.block_on(async move {
+            let (address, container) = start().await;
+            let id = container.id().to_owned();
+            // Its drop would remove it on this runtime, which ends here.
+            std::mem::forget(container);
+            (address, id)
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("starting a shared container failed (see above)"));
+    let mut ids = AT_EXIT.lock().unwrap();
+    if ids.is_empty() {
+        extern "C" fn remove_shared_containers() {
+            let ids = AT_EXIT.lock().map(|ids| ids.clone()).unwrap_or_default();
+            if !ids.is_empty() {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "--force", "--volumes"])
+                    .args(&ids)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+        // SAFETY: registers a plain function with no arguments, as atexit wants.
+        unsafe { nix::libc::atexit(remove_shared_containers) };
+    }
+    ids.push(id);
+    address
+}
