@@ -8,9 +8,14 @@
 # 0.0.0.0:9464. `CMD` is `run`; pass `migrate` to apply the migrations and exit.
 
 ARG RUST_VERSION=1
+# The base images. Users keep the official ones; a machine that cannot pull
+# them passes local stand-ins (scripts/images.sh does):
+#   --build-arg BUILDER_IMAGE=... --build-arg RUNTIME_IMAGE=...
+ARG BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm
+ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 # --- build --------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-bookworm AS builder
+FROM ${BUILDER_IMAGE} AS builder
 
 # rdkafka-sys builds librdkafka from its bundled source with the default
 # ./configure && make (not CMake, which only its `cmake-build` feature uses):
@@ -48,7 +53,7 @@ RUN touch src/main.rs src/lib.rs \
  && install -D -m 0755 target/release/allocation-worker /out/allocation-worker
 
 # --- run ----------------------------------------------------------------------
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 
 # ca-certificates for TLS to PostgreSQL and Kafka (it brings libssl3 too);
 # glibc and zlib, the binary's other shared libraries, are in the base image.

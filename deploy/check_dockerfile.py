@@ -5,7 +5,8 @@
 
 Parses the Dockerfile with the `dockerfile` package (BuildKit's own parser)
 when it is installed, else line by line, and checks: a Rust bookworm builder
-and a debian:bookworm-slim runtime; every COPY from the build context names a
+and a debian:bookworm-slim runtime (the defaults of the base-image build
+arguments); every COPY from the build context names a
 file that exists and that .dockerignore does not exclude; target/ and .git are
 excluded; the binary built is Cargo.toml's [[bin]]; the runtime runs as a
 numeric non-root user, exposes 9464, listens on 0.0.0.0:9464 and has
@@ -79,9 +80,24 @@ def main():
     if len(stages) < 2:
         problem("not a multi-stage build")
         return report()
-    builder_from = " ".join(parsed[stages[0]][2])
-    runtime_from = " ".join(parsed[stages[-1]][2])
-    if not re.match(r"rust:\S*bookworm", builder_from.replace("${RUST_VERSION}", "1")):
+    # The base images are build arguments declared before the first FROM
+    # (scripts/images.sh passes local stand-ins): check their defaults, which
+    # are what users build on.
+    global_args = {}
+    for cmd, _flags, value, _json in parsed[: stages[0]]:
+        if cmd == "ARG":
+            for arg in value:
+                name, _, default = arg.partition("=")
+                global_args[name] = re.sub(
+                    r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args.get(m[1] or m[2], ""), default
+                )
+
+    def resolved(text):
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args.get(m[1] or m[2], m[0]), text)
+
+    builder_from = resolved(" ".join(parsed[stages[0]][2]))
+    runtime_from = resolved(" ".join(parsed[stages[-1]][2]))
+    if not re.match(r"rust:\S*bookworm", builder_from):
         problem(f"builder stage is {builder_from!r}, expected rust:*-bookworm")
     if runtime_from.split()[0] != "debian:bookworm-slim":
         problem(f"runtime stage is {runtime_from!r}, expected debian:bookworm-slim")

@@ -2,7 +2,9 @@
 //! Kafka, driven only through Kafka topics (SPEC §3–§6), with assertions on
 //! the outbound topics and the database rows.
 //!
-//! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`).
+//! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`), or,
+//! without their variables, a Docker engine (containers per test, see
+//! tests/common/containers.rs).
 //! Run with `cargo test --test end_to_end -- --test-threads=2`.
 //! Worker logs: `target/e2e-logs/<test>-w<n>.log` (named in every failure).
 

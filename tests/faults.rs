@@ -1390,8 +1390,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
     const BURST: usize = 1500;
     const AFTER: usize = 100;
     let broker = PrivateBroker::start().await;
-    let database_url = std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL is not set: run `source scripts/services.sh`");
+    let database_url = common::containers::shared_database_url();
     let env = TestEnv::with_services(&database_url, &broker.bootstrap()).await;
     let t = env.topics.clone();
     // Batches of 16 (the same code path as the default 500): a burst then
@@ -1547,8 +1546,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
     const SKUS: usize = 5;
     const ORDERS: usize = 400;
     let pg = PrivatePostgres::start().await;
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-        .expect("KAFKA_BOOTSTRAP_SERVERS is not set: run `source scripts/services.sh`");
+    let bootstrap = common::containers::shared_bootstrap_servers();
     let env = TestEnv::with_services(&pg.admin_url(), &bootstrap).await;
     let t = env.topics.clone();
     let mut worker = spawn(&env, &[("SHUTDOWN_TIMEOUT", "5s")]);

