@@ -128,15 +128,16 @@ docker run -d --init --name "$container" \
 in_container() { docker exec -i "$container" bash -euo pipefail -c "$1"; }
 
 in_container '
-    cp /host/ca/*.crt /usr/local/share/ca-certificates/ 2>/dev/null || true
+    mkdir -p /usr/local/share/ca-certificates ~/.cargo
+    for f in /host/ca/*.crt; do [ ! -f "$f" ] || cp "$f" /usr/local/share/ca-certificates/; done
     [ ! -f /host/pip/etc-pip.conf ] || cp /host/pip/etc-pip.conf /etc/pip.conf
     [ ! -f /host/pip/config-pip.conf ] || { mkdir -p ~/.config/pip; cp /host/pip/config-pip.conf ~/.config/pip/pip.conf; }
     [ ! -f /host/pip/dot-pip.conf ] || { mkdir -p ~/.pip; cp /host/pip/dot-pip.conf ~/.pip/pip.conf; }
     for f in /host/cargo/*; do [ ! -f "$f" ] || cp "$f" ~/.cargo/; done
 '
 log "prerequisites of the README: git (the Rust toolchain is the host's)"
-in_container 'apt-get update -qq && apt-get install -y -qq --no-install-recommends git >/dev/null'
-in_container 'git clone -q /host/repo.bundle /root/allocation-worker && git -C /root/allocation-worker log --oneline -1'
+in_container 'apt-get update -qq && apt-get install -y -qq --no-install-recommends git >/dev/null 2>&1'
+in_container 'git -c advice.detachedHead=false clone -q /host/repo.bundle /root/allocation-worker && git -C /root/allocation-worker log --oneline -1'
 log "container ready: $(in_container '. /etc/os-release; echo "$PRETTY_NAME"'), $(in_container 'cargo --version')"
 
 # --- scripts/run.sh -----------------------------------------------------------

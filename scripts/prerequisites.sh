@@ -38,15 +38,16 @@ _prereq_as_root() {
 # apt-get install, with one `apt-get update` per process: a fresh machine has
 # no package lists, and a stale list can name files the mirror no longer has.
 _PREREQ_APT_UPDATED=
+# Each step checks its status itself: callers use it in `||` lists, where
+# bash ignores `set -e`.
 _prereq_apt_install() (
-    set -euo pipefail
     if ! command -v apt-get >/dev/null 2>&1; then
         _prereq_log "ERROR: no apt-get: on a distribution other than Debian or Ubuntu, install the equivalents of: $*"
         exit 1
     fi
     _prereq_log "installing $*"
     if [ -z "$_PREREQ_APT_UPDATED" ]; then
-        _prereq_as_root apt-get update -qq >&2
+        _prereq_as_root apt-get update -qq >&2 || exit
     fi
     # No prompts; --no-install-recommends keeps a fresh machine small (the
     # recommended extras of build-essential and PostgreSQL are not needed).

@@ -33,7 +33,8 @@ _svc_up() (
     cd "$SERVICES_ROOT"
     mkdir -p "$SERVICES_RUN_DIR"
     as_root() { _prereq_as_root "$@"; }
-    as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
+    # From /: postgres may not enter the caller's directory (under /root).
+    as_postgres() { (cd / && if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi); }
     apt_install() { prereq_apt_install "$@"; }
     prerequisites_install
     # Poll with a deadline so a broken service fails CI with a message instead of hanging.
@@ -152,7 +153,11 @@ _svc_stop() {
 _svc_main() {
     case "${1:-up}" in
         up | start)
-            _svc_up || return
+            # Not `_svc_up || return`: in a `||` list bash ignores the
+            # `set -e` inside _svc_up, and a failed step would not stop it.
+            _svc_up
+            local status=$?
+            [ "$status" = 0 ] || return "$status"
             export DATABASE_URL="$SERVICES_DATABASE_URL" KAFKA_BOOTSTRAP_SERVERS="$SERVICES_KAFKA"
             echo "export DATABASE_URL='$DATABASE_URL'"
             echo "export KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"
