@@ -6,6 +6,7 @@
 #
 #   .ci/fresh-machine.sh [--dist bookworm|trixie] [--part full|run]
 #
+# (.ci/run runs it for bookworm, `--part full`.)
 #   run    scripts/run.sh until the worker is ready (/readyz 200) and has
 #          allocated one order line sent through the broker, then stopped
 #   full   the same, then a representative part of scripts/test.sh: the
@@ -51,7 +52,7 @@ if ! engine_answers; then
     if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
         log "installing docker.io"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends docker.io >&2
     fi
     if ! engine_answers; then
         log "starting dockerd (log: /var/log/allocation-worker-dockerd.log)"
@@ -84,7 +85,7 @@ if ! docker image inspect "$image" >/dev/null 2>&1; then
         command -v debootstrap >/dev/null 2>&1 || {
             log "installing debootstrap"
             apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >&2
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends debootstrap >&2
         }
         log "debootstrap --variant=minbase $dist"
         rm -rf "$rootfs" && mkdir -p "$cache"
@@ -118,7 +119,9 @@ while IFS= read -r name; do env_args+=(-e "$name"); done < <(compgen -e | grep -
 
 log "starting container $container"
 # --init: a real PID 1 reaps the processes the checks leave behind.
-docker run -d --init --name "$container" \
+# FRESH_CPU_SHARES: the container's CPU weight (1024 is a process's), lower
+# when it runs beside other work that should go first.
+docker run -d --init --name "$container" --cpu-shares "${FRESH_CPU_SHARES:-1024}" \
     -v "$rustup_home:/root/.rustup:ro" -v "$cargo_bin:/root/.cargo/bin:ro" \
     -v "$staging:/host:ro" \
     "${env_args[@]}" -e RUSTUP_HOME=/root/.rustup -e CARGO_HOME=/root/.cargo \
@@ -137,7 +140,7 @@ in_container '
 '
 log "prerequisites of the README: git (the Rust toolchain is the host's)"
 in_container 'apt-get update -qq && apt-get install -y -qq --no-install-recommends git >/dev/null 2>&1'
-in_container 'git -c advice.detachedHead=false clone -q /host/repo.bundle /root/allocation-worker && git -C /root/allocation-worker log --oneline -1'
+in_container 'git -c advice.detachedHead=false -c init.defaultBranch=main clone -q /host/repo.bundle /root/allocation-worker && git -C /root/allocation-worker log --oneline -1'
 log "container ready: $(in_container '. /etc/os-release; echo "$PRETTY_NAME"'), $(in_container 'cargo --version')"
 
 # --- scripts/run.sh -----------------------------------------------------------

@@ -50,9 +50,10 @@ _prereq_apt_install() (
         _prereq_as_root apt-get update -qq >&2 || exit
     fi
     # No prompts; --no-install-recommends keeps a fresh machine small (the
-    # recommended extras of build-essential and PostgreSQL are not needed).
+    # recommended extras of build-essential and PostgreSQL are not needed);
+    # another apt-get at work (an unattended upgrade) is waited for.
     _prereq_as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends "$@" >&2
+        apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends "$@" >&2
 )
 
 # apt_install in the caller's process, so the update happens once.
