@@ -146,14 +146,23 @@ log "container ready: $(in_container '. /etc/os-release; echo "$PRETTY_NAME"'), 
 # --- scripts/run.sh -----------------------------------------------------------
 log "scripts/run.sh (log in the container: /root/run.log)"
 run_started=$SECONDS
-# setsid: the worker and cargo get a process group of their own to stop.
-in_container 'cd /root/allocation-worker && setsid nohup scripts/run.sh >/root/run.log 2>&1 </dev/null & echo $! >/root/run.pid'
+# setsid: run.sh (then cargo, then the worker) in a process group of its own,
+# to stop as a whole; the group's leader writes its id.
+in_container '
+    printf "%s\n" "echo \$\$ >/root/run.pgid" "cd /root/allocation-worker" "exec scripts/run.sh" >/root/start-run.sh
+    setsid nohup bash /root/start-run.sh >/root/run.log 2>&1 </dev/null &
+'
 # Polls /readyz; fails as soon as run.sh has exited (its build or set-up
 # failed), or after the deadline, with the end of its log.
 in_container '
     deadline=$((SECONDS + 1800))
+    until [ -s /root/run.pgid ]; do
+        [ "$SECONDS" -lt 30 ] || { echo "scripts/run.sh did not start" >&2; exit 1; }
+        sleep 0.2
+    done
+    group=$(cat /root/run.pgid)
     while :; do
-        if ! kill -0 "$(cat /root/run.pid)" 2>/dev/null; then
+        if ! kill -0 -- "-$group" 2>/dev/null; then
             echo "scripts/run.sh exited before the worker was ready:" >&2; tail -n 40 /root/run.log >&2; exit 1
         fi
         if (exec 3<>/dev/tcp/127.0.0.1/9464) 2>/dev/null && [ -x /root/allocation-worker/.run/venv/bin/python ] \
@@ -217,7 +226,7 @@ PY'
 log "one order line allocated: read model and Allocated event"
 # Stop the worker as an operator would; it must exit by itself.
 in_container '
-    group=$(cat /root/run.pid)
+    group=$(cat /root/run.pgid)
     kill -TERM -- "-$group"
     for _ in $(seq 300); do kill -0 -- "-$group" 2>/dev/null || exit 0; sleep 0.1; done
     echo "the worker did not stop within 30 s of SIGTERM" >&2; tail -n 20 /root/run.log >&2; exit 1
