@@ -13,6 +13,8 @@
 #          service check (nothing left to install), the promtool checks, and
 #          ${FRESH_TEST_ARGS:-one end-to-end test} (default)
 #
+# FRESH_READY_TIMEOUT (seconds, default 1800) bounds the wait for the worker:
+# the cold release build, on a busy machine, is most of it.
 # Docker: installs docker.io and starts dockerd when no engine answers (and
 # stops the one it started). No image can be pulled here, so the base image
 # is made with debootstrap and kept as the tag allocation-worker-base:<dist>
@@ -128,7 +130,7 @@ docker run -d --init --name "$container" --cpu-shares "${FRESH_CPU_SHARES:-1024}
     -e PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     -e CARGO_TERM_COLOR=never -e DEBIAN_FRONTEND=noninteractive \
     "$image" sleep infinity >/dev/null
-in_container() { docker exec -i "$container" bash -euo pipefail -c "$1"; }
+in_container() { docker exec -i -e FRESH_READY_TIMEOUT "$container" bash -euo pipefail -c "$1"; }
 
 in_container '
     mkdir -p /usr/local/share/ca-certificates ~/.cargo
@@ -155,7 +157,7 @@ in_container '
 # Polls /readyz; fails as soon as run.sh has exited (its build or set-up
 # failed), or after the deadline, with the end of its log.
 in_container '
-    deadline=$((SECONDS + 1800))
+    deadline=$((SECONDS + ${FRESH_READY_TIMEOUT:-1800}))
     until [ -s /root/run.pgid ]; do
         [ "$SECONDS" -lt 30 ] || { echo "scripts/run.sh did not start" >&2; exit 1; }
         sleep 0.2
@@ -173,7 +175,7 @@ try:
 except Exception:
     sys.exit(1)
 "; then break; fi
-        if [ "$SECONDS" -ge "$deadline" ]; then echo "worker not ready after 30 min" >&2; tail -n 40 /root/run.log >&2; exit 1; fi
+        if [ "$SECONDS" -ge "$deadline" ]; then echo "worker not ready after ${FRESH_READY_TIMEOUT:-1800} s" >&2; tail -n 40 /root/run.log >&2; exit 1; fi
         sleep 1
     done
 '
