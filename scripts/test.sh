@@ -3,6 +3,9 @@
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh --test pipeline -- --nocapture).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/prerequisites.sh
+prerequisites_cargo
+# Build prerequisites, PostgreSQL and the broker, each only when missing.
 # Explicit `up`: a bare `source` would hand our cargo arguments to services.sh.
 source scripts/services.sh up
 # Alert rules and their unit tests; also installs promtool, which the

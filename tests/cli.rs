@@ -252,3 +252,109 @@ fn help_lists_every_command() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("run") && help.contains("migrate"), "{help}");
 }
+
+/// Every duration setting reads a bare number as seconds, as the README's
+/// "`--duration 15`" does, and still takes humantime strings.
+#[test]
+fn durations_are_seconds_when_bare_and_humantime_otherwise() {
+    use allocation_worker::entrypoints::cli::{duration, Cli, CommandLine};
+    use clap::Parser;
+
+    for (text, expected) in [
+        ("15", Duration::from_secs(15)),
+        ("0", Duration::ZERO),
+        ("2.5", Duration::from_millis(2500)),
+        (" 30 ", Duration::from_secs(30)),
+        ("15s", Duration::from_secs(15)),
+        ("2m", Duration::from_secs(120)),
+        ("1h 30m", Duration::from_secs(5400)),
+        ("7d", Duration::from_secs(7 * 86_400)),
+        ("250ms", Duration::from_millis(250)),
+    ] {
+        assert_eq!(duration(text), Ok(expected), "{text:?}");
+    }
+    for bad in ["", "soon", "-5", "1.2.3", ".", "15 parsecs", "1e400"] {
+        assert!(duration(bad).is_err(), "{bad:?} was accepted");
+    }
+
+    let parse = |args: &[&str]| {
+        Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()))
+    };
+    let bootstrap = ["--kafka-bootstrap-servers", "127.0.0.1:1"];
+    let cli = parse(
+        &[
+            &["allocation-worker", "simulate", "--duration", "15"][..],
+            &bootstrap,
+        ]
+        .concat(),
+    );
+    let CommandLine::Simulate(simulate) = cli.command else {
+        panic!("not simulate")
+    };
+    assert_eq!(simulate.duration, Duration::from_secs(15));
+    assert_eq!(simulate.summary.until_idle, None);
+
+    let cli = parse(
+        &[
+            &[
+                "allocation-worker",
+                "watch",
+                "--interval",
+                "2",
+                "--exit-after",
+                "30",
+                "--until-idle",
+                "4",
+            ][..],
+            &bootstrap,
+        ]
+        .concat(),
+    );
+    let CommandLine::Watch(watch) = cli.command else {
+        panic!("not watch")
+    };
+    assert_eq!(
+        (
+            watch.summary.interval,
+            watch.summary.exit_after,
+            watch.summary.until_idle
+        ),
+        (
+            Duration::from_secs(2),
+            Some(Duration::from_secs(30)),
+            Some(Duration::from_secs(4))
+        )
+    );
+
+    let cli = parse(&[
+        "allocation-worker",
+        "run",
+        "--database-url",
+        "postgres://u:p@127.0.0.1:1/db",
+        "--kafka-bootstrap-servers",
+        "127.0.0.1:1",
+        "--unknown-reference-timeout",
+        "45",
+        "--shutdown-timeout",
+        "20",
+    ]);
+    let CommandLine::Run(run) = cli.command else {
+        panic!("not run")
+    };
+    assert_eq!(
+        (run.unknown_reference_timeout, run.shutdown_timeout),
+        (Duration::from_secs(45), Duration::from_secs(20))
+    );
+}
+
+#[test]
+fn a_bad_duration_is_a_setting_error() {
+    assert_config_error(
+        &worker(&["simulate", "--duration", "soon"], &[KAFKA]),
+        "--duration",
+    );
+    assert_config_error(
+        &worker(&["run"], &[DB, KAFKA, ("SHUTDOWN_TIMEOUT", "-3")]),
+        "--shutdown-timeout",
+    );
+}

@@ -779,7 +779,27 @@ impl Drop for PrivateBroker {
     }
 }
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The server tools of the newest PostgreSQL the distribution installed
+/// (15 on bookworm, 17 on trixie): `/usr/lib/postgresql/<major>/bin`.
+fn pg_bin() -> PathBuf {
+    let newest = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let major: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((major, bin))
+        })
+        .max();
+    match newest {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "no /usr/lib/postgresql/<major>/bin/initdb: PostgreSQL's server is needed; \
+             run `source scripts/services.sh`"
+        ),
+    }
+}
 
 /// A PostgreSQL cluster of this test only (trust authentication on
 /// 127.0.0.1), so it can be stopped without touching the shared one.
@@ -792,11 +812,8 @@ struct PrivatePostgres {
 
 impl PrivatePostgres {
     async fn start() -> Self {
-        let bin = Path::new(PG_BIN);
-        assert!(
-            bin.join("initdb").is_file(),
-            "{PG_BIN}/initdb not found: PostgreSQL 15 is needed; run `source scripts/services.sh`"
-        );
+        // Fails with a clear message when no server is installed.
+        pg_bin();
         let as_postgres = {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata("/proc/self")
@@ -866,7 +883,7 @@ impl PrivatePostgres {
     }
 
     fn command(&self, tool: &str) -> std::process::Command {
-        let program = Path::new(PG_BIN).join(tool);
+        let program = pg_bin().join(tool);
         let mut command = if self.as_postgres {
             let mut c = std::process::Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(program);

@@ -23,7 +23,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 use allocation_worker::adapters::inbound::{decode, InboundKind};
-use allocation_worker::domain::Command as DomainCommand;
+use allocation_worker::domain::{
+    BatchRef, Command as DomainCommand, Event, OrderLine, Product, Sku,
+};
 use allocation_worker::entrypoints::generator::{
     GeneratedMessage, Malformed, Workload, WorkloadSettings,
 };
@@ -156,6 +158,112 @@ fn the_stream_hangs_together() {
         *per_order.entry(orderid.clone()).or_default() += 1;
     }
     assert!(per_order.values().any(|&n| n >= 2));
+}
+
+/// Applies `messages` with the domain model as the worker's handlers do
+/// (a freed line is allocated again at once) and counts the outbound events
+/// by type.
+fn decided_events(messages: &[GeneratedMessage]) -> BTreeMap<&'static str, u64> {
+    let mut products: HashMap<Sku, Product> = HashMap::new();
+    let mut product_of_batch: HashMap<BatchRef, Sku> = HashMap::new();
+    let mut counts = BTreeMap::new();
+    for m in messages {
+        let Ok(command) = decode(m.topic_kind, Some(&m.value)) else {
+            continue;
+        };
+        let product = match command {
+            DomainCommand::CreateBatch(c) => {
+                let product = products
+                    .entry(c.sku.clone())
+                    .or_insert_with(|| Product::new(c.sku.clone()));
+                product_of_batch.insert(c.reference.clone(), c.sku.clone());
+                product
+                    .add_batch(c.reference, c.qty, c.eta)
+                    .expect("no duplicate batch");
+                product
+            }
+            DomainCommand::ChangeBatchQuantity(c) => {
+                let product = products
+                    .get_mut(&product_of_batch[&c.reference])
+                    .expect("a known batch");
+                product.change_batch_quantity(&c.reference, c.qty);
+                product
+            }
+            DomainCommand::Allocate(c) => {
+                let product = products.get_mut(&c.sku).expect("a known SKU");
+                product
+                    .allocate(OrderLine {
+                        orderid: c.orderid,
+                        sku: c.sku,
+                        qty: c.qty,
+                    })
+                    .expect("no duplicate line");
+                product
+            }
+        };
+        let mut events: std::collections::VecDeque<Event> = product.take_events().into();
+        while let Some(event) = events.pop_front() {
+            *counts.entry(event.name()).or_default() += 1;
+            if let Event::Deallocated(freed) = event {
+                product
+                    .allocate(OrderLine {
+                        orderid: freed.orderid,
+                        sku: freed.sku,
+                        qty: freed.qty,
+                    })
+                    .expect("a freed line is not allocated");
+                events.extend(product.take_events());
+            }
+        }
+    }
+    counts
+}
+
+/// A newcomer's first `allocation-worker simulate`, with every default,
+/// shows all three outbound event types.
+#[test]
+fn the_default_minute_yields_allocated_deallocated_and_out_of_stock() {
+    use allocation_worker::entrypoints::cli::{Cli, CommandLine};
+    use clap::Parser;
+
+    let cli = Cli::try_parse_from([
+        "allocation-worker",
+        "simulate",
+        "--kafka-bootstrap-servers",
+        "127.0.0.1:1",
+    ])
+    .expect("the defaults parse");
+    let CommandLine::Simulate(args) = cli.command else {
+        panic!("not simulate")
+    };
+    let settings = args.settings().expect("the defaults are valid");
+    let total = settings.total.expect("the default run ends");
+    assert_eq!(total, 3_000, "50 messages/s for 60 s");
+    let messages: Vec<_> = Workload::new(settings.workload)
+        .take(total as usize)
+        .collect();
+    let counts = decided_events(&messages);
+    for event in ["Allocated", "Deallocated", "OutOfStock"] {
+        assert!(
+            counts.get(event).copied().unwrap_or(0) > 0,
+            "no {event} in the default minute: {counts:?}"
+        );
+    }
+    // Mostly allocations: out-of-stock is the exception a newcomer should
+    // see, not the rule.
+    assert!(
+        counts["Allocated"] > 10 * counts["OutOfStock"],
+        "{counts:?}"
+    );
+
+    // Not a lucky seed: any other `--seed` shows the three too.
+    for seed in 1..=10 {
+        let mut workload = WorkloadSettings::steady(seed, 20);
+        workload.malformed = Malformed::None;
+        let messages: Vec<_> = Workload::new(workload).take(total as usize).collect();
+        let counts = decided_events(&messages);
+        assert_eq!(counts.len(), 3, "seed {seed}: {counts:?}");
+    }
 }
 
 #[test]

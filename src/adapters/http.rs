@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,6 +17,7 @@ use sqlx::PgPool;
 use super::health::{schema, PollClock, Schema};
 use super::metrics::Metrics;
 use super::relay::outbox_backlog;
+use crate::domain::OrderId;
 
 /// What the endpoints read; cheap to clone.
 #[derive(Clone)]
@@ -41,6 +43,9 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/allocations/{orderid}", get(allocations))
+        // The route above needs a non-empty segment; an empty id is still a
+        // request for an order, and a bad one.
+        .route("/allocations/", get(empty_orderid))
         .with_state(state)
 }
 
@@ -121,11 +126,26 @@ struct AllocationView {
     batchref: String,
 }
 
-async fn allocations(State(state): State<HttpState>, Path(orderid): Path<String>) -> Response {
+/// `GET /allocations/{orderid}`. The id is checked with the rule the inbound
+/// decoder applies to `orderid` (non-empty, at most 255 characters, no NUL):
+/// an id no message could carry is the client's mistake, 400, and never
+/// reaches PostgreSQL, which would refuse a NUL with an error that reads as
+/// an outage. A percent-escape that does not decode to UTF-8 is also 400.
+async fn allocations(
+    State(state): State<HttpState>,
+    orderid: Result<Path<String>, PathRejection>,
+) -> Response {
+    let orderid = match orderid {
+        Ok(Path(raw)) => match OrderId::parse(raw) {
+            Ok(orderid) => orderid,
+            Err(error) => return bad_request(&format!("orderid {error}")),
+        },
+        Err(rejection) => return bad_request(&rejection.body_text()),
+    };
     let rows: Result<Vec<AllocationView>, _> = sqlx::query_as(
         "SELECT sku, batchref FROM allocations_view WHERE orderid = $1 ORDER BY sku",
     )
-    .bind(&orderid)
+    .bind(orderid.as_str())
     .fetch_all(&state.pool)
     .await;
     match rows {
@@ -140,4 +160,16 @@ async fn allocations(State(state): State<HttpState>, Path(orderid): Path<String>
             (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n").into_response()
         }
     }
+}
+
+async fn empty_orderid() -> Response {
+    bad_request(&format!("orderid {}", crate::domain::InvalidName::Empty))
+}
+
+fn bad_request(reason: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({ "error": reason })),
+    )
+        .into_response()
 }

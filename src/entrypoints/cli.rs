@@ -132,12 +132,13 @@ pub struct RunArgs {
     pub skip_migrations: bool,
 
     /// How long a message naming an unknown SKU or batch is retried before it
-    /// is dead-lettered, e.g. 30s, 2m.
-    #[arg(long, env = "UNKNOWN_REFERENCE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// is dead-lettered, e.g. 30s, 2m; a bare number is seconds.
+    #[arg(long, env = "UNKNOWN_REFERENCE_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub unknown_reference_timeout: Duration,
 
-    /// Bound on finishing in-flight work and flushing at shutdown, e.g. 20s.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    /// Bound on finishing in-flight work and flushing at shutdown, e.g. 20s;
+    /// a bare number is seconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration)]
     pub shutdown_timeout: Duration,
 
     /// Most messages of one partition handled in one database transaction.
@@ -624,6 +625,24 @@ pub(crate) fn topic(setting: &'static str, name: &str) -> Result<String, ConfigE
             reason: format!("{name:?} is not a valid Kafka topic name"),
         })
     }
+}
+
+/// Every duration setting: a bare number is seconds (`15`, `2.5`), as an
+/// operator reads "--duration 15"; otherwise a humantime string such as
+/// `30s`, `2m`, `1h 30m` or `7d`. Negative, NaN or unbounded numbers are
+/// refused rather than wrapped.
+pub fn duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return text
+            .parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("{text:?} is not a number of seconds"));
+    }
+    humantime::parse_duration(text).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write seconds (15) or e.g. 15s, 2m, 1h")
+    })
 }
 
 /// A clap error as one line: its message without the usage block.

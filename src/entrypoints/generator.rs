@@ -15,10 +15,13 @@
 //! apart. Then, by [`Schedule`]:
 //!
 //! - [`Schedule::Steady`] (what `simulate` publishes, endless): order lines of
-//!   orders of one to three lines, a few SKUs much more popular than the rest
-//!   (so those run out of stock now and then), occasional restocks (a new dated
-//!   shipment) and occasional quantity drops on a batch that is likely
-//!   allocated, which force deallocations and reallocations.
+//!   orders of one to three lines, a few SKUs much more popular than the rest,
+//!   occasional restocks (a new dated shipment), occasional quantity drops on
+//!   a batch that is likely allocated, which force deallocations and
+//!   reallocations, and rare bulk orders larger than all the stock of
+//!   their SKU, which are out of stock. Restocks keep pace with
+//!   demand, so without those a minute may show no `OutOfStock` at all; with
+//!   them, a newcomer's first minute shows all three outbound event types.
 //! - [`Schedule::Phased`] (finite): `allocations` one-line orders spread evenly
 //!   over the SKUs, then `quantity_changes` quantity drops, then the end.
 //!
@@ -76,6 +79,8 @@ pub enum Schedule {
     Steady {
         quantity_drop_per_mille: u32,
         restock_per_mille: u32,
+        /// One-line orders of more than the SKU's purchases so far.
+        bulk_order_per_mille: u32,
     },
     /// `allocations` one-line orders, then `quantity_changes` quantity drops,
     /// then the stream ends.
@@ -115,7 +120,8 @@ pub struct WorkloadSettings {
 
 impl WorkloadSettings {
     /// The stream `simulate` publishes: `skus` × 3 batches, then steady order
-    /// lines with, per thousand draws, 20 quantity drops and 40 restocks.
+    /// lines with, per thousand draws, 20 quantity drops, 40 restocks and 5
+    /// bulk orders (about 14 out-of-stock lines in the default minute).
     pub fn steady(seed: u64, skus: u32) -> Self {
         Self {
             seed,
@@ -125,6 +131,7 @@ impl WorkloadSettings {
             schedule: Schedule::Steady {
                 quantity_drop_per_mille: 20,
                 restock_per_mille: 40,
+                bulk_order_per_mille: 5,
             },
             malformed: Malformed::None,
         }
@@ -394,6 +401,22 @@ impl Workload {
         }
     }
 
+    /// A one-line order of a uniformly chosen SKU for more than all its
+    /// batches' purchased quantities together: no batch can take it, whatever
+    /// is allocated, so the worker records `OutOfStock` (and changes nothing).
+    fn bulk_order(&mut self) -> Body {
+        let sku = self.uniform_sku();
+        let bought: u64 = self.batches[sku].iter().map(|b| u64::from(b.qty)).sum();
+        let qty = u32::try_from(bought + u64::from(self.rng.between(1, 50))).unwrap_or(u32::MAX);
+        let orderid = self.next_orderid();
+        let sku = self.skus[sku].clone();
+        Body {
+            kind: InboundKind::AllocationRequired,
+            value: json_bytes(json!({"orderid": orderid, "sku": sku, "qty": qty})),
+            key: sku,
+        }
+    }
+
     /// A new dated shipment of a (mostly popular) SKU, after its latest one.
     fn restock(&mut self) -> Body {
         let sku = self.popular_sku();
@@ -427,13 +450,17 @@ impl Workload {
             Schedule::Steady {
                 quantity_drop_per_mille,
                 restock_per_mille,
+                bulk_order_per_mille,
             } => {
                 let r = self.rng.below(1000);
+                let restock_end = u64::from(quantity_drop_per_mille + restock_per_mille);
                 if r < u64::from(quantity_drop_per_mille) {
                     let sku = self.popular_sku();
                     Some(self.quantity_drop(sku))
-                } else if r < u64::from(quantity_drop_per_mille + restock_per_mille) {
+                } else if r < restock_end {
                     Some(self.restock())
+                } else if r < restock_end + u64::from(bulk_order_per_mille) {
+                    Some(self.bulk_order())
                 } else {
                     self.order();
                     self.pending.pop_front()

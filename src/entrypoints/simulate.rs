@@ -59,8 +59,9 @@ pub struct SimulateArgs {
     #[arg(long, env = "SIMULATE_RATE", default_value_t = 50.0)]
     pub rate: f64,
 
-    /// How long to publish, e.g. 60s, 5m; 0 publishes until Ctrl-C.
-    #[arg(long, env = "SIMULATE_DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    /// How long to publish: seconds (15) or e.g. 60s, 5m; 0 publishes until
+    /// Ctrl-C.
+    #[arg(long, env = "SIMULATE_DURATION", default_value = "60s", value_parser = crate::entrypoints::cli::duration)]
     pub duration: Duration,
 
     /// Number of products; each starts with warehouse stock and two dated shipments.

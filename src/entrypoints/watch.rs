@@ -92,19 +92,19 @@ pub struct SummaryArgs {
     pub from_beginning: bool,
 
     /// Time between two summary lines when stdout is not a terminal (a
-    /// terminal is redrawn every second).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// terminal is redrawn every second): seconds (5) or e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = crate::entrypoints::cli::duration)]
     pub interval: Duration,
 
-    /// Stop after this long, e.g. 30s.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    /// Stop after this long: seconds (30) or e.g. 30s, 2m.
+    #[arg(long, value_parser = crate::entrypoints::cli::duration)]
     pub exit_after: Option<Duration>,
 
     /// Stop once nothing new arrived for this long, everything present at
     /// start was read, and the worker reports no lag and no backlog (when its
     /// /metrics answers). `simulate --watch` uses 10s when not given, counted
     /// from its last message.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = crate::entrypoints::cli::duration)]
     pub until_idle: Option<Duration>,
 }
 
