@@ -73,6 +73,8 @@ impl Server {
                 metrics: Arc::new(Metrics::new().expect("metrics")),
                 consumer_running: Arc::new(AtomicBool::new(true)),
                 consumer_assigned: Arc::new(AtomicBool::new(true)),
+                poll_clock: Arc::default(),
+                health_poll_timeout: std::time::Duration::from_secs(300),
             };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
