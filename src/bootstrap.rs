@@ -40,7 +40,7 @@ pub enum BootstrapError {
 }
 
 impl BootstrapError {
-    /// Exit code: 2 for a bad setting (SPEC §7), 1 otherwise.
+    /// Exit code: 2 for a bad setting (contract §7), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
             BootstrapError::Config { .. } => 2,

@@ -1,5 +1,5 @@
 //! allocation-worker: a Kafka worker that allocates ERP order lines to stock in
-//! PostgreSQL and publishes what it decided (see `README.md` and SPEC).
+//! PostgreSQL and publishes what it decided (see `README.md` and `docs/contract.md`).
 //!
 //! # Layout
 //!

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((code, message)) => {
-            // A bad setting is one line and nothing else (SPEC §7).
+            // A bad setting is one line and nothing else (contract §7).
             if code != 2 {
                 tracing::error!(error = %message, "exiting");
             }

@@ -1,4 +1,4 @@
-//! Bad input never hurts (SPEC §3, §5), end to end through the real binary: a
+//! Bad input never hurts (contract §3, §5), end to end through the real binary: a
 //! corpus of bad messages on every inbound topic, interleaved with good ones
 //! in the same partitions. Each bad message lands on the dead-letter topic
 //! exactly once, with its reason and its original topic, partition, offset,
@@ -844,7 +844,7 @@ async fn a_dead_letter_whose_error_quotes_a_large_value_does_not_jam_the_relay()
     p.finish().await;
 }
 
-/// `"\u0000"` is valid JSON and a valid name by SPEC §3 (non-empty, at most
+/// `"\u0000"` is valid JSON and a valid name by contract §3 (non-empty, at most
 /// 255 characters), but PostgreSQL `text` cannot hold NUL. Such a message must
 /// be dead-lettered (invalid-message), not retried forever as if the database
 /// were down, which stalls its partition.
@@ -865,7 +865,7 @@ async fn a_nul_character_in_a_name_is_dead_lettered_and_the_partition_flows() {
     p.finish().await;
 }
 
-/// `ce_id` is the idempotency key (SPEC §3) and goes into a `text` column: a
+/// `ce_id` is the idempotency key (contract §3) and goes into a `text` column: a
 /// NUL byte in it must not stall the partition either (applied under some
 /// key, or dead-lettered: either way, what follows flows).
 #[tokio::test]

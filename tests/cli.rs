@@ -1,4 +1,4 @@
-//! The binary's command line (SPEC §7): a bad or missing setting stops it with
+//! The binary's command line (contract §7): a bad or missing setting stops it with
 //! one line naming the setting and exit code 2, before it touches anything.
 
 use std::process::{Command, Output, Stdio};

@@ -1,4 +1,4 @@
-//! The contracts in `schemas/` agree with the code (SPEC §3-§5).
+//! The contracts in `schemas/` agree with the code (contract §3-§5).
 //!
 //! - Inbound: every example under `schemas/examples/<Message>/valid` passes its
 //!   JSON Schema and `inbound::decode`, to the same command; every example
@@ -71,7 +71,7 @@ enum Divergence {
     /// The schema accepts it; the decoder rejects it (`invalid-message`).
     SchemaAcceptsDecoderRejects,
     /// The schema rejects it; the decoder accepts it: the decoder is more
-    /// lenient than SPEC, a fix belongs in `src/adapters/inbound.rs`. None
+    /// lenient than the contract, a fix belongs in `src/adapters/inbound.rs`. None
     /// today: the `eta` leniencies this test found were fixed in the decoder.
     #[allow(dead_code)]
     DecoderAcceptsSchemaRejects,

@@ -1,4 +1,4 @@
-//! Crash anywhere (SPEC §6.4): a few thousand generated ERP messages stream
+//! Crash anywhere (contract §6.4): a few thousand generated ERP messages stream
 //! through Kafka to the real `allocation-worker` binary while it is SIGKILLed
 //! at 20+ random instants and restarted each time. At the end the database and
 //! the distinct outbound events (by `ce_id`) must be exactly what a model
@@ -375,7 +375,7 @@ fn generate(rng: &mut StdRng, total: usize) -> Vec<Vec<Msg>> {
 
 // ------------------------------------------------------------------- model
 
-/// An outbound event as published: its type and its JSON value (SPEC §4).
+/// An outbound event as published: its type and its JSON value (contract §4).
 type Ev = (&'static str, Value);
 
 fn outbound(event: &Event) -> Ev {

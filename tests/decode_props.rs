@@ -1,4 +1,4 @@
-//! Property tests of the decoding edge (SPEC §3, §5): whatever bytes arrive,
+//! Property tests of the decoding edge (contract §3, §5): whatever bytes arrive,
 //! `inbound::decode` never panics, and it classifies them right:
 //!
 //! - not a JSON document (bytes, invalid UTF-8, no value) → `Malformed`
@@ -7,7 +7,7 @@
 //!   (`invalid-message`);
 //! - a valid message, with any unknown fields → `Ok`, with the same values.
 //!
-//! An independent model of SPEC §3 ([`model`]) is the oracle for arbitrary JSON.
+//! An independent model of contract §3 ([`model`]) is the oracle for arbitrary JSON.
 //! About 10 s in debug (2000 cases for the cheap properties, 1000 for those
 //! built from a valid message, 5 for the 1 MiB one). For a longer local run,
 //! `PROPTEST_CASES=<n>` gives every property n cases (the 1 MiB one n/400).
@@ -55,7 +55,7 @@ const FIELDS: [&str; 6] = ["ref", "batchref", "sku", "qty", "eta", "orderid"];
 
 // ------------------------------------------------------------------ oracle
 
-/// SPEC §3 written again, independently of the decoder: the command a JSON
+/// contract §3 written again, independently of the decoder: the command a JSON
 /// value must decode to, or `None` when it is not a valid message of `kind`.
 mod model {
     use super::*;
@@ -866,7 +866,7 @@ fn names_at_the_length_limit() {
     }
 }
 
-/// Numbers JSON allows but f64 cannot hold. They are JSON, so by SPEC §5 they
+/// Numbers JSON allows but f64 cannot hold. They are JSON, so by contract §5 they
 /// are an invalid message, not malformed JSON; serde_json refuses them while
 /// parsing ("number out of range"), which makes them `malformed-json`.
 #[test]

@@ -1,5 +1,5 @@
 //! End-to-end tests: the real `allocation-worker` binary against PostgreSQL and
-//! Kafka, driven only through Kafka topics (SPEC §3–§6), with assertions on
+//! Kafka, driven only through Kafka topics (contract §3–§6), with assertions on
 //! the outbound topics and the database rows.
 //!
 //! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`), or,
@@ -25,7 +25,7 @@ fn traceparent() -> String {
     format!("00-{}-{}-01", random_hex(32), random_hex(16))
 }
 
-/// The CloudEvents Kafka binding (binary mode) of SPEC §4, and the key.
+/// The CloudEvents Kafka binding (binary mode) of contract §4, and the key.
 fn assert_cloudevent(env: &TestEnv, r: &Record, ce_type: &str, sku: &str) {
     check_eq!(
         env,

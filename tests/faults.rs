@@ -1,4 +1,4 @@
-//! Fault tests (SPEC §5–§6): the real `allocation-worker` binary under
+//! Fault tests (contract §5–§6): the real `allocation-worker` binary under
 //! redelivery and replay, unknown references, a frozen broker, a stopped
 //! database, several instances in one consumer group, and a bounded graceful
 //! shutdown. Each test talks to the worker only through Kafka, HTTP and its
@@ -1508,7 +1508,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
     }
     if !readiness.contains_key(&503) {
         shortfalls.push(format!(
-            "/readyz never said 503 while the broker was frozen (SPEC §6.5: reports \
+            "/readyz never said 503 while the broker was frozen (contract §6.5: reports \
              not-ready); answers (status: count): {readiness:?}"
         ));
     }
@@ -1542,7 +1542,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
     if !status.is_some_and(|s| s.success()) || took > Duration::from_secs(15) {
         shortfalls.push(format!(
             "SIGTERM with the broker frozen and SHUTDOWN_TIMEOUT=5s: {status:?} after {took:?} \
-             (SPEC §6.6: exit 0 within a bounded time)"
+             (contract §6.6: exit 0 within a bounded time)"
         ));
     }
     check!(

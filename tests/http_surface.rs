@@ -1,4 +1,4 @@
-//! The HTTP surface (SPEC §7) against the real router, served on a real
+//! The HTTP surface (contract §7) against the real router, served on a real
 //! socket, with PostgreSQL at DATABASE_URL: a malformed request is the
 //! client's error. Whatever the path, percent-escapes or headers, the answer
 //! is never a 5xx while the database is fine; ids that cannot be an orderid

@@ -1,5 +1,5 @@
 //! Unit tests of the domain model ("high gear" is in unit_handlers.rs): the
-//! rules of SPEC §2 on `Batch` and the `Product` aggregate, and the limits on
+//! rules of contract §2 on `Batch` and the `Product` aggregate, and the limits on
 //! names. Pure, in memory, no runtime.
 
 use allocation_worker::domain::events::{Allocated, Deallocated, OutOfStock};

@@ -5,7 +5,7 @@
 
 1. Every *.yaml parses (PyYAML) and every object has apiVersion, kind and
    metadata.name and no namespace (the namespace is the operator's choice).
-2. What the worker needs of them (README "Configuration", SPEC section 7):
+2. What the worker needs of them (README "Configuration", contract §7):
    replicas, probes on /healthz and /readyz, resources, a grace period longer
    than SHUTDOWN_TIMEOUT, non-root with a read-only root filesystem, settings
    from the ConfigMap, credentials from the Secret mounted as files

@@ -1,4 +1,4 @@
-//! The small HTTP surface (SPEC §7): `/metrics`, `/healthz`, `/readyz` and the
+//! The small HTTP surface (contract §7): `/metrics`, `/healthz`, `/readyz` and the
 //! read model at `/allocations/{orderid}`.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,4 +1,4 @@
-//! Decoding of the ERP's messages (SPEC §3) into domain commands, at the edge:
+//! Decoding of the ERP's messages (contract §3) into domain commands, at the edge:
 //! past this point nothing is bytes or JSON, and every name is valid.
 
 use chrono::NaiveDate;

@@ -19,7 +19,7 @@ use super::inbound::InboundKind;
 use super::metrics::Metrics;
 use super::outbox::{InboundMessage, OutboxKind};
 
-/// Every topic name the worker uses (SPEC §3–5), defaults in the CLI.
+/// Every topic name the worker uses (contract §3–5), defaults in the CLI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     pub batch_created: String,

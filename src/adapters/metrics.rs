@@ -1,4 +1,4 @@
-//! Prometheus metrics (SPEC §7). One registry per process, built in bootstrap
+//! Prometheus metrics (contract §7). One registry per process, built in bootstrap
 //! and shared by the worker, the relay, the Kafka context and the HTTP
 //! endpoint. Names follow Prometheus conventions: `_total` counters, seconds,
 //! and label sets bounded by the topics, types and reasons of the contract.

@@ -164,7 +164,7 @@ pub fn wire_headers<'a>(
     wire
 }
 
-/// Why a message was dead-lettered: the `dlq.reason` header (SPEC §5).
+/// Why a message was dead-lettered: the `dlq.reason` header (contract §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeadLetterReason {
     MalformedJson,

@@ -1,4 +1,4 @@
-//! The `Product` aggregate and its parts. Every rule of SPEC §2 lives here;
+//! The `Product` aggregate and its parts. Every rule of contract §2 lives here;
 //! handlers only load the aggregate, call it and let the bus collect events.
 
 use chrono::NaiveDate;

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// Longest identifier accepted (SPEC §3): keeps keys and index entries bounded.
+/// Longest identifier accepted (contract §3): keeps keys and index entries bounded.
 pub const MAX_NAME_LEN: usize = 255;
 
 /// Why a string is not a valid identifier.
@@ -86,7 +86,7 @@ mod tests {
         assert_eq!(Sku::parse(""), Err(InvalidName::Empty));
         assert!(
             Sku::parse(" ").is_ok(),
-            "SPEC §3 asks for non-empty, nothing more"
+            "contract §3 asks for non-empty, nothing more"
         );
         assert_eq!(Sku::parse("x".repeat(256)), Err(InvalidName::TooLong(256)));
         assert!(

@@ -1,4 +1,4 @@
-//! The command line (SPEC §7): `run` and `migrate`, every setting a flag with
+//! The command line (contract §7): `run` and `migrate`, every setting a flag with
 //! a matching environment variable. Parsing turns flags into typed settings;
 //! anything wrong becomes one line naming the setting, and exit code 2.
 

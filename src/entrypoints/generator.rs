@@ -1,4 +1,4 @@
-//! A seeded, deterministic stream of ERP messages (SPEC §3), for
+//! A seeded, deterministic stream of ERP messages (contract §3), for
 //! `allocation-worker simulate` and for benchmarks.
 //!
 //! [`Workload`] is a pure iterator: no clock, no I/O, no global state. The same
@@ -60,7 +60,7 @@ pub struct GeneratedMessage {
     /// Position in the stream, from 0.
     pub seq: u64,
     pub topic_kind: InboundKind,
-    /// The SKU, or the batch reference for a quantity change (SPEC §3).
+    /// The SKU, or the batch reference for a quantity change (contract §3).
     pub key: String,
     /// The JSON value (not JSON, or not a valid message, when `malformed`).
     pub value: Vec<u8>,

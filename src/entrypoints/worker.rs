@@ -43,7 +43,7 @@ use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// How long a message naming an unknown SKU or batch is retried before it
-    /// is dead-lettered (SPEC §5).
+    /// is dead-lettered (contract §5).
     pub unknown_reference_timeout: Duration,
     /// Bound on finishing in-flight work at shutdown.
     pub shutdown_timeout: Duration,
