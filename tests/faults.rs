@@ -32,7 +32,9 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
-use common::{log_dir, random_hex, unique, Delivered, Record, TestEnv, WorkerProcess, DEADLINE};
+use common::{
+    http_get, log_dir, random_hex, unique, Delivered, Record, TestEnv, WorkerProcess, DEADLINE,
+};
 
 /// Kafka properties of every worker here: Tansu completes a group join in
 /// about half of `session.timeout.ms`, and these tests rebalance a lot.
@@ -355,26 +357,6 @@ fn diff<'a, V: PartialEq + std::fmt::Debug>(
 }
 
 // ----------------------------------------------------------------- HTTP
-
-/// A plain HTTP/1.1 GET: status and body. `None` when nothing answers.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .ok()
-        .flatten()
-}
 
 /// Polls `path` until it answers `status`; returns the body.
 async fn http_until(env: &TestEnv, worker: &WorkerProcess, path: &str, status: u16) -> String {

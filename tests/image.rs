@@ -25,7 +25,7 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
 use common::containers::{free_port, image_ref};
-use common::{unique, Record, TestEnv, DEADLINE};
+use common::{http_get, unique, Record, TestEnv, DEADLINE};
 
 /// `docker stop`'s grace period in these tests, and the bound on a clean exit:
 /// the worker's own drain bound (SHUTDOWN_TIMEOUT, 20 s by default) fits in it.
@@ -99,20 +99,6 @@ async fn start_worker(
         log.display()
     ));
     (container, http_addr, log)
-}
-
-/// A plain HTTP/1.1 GET: status and body. `None` while nothing listens yet.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
 }
 
 /// Polls `path` until it answers 200 and `done(body)` holds; returns the body.

@@ -12,52 +12,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use allocation_worker::adapters::postgres::MIGRATOR;
-use common::{unique, TestEnv, DEADLINE};
+use common::{http_get, http_until, sample, unique, TestEnv, DEADLINE};
 
 // ------------------------------------------------------------------ helpers
-
-/// A plain HTTP/1.1 GET: status and body. `None` while nothing listens yet.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
-/// Polls `path` until it answers with `status`; returns the body.
-async fn http_until(env: &TestEnv, addr: std::net::SocketAddr, path: &str, status: u16) -> String {
-    env.eventually(
-        &format!("GET {path} answers {status}"),
-        DEADLINE,
-        || async {
-            Ok::<_, String>(match http_get(addr, path).await {
-                Some((s, body)) if s == status => Some(body),
-                _ => None,
-            })
-        },
-    )
-    .await
-}
-
-/// The value of the sample `name{labels}` in a Prometheus text exposition;
-/// `labels` is the exact label string, e.g. `table="outbox"`.
-fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
-    let wanted = if labels.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    metrics.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        (series == wanted).then(|| value.parse().ok()).flatten()
-    })
-}
 
 /// Polls /metrics until `done` holds for it; returns the exposition.
 async fn metrics_until<F>(env: &TestEnv, addr: std::net::SocketAddr, what: &str, done: F) -> String

@@ -18,7 +18,7 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use common::{random_hex, unique, TestEnv, DEADLINE, PARTITIONS};
+use common::{random_hex, sample, unique, TestEnv, DEADLINE, PARTITIONS};
 
 // ------------------------------------------------------------------ helpers
 
@@ -162,15 +162,6 @@ async fn metrics(addr: std::net::SocketAddr) -> Option<String> {
     stream.read_to_end(&mut response).await.ok()?;
     let text = String::from_utf8_lossy(&response).into_owned();
     Some(text.split_once("\r\n\r\n")?.1.to_owned())
-}
-
-/// The value of `name{labels}` in a Prometheus text exposition.
-fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
-    let wanted = format!("{name}{{{labels}}}");
-    metrics.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        (series == wanted).then(|| value.parse().ok()).flatten()
-    })
 }
 
 // -------------------------------------------------------------------- tests

@@ -14,27 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::{unique, Delivered, TestEnv, WorkerProcess, DEADLINE};
-
-/// A plain HTTP/1.1 GET: status and body. `None` when nothing answers.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .ok()
-        .flatten()
-}
+use common::{http_get, unique, Delivered, TestEnv, WorkerProcess, DEADLINE};
 
 /// The samples of a metric, one per topic and partition (a partition with
 /// nothing waiting has no series).
