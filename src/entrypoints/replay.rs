@@ -29,9 +29,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use clap::Args;
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -42,7 +40,9 @@ use uuid::Uuid;
 use crate::adapters::kafka::to_inbound;
 use crate::adapters::outbox::DeadLetterReason;
 use crate::entrypoints::cli::{topic, ConfigError};
-use crate::entrypoints::watch::{kafka_config_error, Connection, ConnectionArgs, ToolError};
+use crate::entrypoints::watch::{
+    kafka_config_error, Connection, ConnectionArgs, ToolError, WatchContext,
+};
 
 /// The header that names the dead letter a replayed message came from.
 pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
@@ -324,37 +324,6 @@ impl Letter {
 
 // ----------------------------------------------------------------- reading
 
-/// Sends librdkafka's logs to `tracing`; the end of a partition is expected.
-struct ReplayContext;
-
-impl ClientContext for ReplayContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        if fac == "CONFWARN" && message.contains("will be ignored by this") {
-            return;
-        }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-        ) {
-            return;
-        }
-        tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
-    }
-}
-
-impl ConsumerContext for ReplayContext {}
-
 /// Every letter of the dead-letter topic, up to where each partition ended
 /// when reading began. Blocking.
 ///
@@ -370,7 +339,7 @@ fn read_letters(
         std::process::id(),
         Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );
-    let consumer: BaseConsumer<ReplayContext> = connection
+    let consumer: BaseConsumer<WatchContext> = connection
         .client_config(&[
             // Required by librdkafka, never joined: assign(), no subscribe().
             ("group.id", &group),
@@ -379,7 +348,7 @@ fn read_letters(
             ("enable.partition.eof", "true"),
             ("fetch.wait.max.ms", "100"),
         ])
-        .create_with_context(ReplayContext)
+        .create_with_context(WatchContext)
         .map_err(kafka_config_error)?;
     let ids = partition_ids(&consumer, dead_letter_topic)?;
     let mut high = HashMap::new();
@@ -475,7 +444,7 @@ fn read_letters(
 
 /// The partitions of `topic`; an error naming it when it does not exist.
 fn partition_ids(
-    consumer: &BaseConsumer<ReplayContext>,
+    consumer: &BaseConsumer<WatchContext>,
     topic: &str,
 ) -> Result<Vec<i32>, ToolError> {
     let metadata = consumer

@@ -647,11 +647,17 @@ impl Counter {
 }
 
 /// Sends librdkafka's logs and errors to `tracing`, but for the end of a
-/// partition: the counter polls for it, it is no error.
-struct WatchContext;
+/// partition: the tools (the counter, replay-dead-letters) poll for it, it
+/// is no error.
+pub(crate) struct WatchContext;
 
 impl ClientContext for WatchContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // The connection's properties go to consumers and producers alike;
+        // each ignores the other's with a warning that is noise.
+        if fac == "CONFWARN" && message.contains("will be ignored by this") {
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
