@@ -42,62 +42,23 @@ done
 case $part in full | run) ;; *) echo "--part: full or run" >&2; exit 2 ;; esac
 
 log() { printf '[fresh-machine %s +%ss] %s\n' "$dist" "$SECONDS" "$*" >&2; }
-cache=/var/cache/allocation-worker
-image=allocation-worker-base:$dist
 container=allocation-worker-fresh-$dist-$$
 test_args=${FRESH_TEST_ARGS:---release --test end_to_end serves_health_metrics_and_the_read_model_over_http}
 
-# --- a Docker engine --------------------------------------------------------
-started_dockerd=
-engine_answers() { docker info >/dev/null 2>&1; }
-if ! engine_answers; then
-    if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
-        log "installing docker.io"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends docker.io >&2
-    fi
-    if ! engine_answers; then
-        log "starting dockerd (log: /var/log/allocation-worker-dockerd.log)"
-        setsid nohup dockerd >>/var/log/allocation-worker-dockerd.log 2>&1 </dev/null &
-        started_dockerd=$!
-        deadline=$((SECONDS + 60))
-        until engine_answers; do
-            [ "$SECONDS" -lt "$deadline" ] || { log "ERROR: dockerd did not answer within 60 s"; tail -n 20 /var/log/allocation-worker-dockerd.log >&2; exit 1; }
-            sleep 0.5
-        done
-    fi
-fi
+# --- a Docker engine and the base image (shared with scripts/images.sh) -----
+source scripts/docker-base.sh --functions
+docker_engine_up
 
 cleanup() {
     local status=$?
     docker rm -f "$container" >/dev/null 2>&1 || true
     rm -rf "${staging:-}"
-    if [ -n "$started_dockerd" ]; then
-        kill "$started_dockerd" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$started_dockerd" 2>/dev/null || break; sleep 0.1; done
-    fi
+    docker_engine_stop
     exit "$status"
 }
 trap cleanup EXIT
 
-# --- the base image: debootstrap, once per machine --------------------------
-if ! docker image inspect "$image" >/dev/null 2>&1; then
-    rootfs=$cache/rootfs-$dist
-    if [ ! -f "$rootfs/.complete" ]; then
-        command -v debootstrap >/dev/null 2>&1 || {
-            log "installing debootstrap"
-            apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 --no-install-recommends debootstrap >&2
-        }
-        log "debootstrap --variant=minbase $dist"
-        rm -rf "$rootfs" && mkdir -p "$cache"
-        debootstrap --variant=minbase "$dist" "$rootfs" http://deb.debian.org/debian >"$cache/debootstrap-$dist.log" 2>&1 \
-            || { tail -n 20 "$cache/debootstrap-$dist.log" >&2; exit 1; }
-        touch "$rootfs/.complete"
-    fi
-    log "importing $rootfs as $image"
-    tar -C "$rootfs" --exclude=./.complete -c . | docker import - "$image" >/dev/null
-fi
+image=$(docker_base_image "$dist")
 log "base image $image"
 
 # --- what of the host goes in ------------------------------------------------

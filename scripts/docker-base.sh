@@ -19,7 +19,7 @@
 # Run directly, it leaves a dockerd it started running (the images it made
 # need it). Needs root (apt-get, dockerd, debootstrap).
 #
-# .ci/run, scripts/images.sh and .ci/fresh-machine.sh share this, so one cache
+# scripts/images.sh and .ci/fresh-machine.sh share this, so one cache
 # serves them all.
 
 DOCKER_BASE_CACHE=${DOCKER_BASE_CACHE:-/var/cache/allocation-worker}
