@@ -5,10 +5,15 @@
 //!
 //! [`Processor::process_batch`] is the one place where a transaction begins
 //! and ends. Partitions run concurrently, one task each, in order within a
-//! partition. A message naming a SKU or batch not known yet is parked and
-//! retried for a bounded time while the messages behind it keep flowing; the
-//! partition's stored offset never passes a parked message, and redelivered
-//! messages are recognised by their idempotency key.
+//! partition; a partition whose task is full is paused, so the consumer loop
+//! never waits for one. A message naming a SKU or batch not known yet waits
+//! (see [`crate::entrypoints::tracker`]), with the later messages of its
+//! partition that name the same SKU or batch behind it, while the others
+//! flow; it is dead-lettered once its window of usable time
+//! ([`crate::entrypoints::window`]) has passed. The partition's stored offset
+//! never passes a waiting message, and redelivered messages are recognised by
+//! their idempotency key. On revocation, a partition's task finishes or
+//! abandons its batch and its offsets are committed before the partition goes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
