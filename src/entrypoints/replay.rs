@@ -41,7 +41,7 @@ use crate::adapters::kafka::to_inbound;
 use crate::adapters::outbox::DeadLetterReason;
 use crate::entrypoints::cli::{topic, ConfigError};
 use crate::entrypoints::watch::{
-    kafka_config_error, Connection, ConnectionArgs, ToolError, WatchContext,
+    kafka_config_error, partition_ids, Connection, ConnectionArgs, ToolError, WatchContext,
 };
 
 /// The header that names the dead letter a replayed message came from.
@@ -440,31 +440,6 @@ fn read_letters(
     }
     letters.sort_by_key(|l| (l.partition, l.offset));
     Ok(letters)
-}
-
-/// The partitions of `topic`; an error naming it when it does not exist.
-fn partition_ids(
-    consumer: &BaseConsumer<WatchContext>,
-    topic: &str,
-) -> Result<Vec<i32>, ToolError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .map_err(|e| ToolError::Kafka(format!("cannot read topic {topic}: {e}")))?;
-    let missing = || ToolError::Kafka(format!("topic {topic} does not exist"));
-    let meta = metadata.topics().first().ok_or_else(missing)?;
-    if let Some(error) = meta.error() {
-        let code = RDKafkaErrorCode::from(error);
-        return Err(if code == RDKafkaErrorCode::UnknownTopicOrPartition {
-            missing()
-        } else {
-            ToolError::Kafka(format!("topic {topic}: {code}"))
-        });
-    }
-    let ids: Vec<i32> = meta.partitions().iter().map(|p| p.id()).collect();
-    if ids.is_empty() {
-        return Err(missing());
-    }
-    Ok(ids)
 }
 
 // -------------------------------------------------------------- publishing

@@ -682,7 +682,7 @@ impl ClientContext for WatchContext {
 impl ConsumerContext for WatchContext {}
 
 /// The partitions of `topic`; an error naming it when it does not exist.
-fn partition_ids(
+pub(crate) fn partition_ids(
     consumer: &BaseConsumer<WatchContext>,
     topic: &str,
 ) -> Result<Vec<i32>, ToolError> {
