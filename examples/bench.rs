@@ -112,6 +112,13 @@ struct Args {
     keep: bool,
     latency_rate: Option<u64>,
     latency_secs: Option<u64>,
+    /// `--retention D`: both retentions set to `D` (e.g. `3s`), so that the
+    /// retention task deletes while the phases run.
+    retention: Option<String>,
+    /// `--backlog N`: before the phases, N idempotency records and N
+    /// published outbox rows dated an hour ago, so that a retention shorter
+    /// than that has rows to delete all through the phases.
+    backlog: i64,
 }
 
 fn parse_args() -> Res<Args> {
@@ -121,6 +128,8 @@ fn parse_args() -> Res<Args> {
         keep: false,
         latency_rate: None,
         latency_secs: None,
+        retention: None,
+        backlog: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -149,9 +158,23 @@ fn parse_args() -> Res<Args> {
                         .ok_or("--latency-secs needs a positive integer")?,
                 )
             }
+            "--retention" => {
+                args.retention = Some(
+                    it.next()
+                        .filter(|d| !d.is_empty())
+                        .ok_or("--retention needs a duration such as 3s")?,
+                )
+            }
+            "--backlog" => {
+                args.backlog = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&n| n >= 0)
+                    .ok_or("--backlog needs a row count")?
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--small] [--seed N] [--keep] [--latency-rate MSG_PER_S] [--latency-secs S]"
+                    "usage: bench [--small] [--seed N] [--keep] [--latency-rate MSG_PER_S] [--latency-secs S] [--retention DURATION] [--backlog ROWS]"
                 );
                 std::process::exit(0);
             }
@@ -402,6 +425,85 @@ async fn http_status(addr: &str, path: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// `--backlog`: rows that retention may delete while the phases run, an hour
+/// old. Outbox rows below every pending one count as published; their kind
+/// is no event's, so nothing reads them as one. Their sizes are those of an
+/// event's key, value and headers.
+async fn fill_backlog(db: &PgPool, rows: i64) -> Res<()> {
+    let started = Instant::now();
+    sqlx::query(
+        "INSERT INTO processed_messages (idempotency_key, processed_at) \
+         SELECT 'bench-backlog-' || n, now() - interval '1 hour' FROM generate_series(1, $1) n",
+    )
+    .bind(rows)
+    .execute(db)
+    .await?;
+    sqlx::query(
+        "INSERT INTO outbox (kind, message_key, payload, headers, created_at) \
+         SELECT 'BenchBacklog', convert_to('sku-' || n, 'UTF8'), \
+                convert_to(repeat('p', 90), 'UTF8'), convert_to(repeat('h', 230), 'UTF8'), \
+                now() - interval '1 hour' \
+         FROM generate_series(1, $1) n",
+    )
+    .bind(rows)
+    .execute(db)
+    .await?;
+    sqlx::query("VACUUM ANALYZE processed_messages")
+        .execute(db)
+        .await?;
+    sqlx::query("VACUUM ANALYZE outbox").execute(db).await?;
+    eprintln!(
+        "backlog: {rows} idempotency records and {rows} outbox rows an hour old, in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Rows of `--backlog` still there: with `--retention`, more than none at
+/// the end of the phases means retention was deleting all through them.
+async fn backlog_left(db: &PgPool) -> Res<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT (SELECT count(*) FROM processed_messages WHERE idempotency_key LIKE 'bench-backlog-%'), \
+                (SELECT count(*) FROM outbox WHERE kind = 'BenchBacklog')",
+    )
+    .fetch_one(db)
+    .await?)
+}
+
+/// `GET path` on the worker's HTTP address: the body, if the status is 200.
+async fn http_body(addr: &str, path: &str) -> Res<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await??;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8(buf)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return fail(format!("GET {path}: {}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_owned())
+}
+
+/// Idempotency records retention has deleted so far, from the worker's
+/// `allocation_retention_removed_rows_total{table="processed_messages"}`.
+/// With `--retention`, "every message processed" is the rows left plus the
+/// rows removed. Read before counting the rows, so that a delete between the
+/// two reads can only make the sum short (one more poll), never early.
+async fn idempotency_rows_removed(http_addr: &str) -> Res<i64> {
+    let body = http_body(http_addr, "/metrics").await?;
+    let value = body
+        .lines()
+        .find(|l| {
+            l.starts_with("allocation_retention_removed_rows_total{")
+                && l.contains("table=\"processed_messages\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .ok_or("no allocation_retention_removed_rows_total for processed_messages")?;
+    Ok(value.parse::<f64>()? as i64)
+}
+
 // ------------------------------------------------------------------ witness
 
 /// First outbound event (Allocated or OutOfStock) per latency-run orderid:
@@ -478,6 +580,12 @@ struct Bench {
     produced: usize,
     seq: u64,
     suffix: String,
+    /// With `--retention`: the worker's HTTP address, to read how many
+    /// idempotency records retention removed.
+    retention_metrics: Option<String>,
+    /// Rows of `--backlog`: every one is either still in processed_messages
+    /// or counted as removed, so it is taken off their sum.
+    backlog: i64,
 }
 
 struct PhaseResult {
@@ -532,12 +640,17 @@ impl Bench {
         let started = Instant::now();
         let mut last_print = Instant::now();
         loop {
+            let removed = match &self.retention_metrics {
+                Some(http_addr) => idempotency_rows_removed(http_addr).await?,
+                None => 0,
+            };
             let (processed, unsent): (i64, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM processed_messages), \
                         (SELECT count(*) FROM outbox_pending)",
             )
             .fetch_one(&self.db)
             .await?;
+            let processed = processed + removed - self.backlog;
             if processed as usize >= self.produced && unsent == 0 {
                 return Ok(());
             }
@@ -732,6 +845,11 @@ async fn run() -> Res<bool> {
         .stdout(Stdio::from(log_file.try_clone()?))
         .stderr(Stdio::from(log_file))
         .kill_on_drop(true);
+    if let Some(retention) = &args.retention {
+        command
+            .env("IDEMPOTENCY_RETENTION", retention)
+            .env("OUTBOX_RETENTION", retention);
+    }
     let mut child = command.spawn()?;
     let pid = child.id().ok_or("worker has no pid")?;
     eprintln!("worker pid {pid}, HTTP {http_addr}, log {}", log.display());
@@ -843,7 +961,12 @@ async fn drive(
         produced: 0,
         seq: 0,
         suffix: suffix.to_owned(),
+        retention_metrics: args.retention.as_ref().map(|_| http_addr.to_owned()),
+        backlog: args.backlog,
     };
+    if args.backlog > 0 {
+        fill_backlog(&bench.db, args.backlog).await?;
+    }
 
     // Warm-up: one batch, so the consumer group has its partitions before
     // anything is timed (Tansu takes seconds to complete a join).
@@ -868,6 +991,12 @@ async fn drive(
         bench.phase("allocations", &alloc_msgs).await?,
         bench.phase("quantity-changes", &change_msgs).await?,
     ];
+    if args.backlog > 0 {
+        let (processed, outbox) = backlog_left(&bench.db).await?;
+        eprintln!(
+            "backlog left after the phases: {processed} idempotency records, {outbox} outbox rows"
+        );
+    }
 
     // Latency run: fresh stock, then a steady offered load.
     eprintln!("latency run: publishing its stock");
@@ -950,9 +1079,15 @@ async fn drive(
 
     // End-state checks.
     let mut problems: Vec<String> = Vec::new();
-    let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages")
+    let removed = match &bench.retention_metrics {
+        Some(http_addr) => idempotency_rows_removed(http_addr).await?,
+        None => 0,
+    };
+    let processed: i64 = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM processed_messages")
         .fetch_one(&bench.db)
-        .await?;
+        .await?
+        + removed
+        - bench.backlog;
     if processed as usize != bench.produced {
         problems.push(format!(
             "processed_messages {processed} != produced {}",
@@ -982,7 +1117,13 @@ async fn drive(
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'DeadLetter'")
         .fetch_one(&bench.db)
         .await?;
-    if dead != 0 {
+    // Retention deletes published outbox rows, dead letters and events
+    // alike: what is left cannot account for every line.
+    let check_outbox = args.retention.is_none();
+    if !check_outbox {
+        eprintln!("end state: --retention removed published outbox rows; events and dead letters not checked");
+    }
+    if check_outbox && dead != 0 {
         problems.push(format!(
             "{dead} dead letters (every message is well-formed)"
         ));
@@ -998,7 +1139,7 @@ async fn drive(
     let events: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "SELECT kind, p->>'orderid', p->>'batchref' \
          FROM (SELECT id, kind, convert_from(payload, 'UTF8')::json AS p FROM outbox \
-               WHERE kind <> 'DeadLetter') e ORDER BY id",
+               WHERE kind NOT IN ('DeadLetter', 'BenchBacklog')) e ORDER BY id",
     )
     .fetch_all(&bench.db)
     .await?;
@@ -1029,7 +1170,7 @@ async fn drive(
             unaccounted.push(orderid.clone());
         }
     }
-    if !unaccounted.is_empty() {
+    if check_outbox && !unaccounted.is_empty() {
         problems.push(format!(
             "{} of {n_orders} AllocationRequired not accounted for (last event Allocated and \
              allocations_view at its batch, or last event OutOfStock and no row), e.g. {:?}",
