@@ -1,5 +1,5 @@
-//! Property tests of the per-partition waiting rules (README, "Dead
-//! letters") against a simple model.
+//! Property tests of the per-partition waiting rules (docs/design.md,
+//! "Late references") against a simple model.
 //!
 //! A partition's messages each name a few keys and need some of them to be
 //! "known"; keys become known at random moments, and a message whose window

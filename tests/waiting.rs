@@ -1,8 +1,9 @@
-//! Messages that name a SKU or batch not known yet (README, "Dead letters"),
-//! end to end with the real binary, broker and database: they wait, and so
-//! do the later messages of their partition that name the same SKU or batch,
-//! so that each SKU's and each batch's messages apply in partition order; the
-//! window after which they are dead-lettered counts only usable time.
+//! Messages that name a SKU or batch not known yet (docs/design.md, "Late
+//! references"), end to end with the real binary, broker and database: they
+//! wait, and so do the later messages of their partition that name the same
+//! SKU or batch, so that each SKU's and each batch's messages apply in
+//! partition order; the window after which they are dead-lettered counts only
+//! usable time.
 //!
 //! Needs the services: `source scripts/services.sh` (or `scripts/test.sh`).
 //! Run with `cargo test --test waiting -- --nocapture`.

@@ -99,8 +99,8 @@ impl KafkaSettings {
             .set("group.id", &self.group_id)
             // Statistics carry the consumer lag per partition for the metrics,
             // and tell the unknown-reference window whether the worker has
-            // caught up (README, "Dead letters"): often enough for a window
-            // of a few seconds.
+            // caught up (docs/design.md, "Late references"): often enough
+            // for a window of a few seconds.
             .set("statistics.interval.ms", "1000")
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")

@@ -1,8 +1,8 @@
-//! The clock of the unknown-reference window (README, "Dead letters"): it
-//! runs only while the worker can read the topic that would bring a missing
-//! SKU or batch, so that a backlog, a restart or an outage never turns a late
-//! reference into a dead letter. Pure: the caller says what time it is and
-//! whether the time counts.
+//! The clock of the unknown-reference window (docs/design.md, "Late
+//! references"): it runs only while the worker can read the topic that would
+//! bring a missing SKU or batch, so that a backlog, a restart or an outage
+//! never turns a late reference into a dead letter. Pure: the caller says
+//! what time it is and whether the time counts.
 
 use std::time::{Duration, Instant};
 

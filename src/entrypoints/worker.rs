@@ -90,8 +90,9 @@ pub enum Plan {
     DeadLetter(DeadLetterReason, String),
 }
 
-/// What a message names, for the waiting rule (README, "Dead letters"): the
-/// messages naming one key apply in the order of their partition.
+/// What a message names, for the waiting rule (docs/design.md, "Late
+/// references"): the messages naming one key apply in the order of their
+/// partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MessageKey {
     Sku(Sku),

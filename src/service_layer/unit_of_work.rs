@@ -2,7 +2,7 @@
 //! A unit of work is one atomic change: the products it loaded and the events
 //! to publish are stored together or not at all. The read model
 //! (`allocations_view`) is a view of the stored allocations, so it needs no
-//! writes of its own (README, "Decisions").
+//! writes of its own (docs/design.md, "Read model").
 
 use std::future::Future;
 
