@@ -2,15 +2,16 @@
 //! a matching environment variable. Parsing turns flags into typed settings;
 //! anything wrong becomes one line naming the setting, and exit code 2.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sqlx::postgres::PgConnectOptions;
 
 use crate::adapters::kafka::{KafkaSettings, Topics};
 use crate::adapters::retention::RetentionSettings;
-use crate::entrypoints::worker::WorkerSettings;
+use crate::configuration::{
+    distinct_inbound, duration, kafka_properties, non_empty, positive, refuse_guarantee_breakers,
+    topic, ConfigError, DatabaseSettings, RunSettings, WorkerSettings,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -164,91 +165,13 @@ pub struct RunArgs {
     pub health_poll_timeout: Duration,
 }
 
-/// A setting that parsed but cannot be used. Displays as one line.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid setting {setting}: {reason}")]
-pub struct ConfigError {
-    pub setting: &'static str,
-    pub reason: String,
-}
-
-/// Everything `run` needs, validated.
-#[derive(Debug, Clone)]
-pub struct RunSettings {
-    pub database: DatabaseSettings,
-    pub kafka: KafkaSettings,
-    pub topics: Topics,
-    pub migrate: bool,
-    pub http_addr: std::net::SocketAddr,
-    pub worker: WorkerSettings,
-    pub retention: RetentionSettings,
-    pub health_poll_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct DatabaseSettings {
-    pub options: PgConnectOptions,
-    pub max_connections: u32,
-}
-
 impl DatabaseArgs {
     pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
-        let (setting, url) = self.database_url()?;
-        // The URL is not echoed back: it usually holds a password.
-        let scheme = url.split("://").next().unwrap_or_default();
-        if !matches!(scheme, "postgres" | "postgresql") || !url.contains("://") {
-            return Err(ConfigError {
-                setting,
-                reason: "expected a postgres:// or postgresql:// URL".into(),
-            });
-        }
-        let options = PgConnectOptions::from_str(&url).map_err(|e| ConfigError {
-            setting,
-            reason: e.to_string(),
-        })?;
-        Ok(DatabaseSettings {
-            options,
-            max_connections: self.database_max_connections,
-        })
-    }
-}
-
-impl DatabaseArgs {
-    /// The URL, from DATABASE_URL or from the file DATABASE_URL_FILE names,
-    /// and the setting it came from (for messages). A blank DATABASE_URL
-    /// counts as not set, as an empty variable in a manifest often is.
-    fn database_url(&self) -> Result<(&'static str, String), ConfigError> {
-        const URL: &str = "DATABASE_URL (--database-url)";
-        const FILE: &str = "DATABASE_URL_FILE (--database-url-file)";
-        let url = self
-            .database_url
-            .as_deref()
-            .filter(|u| !u.trim().is_empty());
-        match (url, &self.database_url_file) {
-            (Some(_), Some(_)) => Err(ConfigError {
-                setting: "DATABASE_URL / DATABASE_URL_FILE",
-                reason: "set one of them, not both".into(),
-            }),
-            (None, None) => Err(ConfigError {
-                setting: URL,
-                reason: "required (or DATABASE_URL_FILE naming a file that holds it)".into(),
-            }),
-            (Some(url), None) => Ok((URL, url.to_owned())),
-            (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                    setting: FILE,
-                    reason: format!("cannot read {}: {e}", path.display()),
-                })?;
-                let url = text.trim();
-                if url.is_empty() {
-                    return Err(ConfigError {
-                        setting: FILE,
-                        reason: format!("{} is empty", path.display()),
-                    });
-                }
-                Ok((FILE, url.to_owned()))
-            }
-        }
+        DatabaseSettings::from_url_or_file(
+            self.database_url.as_deref(),
+            self.database_url_file.as_deref(),
+            self.database_max_connections,
+        )
     }
 }
 
@@ -277,35 +200,21 @@ impl RunArgs {
             out_of_stock: topic("TOPIC_OUT_OF_STOCK", &self.topic_out_of_stock)?,
             dead_letter: topic("TOPIC_DEAD_LETTER", &self.topic_dead_letter)?,
         };
-        let inbound = topics.inbound();
-        if inbound[0] == inbound[1] || inbound[0] == inbound[2] || inbound[1] == inbound[2] {
-            return Err(ConfigError {
-                setting:
-                    "TOPIC_BATCH_CREATED / TOPIC_BATCH_QUANTITY_CHANGED / TOPIC_ALLOCATION_REQUIRED",
-                reason: "the three inbound topics must be different".into(),
-            });
-        }
-        for (setting, value) in [
-            (
+        distinct_inbound(topics.inbound())?;
+        let retention = RetentionSettings {
+            idempotency: positive(
                 "IDEMPOTENCY_RETENTION (--idempotency-retention)",
                 self.idempotency_retention,
-            ),
-            (
+            )?,
+            outbox: positive(
                 "OUTBOX_RETENTION (--outbox-retention)",
                 self.outbox_retention,
-            ),
-            (
-                "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
-                self.health_poll_timeout,
-            ),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError {
-                    setting,
-                    reason: "must be longer than 0".into(),
-                });
-            }
-        }
+            )?,
+        };
+        let health_poll_timeout = positive(
+            "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
+            self.health_poll_timeout,
+        )?;
         Ok(RunSettings {
             database,
             kafka: KafkaSettings {
@@ -321,23 +230,9 @@ impl RunArgs {
                 shutdown_timeout: self.shutdown_timeout,
                 max_batch_messages: self.max_batch_messages as usize,
             },
-            retention: RetentionSettings {
-                idempotency: self.idempotency_retention,
-                outbox: self.outbox_retention,
-            },
-            health_poll_timeout: self.health_poll_timeout,
+            retention,
+            health_poll_timeout,
         })
-    }
-}
-
-fn non_empty(setting: &'static str, value: &str) -> Result<(), ConfigError> {
-    if value.trim().is_empty() {
-        Err(ConfigError {
-            setting,
-            reason: "must not be empty".into(),
-        })
-    } else {
-        Ok(())
     }
 }
 
@@ -376,273 +271,16 @@ pub struct KafkaPropertyArgs {
     pub file: Option<std::path::PathBuf>,
 }
 
-/// Prefix of the variables that each set one librdkafka property.
-pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
-
 impl KafkaPropertyArgs {
     /// Every property given, in the order they apply; values never echoed.
     pub fn properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        let mut properties = with_properties_file(self.file.as_deref(), Vec::new())?;
-        if let Some(list) = &self.list {
-            properties.extend(kafka_properties(
-                "KAFKA_PROPERTIES (--kafka-properties)",
-                &split_property_list(list),
-            )?);
-        }
-        properties.extend(property_variables(std::env::vars_os())?);
-        properties.extend(kafka_properties("--kafka-property", &self.flags)?);
-        Ok(properties)
+        kafka_properties(
+            self.file.as_deref(),
+            self.list.as_deref(),
+            std::env::vars_os(),
+            &self.flags,
+        )
     }
-}
-
-/// A `KAFKA_PROPERTIES` value as entries: one per line when it has several
-/// lines (so that values may hold commas: `debug=broker,topic`), otherwise
-/// comma-separated, as before lines were read. Lines starting with `#` are
-/// comments.
-fn split_property_list(list: &str) -> Vec<String> {
-    if list.trim().contains('\n') {
-        list.lines()
-            .filter(|l| !l.trim_start().starts_with('#'))
-            .map(|l| l.trim_end_matches('\r').to_owned())
-            .collect()
-    } else {
-        list.split(',').map(str::to_owned).collect()
-    }
-}
-
-/// `KAFKA_PROPERTY_<NAME>=value` variables as properties, sorted by name.
-/// The name is lower-cased and `_` read as `.`; `__` stands for a literal
-/// `_` (the convention of Confluent's images).
-pub(crate) fn property_variables(
-    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
-) -> Result<Vec<(String, String)>, ConfigError> {
-    let mut properties = Vec::new();
-    for (name, value) in vars {
-        let Some(name) = name.to_str() else { continue };
-        let Some(property) = name.strip_prefix(KAFKA_PROPERTY_PREFIX) else {
-            continue;
-        };
-        let error = |reason: String| ConfigError {
-            setting: "KAFKA_PROPERTY_<NAME>",
-            reason,
-        };
-        if property.is_empty() {
-            return Err(error(format!("{name} names no property")));
-        }
-        let value = value
-            .into_string()
-            .map_err(|_| error(format!("{name} is not valid UTF-8")))?;
-        let property = property
-            .to_ascii_lowercase()
-            .split("__")
-            .map(|part| part.replace('_', "."))
-            .collect::<Vec<_>>()
-            .join("_");
-        properties.push((property, value));
-    }
-    properties.sort();
-    Ok(properties)
-}
-
-/// `KEY=VALUE` librdkafka properties; blank entries are skipped. The value
-/// is never echoed back: it may be a password.
-pub(crate) fn kafka_properties(
-    setting: &'static str,
-    raw: &[String],
-) -> Result<Vec<(String, String)>, ConfigError> {
-    raw.iter()
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-            _ => Err(ConfigError {
-                setting,
-                reason: format!(
-                    "expected KEY=VALUE, got {:?}",
-                    p.split('=').next().unwrap_or_default()
-                ),
-            }),
-        })
-        .collect()
-}
-
-/// A librdkafka property that the delivery guarantees rest on: `allowed`
-/// says which values keep them (the worker's own, in librdkafka's spellings).
-struct Guarded {
-    name: &'static str,
-    allowed: fn(&str) -> bool,
-    why: &'static str,
-}
-
-fn is_true(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "t" | "1")
-}
-
-fn is_false(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "false" | "f" | "0")
-}
-
-const GUARDED: &[Guarded] = &[
-    Guarded {
-        name: "group.id",
-        allowed: |_| false,
-        why: "must not be set as a property: it is KAFKA_GROUP_ID (--kafka-group-id)",
-    },
-    Guarded {
-        name: "enable.auto.offset.store",
-        allowed: is_false,
-        why: "must be false: an offset is stored only once the message's effects are committed",
-    },
-    Guarded {
-        name: "enable.auto.commit",
-        allowed: is_true,
-        why: "must be true: the offsets the worker stores are committed in the background",
-    },
-    // The legacy consumer's spelling of enable.auto.commit.
-    Guarded {
-        name: "auto.commit.enable",
-        allowed: is_true,
-        why: "must be true: the offsets the worker stores are committed in the background",
-    },
-    // 0 switches auto commit off.
-    Guarded {
-        name: "auto.commit.interval.ms",
-        allowed: |v| v.trim().parse::<u64>().is_ok_and(|ms| ms > 0),
-        why: "must be a positive number of milliseconds (0 switches committing off)",
-    },
-    Guarded {
-        name: "offset.store.method",
-        allowed: |v| v.trim() == "broker",
-        why: "must be broker: offsets are committed to the consumer group",
-    },
-    Guarded {
-        name: "auto.offset.reset",
-        allowed: |v| matches!(v.trim(), "earliest" | "smallest" | "beginning"),
-        why: "must be earliest: a group with no committed offset must not skip what was published before",
-    },
-    // Each partition's end would come back as a consumer error: the worker
-    // would report itself not ready and back off at every one.
-    Guarded {
-        name: "enable.partition.eof",
-        allowed: is_false,
-        why: "must be false: the end of a partition is not an error to the worker",
-    },
-    // The unknown-reference window counts time only while fresh statistics
-    // show the worker caught up: without them it would never close, and a
-    // reference that never comes would wait for ever.
-    Guarded {
-        name: "statistics.interval.ms",
-        allowed: |v| v.trim().parse::<u64>().is_ok_and(|ms| (1..=5_000).contains(&ms)),
-        why: "must be between 1 and 5000 ms: the unknown-reference window reads the consumer's statistics",
-    },
-    Guarded {
-        name: "enable.idempotence",
-        allowed: is_true,
-        why: "must be true: the producer's retries must never duplicate or reorder events",
-    },
-    Guarded {
-        name: "acks",
-        allowed: |v| matches!(v.trim(), "all" | "-1"),
-        why: "must be all: an event is marked sent only once every in-sync replica has it",
-    },
-    Guarded {
-        name: "request.required.acks",
-        allowed: |v| matches!(v.trim(), "all" | "-1"),
-        why: "must be all: an event is marked sent only once every in-sync replica has it",
-    },
-];
-
-/// Refuses a property that would break a delivery guarantee (offset
-/// storing, auto commit, group id, offset reset, the producer's
-/// idempotence): one line naming it. Its value is not echoed.
-pub(crate) fn refuse_guarantee_breakers(
-    properties: &[(String, String)],
-) -> Result<(), ConfigError> {
-    for (name, value) in properties {
-        if let Some(guarded) = GUARDED.iter().find(|g| g.name == name) {
-            if !(guarded.allowed)(value) {
-                return Err(ConfigError {
-                    setting: "Kafka property",
-                    reason: format!("{name} {} (refused)", guarded.why),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The properties of a KAFKA_PROPERTIES_FILE, if one is named, then
-/// `properties` (so that those win). A line is `KEY=VALUE`, both trimmed;
-/// blank lines and lines starting with `#` or `!` are skipped. Values are
-/// never echoed back: they are secrets.
-pub(crate) fn with_properties_file(
-    path: Option<&std::path::Path>,
-    properties: Vec<(String, String)>,
-) -> Result<Vec<(String, String)>, ConfigError> {
-    const SETTING: &str = "KAFKA_PROPERTIES_FILE (--kafka-properties-file)";
-    let Some(path) = path else {
-        return Ok(properties);
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        setting: SETTING,
-        reason: format!("cannot read {}: {e}", path.display()),
-    })?;
-    let mut from_file = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
-            continue;
-        }
-        match line.split_once('=') {
-            Some((key, value)) if !key.trim().is_empty() => {
-                from_file.push((key.trim().to_owned(), value.trim().to_owned()))
-            }
-            _ => {
-                return Err(ConfigError {
-                    setting: SETTING,
-                    reason: format!("{} line {}: expected KEY=VALUE", path.display(), number + 1),
-                })
-            }
-        }
-    }
-    from_file.extend(properties);
-    Ok(from_file)
-}
-
-/// Kafka's own rule for topic names: 1–249 of `[a-zA-Z0-9._-]`.
-pub(crate) fn topic(setting: &'static str, name: &str) -> Result<String, ConfigError> {
-    let valid = !name.is_empty()
-        && name.len() <= 249
-        && name != "."
-        && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if valid {
-        Ok(name.to_owned())
-    } else {
-        Err(ConfigError {
-            setting,
-            reason: format!("{name:?} is not a valid Kafka topic name"),
-        })
-    }
-}
-
-/// Every duration setting: a bare number is seconds (`15`, `2.5`), as an
-/// operator reads "--duration 15"; otherwise a humantime string such as
-/// `30s`, `2m`, `1h 30m` or `7d`. Negative, NaN or unbounded numbers are
-/// refused rather than wrapped.
-pub fn duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return text
-            .parse::<f64>()
-            .ok()
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-            .ok_or_else(|| format!("{text:?} is not a number of seconds"));
-    }
-    humantime::parse_duration(text).map_err(|e| {
-        format!("{text:?} is not a duration ({e}); write seconds (15) or e.g. 15s, 2m, 1h")
-    })
 }
 
 /// A clap error as one line: its message without the usage block.

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Args;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -39,9 +39,9 @@ use uuid::Uuid;
 
 use crate::adapters::kafka::to_inbound;
 use crate::adapters::outbox::DeadLetterReason;
-use crate::entrypoints::cli::{topic, ConfigError};
+use crate::configuration::{time, topic, ConfigError, Connection};
 use crate::entrypoints::watch::{
-    kafka_config_error, partition_ids, Connection, ConnectionArgs, ToolError, WatchContext,
+    kafka_config_error, partition_ids, ConnectionArgs, ToolError, WatchContext,
 };
 
 /// The header that names the dead letter a replayed message came from.
@@ -148,12 +148,12 @@ impl ReplayArgs {
         let since = self
             .since
             .as_deref()
-            .map(|t| parse_time("--since", t))
+            .map(|t| time("--since", t))
             .transpose()?;
         let until = self
             .until
             .as_deref()
-            .map(|t| parse_time("--until", t))
+            .map(|t| time("--until", t))
             .transpose()?;
         if let (Some(since), Some(until)) = (since, until) {
             if since >= until {
@@ -175,25 +175,6 @@ impl ReplayArgs {
             dry_run: self.dry_run,
         })
     }
-}
-
-/// RFC 3339, or `YYYY-MM-DD` for midnight UTC of that day.
-pub fn parse_time(setting: &'static str, text: &str) -> Result<DateTime<Utc>, ConfigError> {
-    let text = text.trim();
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Ok(time.with_timezone(&Utc));
-    }
-    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        if let Some(midnight) = date.and_hms_opt(0, 0, 0) {
-            return Ok(midnight.and_utc());
-        }
-    }
-    Err(ConfigError {
-        setting,
-        reason: format!(
-            "{text:?} is neither an RFC 3339 time (2026-11-29T10:00:00Z) nor a date (2026-11-29)"
-        ),
-    })
 }
 
 // ------------------------------------------------------------------ letters
@@ -654,20 +635,6 @@ mod tests {
         s.until = None;
         s.since = at(1_001);
         assert!(!l.selected_by(&s));
-    }
-
-    #[test]
-    fn times_are_rfc3339_or_dates() {
-        assert_eq!(
-            parse_time("--since", "2026-11-29").unwrap(),
-            parse_time("--since", "2026-11-29T00:00:00Z").unwrap()
-        );
-        assert_eq!(
-            parse_time("--since", "2026-11-29T01:00:00+01:00").unwrap(),
-            parse_time("--since", "2026-11-29").unwrap()
-        );
-        let error = parse_time("--until", "yesterday").unwrap_err().to_string();
-        assert!(error.starts_with("invalid setting --until:"), "{error}");
     }
 
     #[test]

@@ -24,11 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::inbound::InboundKind;
 use crate::adapters::kafka::{KafkaSettings, WorkerContext};
-use crate::entrypoints::cli::{topic, ConfigError};
+use crate::configuration::{distinct_inbound, topic, ConfigError, Connection};
 use crate::entrypoints::generator::{Malformed, Workload, WorkloadSettings};
 use crate::entrypoints::watch::{
-    kafka_config_error, Connection, ConnectionArgs, Progress, SummaryArgs, ToolError,
-    WatchSettings, Watcher,
+    kafka_config_error, ConnectionArgs, Progress, SummaryArgs, ToolError, WatchSettings, Watcher,
 };
 
 /// How long `simulate --watch` goes on after its last message when nothing
@@ -61,7 +60,7 @@ pub struct SimulateArgs {
 
     /// How long to publish: seconds (15) or e.g. 60s, 5m; 0 publishes until
     /// Ctrl-C.
-    #[arg(long, env = "SIMULATE_DURATION", default_value = "60s", value_parser = crate::entrypoints::cli::duration)]
+    #[arg(long, env = "SIMULATE_DURATION", default_value = "60s", value_parser = crate::configuration::duration)]
     pub duration: Duration,
 
     /// Number of products; each starts with warehouse stock and two dated shipments.
@@ -149,13 +148,7 @@ impl SimulateArgs {
             )?,
             topic("TOPIC_ALLOCATION_REQUIRED", &self.topic_allocation_required)?,
         ];
-        if topics[0] == topics[1] || topics[0] == topics[2] || topics[1] == topics[2] {
-            return Err(ConfigError {
-                setting:
-                    "TOPIC_BATCH_CREATED / TOPIC_BATCH_QUANTITY_CHANGED / TOPIC_ALLOCATION_REQUIRED",
-                reason: "the three inbound topics must be different".into(),
-            });
-        }
+        distinct_inbound([&topics[0], &topics[1], &topics[2]])?;
         if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 1_000_000.0) {
             return Err(ConfigError {
                 setting: "SIMULATE_RATE (--rate)",

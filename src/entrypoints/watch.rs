@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use rdkafka::client::ClientContext;
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -40,7 +40,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::entrypoints::cli::{topic, ConfigError, KafkaPropertyArgs};
+use crate::configuration::{topic, ConfigError, Connection};
+use crate::entrypoints::cli::KafkaPropertyArgs;
 
 // ------------------------------------------------------------------- flags
 
@@ -93,18 +94,18 @@ pub struct SummaryArgs {
 
     /// Time between two summary lines when stdout is not a terminal (a
     /// terminal is redrawn every second): seconds (5) or e.g. 5s.
-    #[arg(long, default_value = "5s", value_parser = crate::entrypoints::cli::duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::configuration::duration)]
     pub interval: Duration,
 
     /// Stop after this long: seconds (30) or e.g. 30s, 2m.
-    #[arg(long, value_parser = crate::entrypoints::cli::duration)]
+    #[arg(long, value_parser = crate::configuration::duration)]
     pub exit_after: Option<Duration>,
 
     /// Stop once nothing new arrived for this long, everything present at
     /// start was read, and the worker reports no lag and no backlog (when its
     /// /metrics answers). `simulate --watch` uses 10s when not given, counted
     /// from its last message.
-    #[arg(long, value_parser = crate::entrypoints::cli::duration)]
+    #[arg(long, value_parser = crate::configuration::duration)]
     pub until_idle: Option<Duration>,
 }
 
@@ -139,52 +140,17 @@ impl ToolError {
     }
 }
 
-/// Validated [`ConnectionArgs`].
-#[derive(Debug, Clone)]
-pub struct Connection {
-    pub bootstrap_servers: String,
-    pub properties: Vec<(String, String)>,
-}
-
 impl ConnectionArgs {
     pub fn settings(&self) -> Result<Connection, ConfigError> {
-        if self.kafka_bootstrap_servers.trim().is_empty() {
-            return Err(ConfigError {
-                setting: "KAFKA_BOOTSTRAP_SERVERS (--kafka-bootstrap-servers)",
-                reason: "must not be empty".into(),
-            });
-        }
-        let properties = self.kafka_properties.properties()?;
-        Ok(Connection {
-            bootstrap_servers: self.kafka_bootstrap_servers.clone(),
-            properties,
-        })
-    }
-}
-
-impl Connection {
-    /// A client configuration: our `settings` first, the operator's
-    /// properties last so that they win.
-    pub(crate) fn client_config(&self, settings: &[(&str, &str)]) -> ClientConfig {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", &self.bootstrap_servers)
-            .set_log_level(RDKafkaLogLevel::Warning);
-        for (key, value) in settings {
-            config.set(*key, *value);
-        }
-        for (key, value) in &self.properties {
-            config.set(key, value);
-        }
-        config
+        Connection::new(
+            &self.kafka_bootstrap_servers,
+            self.kafka_properties.properties()?,
+        )
     }
 }
 
 pub(crate) fn kafka_config_error(error: rdkafka::error::KafkaError) -> ToolError {
-    ToolError::Config(ConfigError {
-        setting: "KAFKA_PROPERTIES / KAFKA_PROPERTY_<NAME> / --kafka-property",
-        reason: error.to_string(),
-    })
+    ToolError::Config(ConfigError::refused_property(error))
 }
 
 /// Everything the summary needs, validated.
