@@ -30,6 +30,7 @@ pub const REVISION: &str = env!("ALLOCATION_WORKER_REVISION");
 
 pub mod adapters;
 pub mod bootstrap;
+pub mod command_error;
 pub mod configuration;
 pub mod domain;
 pub mod entrypoints;

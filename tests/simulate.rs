@@ -26,10 +26,10 @@ use allocation_worker::adapters::inbound::{decode, InboundKind};
 use allocation_worker::domain::{
     BatchRef, Command as DomainCommand, Event, OrderLine, Product, Sku,
 };
+use allocation_worker::entrypoints::cli::{parse_malformed, MalformedArg};
 use allocation_worker::entrypoints::generator::{
     GeneratedMessage, Malformed, Workload, WorkloadSettings,
 };
-use allocation_worker::entrypoints::simulate::{parse_malformed, MalformedArg};
 use allocation_worker::entrypoints::watch::{parse_gauges, plain_line, Gauges, Totals};
 
 fn stream(settings: WorkloadSettings, n: usize) -> Vec<GeneratedMessage> {

@@ -29,129 +29,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::Args;
-use rdkafka::client::ClientContext;
-use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::configuration::{topic, ConfigError, Connection};
-use crate::entrypoints::cli::KafkaPropertyArgs;
-
-// ------------------------------------------------------------------- flags
-
-/// How to reach the broker: the same settings as `run`.
-#[derive(Debug, Clone, Args)]
-pub struct ConnectionArgs {
-    /// Kafka bootstrap servers, host:port[,host:port...]
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub kafka_bootstrap_servers: String,
-
-    #[command(flatten)]
-    pub kafka_properties: KafkaPropertyArgs,
-}
-
-/// What the summary reads, and when it stops.
-#[derive(Debug, Clone, Args)]
-pub struct SummaryArgs {
-    #[arg(long, env = "TOPIC_ALLOCATED", default_value = "allocation.allocated")]
-    pub topic_allocated: String,
-    #[arg(
-        long,
-        env = "TOPIC_DEALLOCATED",
-        default_value = "allocation.deallocated"
-    )]
-    pub topic_deallocated: String,
-    #[arg(
-        long,
-        env = "TOPIC_OUT_OF_STOCK",
-        default_value = "allocation.out-of-stock"
-    )]
-    pub topic_out_of_stock: String,
-    #[arg(
-        long,
-        env = "TOPIC_DEAD_LETTER",
-        default_value = "allocation.dead-letter"
-    )]
-    pub topic_dead_letter: String,
-
-    /// The worker's Prometheus endpoint, for consumer lag and outbox backlog.
-    #[arg(
-        long,
-        env = "METRICS_URL",
-        default_value = "http://127.0.0.1:9464/metrics"
-    )]
-    pub metrics_url: String,
-
-    /// Count what is already on the topics too (default: from the end at start).
-    #[arg(long)]
-    pub from_beginning: bool,
-
-    /// Time between two summary lines when stdout is not a terminal (a
-    /// terminal is redrawn every second): seconds (5) or e.g. 5s.
-    #[arg(long, default_value = "5s", value_parser = crate::configuration::duration)]
-    pub interval: Duration,
-
-    /// Stop after this long: seconds (30) or e.g. 30s, 2m.
-    #[arg(long, value_parser = crate::configuration::duration)]
-    pub exit_after: Option<Duration>,
-
-    /// Stop once nothing new arrived for this long, everything present at
-    /// start was read, and the worker reports no lag and no backlog (when its
-    /// /metrics answers). `simulate --watch` uses 10s when not given, counted
-    /// from its last message.
-    #[arg(long, value_parser = crate::configuration::duration)]
-    pub until_idle: Option<Duration>,
-}
-
-#[derive(Debug, Args)]
-pub struct WatchArgs {
-    #[command(flatten)]
-    pub connection: ConnectionArgs,
-    #[command(flatten)]
-    pub summary: SummaryArgs,
-}
+use crate::adapters::topic_reader::{partition_ids, ReaderContext};
+use crate::command_error::CommandError;
+use crate::configuration::Connection;
 
 // ---------------------------------------------------------------- settings
-
-/// A failure of `simulate` or `watch`.
-#[derive(Debug, thiserror::Error)]
-pub enum ToolError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("kafka: {0}")]
-    Kafka(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl ToolError {
-    /// 2 for a bad setting (as `run`), 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ToolError::Config(_) => 2,
-            _ => 1,
-        }
-    }
-}
-
-impl ConnectionArgs {
-    pub fn settings(&self) -> Result<Connection, ConfigError> {
-        Connection::new(
-            &self.kafka_bootstrap_servers,
-            self.kafka_properties.properties()?,
-        )
-    }
-}
-
-pub(crate) fn kafka_config_error(error: rdkafka::error::KafkaError) -> ToolError {
-    ToolError::Config(ConfigError::refused_property(error))
-}
 
 /// Everything the summary needs, validated.
 #[derive(Debug, Clone)]
@@ -164,42 +53,6 @@ pub struct WatchSettings {
     pub interval: Duration,
     pub exit_after: Option<Duration>,
     pub until_idle: Option<Duration>,
-}
-
-impl WatchArgs {
-    pub fn settings(&self) -> Result<WatchSettings, ConfigError> {
-        self.summary.settings(self.connection.settings()?)
-    }
-}
-
-impl SummaryArgs {
-    pub fn settings(&self, connection: Connection) -> Result<WatchSettings, ConfigError> {
-        let topics = [
-            topic("TOPIC_ALLOCATED", &self.topic_allocated)?,
-            topic("TOPIC_DEALLOCATED", &self.topic_deallocated)?,
-            topic("TOPIC_OUT_OF_STOCK", &self.topic_out_of_stock)?,
-            topic("TOPIC_DEAD_LETTER", &self.topic_dead_letter)?,
-        ];
-        let metrics_url = self.metrics_url.parse().map_err(|reason| ConfigError {
-            setting: "METRICS_URL (--metrics-url)",
-            reason,
-        })?;
-        if self.interval.is_zero() {
-            return Err(ConfigError {
-                setting: "--interval",
-                reason: "must be more than 0".into(),
-            });
-        }
-        Ok(WatchSettings {
-            connection,
-            topics,
-            metrics_url,
-            from_beginning: self.from_beginning,
-            interval: self.interval,
-            exit_after: self.exit_after,
-            until_idle: self.until_idle,
-        })
-    }
 }
 
 // ----------------------------------------------------------------- metrics
@@ -494,7 +347,7 @@ impl Counter {
         connection: &Connection,
         topics: &[String; 4],
         from_beginning: bool,
-    ) -> Result<Self, ToolError> {
+    ) -> Result<Self, CommandError> {
         let group = format!(
             "allocation-worker-watch-{}-{}",
             std::process::id(),
@@ -509,7 +362,7 @@ impl Counter {
         let mut consumers = Vec::new();
         let mut partitions = 0;
         for (index, topic) in topics.iter().enumerate() {
-            let consumer: BaseConsumer<WatchContext> = connection
+            let consumer: BaseConsumer<ReaderContext> = connection
                 .client_config(&[
                     // Required by librdkafka, never joined: assign(), no subscribe().
                     ("group.id", &group),
@@ -518,8 +371,8 @@ impl Counter {
                     ("enable.partition.eof", "true"),
                     ("fetch.wait.max.ms", "100"),
                 ])
-                .create_with_context(WatchContext)
-                .map_err(kafka_config_error)?;
+                .create_with_context(ReaderContext)
+                .map_err(CommandError::refused_property)?;
             let ids = partition_ids(&consumer, topic)?;
             let mut assignment = TopicPartitionList::new();
             let offset = if from_beginning {
@@ -530,10 +383,10 @@ impl Counter {
             for id in &ids {
                 assignment
                     .add_partition_offset(topic, *id, offset)
-                    .map_err(|e| ToolError::Kafka(e.to_string()))?;
+                    .map_err(|e| CommandError::Kafka(e.to_string()))?;
             }
             consumer.assign(&assignment).map_err(|e| {
-                ToolError::Kafka(format!("cannot assign the partitions of {topic}: {e}"))
+                CommandError::Kafka(format!("cannot assign the partitions of {topic}: {e}"))
             })?;
             partitions += ids.len() as u64;
             consumers.push((index, consumer, ids));
@@ -573,7 +426,7 @@ impl Counter {
                         }
                     }
                 })
-                .map_err(|e| ToolError::Failed(format!("cannot start a thread: {e}")))?;
+                .map_err(|e| CommandError::Failed(format!("cannot start a thread: {e}")))?;
             threads.push(thread);
         }
         Ok(Self {
@@ -612,70 +465,6 @@ impl Counter {
     }
 }
 
-/// Sends librdkafka's logs and errors to `tracing`, but for the end of a
-/// partition: the tools (the counter, replay-dead-letters) poll for it, it
-/// is no error.
-pub(crate) struct WatchContext;
-
-impl ClientContext for WatchContext {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        // The connection's properties go to consumers and producers alike;
-        // each ignores the other's with a warning that is noise.
-        if fac == "CONFWARN" && message.contains("will be ignored by this") {
-            return;
-        }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-        ) {
-            return;
-        }
-        tracing::warn!(target: "librdkafka", %error, "kafka client error: {reason}");
-    }
-}
-
-impl ConsumerContext for WatchContext {}
-
-/// The partitions of `topic`; an error naming it when it does not exist.
-pub(crate) fn partition_ids(
-    consumer: &BaseConsumer<WatchContext>,
-    topic: &str,
-) -> Result<Vec<i32>, ToolError> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .map_err(|e| ToolError::Kafka(format!("cannot read topic {topic}: {e}")))?;
-    let missing = || {
-        ToolError::Kafka(format!(
-            "topic {topic} does not exist (scripts/run.sh creates the default topics)"
-        ))
-    };
-    let meta = metadata.topics().first().ok_or_else(missing)?;
-    if let Some(error) = meta.error() {
-        let code = RDKafkaErrorCode::from(error);
-        return Err(if code == RDKafkaErrorCode::UnknownTopicOrPartition {
-            missing()
-        } else {
-            ToolError::Kafka(format!("topic {topic}: {code}"))
-        });
-    }
-    let ids: Vec<i32> = meta.partitions().iter().map(|p| p.id()).collect();
-    if ids.is_empty() {
-        return Err(missing());
-    }
-    Ok(ids)
-}
-
 /// A started summary: its consumer is assigned, so nothing published from
 /// now on is missed; [`Watcher::run`] shows it.
 pub struct Watcher {
@@ -684,7 +473,7 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub async fn start(settings: &WatchSettings) -> Result<Self, ToolError> {
+    pub async fn start(settings: &WatchSettings) -> Result<Self, CommandError> {
         let (connection, topics, from_beginning) = (
             settings.connection.clone(),
             settings.topics.clone(),
@@ -694,7 +483,7 @@ impl Watcher {
             Counter::start(&connection, &topics, from_beginning)
         })
         .await
-        .map_err(|e| ToolError::Failed(format!("watch: {e}")))??;
+        .map_err(|e| CommandError::Failed(format!("watch: {e}")))??;
         if !settings.from_beginning {
             // "From the end" is where each partition ends once reached; wait
             // for that, so that what is published after `start` is counted.
@@ -984,7 +773,7 @@ impl Screen {
 }
 
 /// `allocation-worker watch`.
-pub async fn run(settings: WatchSettings, shutdown: CancellationToken) -> Result<(), ToolError> {
+pub async fn run(settings: WatchSettings, shutdown: CancellationToken) -> Result<(), CommandError> {
     let watcher = Watcher::start(&settings).await?;
     watcher.run(shutdown, None).await;
     Ok(())

@@ -1,60 +1,16 @@
-//! The command line (contract §7): `run` and `migrate`, every setting a flag with
-//! a matching environment variable. Parsing turns flags into typed settings;
-//! anything wrong becomes one line naming the setting, and exit code 2.
+//! The flags of `run` and `migrate`, and the configuration they build.
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Args;
 
+use super::KafkaPropertyArgs;
 use crate::adapters::kafka::{KafkaSettings, Topics};
 use crate::adapters::retention::RetentionSettings;
 use crate::configuration::{
-    distinct_inbound, duration, kafka_properties, non_empty, positive, refuse_guarantee_breakers,
-    topic, ConfigError, DatabaseSettings, RunSettings, WorkerSettings,
+    distinct_inbound, duration, non_empty, positive, refuse_guarantee_breakers, topic, ConfigError,
+    DatabaseSettings, RunSettings, WorkerSettings,
 };
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "allocation-worker",
-    version,
-    about = "Allocates ERP order lines to stock and publishes what it decided"
-)]
-pub struct Cli {
-    /// Log output: `text` for people, `json` for machines. Filter with RUST_LOG.
-    #[arg(
-        long,
-        env = "LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    pub log_format: LogFormat,
-
-    #[command(subcommand)]
-    pub command: CommandLine,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum CommandLine {
-    /// Apply the database migrations (unless --skip-migrations) and run the worker.
-    Run(Box<RunArgs>),
-    /// Apply the database migrations and exit.
-    Migrate(DatabaseArgs),
-    /// Publish a realistic, seeded stream of ERP messages to the inbound topics.
-    Simulate(Box<crate::entrypoints::simulate::SimulateArgs>),
-    /// Live summary of what the worker decides: outbound topics, dead letters,
-    /// consumer lag and outbox backlog.
-    Watch(Box<crate::entrypoints::watch::WatchArgs>),
-    /// Publish dead letters again to the topic they came from, chosen by
-    /// reason, original topic and time; --dry-run lists them.
-    ReplayDeadLetters(Box<crate::entrypoints::replay::ReplayArgs>),
-}
 
 #[derive(Debug, Args)]
 pub struct DatabaseArgs {
@@ -234,63 +190,4 @@ impl RunArgs {
             health_poll_timeout,
         })
     }
-}
-
-/// Any librdkafka property (TLS, SASL, timeouts), four ways, applied in
-/// this order after the worker's own settings, so that the last one given
-/// wins: the `KAFKA_PROPERTIES_FILE` file, the `KAFKA_PROPERTIES` list, one
-/// `KAFKA_PROPERTY_<NAME>` variable per property, then the
-/// `--kafka-property` flags.
-#[derive(Debug, Clone, Default, Args)]
-pub struct KafkaPropertyArgs {
-    /// Any librdkafka property, KEY=VALUE (TLS, SASL, timeouts); repeat the
-    /// flag for more. The value is taken whole, commas included. Also
-    /// KAFKA_PROPERTY_<NAME> variables, one per property (the name upper-cased,
-    /// dots as `_`, e.g. KAFKA_PROPERTY_SASL_PASSWORD). Applied last.
-    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
-    pub flags: Vec<String>,
-
-    /// librdkafka properties as one list: one KEY=VALUE per line (values may
-    /// hold commas), or, on a single line, comma-separated.
-    #[arg(
-        long = "kafka-properties",
-        env = "KAFKA_PROPERTIES",
-        hide_env_values = true,
-        value_name = "LIST"
-    )]
-    pub list: Option<String>,
-
-    /// A file of librdkafka properties, one KEY=VALUE a line (`#` starts a
-    /// comment), e.g. a mounted Kubernetes Secret with SASL credentials.
-    /// Applied first: the other forms win.
-    #[arg(
-        long = "kafka-properties-file",
-        env = "KAFKA_PROPERTIES_FILE",
-        value_name = "PATH"
-    )]
-    pub file: Option<std::path::PathBuf>,
-}
-
-impl KafkaPropertyArgs {
-    /// Every property given, in the order they apply; values never echoed.
-    pub fn properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
-        kafka_properties(
-            self.file.as_deref(),
-            self.list.as_deref(),
-            std::env::vars_os(),
-            &self.flags,
-        )
-    }
-}
-
-/// A clap error as one line: its message without the usage block.
-pub fn one_line(error: &clap::Error) -> String {
-    error
-        .render()
-        .to_string()
-        .lines()
-        .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
