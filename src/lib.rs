@@ -35,3 +35,5 @@ pub mod configuration;
 pub mod domain;
 pub mod entrypoints;
 pub mod service_layer;
+#[cfg(feature = "tools")]
+pub mod tools;

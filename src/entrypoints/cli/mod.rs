@@ -8,6 +8,7 @@
 mod connection;
 mod replay;
 mod run;
+#[cfg(feature = "tools")]
 mod tools;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -15,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
 pub use replay::ReplayArgs;
 pub use run::{DatabaseArgs, RunArgs};
+#[cfg(feature = "tools")]
 pub use tools::{parse_malformed, MalformedArg, SimulateArgs, SummaryArgs, WatchArgs};
 
 #[derive(Debug, Parser)]
@@ -51,9 +53,11 @@ pub enum CommandLine {
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
     /// Publish a realistic, seeded stream of ERP messages to the inbound topics.
+    #[cfg(feature = "tools")]
     Simulate(Box<SimulateArgs>),
     /// Live summary of what the worker decides: outbound topics, dead letters,
     /// consumer lag and outbox backlog.
+    #[cfg(feature = "tools")]
     Watch(Box<WatchArgs>),
     /// Publish dead letters again to the topic they came from, chosen by
     /// reason, original topic and time; --dry-run lists them.

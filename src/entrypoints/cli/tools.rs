@@ -7,9 +7,9 @@ use clap::Args;
 
 use super::ConnectionArgs;
 use crate::configuration::{distinct_inbound, duration, topic, ConfigError, Connection};
-use crate::entrypoints::generator::{Malformed, WorkloadSettings};
-use crate::entrypoints::simulate::{SimulateSettings, DEFAULT_UNTIL_IDLE};
-use crate::entrypoints::watch::WatchSettings;
+use crate::tools::generator::{Malformed, WorkloadSettings};
+use crate::tools::simulate::{SimulateSettings, DEFAULT_UNTIL_IDLE};
+use crate::tools::watch::WatchSettings;
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {

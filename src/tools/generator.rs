@@ -30,7 +30,7 @@
 //!
 //! ```
 //! use allocation_worker::adapters::inbound::InboundKind;
-//! use allocation_worker::entrypoints::generator::{Workload, WorkloadSettings};
+//! use allocation_worker::tools::generator::{Workload, WorkloadSettings};
 //!
 //! // 1000 SKUs × 3 batches, then 20 000 allocations, then 2 000 quantity changes.
 //! let settings = WorkloadSettings::benchmark(42, 1_000, 20_000, 2_000);

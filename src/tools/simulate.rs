@@ -25,8 +25,8 @@ use crate::adapters::inbound::InboundKind;
 use crate::adapters::kafka::{KafkaSettings, WorkerContext};
 use crate::command_error::CommandError;
 use crate::configuration::Connection;
-use crate::entrypoints::generator::{Workload, WorkloadSettings};
-use crate::entrypoints::watch::{Progress, WatchSettings, Watcher};
+use crate::tools::generator::{Workload, WorkloadSettings};
+use crate::tools::watch::{Progress, WatchSettings, Watcher};
 
 /// How long `simulate --watch` goes on after its last message when nothing
 /// new arrives, unless `--until-idle` says otherwise.
