@@ -16,9 +16,9 @@
 //! `KAFKA_BOOTSTRAP_SERVERS`, and `WORKER_BIN` (default
 //! `<target>/release/allocation-worker`).
 //!
-//! The workload is written here with a seeded splitmix64, because the
-//! generator's `WorkloadSettings::benchmark` draws other quantities (stock
-//! 20–150, line quantities up to 10, quantity drops to 20–80 %):
+//! The workload is the generator's phased form (`src/tools/generator/`,
+//! the `tools` feature), seeded by `--seed`; it is the stream this program
+//! drew with its own splitmix64 before, message for message:
 //!
 //! 1. stock: N SKUs × 3 batches (one warehouse batch without eta, two dated
 //!    shipments), purchased quantity uniform in 50..=120;
@@ -60,7 +60,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use allocation_worker::adapters::inbound::InboundKind;
+use allocation_worker::tools::generator::{GeneratedMessage, Phase, Workload, WorkloadSettings};
 
 const PARTITIONS: i32 = 3;
 /// The worker's extra librdkafka settings. A short session timeout makes the
@@ -186,103 +188,35 @@ fn parse_args() -> Res<Args> {
 
 // ------------------------------------------------------------------ workload
 
-/// splitmix64: tiny and fully determined by its seed.
-struct Rng(u64);
+/// Salt of the warm-up message's seed, so that it is no message of the run.
+const WARM_UP_SALT: u64 = 0x5741_524d;
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Kind {
-    BatchCreated,
-    QuantityChanged,
-    AllocationRequired,
-}
-
+/// One message to send, and the orderid of an AllocationRequired (to match
+/// its decision).
 struct Msg {
-    kind: Kind,
+    kind: InboundKind,
     key: String,
-    value: String,
+    value: Vec<u8>,
     orderid: Option<String>,
 }
 
-/// The state of one SKU's stock as published (for quantity changes).
-struct Stock {
-    skus: Vec<String>,
-    batches: Vec<(String, u64)>,
-}
-
-fn stock_phase(rng: &mut Rng, prefix: &str, skus: usize) -> (Vec<Msg>, Stock) {
-    let mut msgs = Vec::new();
-    let mut stock = Stock {
-        skus: Vec::new(),
-        batches: Vec::new(),
-    };
-    let first_eta = chrono::NaiveDate::from_ymd_opt(2026, 3, 2).unwrap();
-    for i in 0..skus {
-        let sku = format!("{prefix}-SKU-{i:04}");
-        for j in 0..3u64 {
-            let reference = format!("{prefix}-batch-{i:04}-{j}");
-            let qty = rng.between(50, 120);
-            let eta = (j > 0).then(|| {
-                let days = (j - 1) * 14 + rng.between(0, 6);
-                (first_eta + chrono::Days::new(days))
-                    .format("%Y-%m-%d")
-                    .to_string()
-            });
-            let value = serde_json::json!({"ref": reference, "sku": sku, "qty": qty, "eta": eta});
-            msgs.push(Msg {
-                kind: Kind::BatchCreated,
-                key: sku.clone(),
-                value: value.to_string(),
-                orderid: None,
-            });
-            stock.batches.push((reference, qty));
+impl From<GeneratedMessage> for Msg {
+    fn from(m: GeneratedMessage) -> Self {
+        let orderid = serde_json::from_slice::<serde_json::Value>(&m.value)
+            .ok()
+            .and_then(|v| v.get("orderid")?.as_str().map(str::to_owned));
+        Msg {
+            kind: m.topic_kind,
+            key: m.key,
+            value: m.value,
+            orderid,
         }
-        stock.skus.push(sku);
-    }
-    (msgs, stock)
-}
-
-fn allocation(rng: &mut Rng, stock: &Stock, orderid: String) -> Msg {
-    let sku = &stock.skus[rng.below(stock.skus.len() as u64) as usize];
-    let qty = rng.between(1, 4);
-    Msg {
-        kind: Kind::AllocationRequired,
-        key: sku.clone(),
-        value: serde_json::json!({"orderid": orderid, "sku": sku, "qty": qty}).to_string(),
-        orderid: Some(orderid),
     }
 }
 
-fn change_phase(rng: &mut Rng, stock: &mut Stock, n: usize) -> Vec<Msg> {
-    (0..n)
-        .map(|_| {
-            let b = rng.below(stock.batches.len() as u64) as usize;
-            let cut = rng.between(5, 15);
-            let (reference, qty) = &mut stock.batches[b];
-            *qty = qty.saturating_sub(cut);
-            Msg {
-                kind: Kind::QuantityChanged,
-                key: reference.clone(),
-                value: serde_json::json!({"ref": reference, "qty": *qty}).to_string(),
-                orderid: None,
-            }
-        })
-        .collect()
+/// The next `n` messages of `workload`.
+fn take(workload: &mut Workload, n: usize) -> Vec<Msg> {
+    workload.by_ref().take(n).map(Msg::from).collect()
 }
 
 // --------------------------------------------------------------- environment
@@ -320,11 +254,11 @@ impl Topics {
             &self.dead_letter,
         ]
     }
-    fn of(&self, kind: Kind) -> &str {
+    fn of(&self, kind: InboundKind) -> &str {
         match kind {
-            Kind::BatchCreated => &self.batch_created,
-            Kind::QuantityChanged => &self.quantity_changed,
-            Kind::AllocationRequired => &self.allocation_required,
+            InboundKind::BatchCreated => &self.batch_created,
+            InboundKind::BatchQuantityChanged => &self.quantity_changed,
+            InboundKind::AllocationRequired => &self.allocation_required,
         }
     }
 }
@@ -409,20 +343,20 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The status of `GET http://{addr}{path}`, `None` when nobody answers
+/// within 2 s.
 async fn http_status(addr: &str, path: &str) -> Option<u16> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await
-        .ok()?
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
         .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = vec![0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf))
+    let response = client
+        .get(format!("http://{addr}{path}"))
+        .send()
         .await
-        .ok()?
         .ok()?;
-    let line = String::from_utf8_lossy(&buf[..n]);
-    line.split_whitespace().nth(1)?.parse().ok()
+    Some(response.status().as_u16())
 }
 
 /// `--backlog`: rows that retention may delete while the phases run, an hour
@@ -472,18 +406,16 @@ async fn backlog_left(db: &PgPool) -> Res<(i64, i64)> {
 
 /// `GET path` on the worker's HTTP address: the body, if the status is 200.
 async fn http_body(addr: &str, path: &str) -> Res<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-        .await??;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8(buf)?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no HTTP header end")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return fail(format!("GET {path}: {}", head.lines().next().unwrap_or("")));
-    }
-    Ok(body.to_owned())
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let response = client
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(response.text().await?)
 }
 
 /// Idempotency records retention has deleted so far, from the worker's
@@ -602,7 +534,7 @@ impl Bench {
         let ce_id = format!("bench-{}-{}", self.suffix, self.seq);
         let mut record = FutureRecord::to(self.topics.of(m.kind))
             .key(m.key.as_str())
-            .payload(m.value.as_str())
+            .payload(m.value.as_slice())
             .headers(OwnedHeaders::new().insert(Header {
                 key: "ce_id",
                 value: Some(ce_id.as_bytes()),
@@ -970,9 +902,14 @@ async fn drive(
 
     // Warm-up: one batch, so the consumer group has its partitions before
     // anything is timed (Tansu takes seconds to complete a join).
-    let mut rng = Rng(args.seed);
-    let (warm, _) = stock_phase(&mut Rng(args.seed ^ 0x5741_524d), "warmup", 1);
-    let d = bench.send(&warm[0])?;
+    let mut warm = Workload::new(WorkloadSettings::phased(
+        args.seed ^ WARM_UP_SALT,
+        1,
+        vec![Phase::Stock {
+            prefix: "warmup".into(),
+        }],
+    ));
+    let d = bench.send(&take(&mut warm, 1)[0])?;
     Bench::await_deliveries(vec![d]).await?;
     bench.wait_done("warm-up", Duration::from_secs(90)).await?;
     eprintln!(
@@ -980,12 +917,27 @@ async fn drive(
         started.elapsed().as_secs_f64()
     );
 
-    // The standard workload.
-    let (stock_msgs, mut stock) = stock_phase(&mut rng, "bench", sizes.skus);
-    let alloc_msgs: Vec<Msg> = (0..sizes.allocations)
-        .map(|i| allocation(&mut rng, &stock, format!("order-{i:06}")))
-        .collect();
-    let change_msgs = change_phase(&mut rng, &mut stock, sizes.changes);
+    // The standard workload, then the latency run's: one seeded stream.
+    let n_lat = (sizes.latency_secs * sizes.latency_rate) as usize;
+    let mut phases = Phase::benchmark(sizes.allocations as u64, sizes.changes as u64);
+    phases.push(Phase::Stock {
+        prefix: "lat".into(),
+    });
+    phases.push(Phase::Allocations {
+        orderid_prefix: lat_prefix.clone(),
+        count: n_lat as u64,
+    });
+    let mut workload = Workload::new(WorkloadSettings::phased(
+        args.seed,
+        sizes.skus as u32,
+        phases,
+    ));
+    let stock_len = sizes.skus * 3;
+    let stock_msgs = take(&mut workload, stock_len);
+    let alloc_msgs = take(&mut workload, sizes.allocations);
+    let change_msgs = take(&mut workload, sizes.changes);
+    let lat_stock_msgs = take(&mut workload, stock_len);
+    let lat_msgs = take(&mut workload, n_lat);
     let phases = vec![
         bench.phase("stock", &stock_msgs).await?,
         bench.phase("allocations", &alloc_msgs).await?,
@@ -1000,7 +952,6 @@ async fn drive(
 
     // Latency run: fresh stock, then a steady offered load.
     eprintln!("latency run: publishing its stock");
-    let (lat_stock_msgs, lat_stock) = stock_phase(&mut rng, "lat", sizes.skus);
     let mut ds = Vec::new();
     for m in &lat_stock_msgs {
         ds.push(bench.send(m)?);
@@ -1009,10 +960,6 @@ async fn drive(
     bench
         .wait_done("latency stock", Duration::from_secs(300))
         .await?;
-    let n_lat = (sizes.latency_secs * sizes.latency_rate) as usize;
-    let lat_msgs: Vec<Msg> = (0..n_lat)
-        .map(|i| allocation(&mut rng, &lat_stock, format!("{lat_prefix}{i:06}")))
-        .collect();
     eprintln!(
         "latency run: {n_lat} AllocationRequired at {} msg/s",
         sizes.latency_rate

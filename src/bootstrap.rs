@@ -18,17 +18,14 @@ use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::{lazy_pool, worker_connect_options, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::adapters::retention::Retention;
-use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
+use crate::configuration::{ConfigError, DatabaseSettings, RunSettings};
 use crate::entrypoints::worker::{Processor, Worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     /// A setting the clients refused (say, an unknown librdkafka property).
-    #[error("invalid setting {setting}: {reason}")]
-    Config {
-        setting: &'static str,
-        reason: String,
-    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("database migration failed: {0}")]
     Migration(#[from] MigrateError),
     #[error("kafka: {0}")]
@@ -43,17 +40,14 @@ impl BootstrapError {
     /// Exit code: 2 for a bad setting (contract §7), 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            BootstrapError::Config { .. } => 2,
+            BootstrapError::Config(_) => 2,
             _ => 1,
         }
     }
 }
 
 fn kafka_config_error(error: rdkafka::error::KafkaError) -> BootstrapError {
-    BootstrapError::Config {
-        setting: "KAFKA_PROPERTIES / KAFKA_PROPERTY_<NAME> / --kafka-property",
-        reason: error.to_string(),
-    }
+    ConfigError::refused_property(error).into()
 }
 
 /// `allocation-worker migrate`: fails at once if the database is unreachable.

@@ -11,10 +11,20 @@
 //!   trait. Imports only `domain`.
 //! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
 //!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
-//!   traits; never imports `entrypoints`.
-//! - [`entrypoints`]: the command line and the worker loop, which owns the one
+//!   traits; never imports `configuration`, `entrypoints` or `tools`.
+//! - [`configuration`]: the validated settings of every command and the rules
+//!   they are checked by; no clap. Imports only the adapters' settings types.
+//! - [`entrypoints`]: the command line, which builds the configuration from
+//!   flags and environment variables, and the worker loop, which owns the one
 //!   place where a message's transaction begins and ends.
-//! - [`bootstrap`]: builds the pieces from the settings and wires them.
+//! - [`bootstrap`]: builds the pieces from the configuration and wires them;
+//!   never imports the command line.
+//! - [`command_error`]: the error of the commands besides `run` and
+//!   `migrate`, and its exit code.
+//! - `tools` (the `tools` cargo feature, on by default): `simulate`, `watch`
+//!   and the generator the benchmark shares. Imports `configuration` and
+//!   `adapters`, never `entrypoints`; only the command line and `main.rs`
+//!   import it.
 
 /// The crate version this binary was built as.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -26,6 +36,10 @@ pub const REVISION: &str = env!("ALLOCATION_WORKER_REVISION");
 
 pub mod adapters;
 pub mod bootstrap;
+pub mod command_error;
+pub mod configuration;
 pub mod domain;
 pub mod entrypoints;
 pub mod service_layer;
+#[cfg(feature = "tools")]
+pub mod tools;

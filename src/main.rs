@@ -7,7 +7,9 @@ use clap::Parser;
 
 use allocation_worker::bootstrap;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
-use allocation_worker::entrypoints::{replay, simulate, telemetry, watch};
+use allocation_worker::entrypoints::{replay, telemetry};
+#[cfg(feature = "tools")]
+use allocation_worker::tools::{simulate, watch};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| (e.exit_code(), e.to_string()))
             }
+            #[cfg(feature = "tools")]
             CommandLine::Simulate(args) => {
                 let settings = args.settings().map_err(|e| (2, e.to_string()))?;
                 let shutdown = bootstrap::shutdown_on_signals()
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
                     .await
                     .map_err(|e| (e.exit_code(), e.to_string()))
             }
+            #[cfg(feature = "tools")]
             CommandLine::Watch(args) => {
                 let settings = args.settings().map_err(|e| (2, e.to_string()))?;
                 let shutdown = bootstrap::shutdown_on_signals()

@@ -257,7 +257,8 @@ fn help_lists_every_command() {
 /// "`--duration 15`" does, and still takes humantime strings.
 #[test]
 fn durations_are_seconds_when_bare_and_humantime_otherwise() {
-    use allocation_worker::entrypoints::cli::{duration, Cli, CommandLine};
+    use allocation_worker::configuration::duration;
+    use allocation_worker::entrypoints::cli::{Cli, CommandLine};
     use clap::Parser;
 
     for (text, expected) in [

@@ -26,11 +26,11 @@ use allocation_worker::adapters::inbound::{decode, InboundKind};
 use allocation_worker::domain::{
     BatchRef, Command as DomainCommand, Event, OrderLine, Product, Sku,
 };
-use allocation_worker::entrypoints::generator::{
+use allocation_worker::entrypoints::cli::{parse_malformed, MalformedArg};
+use allocation_worker::tools::generator::{
     GeneratedMessage, Malformed, Workload, WorkloadSettings,
 };
-use allocation_worker::entrypoints::simulate::{parse_malformed, MalformedArg};
-use allocation_worker::entrypoints::watch::{parse_gauges, plain_line, Gauges, Totals};
+use allocation_worker::tools::watch::{parse_gauges, plain_line, Gauges, Totals};
 
 fn stream(settings: WorkloadSettings, n: usize) -> Vec<GeneratedMessage> {
     Workload::new(settings).take(n).collect()

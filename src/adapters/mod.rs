@@ -11,3 +11,4 @@ pub mod outbox;
 pub mod postgres;
 pub mod relay;
 pub mod retention;
+pub mod topic_reader;

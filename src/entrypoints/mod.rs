@@ -1,11 +1,10 @@
-//! Entrypoints: the command line and the worker loop.
+//! Entrypoints: the command line, the worker loop (with the tracker of
+//! messages waiting for a reference and the window of usable time they wait
+//! in), `replay-dead-letters`, and the logs and traces of it all.
 
 pub mod cli;
-pub mod generator;
 pub mod replay;
-pub mod simulate;
 pub mod telemetry;
 pub mod tracker;
-pub mod watch;
 pub mod window;
 pub mod worker;

@@ -27,8 +27,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
-use clap::Args;
+use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -38,11 +37,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use crate::adapters::kafka::to_inbound;
-use crate::adapters::outbox::DeadLetterReason;
-use crate::entrypoints::cli::{topic, ConfigError};
-use crate::entrypoints::watch::{
-    kafka_config_error, partition_ids, Connection, ConnectionArgs, ToolError, WatchContext,
-};
+use crate::adapters::topic_reader::{partition_ids, ReaderContext};
+use crate::command_error::CommandError;
+use crate::configuration::{topic, Connection};
 
 /// The header that names the dead letter a replayed message came from.
 pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
@@ -58,44 +55,6 @@ const READ_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a partition that has reached the high watermark read at start may
 /// stay silent before it counts as read, when no partition-EOF comes.
 const QUIET_AT_WATERMARK: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Args)]
-pub struct ReplayArgs {
-    #[command(flatten)]
-    pub connection: ConnectionArgs,
-
-    #[arg(
-        long,
-        env = "TOPIC_DEAD_LETTER",
-        default_value = "allocation.dead-letter"
-    )]
-    pub topic_dead_letter: String,
-
-    /// Only letters with this `dlq.reason` (repeat, or separate with commas):
-    /// malformed-json, invalid-message, unknown-sku, unknown-batch,
-    /// duplicate-batch, duplicate-line, unknown-topic.
-    #[arg(long, value_delimiter = ',', value_name = "REASON")]
-    pub reason: Vec<String>,
-
-    /// Only letters that came from this topic (`dlq.original.topic`; repeat,
-    /// or separate with commas).
-    #[arg(long, value_delimiter = ',', value_name = "TOPIC")]
-    pub topic: Vec<String>,
-
-    /// Only letters dead-lettered at or after this time: RFC 3339
-    /// (2026-11-29T10:00:00Z) or a UTC date (2026-11-29).
-    #[arg(long, value_name = "TIME")]
-    pub since: Option<String>,
-
-    /// Only letters dead-lettered before this time: RFC 3339 or a UTC date
-    /// (the start of that day).
-    #[arg(long, value_name = "TIME")]
-    pub until: Option<String>,
-
-    /// List the selected letters, one a line, and send nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
 
 /// Which letters to replay. An empty list selects any value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,87 +72,6 @@ pub struct ReplaySettings {
     pub dead_letter_topic: String,
     pub selection: Selection,
     pub dry_run: bool,
-}
-
-impl ReplayArgs {
-    pub fn settings(&self) -> Result<ReplaySettings, ConfigError> {
-        let connection = self.connection.settings()?;
-        let dead_letter_topic = topic(
-            "TOPIC_DEAD_LETTER (--topic-dead-letter)",
-            &self.topic_dead_letter,
-        )?;
-        let mut reasons = Vec::new();
-        for reason in self
-            .reason
-            .iter()
-            .map(|r| r.trim())
-            .filter(|r| !r.is_empty())
-        {
-            if !DeadLetterReason::ALL.iter().any(|r| r.as_str() == reason) {
-                let known: Vec<&str> = DeadLetterReason::ALL.iter().map(|r| r.as_str()).collect();
-                return Err(ConfigError {
-                    setting: "--reason",
-                    reason: format!("{reason:?} is not one of {}", known.join(", ")),
-                });
-            }
-            reasons.push(reason.to_owned());
-        }
-        let topics = self
-            .topic
-            .iter()
-            .map(|t| t.trim())
-            .filter(|t| !t.is_empty())
-            .map(|t| topic("--topic", t))
-            .collect::<Result<Vec<_>, _>>()?;
-        let since = self
-            .since
-            .as_deref()
-            .map(|t| parse_time("--since", t))
-            .transpose()?;
-        let until = self
-            .until
-            .as_deref()
-            .map(|t| parse_time("--until", t))
-            .transpose()?;
-        if let (Some(since), Some(until)) = (since, until) {
-            if since >= until {
-                return Err(ConfigError {
-                    setting: "--since / --until",
-                    reason: "--since must be before --until".into(),
-                });
-            }
-        }
-        Ok(ReplaySettings {
-            connection,
-            dead_letter_topic,
-            selection: Selection {
-                reasons,
-                topics,
-                since,
-                until,
-            },
-            dry_run: self.dry_run,
-        })
-    }
-}
-
-/// RFC 3339, or `YYYY-MM-DD` for midnight UTC of that day.
-pub fn parse_time(setting: &'static str, text: &str) -> Result<DateTime<Utc>, ConfigError> {
-    let text = text.trim();
-    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
-        return Ok(time.with_timezone(&Utc));
-    }
-    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        if let Some(midnight) = date.and_hms_opt(0, 0, 0) {
-            return Ok(midnight.and_utc());
-        }
-    }
-    Err(ConfigError {
-        setting,
-        reason: format!(
-            "{text:?} is neither an RFC 3339 time (2026-11-29T10:00:00Z) nor a date (2026-11-29)"
-        ),
-    })
 }
 
 // ------------------------------------------------------------------ letters
@@ -333,13 +211,13 @@ impl Letter {
 fn read_letters(
     connection: &Connection,
     dead_letter_topic: &str,
-) -> Result<Vec<Letter>, ToolError> {
+) -> Result<Vec<Letter>, CommandError> {
     let group = format!(
         "allocation-worker-replay-{}-{}",
         std::process::id(),
         Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );
-    let consumer: BaseConsumer<WatchContext> = connection
+    let consumer: BaseConsumer<ReaderContext> = connection
         .client_config(&[
             // Required by librdkafka, never joined: assign(), no subscribe().
             ("group.id", &group),
@@ -348,15 +226,15 @@ fn read_letters(
             ("enable.partition.eof", "true"),
             ("fetch.wait.max.ms", "100"),
         ])
-        .create_with_context(WatchContext)
-        .map_err(kafka_config_error)?;
+        .create_with_context(ReaderContext)
+        .map_err(CommandError::refused_property)?;
     let ids = partition_ids(&consumer, dead_letter_topic)?;
     let mut high = HashMap::new();
     for id in &ids {
         let (_, h) = consumer
             .fetch_watermarks(dead_letter_topic, *id, Duration::from_secs(15))
             .map_err(|e| {
-                ToolError::Kafka(format!(
+                CommandError::Kafka(format!(
                     "cannot read the end of {dead_letter_topic}/{id}: {e}"
                 ))
             })?;
@@ -366,10 +244,10 @@ fn read_letters(
     for id in &ids {
         assignment
             .add_partition_offset(dead_letter_topic, *id, Offset::Beginning)
-            .map_err(|e| ToolError::Kafka(e.to_string()))?;
+            .map_err(|e| CommandError::Kafka(e.to_string()))?;
     }
     consumer.assign(&assignment).map_err(|e| {
-        ToolError::Kafka(format!(
+        CommandError::Kafka(format!(
             "cannot assign the partitions of {dead_letter_topic}: {e}"
         ))
     })?;
@@ -427,7 +305,7 @@ fn read_letters(
                 .map(|id| format!("{dead_letter_topic}/{id}"))
                 .collect();
             left.sort();
-            return Err(ToolError::Kafka(format!(
+            return Err(CommandError::Kafka(format!(
                 "nothing read for {READ_STALL_TIMEOUT:?} before the end of {}{}",
                 left.join(", "),
                 if last_error.is_empty() {
@@ -449,7 +327,7 @@ fn read_letters(
 async fn publish(
     settings: &ReplaySettings,
     letters: &[&Letter],
-) -> Result<(usize, Option<String>), ToolError> {
+) -> Result<(usize, Option<String>), CommandError> {
     let producer: FutureProducer = settings
         .connection
         .client_config(&[
@@ -461,7 +339,7 @@ async fn publish(
             ("message.timeout.ms", "30000"),
         ])
         .create()
-        .map_err(kafka_config_error)?;
+        .map_err(CommandError::refused_property)?;
     let topic = &settings.dead_letter_topic;
     // Owned here: every record borrows its topic until it is queued.
     let targets: Vec<(&Letter, String)> = letters
@@ -535,7 +413,7 @@ async fn publish(
 }
 
 /// `allocation-worker replay-dead-letters`.
-pub async fn run(settings: ReplaySettings) -> Result<(), ToolError> {
+pub async fn run(settings: ReplaySettings) -> Result<(), CommandError> {
     let reader_settings = settings.clone();
     let letters = tokio::task::spawn_blocking(move || {
         read_letters(
@@ -544,7 +422,7 @@ pub async fn run(settings: ReplaySettings) -> Result<(), ToolError> {
         )
     })
     .await
-    .map_err(|e| ToolError::Failed(format!("the reader failed: {e}")))??;
+    .map_err(|e| CommandError::Failed(format!("the reader failed: {e}")))??;
     let topic = &settings.dead_letter_topic;
     let selected: Vec<&Letter> = letters
         .iter()
@@ -582,7 +460,7 @@ pub async fn run(settings: ReplaySettings) -> Result<(), ToolError> {
     );
     match error {
         None => Ok(()),
-        Some(error) => Err(ToolError::Failed(format!(
+        Some(error) => Err(CommandError::Failed(format!(
             "{} dead letters not delivered, first: {error}; replaying again is safe",
             replayable.len() - sent
         ))),
@@ -654,20 +532,6 @@ mod tests {
         s.until = None;
         s.since = at(1_001);
         assert!(!l.selected_by(&s));
-    }
-
-    #[test]
-    fn times_are_rfc3339_or_dates() {
-        assert_eq!(
-            parse_time("--since", "2026-11-29").unwrap(),
-            parse_time("--since", "2026-11-29T00:00:00Z").unwrap()
-        );
-        assert_eq!(
-            parse_time("--since", "2026-11-29T01:00:00+01:00").unwrap(),
-            parse_time("--since", "2026-11-29").unwrap()
-        );
-        let error = parse_time("--until", "yesterday").unwrap_err().to_string();
-        assert!(error.starts_with("invalid setting --until:"), "{error}");
     }
 
     #[test]

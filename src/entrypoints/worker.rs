@@ -38,24 +38,12 @@ use crate::adapters::outbox::{
 };
 use crate::adapters::postgres::{classify, KeptConnections, PgUnitOfWork, ProductCache};
 use crate::adapters::relay::Backoff;
+pub use crate::configuration::WorkerSettings;
 use crate::domain::{BatchRef, Command, DomainError, Sku};
 use crate::entrypoints::telemetry;
 use crate::entrypoints::tracker::{BatchGate, Tracker};
 use crate::entrypoints::window::{Conditions, UsableClock};
 use crate::service_layer::{self, HandlerError, RepositoryError, UnitOfWork};
-
-/// Tuning of the worker loop.
-#[derive(Debug, Clone)]
-pub struct WorkerSettings {
-    /// How long a message naming an unknown SKU or batch is retried before it
-    /// is dead-lettered (contract §5).
-    pub unknown_reference_timeout: Duration,
-    /// Bound on finishing in-flight work at shutdown.
-    pub shutdown_timeout: Duration,
-    /// Most messages of one partition handled in one transaction. 1 gives
-    /// one transaction per message.
-    pub max_batch_messages: usize,
-}
 
 /// What became of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

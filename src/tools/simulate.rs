@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Args;
 use futures::channel::oneshot::Canceled;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::KafkaError;
@@ -24,96 +23,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::inbound::InboundKind;
 use crate::adapters::kafka::{KafkaSettings, WorkerContext};
-use crate::entrypoints::cli::{topic, ConfigError};
-use crate::entrypoints::generator::{Malformed, Workload, WorkloadSettings};
-use crate::entrypoints::watch::{
-    kafka_config_error, Connection, ConnectionArgs, Progress, SummaryArgs, ToolError,
-    WatchSettings, Watcher,
-};
+use crate::command_error::CommandError;
+use crate::configuration::Connection;
+use crate::tools::generator::{Workload, WorkloadSettings};
+use crate::tools::watch::{Progress, WatchSettings, Watcher};
 
 /// How long `simulate --watch` goes on after its last message when nothing
 /// new arrives, unless `--until-idle` says otherwise.
 pub const DEFAULT_UNTIL_IDLE: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Args)]
-pub struct SimulateArgs {
-    #[command(flatten)]
-    pub connection: ConnectionArgs,
-
-    #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
-    pub topic_batch_created: String,
-    #[arg(
-        long,
-        env = "TOPIC_BATCH_QUANTITY_CHANGED",
-        default_value = "erp.batch-quantity-changed"
-    )]
-    pub topic_batch_quantity_changed: String,
-    #[arg(
-        long,
-        env = "TOPIC_ALLOCATION_REQUIRED",
-        default_value = "erp.allocation-required"
-    )]
-    pub topic_allocation_required: String,
-
-    /// Messages per second.
-    #[arg(long, env = "SIMULATE_RATE", default_value_t = 50.0)]
-    pub rate: f64,
-
-    /// How long to publish: seconds (15) or e.g. 60s, 5m; 0 publishes until
-    /// Ctrl-C.
-    #[arg(long, env = "SIMULATE_DURATION", default_value = "60s", value_parser = crate::entrypoints::cli::duration)]
-    pub duration: Duration,
-
-    /// Number of products; each starts with warehouse stock and two dated shipments.
-    #[arg(long, env = "SIMULATE_SKUS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub skus: u32,
-
-    /// The same seed publishes the same stream; another seed, other products
-    /// and orders.
-    #[arg(long, env = "SIMULATE_SEED", default_value_t = 42)]
-    pub seed: u64,
-
-    /// Deliberately malformed messages, which the worker dead-letters: a
-    /// fraction (0.01 or 1%) or a count spread over the run (5).
-    #[arg(long, env = "SIMULATE_MALFORMED", default_value = "0", value_parser = parse_malformed, value_name = "FRACTION|COUNT")]
-    pub malformed: MalformedArg,
-
-    /// Show the live summary of `allocation-worker watch` while publishing,
-    /// and after it until the worker has been idle for --until-idle.
-    #[arg(long)]
-    pub watch: bool,
-
-    #[command(flatten, next_help_heading = "Summary (with --watch)")]
-    pub summary: SummaryArgs,
-}
-
-/// `--malformed`: a fraction of the messages or a number of them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum MalformedArg {
-    Fraction(f64),
-    Count(u64),
-}
-
-/// `0.01`, `1%` (fractions) or `5` (a count).
-pub fn parse_malformed(text: &str) -> Result<MalformedArg, String> {
-    let text = text.trim();
-    let fraction = if let Some(percent) = text.strip_suffix('%') {
-        percent.trim().parse::<f64>().map(|p| p / 100.0)
-    } else if text.contains(['.', 'e', 'E']) {
-        text.parse::<f64>()
-    } else {
-        return text
-            .parse()
-            .map(MalformedArg::Count)
-            .map_err(|_| format!("{text:?} is neither a fraction (0.01, 1%) nor a count (5)"));
-    };
-    match fraction {
-        Ok(f) if (0.0..=1.0).contains(&f) => Ok(MalformedArg::Fraction(f)),
-        _ => Err(format!(
-            "{text:?} is not a fraction between 0 and 1 (or 0% and 100%)"
-        )),
-    }
-}
 
 /// Everything `simulate` needs, validated.
 #[derive(Debug, Clone)]
@@ -138,66 +55,6 @@ impl SimulateSettings {
     }
 }
 
-impl SimulateArgs {
-    pub fn settings(&self) -> Result<SimulateSettings, ConfigError> {
-        let connection = self.connection.settings()?;
-        let topics = [
-            topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
-            topic(
-                "TOPIC_BATCH_QUANTITY_CHANGED",
-                &self.topic_batch_quantity_changed,
-            )?,
-            topic("TOPIC_ALLOCATION_REQUIRED", &self.topic_allocation_required)?,
-        ];
-        if topics[0] == topics[1] || topics[0] == topics[2] || topics[1] == topics[2] {
-            return Err(ConfigError {
-                setting:
-                    "TOPIC_BATCH_CREATED / TOPIC_BATCH_QUANTITY_CHANGED / TOPIC_ALLOCATION_REQUIRED",
-                reason: "the three inbound topics must be different".into(),
-            });
-        }
-        if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 1_000_000.0) {
-            return Err(ConfigError {
-                setting: "SIMULATE_RATE (--rate)",
-                reason: format!(
-                    "{} must be more than 0 and at most 1000000 (messages/s)",
-                    self.rate
-                ),
-            });
-        }
-        let total = (!self.duration.is_zero())
-            .then(|| ((self.rate * self.duration.as_secs_f64()).round() as u64).max(1));
-        let mut workload = WorkloadSettings::steady(self.seed, self.skus);
-        workload.malformed = match self.malformed {
-            MalformedArg::Fraction(f) if f > 0.0 => Malformed::Fraction(f),
-            MalformedArg::Fraction(_) | MalformedArg::Count(0) => Malformed::None,
-            MalformedArg::Count(count) => Malformed::Count {
-                count,
-                // Spread over the run; until Ctrl-C, one every 100 messages.
-                over: total
-                    .map(|t| t.saturating_sub(workload.stock_len()))
-                    .filter(|&over| over > 0)
-                    .unwrap_or(count.saturating_mul(100)),
-            },
-        };
-        let watch = if self.watch {
-            let mut watch = self.summary.settings(connection.clone())?;
-            watch.until_idle = watch.until_idle.or(Some(DEFAULT_UNTIL_IDLE));
-            Some(watch)
-        } else {
-            None
-        };
-        Ok(SimulateSettings {
-            connection,
-            topics,
-            rate: self.rate,
-            total,
-            workload,
-            watch,
-        })
-    }
-}
-
 /// What was published, by topic kind.
 #[derive(Debug, Default)]
 struct Tally {
@@ -207,13 +64,16 @@ struct Tally {
 }
 
 /// `allocation-worker simulate`.
-pub async fn run(settings: SimulateSettings, shutdown: CancellationToken) -> Result<(), ToolError> {
+pub async fn run(
+    settings: SimulateSettings,
+    shutdown: CancellationToken,
+) -> Result<(), CommandError> {
     let kafka = KafkaSettings {
         bootstrap_servers: settings.connection.bootstrap_servers.clone(),
         group_id: "allocation-worker-simulate".into(),
         properties: settings.connection.properties.clone(),
     };
-    let producer = kafka.producer().map_err(kafka_config_error)?;
+    let producer = kafka.producer().map_err(CommandError::refused_property)?;
     check_topics(&producer, &settings.topics).await?;
 
     let progress = Arc::new(Progress {
@@ -282,7 +142,7 @@ pub async fn run(settings: SimulateSettings, shutdown: CancellationToken) -> Res
     }
     println!("{line}");
     match tally.first_error {
-        Some(error) if failed > 0 => Err(ToolError::Kafka(format!(
+        Some(error) if failed > 0 => Err(CommandError::Kafka(format!(
             "{failed} messages were not delivered, the first because: {error}"
         ))),
         _ => Ok(()),
@@ -293,7 +153,7 @@ pub async fn run(settings: SimulateSettings, shutdown: CancellationToken) -> Res
 async fn check_topics(
     producer: &FutureProducer<WorkerContext>,
     topics: &[String; 3],
-) -> Result<(), ToolError> {
+) -> Result<(), CommandError> {
     let producer = producer.clone();
     let topics = topics.clone();
     tokio::task::spawn_blocking(move || {
@@ -302,14 +162,14 @@ async fn check_topics(
                 .client()
                 .fetch_metadata(Some(topic), Duration::from_secs(15))
                 .map_err(|e| {
-                    ToolError::Kafka(format!("cannot reach the broker for {topic}: {e}"))
+                    CommandError::Kafka(format!("cannot reach the broker for {topic}: {e}"))
                 })?;
             let exists = metadata
                 .topics()
                 .first()
                 .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
             if !exists {
-                return Err(ToolError::Kafka(format!(
+                return Err(CommandError::Kafka(format!(
                     "topic {topic} does not exist (scripts/run.sh creates the default topics)"
                 )));
             }
@@ -317,7 +177,7 @@ async fn check_topics(
         Ok(())
     })
     .await
-    .map_err(|e| ToolError::Failed(format!("simulate: {e}")))?
+    .map_err(|e| CommandError::Failed(format!("simulate: {e}")))?
 }
 
 /// Publishes the stream at the rate until the total or `shutdown`, then waits
@@ -327,7 +187,7 @@ async fn produce(
     settings: &SimulateSettings,
     progress: &Progress,
     shutdown: &CancellationToken,
-) -> Result<Tally, ToolError> {
+) -> Result<Tally, CommandError> {
     let mut workload = Workload::new(settings.workload.clone());
     let mut tally = Tally::default();
     let mut deliveries = FuturesUnordered::new();
@@ -369,7 +229,7 @@ async fn produce(
                     }
                 }
                 Err((error, _)) => {
-                    return Err(ToolError::Kafka(format!(
+                    return Err(CommandError::Kafka(format!(
                         "cannot publish to {topic}: {error}"
                     )))
                 }

@@ -1,0 +1,77 @@
+//! The command line (contract §7): `run` and `migrate`, every setting a flag with
+//! a matching environment variable. Parsing turns flags into typed settings;
+//! anything wrong becomes one line naming the setting, and exit code 2.
+//!
+//! This module is the clap surface: the flags of each command, and how they
+//! build its configuration ([`crate::configuration`]) or its settings.
+
+mod connection;
+mod replay;
+mod run;
+#[cfg(feature = "tools")]
+mod tools;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use connection::{ConnectionArgs, KafkaPropertyArgs};
+pub use replay::ReplayArgs;
+pub use run::{DatabaseArgs, RunArgs};
+#[cfg(feature = "tools")]
+pub use tools::{parse_malformed, MalformedArg, SimulateArgs, SummaryArgs, WatchArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "allocation-worker",
+    version,
+    about = "Allocates ERP order lines to stock and publishes what it decided"
+)]
+pub struct Cli {
+    /// Log output: `text` for people, `json` for machines. Filter with RUST_LOG.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: CommandLine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CommandLine {
+    /// Apply the database migrations (unless --skip-migrations) and run the worker.
+    Run(Box<RunArgs>),
+    /// Apply the database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Publish a realistic, seeded stream of ERP messages to the inbound topics.
+    #[cfg(feature = "tools")]
+    Simulate(Box<SimulateArgs>),
+    /// Live summary of what the worker decides: outbound topics, dead letters,
+    /// consumer lag and outbox backlog.
+    #[cfg(feature = "tools")]
+    Watch(Box<WatchArgs>),
+    /// Publish dead letters again to the topic they came from, chosen by
+    /// reason, original topic and time; --dry-run lists them.
+    ReplayDeadLetters(Box<ReplayArgs>),
+}
+
+/// A clap error as one line: its message without the usage block.
+pub fn one_line(error: &clap::Error) -> String {
+    error
+        .render()
+        .to_string()
+        .lines()
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,193 @@
+//! The flags of `run` and `migrate`, and the configuration they build.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::KafkaPropertyArgs;
+use crate::adapters::kafka::{KafkaSettings, Topics};
+use crate::adapters::retention::RetentionSettings;
+use crate::configuration::{
+    distinct_inbound, duration, non_empty, positive, refuse_guarantee_breakers, topic, ConfigError,
+    DatabaseSettings, RunSettings, WorkerSettings,
+};
+
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// A file holding the PostgreSQL URL, e.g. a mounted Kubernetes Secret;
+    /// surrounding whitespace is ignored. Instead of DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE", value_name = "PATH")]
+    pub database_url_file: Option<std::path::PathBuf>,
+
+    /// Most connections the worker opens to PostgreSQL.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub database_max_connections: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Kafka bootstrap servers, host:port[,host:port...]
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub kafka_bootstrap_servers: String,
+
+    /// Consumer group of the worker's instances.
+    #[arg(long, env = "KAFKA_GROUP_ID", default_value = "allocation-worker")]
+    pub kafka_group_id: String,
+
+    #[command(flatten)]
+    pub kafka_properties: KafkaPropertyArgs,
+
+    #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
+    pub topic_batch_created: String,
+    #[arg(
+        long,
+        env = "TOPIC_BATCH_QUANTITY_CHANGED",
+        default_value = "erp.batch-quantity-changed"
+    )]
+    pub topic_batch_quantity_changed: String,
+    #[arg(
+        long,
+        env = "TOPIC_ALLOCATION_REQUIRED",
+        default_value = "erp.allocation-required"
+    )]
+    pub topic_allocation_required: String,
+    #[arg(long, env = "TOPIC_ALLOCATED", default_value = "allocation.allocated")]
+    pub topic_allocated: String,
+    #[arg(
+        long,
+        env = "TOPIC_DEALLOCATED",
+        default_value = "allocation.deallocated"
+    )]
+    pub topic_deallocated: String,
+    #[arg(
+        long,
+        env = "TOPIC_OUT_OF_STOCK",
+        default_value = "allocation.out-of-stock"
+    )]
+    pub topic_out_of_stock: String,
+    #[arg(
+        long,
+        env = "TOPIC_DEAD_LETTER",
+        default_value = "allocation.dead-letter"
+    )]
+    pub topic_dead_letter: String,
+
+    /// Address of the HTTP endpoints (/metrics, /healthz, /readyz,
+    /// /allocations/{orderid}); port 0 picks a free port.
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464")]
+    pub http_addr: std::net::SocketAddr,
+
+    /// Do not apply migrations at start (when a separate `migrate` job does).
+    #[arg(long, env = "SKIP_MIGRATIONS")]
+    pub skip_migrations: bool,
+
+    /// How long a message naming an unknown SKU or batch is retried before it
+    /// is dead-lettered, e.g. 30s, 2m; a bare number is seconds.
+    #[arg(long, env = "UNKNOWN_REFERENCE_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub unknown_reference_timeout: Duration,
+
+    /// Bound on finishing in-flight work and flushing at shutdown, e.g. 20s;
+    /// a bare number is seconds.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Most messages of one partition handled in one database transaction.
+    /// Whatever has arrived is taken, up to this many; 1 is one transaction
+    /// per message.
+    #[arg(long, env = "MAX_BATCH_MESSAGES", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_batch_messages: u32,
+
+    /// How long idempotency records are kept, e.g. 7d. Keep it longer than
+    /// the inbound topics' retention.ms: a redelivered message whose record
+    /// is gone is applied again.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub idempotency_retention: Duration,
+
+    /// How long outbox rows are kept once published, e.g. 24h. Unpublished
+    /// rows are kept whatever their age.
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub outbox_retention: Duration,
+
+    /// /healthz answers 503 when the consumer loop has not polled Kafka for
+    /// this long, e.g. 5m.
+    #[arg(long, env = "HEALTH_POLL_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub health_poll_timeout: Duration,
+}
+
+impl DatabaseArgs {
+    pub fn settings(&self) -> Result<DatabaseSettings, ConfigError> {
+        DatabaseSettings::from_url_or_file(
+            self.database_url.as_deref(),
+            self.database_url_file.as_deref(),
+            self.database_max_connections,
+        )
+    }
+}
+
+impl RunArgs {
+    pub fn settings(&self) -> Result<RunSettings, ConfigError> {
+        let database = self.database.settings()?;
+        non_empty(
+            "KAFKA_BOOTSTRAP_SERVERS (--kafka-bootstrap-servers)",
+            &self.kafka_bootstrap_servers,
+        )?;
+        non_empty("KAFKA_GROUP_ID (--kafka-group-id)", &self.kafka_group_id)?;
+        let properties = self.kafka_properties.properties()?;
+        refuse_guarantee_breakers(&properties)?;
+        let topics = Topics {
+            batch_created: topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
+            batch_quantity_changed: topic(
+                "TOPIC_BATCH_QUANTITY_CHANGED",
+                &self.topic_batch_quantity_changed,
+            )?,
+            allocation_required: topic(
+                "TOPIC_ALLOCATION_REQUIRED",
+                &self.topic_allocation_required,
+            )?,
+            allocated: topic("TOPIC_ALLOCATED", &self.topic_allocated)?,
+            deallocated: topic("TOPIC_DEALLOCATED", &self.topic_deallocated)?,
+            out_of_stock: topic("TOPIC_OUT_OF_STOCK", &self.topic_out_of_stock)?,
+            dead_letter: topic("TOPIC_DEAD_LETTER", &self.topic_dead_letter)?,
+        };
+        distinct_inbound(topics.inbound())?;
+        let retention = RetentionSettings {
+            idempotency: positive(
+                "IDEMPOTENCY_RETENTION (--idempotency-retention)",
+                self.idempotency_retention,
+            )?,
+            outbox: positive(
+                "OUTBOX_RETENTION (--outbox-retention)",
+                self.outbox_retention,
+            )?,
+        };
+        let health_poll_timeout = positive(
+            "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
+            self.health_poll_timeout,
+        )?;
+        Ok(RunSettings {
+            database,
+            kafka: KafkaSettings {
+                bootstrap_servers: self.kafka_bootstrap_servers.clone(),
+                group_id: self.kafka_group_id.clone(),
+                properties,
+            },
+            topics,
+            migrate: !self.skip_migrations,
+            http_addr: self.http_addr,
+            worker: WorkerSettings {
+                unknown_reference_timeout: self.unknown_reference_timeout,
+                shutdown_timeout: self.shutdown_timeout,
+                max_batch_messages: self.max_batch_messages as usize,
+            },
+            retention,
+            health_poll_timeout,
+        })
+    }
+}
