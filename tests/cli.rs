@@ -338,13 +338,31 @@ fn durations_are_seconds_when_bare_and_humantime_otherwise() {
         "45",
         "--shutdown-timeout",
         "20",
+        "--idempotency-retention",
+        "1209600",
+        "--outbox-retention",
+        "3600",
+        "--health-poll-timeout",
+        "90",
     ]);
     let CommandLine::Run(run) = cli.command else {
         panic!("not run")
     };
     assert_eq!(
-        (run.unknown_reference_timeout, run.shutdown_timeout),
-        (Duration::from_secs(45), Duration::from_secs(20))
+        (
+            run.unknown_reference_timeout,
+            run.shutdown_timeout,
+            run.idempotency_retention,
+            run.outbox_retention,
+            run.health_poll_timeout
+        ),
+        (
+            Duration::from_secs(45),
+            Duration::from_secs(20),
+            Duration::from_secs(14 * 86_400),
+            Duration::from_secs(3600),
+            Duration::from_secs(90)
+        )
     );
 }
 

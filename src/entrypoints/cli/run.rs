@@ -107,17 +107,17 @@ pub struct RunArgs {
     /// How long idempotency records are kept, e.g. 7d. Keep it longer than
     /// the inbound topics' retention.ms: a redelivered message whose record
     /// is gone is applied again.
-    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "7d", value_parser = duration)]
     pub idempotency_retention: Duration,
 
     /// How long outbox rows are kept once published, e.g. 24h. Unpublished
     /// rows are kept whatever their age.
-    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = duration)]
     pub outbox_retention: Duration,
 
     /// /healthz answers 503 when the consumer loop has not polled Kafka for
     /// this long, e.g. 5m.
-    #[arg(long, env = "HEALTH_POLL_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "HEALTH_POLL_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub health_poll_timeout: Duration,
 }
 
