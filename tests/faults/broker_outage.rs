@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::common::{http_get, TestEnv, DEADLINE};
-use crate::{
-    assert_allocated_once, check, count, create_stock, distinct_ids, http_until, log_lines_after,
-    orders_for, processed, produce_orders, read_log, single_batch_model, spawn, Pacer,
-    PrivateBroker, OUTAGE, RECOVERY_DEADLINE, SERIAL,
+use crate::common::orders::{
+    assert_allocated_once, create_stock, orders_for, produce_orders, single_batch_model, Pacer,
 };
+use crate::common::private_services::PrivateBroker;
+use crate::common::{distinct_ids, http_get, http_until, TestEnv, DEADLINE};
+use crate::{check, spawn, OUTAGE, RECOVERY_DEADLINE, SERIAL};
 
 /// Issue 3 item 4a: the broker frozen (SIGSTOP) for 20 s mid-stream: while
 /// the worker still works through a burst it has fetched, so that decisions
@@ -37,18 +37,18 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
     let pace = Duration::from_millis(50);
 
     produce_orders(&env, &orders[..PACED], 10, pace, &pacer).await;
-    let before_burst = processed(&env).await;
+    let before_burst = env.processed().await;
     produce_orders(&env, &orders[PACED..PACED + BURST], BURST, pace, &pacer).await;
     // Freeze once the worker is into the burst (so it has fetched some).
     let at_freeze = env
         .eventually("the worker working on the burst", DEADLINE, || async {
-            let n = processed(&env).await;
+            let n = env.processed().await;
             Ok::<_, String>((n >= before_burst + 20).then_some(n))
         })
         .await;
     broker.freeze();
     let frozen_at = Instant::now();
-    let mark = read_log(&worker).len();
+    let mark = worker.log_text().len();
     let in_flight = (SKUS + PACED + BURST) as i64 - at_freeze;
     env.note(&format!(
         "broker frozen with {in_flight} of {} produced messages not processed yet",
@@ -68,8 +68,8 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (during, unsent) = (
-        processed(&env).await - at_freeze,
-        count(&env, "SELECT count(*) FROM outbox_pending").await,
+        env.processed().await - at_freeze,
+        env.count("SELECT count(*) FROM outbox_pending").await,
     );
     let seen = distinct_ids(&env.witness.snapshot(), &t.allocated).len();
     broker.thaw();
@@ -104,7 +104,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
         thawed_at.elapsed()
     ));
     worker.assert_running();
-    let warnings = log_lines_after(&worker, mark, " WARN ");
+    let warnings = worker.log_lines_after(mark, " WARN ");
     env.note(&format!(
         "{} warning line(s) in the worker log since the freeze; first ones:\n{}",
         warnings.len(),
@@ -127,17 +127,17 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
              not-ready); answers (status: count): {readiness:?}"
         ));
     }
-    http_until(&env, &worker, "/readyz", 200).await;
+    http_until(&env, worker.http_addr, "/readyz", 200).await;
 
     // SIGTERM while the broker is frozen again, mid-burst: still a bounded exit.
     let more = orders_for(&stock, BURST);
-    let before = processed(&env).await;
+    let before = env.processed().await;
     produce_orders(&env, &more, BURST, pace, &pacer).await;
     env.eventually(
         "the worker working on the second burst",
         DEADLINE,
         || async {
-            let n = processed(&env).await;
+            let n = env.processed().await;
             Ok::<_, String>((n > before).then_some(()))
         },
     )

@@ -4,13 +4,15 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use crate::common::{http_get, unique, Record, TestEnv, DEADLINE};
-use crate::{
-    assert_allocated_once, check, check_eq, create_stock, distinct_ids, http_until,
-    log_lines_after, metric, on, orders_for, processed, produce_orders, read_log,
-    single_batch_model, spawn, wait_outbox_published, Pacer, PrivatePostgres, OUTAGE,
-    RECOVERY_DEADLINE, SERIAL,
+use crate::common::orders::{
+    assert_allocated_once, create_stock, orders_for, produce_orders, single_batch_model, Pacer,
 };
+use crate::common::private_services::PrivatePostgres;
+use crate::common::{
+    distinct_ids, http_get, http_until, metrics_until, on, sample_sum, unique, Record, TestEnv,
+    DEADLINE,
+};
+use crate::{check, check_eq, spawn, OUTAGE, RECOVERY_DEADLINE, SERIAL};
 
 /// Issue 3 item 4b: PostgreSQL stopped for 20 s mid-stream (a private cluster).
 #[tokio::test]
@@ -24,7 +26,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
     let t = env.topics.clone();
     let mut worker = spawn(&env, &[("SHUTDOWN_TIMEOUT", "5s")]);
     let stock = create_stock(&env, SKUS, 1000).await;
-    http_until(&env, &worker, "/readyz", 200).await;
+    http_until(&env, worker.http_addr, "/readyz", 200).await;
     let orders = orders_for(&stock, ORDERS);
     let pacer = Pacer::default();
 
@@ -35,8 +37,8 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
             distinct_ids(rs, &t.allocated).len() >= 50
         })
         .await;
-        let mark = read_log(&worker).len();
-        let at_stop = processed(&env).await;
+        let mark = worker.log_text().len();
+        let at_stop = env.processed().await;
         pg.stop_server().await;
         let stopped_at = Instant::now();
         env.note(&format!(
@@ -48,7 +50,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
             pacer.produced() < ORDERS,
             "meant to stop the database mid-stream, but all {ORDERS} orders were produced"
         );
-        let body = http_until(&env, &worker, "/readyz", 503).await;
+        let body = http_until(&env, worker.http_addr, "/readyz", 503).await;
         let not_ready_after = stopped_at.elapsed();
         check!(env, body.contains("database"), "/readyz says why: {body}");
         let mut probes = 0;
@@ -69,7 +71,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
              /readyz said 503 {not_ready_after:?} after the stop",
             stopped_at.elapsed()
         ));
-        http_until(&env, &worker, "/readyz", 200).await;
+        http_until(&env, worker.http_addr, "/readyz", 200).await;
         let ready_after = started_at.elapsed();
         env.eventually(
             "a message processed after the outage",
@@ -97,10 +99,11 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
         started_at.elapsed()
     ));
     worker.assert_running();
-    let backing_off = log_lines_after(&worker, mark, "backing off");
-    let resumed = log_lines_after(&worker, mark, "reachable again")
+    let backing_off = worker.log_lines_after(mark, "backing off");
+    let resumed = worker
+        .log_lines_after(mark, "reachable again")
         .into_iter()
-        .chain(log_lines_after(&worker, mark, "relay recovered"))
+        .chain(worker.log_lines_after(mark, "relay recovered"))
         .count();
     env.note(&format!(
         "{} 'backing off' line(s) and {resumed} 'resumed/recovered' line(s) since the stop; \
@@ -130,7 +133,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
 
     // SIGTERM while the database is away again: still a bounded, clean exit.
     pg.stop_server().await;
-    http_until(&env, &worker, "/readyz", 503).await;
+    http_until(&env, worker.http_addr, "/readyz", 503).await;
     let asked = Instant::now();
     worker.sigterm();
     let status = worker.wait_exit(Duration::from_secs(30)).await;
@@ -161,8 +164,7 @@ async fn a_database_outage_turns_no_late_reference_into_a_dead_letter() {
     let _serial = SERIAL.lock().await;
     const LONG_OUTAGE: Duration = Duration::from_secs(60);
     let pg = PrivatePostgres::start().await;
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP_SERVERS")
-        .expect("KAFKA_BOOTSTRAP_SERVERS is not set: run `source scripts/services.sh`");
+    let bootstrap = crate::common::containers::shared_bootstrap_servers();
     let env = TestEnv::with_services(&pg.admin_url(), &bootstrap).await;
     let t = env.topics.clone();
     let mut worker = spawn(&env, &[("UNKNOWN_REFERENCE_TIMEOUT", "5s")]);
@@ -179,12 +181,8 @@ async fn a_database_outage_turns_no_late_reference_into_a_dead_letter() {
             orders.push((orderid, sku.clone()));
         }
     }
-    let addr = worker.http_addr;
-    env.eventually("six orders wait", DEADLINE, || async move {
-        let Some((200, text)) = http_get(addr, "/metrics").await else {
-            return Ok::<_, String>(None);
-        };
-        Ok((metric(&text, "allocation_waiting_messages") >= 6.0).then_some(()))
+    metrics_until(&env, worker.http_addr, "six orders wait", |m| {
+        sample_sum(m, "allocation_waiting_messages") >= 6.0
     })
     .await;
 
@@ -206,7 +204,7 @@ async fn a_database_outage_turns_no_late_reference_into_a_dead_letter() {
     ));
 
     env.wait_processed(1 + 6 + 2, RECOVERY_DEADLINE).await;
-    let records = wait_outbox_published(&env, RECOVERY_DEADLINE).await;
+    let records = env.wait_outbox_published(RECOVERY_DEADLINE).await;
     let dead: Vec<String> = on(&records, &t.dead_letter).map(Record::summary).collect();
     check!(
         env,

@@ -7,11 +7,38 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::{random_hex, unique, Delivered, Record, TestEnv, DEADLINE};
-use crate::{
-    check, check_eq, committed, consumed, count, rewind_group, spawn, wait_consumed,
-    wait_outbox_published, State, SERIAL,
+use crate::common::kafka::{committed_offsets, rewind_group};
+use crate::common::{
+    metrics_until, random_hex, unique, Delivered, Record, TestEnv, WorkerProcess, DEADLINE,
 };
+use crate::{check, check_eq, spawn, State, SERIAL};
+
+/// Sum of `allocation_messages_consumed_total` over the topics, for one outcome.
+fn consumed(metrics: &str, outcome: &str) -> f64 {
+    let label = format!("outcome=\"{outcome}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("allocation_messages_consumed_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls the worker's metrics until it reports `n` messages consumed with
+/// that outcome, and no more; returns the exposition then.
+async fn wait_consumed(env: &TestEnv, worker: &WorkerProcess, outcome: &str, n: usize) -> String {
+    let what = format!("{} reports {n} messages consumed as {outcome}", worker.name);
+    let metrics = metrics_until(env, worker.http_addr, &what, |m| {
+        consumed(m, outcome) >= n as f64
+    })
+    .await;
+    check_eq!(
+        env,
+        consumed(&metrics, outcome),
+        n as f64,
+        "messages consumed as {outcome}"
+    );
+    metrics
+}
 
 /// Issue 3 item 1: the same messages again (same `ce_id`, some on another
 /// partition), then the whole input again from offset 0 after rewinding the
@@ -85,20 +112,18 @@ async fn redelivered_and_replayed_messages_change_nothing() {
     }
     originals += SKUS;
     env.wait_processed(originals as i64, DEADLINE).await;
-    let records = wait_outbox_published(&env, DEADLINE).await;
+    let records = env.wait_outbox_published(DEADLINE).await;
     check_eq!(
         env,
-        count(
-            &env,
-            "SELECT count(*) FROM outbox WHERE kind = 'Deallocated'"
-        )
-        .await,
+        env.count("SELECT count(*) FROM outbox WHERE kind = 'Deallocated'")
+            .await,
         (SKUS * 3) as i64,
         "three lines deallocated per SKU"
     );
     check_eq!(
         env,
-        count(&env, "SELECT count(*) FROM outbox WHERE kind = 'Allocated'").await,
+        env.count("SELECT count(*) FROM outbox WHERE kind = 'Allocated'")
+            .await,
         (SKUS * (LINES + 3)) as i64,
         "every line allocated, three of them twice"
     );
@@ -149,7 +174,7 @@ async fn redelivered_and_replayed_messages_change_nothing() {
     // 5. Replay: graceful stop, the group rewound to offset 0, a new worker.
     let status = worker.terminate(Duration::from_secs(30)).await;
     check!(env, status.success(), "exit status after SIGTERM: {status}");
-    let at_stop = committed(&env).unwrap_or_else(|e| panic!("{e}"));
+    let at_stop = committed_offsets(&env, &env.topics.inbound()).unwrap_or_else(|e| panic!("{e}"));
     for (partition, end) in &ends {
         check_eq!(
             env,
@@ -158,7 +183,7 @@ async fn redelivered_and_replayed_messages_change_nothing() {
             "committed offset of {partition:?} after a graceful stop (every message done)"
         );
     }
-    rewind_group(&env).await;
+    rewind_group(&env, &env.topics.inbound()).await;
     let total: i64 = ends.values().sum();
     env.note(&format!(
         "group rewound to 0 on {} inbound partitions; {total} messages to replay",

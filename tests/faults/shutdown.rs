@@ -5,11 +5,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{unique, TestEnv, DEADLINE};
-use crate::{
-    assert_allocated_once, check, check_eq, count, create_stock, distinct_ids, orders_for,
-    produce_orders, purchased, single_batch_model, spawn, wait_purchased, Pacer, SERIAL,
+use crate::common::orders::{
+    assert_allocated_once, create_stock, orders_for, produce_orders, single_batch_model, Pacer,
 };
+use crate::common::{distinct_ids, unique, TestEnv, DEADLINE};
+use crate::{check, check_eq, spawn, SERIAL};
 
 /// Issue 3 item 6: SIGTERM mid-stream with SHUTDOWN_TIMEOUT=5s, while one
 /// partition's message cannot finish (the test holds the row lock of its
@@ -49,26 +49,8 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
         })
         .await;
         // Stall one SKU: its next order's commit waits for this lock.
-        let mut blocker = env.db.begin().await.expect("begin");
-        sqlx::query("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE")
-            .bind(&stock[0].0)
-            .execute(&mut *blocker)
-            .await
-            .expect("lock the product row");
-        env.eventually(
-            "a worker transaction waiting for the lock",
-            DEADLINE,
-            || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE NOT l.granted AND a.datname = current_database()",
-                )
-                .fetch_one(&env.db)
-                .await?;
-                Ok::<_, sqlx::Error>((waiting > 0).then_some(()))
-            },
-        )
-        .await;
+        let blocker = env.lock_products(std::slice::from_ref(&stock[0].0)).await;
+        env.wait_worker_on_a_lock().await;
         worker.assert_running();
         let at = pacer.produced();
         let asked = Instant::now();
@@ -104,7 +86,7 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
             at < ORDERS,
             "meant to stop mid-stream, but all {ORDERS} orders were produced"
         );
-        let unsent = count(&env, "SELECT count(*) FROM outbox_pending").await;
+        let unsent = env.count("SELECT count(*) FROM outbox_pending").await;
         check_eq!(
             env,
             unsent,
@@ -113,7 +95,7 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
         );
         check_eq!(
             env,
-            purchased(&env, &late_batch).await,
+            env.purchased(&late_batch).await,
             None,
             "the late batch does not exist yet"
         );
@@ -123,7 +105,7 @@ async fn sigterm_mid_stream_exits_in_bound_and_the_restart_applies_nothing_twice
 
     // The batch arrives: the change parked before the stop is applied now.
     env.batch_created(&late_batch, &late_sku, 10, None).await;
-    wait_purchased(&env, &late_batch, 7, DEADLINE).await;
+    env.wait_purchased(&late_batch, 7, DEADLINE).await;
     let expected = single_batch_model(&stock, &orders);
     assert_allocated_once(&env, &expected, (SKUS + ORDERS + 2) as i64, DEADLINE).await;
     restarted.assert_running();

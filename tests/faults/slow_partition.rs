@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::common::{unique, TestEnv, DEADLINE};
-use crate::{
-    assert_allocated_once, assignment, check, check_eq, create_stock, log_lines_after, orders_for,
-    produce_orders, read_log, single_batch_model, spawn, Pacer, RECOVERY_DEADLINE, SERIAL,
+use crate::common::orders::{
+    assert_allocated_once, create_stock, orders_for, produce_orders, single_batch_model, Pacer,
 };
+use crate::common::{unique, TestEnv, DEADLINE};
+use crate::{assignment, check, check_eq, spawn, RECOVERY_DEADLINE, SERIAL};
 
 /// Issue 12 item 4: one product's row locked by another session for longer
 /// than `max.poll.interval.ms`, while orders flow for it and for products on
@@ -56,14 +56,9 @@ async fn a_locked_product_holds_up_only_its_own_partition() {
         "some SKUs on other partitions than the locked one: {partition_of:?}"
     );
     let assigned_before = assignment(&worker);
-    let mark = read_log(&worker).len();
+    let mark = worker.log_text().len();
 
-    let mut session = env.db.begin().await.expect("begin the locking transaction");
-    sqlx::query("SELECT sku FROM products WHERE sku = $1 FOR UPDATE")
-        .bind(&locked)
-        .fetch_one(&mut *session)
-        .await
-        .expect("lock the product row");
+    let session = env.lock_products(std::slice::from_ref(&locked)).await;
     let locked_at = Instant::now();
     env.note(&format!("product {locked} locked"));
     // Far more orders for the locked product than its partition's queue
@@ -124,7 +119,7 @@ async fn a_locked_product_holds_up_only_its_own_partition() {
     .await;
     let rebalances: Vec<String> = ["partitions revoked", "partitions assigned", "poll interval"]
         .iter()
-        .flat_map(|needle| log_lines_after(&worker, mark, needle))
+        .flat_map(|needle| worker.log_lines_after(mark, needle))
         .collect();
     check!(
         env,

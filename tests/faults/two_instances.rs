@@ -2,18 +2,81 @@
 //! the stream flows, a hand-over mid-batch and with messages waiting, and the
 //! race of an allocation and a quantity change on two instances.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::common::{http_get, random_hex, unique, Delivered, TestEnv, DEADLINE};
-use crate::{
-    assert_allocated_once, assignment, check, check_eq, count, create_stock, diff, distinct_ids,
-    inbound_partitions, log_lines_after, metric, orders_for, over_allocated, processed,
-    produce_orders, read_log, single_batch_model, spawn, wait_outbox_published, wait_shared, Pacer,
-    State, RECOVERY_DEADLINE, SERIAL,
+use crate::common::orders::{
+    assert_allocated_once, create_stock, diff, orders_for, produce_orders, single_batch_model,
+    Pacer,
 };
+use crate::common::{
+    distinct_ids, http_get, metrics_until, random_hex, sample_sum, unique, Delivered, TestEnv,
+    WorkerProcess, DEADLINE, PARTITIONS,
+};
+use crate::{assignment, check, check_eq, spawn, State, RECOVERY_DEADLINE, SERIAL};
+
+/// The inbound partitions, as `topic/partition`.
+fn inbound_partitions(env: &TestEnv) -> BTreeSet<String> {
+    env.topics
+        .inbound()
+        .iter()
+        .flat_map(|topic| (0..PARTITIONS).map(move |p| format!("{topic}/{p}")))
+        .collect()
+}
+
+/// Waits until every worker holds some inbound partitions and together they
+/// hold each exactly once; returns each worker's set.
+async fn wait_shared(env: &TestEnv, workers: &[&WorkerProcess]) -> Vec<BTreeSet<String>> {
+    let all = inbound_partitions(env);
+    env.eventually(
+        &format!(
+            "the inbound partitions shared among {} instances",
+            workers.len()
+        ),
+        DEADLINE,
+        || async {
+            let sets: Vec<BTreeSet<String>> = workers.iter().map(|w| assignment(w)).collect();
+            let held: usize = sets.iter().map(BTreeSet::len).sum();
+            let union: BTreeSet<String> = sets.iter().flatten().cloned().collect();
+            let done = sets.iter().all(|s| !s.is_empty()) && held == all.len() && union == all;
+            Ok::<_, String>(done.then_some(sets))
+        },
+    )
+    .await
+}
+
+/// The first rebalance: a second instance joins beside `first`, and the two
+/// share the inbound partitions; returns it and the partitions each holds.
+async fn join_second(
+    env: &TestEnv,
+    first: &WorkerProcess,
+    extra: &[(&str, &str)],
+) -> (WorkerProcess, Vec<BTreeSet<String>>) {
+    let second = spawn(env, extra);
+    let shared = wait_shared(env, &[first, &second]).await;
+    env.note(&format!(
+        "shared after the join: first {} partitions, second {}",
+        shared[0].len(),
+        shared[1].len()
+    ));
+    (second, shared)
+}
+
+/// The second rebalance: the first instance stops (SIGTERM), leaves the
+/// group cleanly and exits 0; returns how many orders were produced by then.
+async fn stop_first(env: &TestEnv, first: &mut WorkerProcess, pacer: &Pacer) -> usize {
+    let at = pacer.produced();
+    let status = first.terminate(Duration::from_secs(30)).await;
+    check!(
+        env,
+        status.success(),
+        "first instance exit status: {status}"
+    );
+    env.note(&format!("first instance stopped with {at} orders produced"));
+    at
+}
 
 /// Issue 3 item 5: two instances in one group, the second started mid-stream
 /// and the first stopped later (two rebalances). Per SKU a warehouse batch
@@ -55,26 +118,13 @@ async fn two_instances_and_two_rebalances_end_as_the_model_says() {
             distinct_ids(rs, &t.allocated).len() >= 60
         })
         .await;
-        let second = spawn(&env, &[]);
-        let shared = wait_shared(&env, &[&first, &second]).await;
-        env.note(&format!(
-            "shared after the join: first {} partitions, second {}",
-            shared[0].len(),
-            shared[1].len()
-        ));
+        let (second, _) = join_second(&env, &first, &[]).await;
         let seen = distinct_ids(&env.witness.snapshot(), &t.allocated).len();
         env.wait_for("40 more Allocated events", DEADLINE, |rs| {
             distinct_ids(rs, &t.allocated).len() >= seen + 40
         })
         .await;
-        let at = pacer.produced();
-        let status = first.terminate(Duration::from_secs(30)).await;
-        check!(
-            env,
-            status.success(),
-            "first instance exit status: {status}"
-        );
-        env.note(&format!("first instance stopped with {at} orders produced"));
+        let at = stop_first(&env, &mut first, &pacer).await;
         check!(
             env,
             at < orders.len(),
@@ -185,17 +235,17 @@ async fn concurrent_allocation_and_quantity_change_on_two_instances_stay_seriali
     );
 
     env.wait_processed((PAIRS * 4) as i64, DEADLINE).await;
-    wait_outbox_published(&env, DEADLINE).await;
+    env.wait_outbox_published(DEADLINE).await;
     check_eq!(
         env,
-        processed(&env).await,
+        env.processed().await,
         (PAIRS * 4) as i64,
         "processed messages"
     );
     let mut retries = 0.0;
     for w in [&first, &second] {
         if let Some((200, m)) = http_get(w.http_addr, "/metrics").await {
-            retries += metric(&m, "allocation_optimistic_concurrency_retries_total");
+            retries += sample_sum(&m, "allocation_optimistic_concurrency_retries_total");
         }
     }
     env.note(&format!(
@@ -204,7 +254,7 @@ async fn concurrent_allocation_and_quantity_change_on_two_instances_stay_seriali
 
     check_eq!(
         env,
-        over_allocated(&env).await,
+        env.over_allocated().await,
         vec![],
         "over-allocated batches"
     );
@@ -258,11 +308,8 @@ async fn concurrent_allocation_and_quantity_change_on_two_instances_stay_seriali
             .expect("outbox");
     check_eq!(
         env,
-        count(
-            &env,
-            "SELECT count(*) FROM outbox WHERE kind = 'DeadLetter'"
-        )
-        .await,
+        env.count("SELECT count(*) FROM outbox WHERE kind = 'DeadLetter'")
+            .await,
         0,
         "dead letters"
     );
@@ -321,59 +368,30 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
         env.allocation_required(&orderid, &late, 1, &[]).await;
         orders.push((orderid, late.clone()));
     }
-    let addr = first.http_addr;
-    env.eventually("the late orders wait", DEADLINE, || async move {
-        let Some((200, text)) = http_get(addr, "/metrics").await else {
-            return Ok::<_, String>(None);
-        };
-        Ok((metric(&text, "allocation_waiting_messages") >= LATE_ORDERS as f64).then_some(()))
+    metrics_until(&env, first.http_addr, "the late orders wait", |m| {
+        sample_sum(m, "allocation_waiting_messages") >= LATE_ORDERS as f64
     })
     .await;
 
     // Mid-batch: a product's row locked, orders for it in flight.
     let locked = stock[0].0.clone();
-    let mut session = env.db.begin().await.expect("begin the locking transaction");
-    sqlx::query("SELECT sku FROM products WHERE sku = $1 FOR UPDATE")
-        .bind(&locked)
-        .fetch_one(&mut *session)
-        .await
-        .expect("lock the product row");
+    let session = env.lock_products(std::slice::from_ref(&locked)).await;
     let stuck: Vec<(String, String)> = (0..30)
         .map(|i| (format!("stuck-{i}-{}", env.suffix), locked.clone()))
         .collect();
     let pacer = Pacer::default();
     produce_orders(&env, &stuck, 30, Duration::ZERO, &pacer).await;
     orders.extend(stuck);
-    env.eventually(
-        "a worker transaction waits on the lock",
-        DEADLINE,
-        || async {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-             WHERE NOT l.granted AND a.datname = current_database()",
-            )
-            .fetch_one(&env.db)
-            .await?;
-            Ok::<_, sqlx::Error>((n > 0).then_some(()))
-        },
-    )
-    .await;
+    env.wait_worker_on_a_lock().await;
 
     // Orders for the other products flow through both rebalances.
     let flowing = orders_for(&stock[1..], 240);
     orders.extend(flowing.iter().cloned());
     let producing = produce_orders(&env, &flowing, 8, Duration::from_millis(100), &pacer);
     let rebalancing = async {
-        let mark = read_log(&first).len();
-        let second = spawn(&env, &extra);
-        let shared = wait_shared(&env, &[&first, &second]).await;
-        env.note(&format!(
-            "shared after the join, with a batch stuck on the lock: first {} partitions, \
-             second {}",
-            shared[0].len(),
-            shared[1].len()
-        ));
-        let abandoned = log_lines_after(&first, mark, "abandoned, uncommitted");
+        let mark = first.log_text().len();
+        let (second, shared) = join_second(&env, &first, &extra).await;
+        let abandoned = first.log_lines_after(mark, "abandoned, uncommitted");
         env.note(&format!(
             "first instance's hand-over: {} batch(es) abandoned",
             abandoned.len()
@@ -389,16 +407,7 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
         env.batch_created(&late_batch, &late, 1000, None).await;
         env.note("the late product published");
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let status = first.terminate(Duration::from_secs(30)).await;
-        check!(
-            env,
-            status.success(),
-            "first instance exit status: {status}"
-        );
-        env.note(&format!(
-            "first instance stopped with {} orders produced",
-            pacer.produced()
-        ));
+        stop_first(&env, &mut first, &pacer).await;
         (second, mark, kept)
     };
     let (_, (mut second, mark, kept)) = tokio::join!(producing, rebalancing);
@@ -406,7 +415,7 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
     // After the hand-over, the first instance committed nothing on the
     // partitions it gave up (a revoked task used to go on with its queue
     // and waiting messages).
-    let log = read_log(&first);
+    let log = first.log_text();
     let after = log.get(mark..).unwrap_or_default();
     let revoked_at = after.find("partitions revoked");
     check!(

@@ -7,11 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{unique, Record, TestEnv, DEADLINE};
-use crate::{
-    check, check_eq, on, processed, purchased, spawn, wait_outbox_published, wait_purchased, State,
-    SERIAL,
-};
+use crate::common::{on, unique, Record, TestEnv, DEADLINE};
+use crate::{check, check_eq, spawn, State, SERIAL};
 
 /// Issue 3 item 2: a message naming a batch or SKU not known yet waits (and
 /// the messages behind it flow), is applied once its reference arrives, and
@@ -80,7 +77,7 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
     );
 
     // Those behind flow while the first ones wait.
-    wait_purchased(&env, &known, 7, DEADLINE).await;
+    env.wait_purchased(&known, 7, DEADLINE).await;
     env.eventually(
         "the order behind the unknown SKU allocated",
         DEADLINE,
@@ -101,13 +98,13 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
     );
     check_eq!(
         env,
-        purchased(&env, &early).await,
+        env.purchased(&early).await,
         None,
         "the early batch does not exist yet"
     );
     check_eq!(
         env,
-        processed(&env).await,
+        env.processed().await,
         3,
         "processed: the known batch and the two messages behind; the waiting ones not yet"
     );
@@ -121,7 +118,7 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
     tokio::time::sleep_until((early_at + Duration::from_secs(2)).into()).await;
     env.batch_created(&early, &sku, 10, None).await;
     let created_at = Instant::now();
-    wait_purchased(&env, &early, 3, DEADLINE).await;
+    env.wait_purchased(&early, 3, DEADLINE).await;
     env.note(&format!(
         "the early quantity change applied {:?} after its batch arrived ({:?} after it was sent)",
         created_at.elapsed(),
@@ -172,8 +169,8 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
 
     // Everything done: exactly those two dead letters, with their reasons.
     env.wait_processed(7, DEADLINE).await;
-    let records = wait_outbox_published(&env, DEADLINE).await;
-    check_eq!(env, processed(&env).await, 7, "processed messages");
+    let records = env.wait_outbox_published(DEADLINE).await;
+    check_eq!(env, env.processed().await, 7, "processed messages");
     let dead: Vec<&Record> = on(&records, &t.dead_letter).collect();
     let distinct: BTreeSet<(String, String)> = dead
         .iter()
