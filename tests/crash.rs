@@ -508,8 +508,7 @@ async fn wait_joined(env: &TestEnv, worker: &mut WorkerProcess) -> Duration {
     let started = Instant::now();
     loop {
         worker.assert_running();
-        let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
-        if log.contains("partitions assigned") {
+        if worker.log_text().contains("partitions assigned") {
             return started.elapsed();
         }
         assert!(
