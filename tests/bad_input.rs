@@ -867,7 +867,8 @@ async fn a_header_name_that_is_not_utf8_does_not_take_the_worker_down() {
             &[(b"x-\xff\xfe", Some(b"v"))],
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The stock and this order: whether applied or dead-lettered, it was read.
+    p.env.wait_processed(2, PROBE_DEADLINE).await;
     p.worker.assert_running();
     p.still_applies().await;
     p.finish().await;

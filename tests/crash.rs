@@ -499,6 +499,7 @@ async fn wait_applied(env: &TestEnv, n: i64, what: &str) {
             "{what}: stuck at {now} of {n} processed for {STALL:?}; logs: {}",
             env.log_paths()
         );
+        // Poll interval; the deadline is STALL without progress, above.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -519,6 +520,7 @@ async fn wait_joined(env: &TestEnv, worker: &mut WorkerProcess) -> Duration {
             tail(&worker.log, 30),
             env.log_paths()
         );
+        // Poll interval of the deadline above.
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -580,6 +582,7 @@ async fn killer(
                 worker.log.display(),
                 tail(&worker.log, 30)
             );
+            // Poll interval of the STALL deadline above.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Behind schedule (more of the stream applied than of the kills
@@ -590,6 +593,8 @@ async fn killer(
         } else {
             rng.random_range(50..=600)
         });
+        // Where the kill lands: a random moment of the worker's work (the
+        // scenario itself, not a wait for a result).
         tokio::time::sleep(delay).await;
         worker.assert_running();
         let (at_kill, unsent) = counts(env).await.unwrap_or((0, 0));

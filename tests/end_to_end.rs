@@ -1081,6 +1081,7 @@ async fn readyz_stays_ready_with_every_partition_busy() {
             "/readyz with every partition busy: {answer:?}"
         );
         answers += 1;
+        // The probes' pace over the observed 6 s, not a wait for a result.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     check!(env, answers > 10, "only {answers} probes answered");

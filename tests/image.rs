@@ -134,6 +134,7 @@ async fn migrate_in_the_image_exits_0() {
             "`migrate` still running after {DEADLINE:?}; log: {}",
             log.display()
         );
+        // Poll interval of the deadline above.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(code, 0, "`migrate` exit code; log: {}", log.display());

@@ -330,6 +330,7 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
             "idle, {:?} in: {answer:?}",
             idle.elapsed()
         );
+        // The probes' pace over the observed 2.5 s, not a wait for a result.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
@@ -350,6 +351,7 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
             "one partition stuck on a lock, {:?} in: {answer:?}",
             busy.elapsed()
         );
+        // The probes' pace over the observed 2.5 s, not a wait for a result.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 

@@ -932,6 +932,7 @@ async fn busy_partitions_leave_three_pool_connections_free() {
             std::time::Instant::now() < blocked,
             "the partitions never waited on the lock ({waiting} waiting)"
         );
+        // Poll interval of the 10 s deadline above.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // The probes and the relay still find a connection, at once.

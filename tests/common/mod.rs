@@ -844,6 +844,7 @@ impl TestEnv {
                     self.log_paths()
                 );
             }
+            // Poll interval of the deadline above.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -906,6 +907,7 @@ impl TestEnv {
                     self.log_paths()
                 );
             }
+            // Poll interval of the deadline above.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

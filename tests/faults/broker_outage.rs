@@ -60,6 +60,7 @@ async fn a_broker_frozen_mid_stream_loses_nothing() {
         "meant to freeze mid-stream, but every produced message was processed"
     );
     let mut readiness: BTreeMap<u16, usize> = BTreeMap::new();
+    // The freeze lasts OUTAGE (the scenario), with /readyz probed meanwhile.
     while frozen_at.elapsed() < OUTAGE {
         worker.assert_running();
         if let Some((status, _)) = http_get(worker.http_addr, "/readyz").await {

@@ -54,6 +54,7 @@ async fn a_database_stopped_mid_stream_loses_nothing() {
         let not_ready_after = stopped_at.elapsed();
         check!(env, body.contains("database"), "/readyz says why: {body}");
         let mut probes = 0;
+        // The outage lasts OUTAGE (the scenario), with /readyz probed meanwhile.
         while stopped_at.elapsed() < OUTAGE {
             worker.assert_running();
             if let Some((status, body)) = http_get(worker.http_addr, "/readyz").await {
@@ -189,9 +190,11 @@ async fn a_database_outage_turns_no_late_reference_into_a_dead_letter() {
     pg.stop_server().await;
     let stopped_at = Instant::now();
     env.note("database stopped with six orders waiting");
+    // Halfway through the outage (the scenario's timing).
     tokio::time::sleep_until((stopped_at + LONG_OUTAGE / 2).into()).await;
     env.batch_created(&unique("batch"), &during, 10, None).await;
     env.note("the first product published during the outage");
+    // The outage lasts LONG_OUTAGE (the scenario); the worker must stay up.
     while stopped_at.elapsed() < LONG_OUTAGE {
         worker.assert_running();
         tokio::time::sleep(Duration::from_millis(500)).await;

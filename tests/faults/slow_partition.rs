@@ -89,6 +89,7 @@ async fn a_locked_product_holds_up_only_its_own_partition() {
         "{} orders of other partitions answered {answered:?} into the lock",
         free_ids.len()
     ));
+    // The lock is held for LOCK (the scenario); the worker must stay up.
     while locked_at.elapsed() < LOCK {
         worker.assert_running();
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -405,8 +405,10 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
         env.note("lock released");
         let kept = shared[0].clone();
         env.batch_created(&late_batch, &late, 1000, None).await;
-        env.note("the late product published");
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The second rebalance once the late product is stored, so that the
+        // orders waiting for it are released around the hand-over.
+        env.wait_batch(&late_batch).await;
+        env.note("the late product stored");
         stop_first(&env, &mut first, &pacer).await;
         (second, mark, kept)
     };

@@ -114,7 +114,8 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
         "nothing dead-lettered yet"
     );
 
-    // The batch arrives about 2 s after its quantity change: applied then.
+    // The batch arrives about 2 s after its quantity change (the scenario's
+    // timing, not a wait for a result): applied then.
     tokio::time::sleep_until((early_at + Duration::from_secs(2)).into()).await;
     env.batch_created(&early, &sku, 10, None).await;
     let created_at = Instant::now();
@@ -147,6 +148,7 @@ async fn unknown_references_wait_then_apply_or_dead_letter() {
             "dead letters not seen within {DEADLINE:?}: {first_seen:?}; seen: {:#?}",
             dead.iter().map(Record::summary).collect::<Vec<_>>()
         );
+        // Poll interval of the deadline above, fine enough to time the window.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let [never_after, ghost_after] = first_seen.map(Option::unwrap);
