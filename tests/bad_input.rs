@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use common::{unique, Delivered, Record, TestEnv, DEADLINE};
+use common::{on, unique, Delivered, Record, TestEnv, DEADLINE};
 
 /// Short, so unknown-sku and unknown-batch reach the dead-letter topic soon.
 const UNKNOWN_REFERENCE_TIMEOUT: &str = "2s";
@@ -85,27 +85,6 @@ async fn produce(env: &TestEnv, case: &Case) -> Delivered {
     .await
 }
 
-/// Waits until the outbox has no unsent row; returns how many rows it has.
-async fn wait_outbox_sent(env: &TestEnv, timeout: Duration) -> i64 {
-    let db = env.db.clone();
-    env.eventually("outbox fully sent", timeout, move || {
-        let db = db.clone();
-        async move {
-            let (unsent, total): (i64, i64) = sqlx::query_as(
-                "SELECT (SELECT count(*) FROM outbox_pending), (SELECT count(*) FROM outbox)",
-            )
-            .fetch_one(&db)
-            .await?;
-            Ok::<_, sqlx::Error>((unsent == 0).then_some(total))
-        }
-    })
-    .await
-}
-
-fn on<'a>(records: &'a [Record], topic: &'a str) -> impl Iterator<Item = &'a Record> + 'a {
-    records.iter().filter(move |r| r.topic == topic)
-}
-
 /// The dead letters of the message delivered at `d` on `topic`.
 fn dead_letters_of<'a>(dead: &[&'a Record], topic: &str, d: Delivered) -> Vec<&'a Record> {
     dead.iter()
@@ -116,19 +95,6 @@ fn dead_letters_of<'a>(dead: &[&'a Record], topic: &str, d: Delivered) -> Vec<&'
                 && r.header("dlq.original.offset") == Some(d.offset.to_string())
         })
         .collect()
-}
-
-/// Batch reference → order ids allocated to it, for one order line.
-async fn allocated_batch(env: &TestEnv, orderid: &str, sku: &str) -> Vec<(String, i64)> {
-    sqlx::query_as(
-        "SELECT b.reference, a.qty FROM allocations a JOIN batches b ON b.id = a.batch_id \
-         WHERE a.orderid = $1 AND a.sku = $2 ORDER BY a.id",
-    )
-    .bind(orderid)
-    .bind(sku)
-    .fetch_all(&env.db)
-    .await
-    .expect("query allocations")
 }
 
 fn with(mut value: Value, field: &str, v: Value) -> Value {
@@ -599,7 +565,7 @@ async fn bad_messages_are_dead_lettered_once_and_the_worker_keeps_applying() {
 
     // Nothing else was dead-lettered: in particular no good message.
     env.wait_processed(produced, DEADLINE).await;
-    let total = wait_outbox_sent(&env, DEADLINE).await;
+    let total = env.wait_outbox_sent(DEADLINE).await;
     let records = env
         .wait_for(&format!("{total} outbox rows published"), DEADLINE, |rs| {
             rs.len() as i64 >= total
@@ -620,7 +586,7 @@ async fn bad_messages_are_dead_lettered_once_and_the_worker_keeps_applying() {
     for (orderid, qty) in &good_orders {
         check_eq!(
             env,
-            allocated_batch(&env, orderid, &sku).await,
+            env.allocation_rows(orderid, &sku).await,
             vec![(stock.clone(), *qty)],
             "good order {orderid}"
         );
@@ -690,7 +656,7 @@ async fn bad_messages_are_dead_lettered_once_and_the_worker_keeps_applying() {
     worker.assert_running();
     check_eq!(
         env,
-        allocated_batch(&env, &last, &sku).await,
+        env.allocation_rows(&last, &sku).await,
         vec![(stock.clone(), 1)],
         "the last order"
     );
@@ -901,7 +867,8 @@ async fn a_header_name_that_is_not_utf8_does_not_take_the_worker_down() {
             &[(b"x-\xff\xfe", Some(b"v"))],
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The stock and this order: whether applied or dead-lettered, it was read.
+    p.env.wait_processed(2, PROBE_DEADLINE).await;
     p.worker.assert_running();
     p.still_applies().await;
     p.finish().await;

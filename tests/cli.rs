@@ -1,43 +1,17 @@
 //! The binary's command line (contract §7): a bad or missing setting stops it with
 //! one line naming the setting and exit code 2, before it touches anything.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::process::Output;
+use std::time::Duration;
+
+use common::binary::{assert_config_error, run_binary};
+
+/// Runs the binary with exactly `env`; a setting that was wrongly accepted
+/// makes the worker run on, so it is stopped after 20 s.
 fn worker(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_allocation-worker"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    // A setting that was wrongly accepted makes the worker run for ever:
-    // stop it after a deadline, so the assertion on its exit code fails.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait works").is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait_with_output().expect("output is readable")
-}
-
-/// Asserts exit code 2 and a single stderr line that mentions `needle`.
-fn assert_config_error(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "{needle:?} not named in: {stderr}"
-    );
+    run_binary(args, env, Duration::from_secs(20))
 }
 
 const DB: (&str, &str) = ("DATABASE_URL", "postgres://u:secret@127.0.0.1:1/db");

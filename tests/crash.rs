@@ -499,6 +499,7 @@ async fn wait_applied(env: &TestEnv, n: i64, what: &str) {
             "{what}: stuck at {now} of {n} processed for {STALL:?}; logs: {}",
             env.log_paths()
         );
+        // Poll interval; the deadline is STALL without progress, above.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -508,8 +509,7 @@ async fn wait_joined(env: &TestEnv, worker: &mut WorkerProcess) -> Duration {
     let started = Instant::now();
     loop {
         worker.assert_running();
-        let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
-        if log.contains("partitions assigned") {
+        if worker.log_text().contains("partitions assigned") {
             return started.elapsed();
         }
         assert!(
@@ -520,6 +520,7 @@ async fn wait_joined(env: &TestEnv, worker: &mut WorkerProcess) -> Duration {
             tail(&worker.log, 30),
             env.log_paths()
         );
+        // Poll interval of the deadline above.
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -581,6 +582,7 @@ async fn killer(
                 worker.log.display(),
                 tail(&worker.log, 30)
             );
+            // Poll interval of the STALL deadline above.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Behind schedule (more of the stream applied than of the kills
@@ -591,6 +593,8 @@ async fn killer(
         } else {
             rng.random_range(50..=600)
         });
+        // Where the kill lands: a random moment of the worker's work (the
+        // scenario itself, not a wait for a result).
         tokio::time::sleep(delay).await;
         worker.assert_running();
         let (at_kill, unsent) = counts(env).await.unwrap_or((0, 0));

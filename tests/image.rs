@@ -25,7 +25,7 @@ use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
 use common::containers::{free_port, image_ref};
-use common::{http_get, unique, Record, TestEnv, DEADLINE};
+use common::{http_until, metrics_until, on, sample, unique, Record, TestEnv, DEADLINE};
 
 /// `docker stop`'s grace period in these tests, and the bound on a clean exit:
 /// the worker's own drain bound (SHUTDOWN_TIMEOUT, 20 s by default) fits in it.
@@ -101,38 +101,6 @@ async fn start_worker(
     (container, http_addr, log)
 }
 
-/// Polls `path` until it answers 200 and `done(body)` holds; returns the body.
-async fn http_until(
-    env: &TestEnv,
-    addr: SocketAddr,
-    path: &str,
-    done: impl Fn(&str) -> bool,
-) -> String {
-    env.eventually(
-        &format!("GET {path} from the container"),
-        DEADLINE,
-        || async {
-            Ok::<_, String>(match http_get(addr, path).await {
-                Some((200, body)) if done(&body) => Some(body),
-                _ => None,
-            })
-        },
-    )
-    .await
-}
-
-/// The value of the sample `name{labels}` in a Prometheus text exposition.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let (name, value) = line.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok()).flatten()
-    })
-}
-
-fn on<'a>(records: &'a [Record], topic: &'a str) -> impl Iterator<Item = &'a Record> + 'a {
-    records.iter().filter(move |r| r.topic == topic)
-}
-
 /// The image is what the Dockerfile promises: the binary as entrypoint, `run`
 /// as the default command, a numeric non-root user.
 #[test]
@@ -166,6 +134,7 @@ async fn migrate_in_the_image_exits_0() {
             "`migrate` still running after {DEADLINE:?}; log: {}",
             log.display()
         );
+        // Poll interval of the deadline above.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(code, 0, "`migrate` exit code; log: {}", log.display());
@@ -187,7 +156,7 @@ async fn the_image_allocates_dead_letters_serves_metrics_and_stops_cleanly() {
     let env = TestEnv::new().await;
     let (worker, http, log) = start_worker(&env, &[]).await;
     let t = env.topics.clone();
-    http_until(&env, http, "/readyz", |_| true).await;
+    http_until(&env, http, "/readyz", 200).await;
 
     // cosmicpython's change_batch_quantity_leading_to_reallocation.
     let sku = unique("sku");
@@ -291,10 +260,11 @@ async fn the_image_allocates_dead_letters_serves_metrics_and_stops_cleanly() {
     );
 
     // Prometheus' view, from the container.
-    let metrics = http_until(&env, http, "/metrics", |body| {
+    let metrics = metrics_until(&env, http, "the dead letter counted", |body| {
         sample(
             body,
-            r#"allocation_dead_letters_total{reason="malformed-json"}"#,
+            "allocation_dead_letters_total",
+            r#"reason="malformed-json""#,
         ) == Some(1.0)
     })
     .await;

@@ -12,54 +12,10 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use allocation_worker::adapters::postgres::MIGRATOR;
-use common::{http_get, http_until, sample, unique, TestEnv, DEADLINE};
+use common::kafka::committed_offsets;
+use common::{http_get, http_until, metrics_until, sample, unique, TestEnv, DEADLINE};
 
 // ------------------------------------------------------------------ helpers
-
-/// Polls /metrics until `done` holds for it; returns the exposition.
-async fn metrics_until<F>(env: &TestEnv, addr: std::net::SocketAddr, what: &str, done: F) -> String
-where
-    F: Fn(&str) -> bool,
-{
-    env.eventually(what, DEADLINE, || async {
-        let Some((200, m)) = http_get(addr, "/metrics").await else {
-            return Ok::<_, String>(None);
-        };
-        Ok(done(&m).then_some(m))
-    })
-    .await
-}
-
-/// The group's committed offset of each partition of `topic` (negative:
-/// none), asked of the group coordinator by a client outside the group.
-fn committed_offsets(env: &TestEnv, topic: &str) -> Vec<i64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", &env.bootstrap_servers)
-        .set("group.id", &env.group_id)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("offset-reading consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..common::PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(20))
-        .expect("committed offsets");
-    committed
-        .elements()
-        .iter()
-        .map(|e| e.offset().to_raw().unwrap_or(-1))
-        .collect()
-}
-
-async fn count(env: &TestEnv, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(&env.db)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-}
 
 /// Whether the idempotency record of each key is there.
 async fn keys_present(env: &TestEnv, keys: &[String]) -> i64 {
@@ -124,13 +80,13 @@ async fn retention_trims_old_idempotency_records_and_published_outbox_rows() {
         sample(m, "allocation_messages_consumed_total", &duplicate) == Some(1.0)
     })
     .await;
-    let outbox_after_burst = count(&env, "SELECT count(*) FROM outbox").await;
+    let outbox_after_burst = env.count("SELECT count(*) FROM outbox").await;
     check!(
         env,
         outbox_after_burst >= burst.len() as i64,
         "the burst's events are in the outbox: {outbox_after_burst}"
     );
-    let burst_outbox_max: i64 = count(&env, "SELECT COALESCE(max(id), 0) FROM outbox").await;
+    let burst_outbox_max: i64 = env.count("SELECT COALESCE(max(id), 0) FROM outbox").await;
 
     // Messages keep flowing, a few a second, until the burst's rows are gone.
     let started = Instant::now();
@@ -174,12 +130,13 @@ async fn retention_trims_old_idempotency_records_and_published_outbox_rows() {
         Ok::<_, String>((keys_present(&env, recent).await == recent.len() as i64).then_some(()))
     })
     .await;
-    let processed = count(&env, "SELECT count(*) FROM processed_messages").await;
-    let too_old = count(
-        &env,
-        "SELECT count(*) FROM processed_messages WHERE processed_at < now() - interval '30 seconds'",
-    )
-    .await;
+    let processed = env.count("SELECT count(*) FROM processed_messages").await;
+    let too_old = env
+        .count(
+            "SELECT count(*) FROM processed_messages \
+             WHERE processed_at < now() - interval '30 seconds'",
+        )
+        .await;
     check_eq!(
         env,
         too_old,
@@ -373,17 +330,13 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
             "idle, {:?} in: {answer:?}",
             idle.elapsed()
         );
+        // The probes' pace over the observed 2.5 s, not a wait for a result.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     // A locked product no longer stops the loop: its partition is paused
     // and the loop goes on polling (no partition holds up the others).
-    let mut lock = env.db.begin().await.expect("begin");
-    sqlx::query("SELECT 1 FROM products WHERE sku = $1 FOR UPDATE")
-        .bind(&sku)
-        .execute(&mut *lock)
-        .await
-        .expect("lock the product");
+    let lock = env.lock_products(std::slice::from_ref(&sku)).await;
     let orders: Vec<String> = (0..100).map(|_| unique("o")).collect();
     for order in &orders {
         env.allocation_required(order, &sku, 1, &[]).await;
@@ -398,6 +351,7 @@ async fn healthz_fails_while_the_consumer_loop_cannot_poll() {
             "one partition stuck on a lock, {:?} in: {answer:?}",
             busy.elapsed()
         );
+        // The probes' pace over the observed 2.5 s, not a wait for a result.
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
@@ -518,10 +472,10 @@ async fn lag_is_counted_from_the_position_the_worker_stored() {
     })
     .await;
     // Nothing was committed: a lag from the committed offset would read n.
-    let committed = committed_offsets(&env, &topic);
+    let committed = committed_offsets(&env, &[&topic]).unwrap_or_else(|e| panic!("{e}"));
     check!(
         env,
-        committed.iter().all(|o| *o <= 0),
+        committed.values().all(|o| *o <= 0),
         "no offset committed during the test: {committed:?}\n{metrics}"
     );
     drop(worker);

@@ -44,32 +44,18 @@ async fn fresh_database() -> PgPool {
     pool
 }
 
-/// The options of DATABASE_URL, and a connection to its database, from
-/// which test databases are created and dropped.
-async fn admin_connection() -> (PgConnectOptions, sqlx::PgConnection) {
-    // DATABASE_URL, or a PostgreSQL container of this test process.
-    let url = common::containers::shared_database_url();
-    let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
-    let admin = sqlx::PgConnection::connect_with(&base)
-        .await
-        .expect("cannot connect to DATABASE_URL: is PostgreSQL running? (scripts/services.sh)");
-    (base, admin)
-}
-
-/// A new database on the server of DATABASE_URL, without any migration.
+/// A new database on the server of DATABASE_URL (or of a PostgreSQL container
+/// of this test process), without any migration.
 async fn empty_database() -> PgPool {
-    let (base, mut admin) = admin_connection().await;
-    let name = format!("aw_test_{:016x}", rand::rng().random::<u64>());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .expect("cannot create a test database (the role needs CREATEDB)");
+    let url = common::containers::shared_database_url();
+    let name = format!("aw_test_{}", common::random_hex(16));
+    common::database::create_database(&url, &name).await;
+    let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
     lazy_pool(base.database(&name), 20)
 }
 
 /// Drops a test's database once it passed (a failed test keeps its own, for
-/// inspection): left behind, they add up, and PostgreSQL's autovacuum
-/// launcher visits every database, which slows every later run.
+/// inspection).
 async fn drop_database(pool: PgPool) {
     let name = pool
         .connect_options()
@@ -79,24 +65,10 @@ async fn drop_database(pool: PgPool) {
     // Not pool.close(): it waits for every connection, and a processor
     // still in scope keeps its last one. FORCE ends those sessions.
     drop(pool);
-    let (_, mut admin) = admin_connection().await;
-    // FORCE cannot end an autovacuum worker, which runs as the superuser,
-    // for a role without pg_signal_backend (SQLSTATE 42501): wait for it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
-        match dropped {
-            Ok(_) => return,
-            Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("42501") && std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("drop the test database {name}: {e}"),
-        }
-    }
+    let url = common::containers::shared_database_url();
+    common::database::drop_database(&url, &name)
+        .await
+        .unwrap_or_else(|e| panic!("drop the test database {name}: {e}"));
 }
 
 fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {
@@ -960,6 +932,7 @@ async fn busy_partitions_leave_three_pool_connections_free() {
             std::time::Instant::now() < blocked,
             "the partitions never waited on the lock ({waiting} waiting)"
         );
+        // Poll interval of the 10 s deadline above.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // The probes and the relay still find a connection, at once.

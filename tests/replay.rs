@@ -6,19 +6,16 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Offset, TopicPartitionList};
 
-use common::{random_hex, sample, unique, TestEnv, DEADLINE, PARTITIONS};
+use common::kafka::read_to_end;
+use common::{http_get, random_hex, sample, unique, Record, TestEnv, DEADLINE};
 
 // ------------------------------------------------------------------ helpers
 
@@ -75,93 +72,13 @@ fn listed(lines: &[String], dead_letter_topic: &str) -> Vec<String> {
         .collect()
 }
 
-/// One record read back from a topic.
-#[derive(Debug, Clone)]
-struct Seen {
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
-    }
-}
-
-/// Everything on `topic` now: read from the beginning, no consumer group, up
-/// to the first partition-EOF of every partition (not to the high watermark,
-/// which Tansu reports short of the end).
-async fn read_all(env: &TestEnv, topic: &str) -> Vec<Seen> {
+/// Everything on `topic` now (see [`read_to_end`]).
+async fn read_all(env: &TestEnv, topic: &str) -> Vec<Record> {
     let bootstrap = env.bootstrap_servers.clone();
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut seen = Vec::new();
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", format!("replay-test-{}", random_hex(12)))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("fetch.wait.max.ms", "50")
-            .create()
-            .expect("reader consumer");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(&topic, p, Offset::Beginning)
-                .expect("reader partition");
-        }
-        consumer.assign(&tpl).expect("reader assign");
-        let mut ended = HashSet::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ended.len() < PARTITIONS as usize {
-            assert!(
-                Instant::now() < deadline,
-                "{topic}: no end of partition after 30s"
-            );
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => seen.push(Seen {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    value: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|hs| {
-                            hs.iter()
-                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                }),
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    ended.insert(p);
-                }
-                Some(Err(e)) => panic!("reading {topic}: {e}"),
-                None => {}
-            }
-        }
-        drop(consumer);
-        seen
-    })
-    .await
-    .expect("reader thread")
-}
-
-/// A plain HTTP/1.1 GET of the worker's `/metrics`; `None` until it answers.
-async fn metrics(addr: std::net::SocketAddr) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    Some(text.split_once("\r\n\r\n")?.1.to_owned())
+    tokio::task::spawn_blocking(move || read_to_end(&bootstrap, &topic))
+        .await
+        .expect("reader thread")
 }
 
 // -------------------------------------------------------------------- tests
@@ -262,11 +179,14 @@ async fn an_unknown_sku_letter_replayed_after_its_product_exists_is_allocated_on
         lines.last().is_some_and(|l| l.starts_with("sent 1 of 1 ")),
         "last line: {lines:?}"
     );
-    let topic = ar.clone();
+    let (topic, addr) = (ar.clone(), worker.http_addr);
     env.eventually("the second replay counted as a duplicate", DEADLINE, || {
         let topic = topic.clone();
         async move {
-            let text = metrics(worker.http_addr).await.unwrap_or_default();
+            let text = http_get(addr, "/metrics")
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
             let labels = format!(r#"outcome="duplicate",topic="{topic}""#);
             match sample(&text, "allocation_messages_consumed_total", &labels) {
                 Some(n) if n >= 1.0 => Ok(Some(())),
@@ -296,7 +216,7 @@ async fn an_unknown_sku_letter_replayed_after_its_product_exists_is_allocated_on
     // twice, without dlq.* headers, with one ce_id and the letter's position.
     let inbound = read_all(&env, &ar).await;
     check_eq!(env, inbound.len(), 3, "records on {ar}: {inbound:?}");
-    let replays: Vec<&Seen> = inbound
+    let replays: Vec<&Record> = inbound
         .iter()
         .filter(|r| r.header("replayed-from").is_some())
         .collect();

@@ -14,31 +14,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
+use common::binary::{assert_config_error, run_binary};
+use common::private_services::PrivatePostgres;
 use common::{random_hex, TestEnv};
 
-/// Runs the binary with exactly `env` (and PATH), at most a minute.
+/// Runs the binary with exactly `env` (and PATH), at most a minute; its
+/// output goes to the test's.
 fn worker(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_allocation-worker"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("the binary runs");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait works").is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let output = child.wait_with_output().expect("output is readable");
+    let output = run_binary(args, env, Duration::from_secs(60));
     eprintln!(
         "[secrets] {args:?}: {}\n{}{}",
         output.status,
@@ -50,18 +36,6 @@ fn worker(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-/// Exit code 2 and one stderr line naming `needle`.
-fn assert_config_error(output: &Output, needle: &str) {
-    let stderr = stderr(output);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    let lines: Vec<_> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {stderr}");
-    assert!(
-        lines[0].contains(needle),
-        "{needle:?} not named in: {stderr}"
-    );
 }
 
 /// A fresh directory under the system's temporary directory.
@@ -263,166 +237,26 @@ fn make_server_cert(dir: &Path, ca: &str) {
     );
 }
 
-/// The newest PostgreSQL server binaries the distribution installed.
-fn pg_bin() -> PathBuf {
-    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_string_lossy().parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").is_file().then_some((version, bin))
-        })
-        .collect();
-    found.sort();
-    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
-        panic!(
-            "no /usr/lib/postgresql/*/bin/initdb: the PostgreSQL server is needed; \
-             run `source scripts/services.sh`"
-        )
-    })
-}
-
-/// A PostgreSQL cluster of this test only, with `ssl=on` and the
-/// certificate in its directory (trust authentication on 127.0.0.1).
-struct TlsPostgres {
-    dir: PathBuf,
-    bin: PathBuf,
-    port: u16,
-    as_postgres: bool,
-}
-
-impl TlsPostgres {
-    fn command(&self, tool: &str) -> Command {
-        let program = self.bin.join(tool);
-        let mut command = if self.as_postgres {
-            // The server tools refuse to run as root.
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        command.current_dir(&self.dir).stdin(Stdio::null());
-        command
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let out = self
-            .command(tool)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("run {tool}: {e}"));
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Starts it with the certificate files in `certs`.
-    fn start(certs: &Path) -> Self {
-        let dir = temp_dir("aw-tls-pg");
-        let as_postgres = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata("/proc/self")
-                .map(|m| m.uid())
-                .unwrap_or(0)
-                == 0
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        for file in ["server.pem", "server.key"] {
-            std::fs::copy(certs.join(file), dir.join(file)).expect("copy the certificate");
-        }
-        let pg = Self {
-            dir,
-            bin: pg_bin(),
-            port,
-            as_postgres,
-        };
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // PostgreSQL refuses a key others can read.
-            std::fs::set_permissions(
-                pg.dir.join("server.key"),
-                std::fs::Permissions::from_mode(0o600),
-            )
-            .expect("chmod the key");
-        }
-        if as_postgres {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&pg.dir)
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown postgres {}", pg.dir.display());
-        }
-        let data = pg.dir.join("data").display().to_string();
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "--auth=trust",
-                "--username=postgres",
-                "--no-sync",
-                "--encoding=UTF8",
-                "--locale=C",
-            ],
-        );
-        let options = format!(
-            "-p {} -k {dir} -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
-             -c ssl_cert_file={dir}/server.pem -c ssl_key_file={dir}/server.key",
-            pg.port,
-            dir = pg.dir.display()
-        );
-        let log = pg.dir.join("server.log").display().to_string();
-        pg.run(
-            "pg_ctl",
-            &[
-                "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
-            ],
-        );
-        eprintln!(
-            "[secrets] private PostgreSQL with TLS on 127.0.0.1:{}",
-            pg.port
-        );
-        pg
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/postgres?{query}",
-            self.port
-        )
-    }
-}
-
-impl Drop for TlsPostgres {
-    fn drop(&mut self) {
-        let data = self.dir.join("data").display().to_string();
-        let _ = self
-            .command("pg_ctl")
-            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// `migrate` over TLS with `verify-full`: it works when the server's CA is
 /// `sslrootcert` or among the system roots, and fails clearly otherwise.
-#[test]
-fn postgres_tls_verifies_against_sslrootcert_and_the_system_roots() {
+#[tokio::test]
+async fn postgres_tls_verifies_against_sslrootcert_and_the_system_roots() {
     let certs = temp_dir("aw-tls-certs");
     make_ca(&certs, "ca");
     make_ca(&certs, "other-ca");
     make_server_cert(&certs, "ca");
-    let pg = TlsPostgres::start(&certs);
+    // A cluster of this test with `ssl=on` and the certificate in its data
+    // directory (trust authentication on 127.0.0.1).
+    let pg = PrivatePostgres::start_with(
+        &[&certs.join("server.pem"), &certs.join("server.key")],
+        &[
+            "ssl=on",
+            "ssl_cert_file=server.pem",
+            "ssl_key_file=server.key",
+        ],
+    )
+    .await;
+    let url = |query: &str| pg.url("postgres", "postgres", query);
     let ca = certs.join("ca.pem").display().to_string();
     let other = certs.join("other-ca.pem").display().to_string();
     // An empty file of roots: what the system trusts, minus our CA.
@@ -433,7 +267,7 @@ fn postgres_tls_verifies_against_sslrootcert_and_the_system_roots() {
         &certs.join("database-url"),
         &format!(
             "{}\n",
-            pg.url(&format!("sslmode=verify-full&sslrootcert={ca}"))
+            url(&format!("sslmode=verify-full&sslrootcert={ca}"))
         ),
     );
     let out = worker(
@@ -447,7 +281,7 @@ fn postgres_tls_verifies_against_sslrootcert_and_the_system_roots() {
     );
 
     // The system's roots: SSL_CERT_FILE names the bundle they are read from.
-    let system = pg.url("sslmode=verify-full");
+    let system = url("sslmode=verify-full");
     let out = worker(
         &["migrate"],
         &[("DATABASE_URL", &system), ("SSL_CERT_FILE", &ca)],
@@ -465,7 +299,7 @@ fn postgres_tls_verifies_against_sslrootcert_and_the_system_roots() {
             vec![
                 (
                     "DATABASE_URL",
-                    pg.url(&format!("sslmode=verify-full&sslrootcert={other}")),
+                    url(&format!("sslmode=verify-full&sslrootcert={other}")),
                 ),
                 ("SSL_CERT_FILE", none.clone()),
             ],

@@ -9,17 +9,11 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
 use allocation_worker::adapters::inbound::{decode, InboundKind};
@@ -31,6 +25,10 @@ use allocation_worker::tools::generator::{
     GeneratedMessage, Malformed, Workload, WorkloadSettings,
 };
 use allocation_worker::tools::watch::{parse_gauges, plain_line, Gauges, Totals};
+
+use common::binary::{output_within, spawn_binary};
+use common::kafka::{create_topics, read_to_end};
+use common::random_hex;
 
 fn stream(settings: WorkloadSettings, n: usize) -> Vec<GeneratedMessage> {
     Workload::new(settings).take(n).collect()
@@ -357,142 +355,48 @@ fn bootstrap_servers() -> String {
     common::containers::shared_bootstrap_servers()
 }
 
-fn random_suffix() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-const PARTITIONS: i32 = 3;
-
-fn create_topics(bootstrap: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let new: Vec<_> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    let results = futures::executor::block_on(admin.create_topics(&new, &options))
-        .unwrap_or_else(|e| panic!("creating topics on {bootstrap}: {e}; is Kafka running?"));
-    for result in results {
-        if let Err((topic, code)) = result {
-            panic!("creating topic {topic}: {code}");
-        }
-    }
-}
-
 /// One record as read back: (topic, key, value, ce_id header).
 type Seen = (String, String, Vec<u8>, Option<String>);
 
-/// Everything on `topics` now: our own witness reads each topic from the
-/// beginning (no consumer group) up to the first partition-EOF of every
-/// partition. Not up to the high watermark: Tansu reports the base offset of
-/// the last record batch plus one, short of the end when that batch holds
-/// several records.
+/// Everything on `topics` now, one reader thread per topic (see
+/// [`read_to_end`]).
 fn read_all(bootstrap: &str, topics: &[&str]) -> Vec<Seen> {
     std::thread::scope(|scope| {
         let readers: Vec<_> = topics
             .iter()
-            .map(|topic| scope.spawn(move || read_topic(bootstrap, topic)))
+            .map(|topic| scope.spawn(move || read_to_end(bootstrap, topic)))
             .collect();
         readers
             .into_iter()
             .flat_map(|r| r.join().expect("reader thread"))
+            .map(|r| {
+                let (key, ce_id) = (r.key_str().unwrap_or_default(), r.ce_id());
+                (r.topic, key, r.value.unwrap_or_default(), ce_id)
+            })
             .collect()
     })
 }
 
-/// One consumer per topic: a partition-EOF event names no topic.
-fn read_topic(bootstrap: &str, topic: &str) -> Vec<Seen> {
-    let mut seen = Vec::new();
-    {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", format!("simulate-test-{}", random_suffix()))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .set("fetch.wait.max.ms", "50")
-            .create()
-            .expect("witness consumer");
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).expect("assign");
-        let mut ended = HashSet::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while ended.len() < PARTITIONS as usize {
-            assert!(
-                Instant::now() < deadline,
-                "{topic}: no end of partition after 20s"
-            );
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => {
-                    let ce_id = m.headers().and_then(|hs| {
-                        hs.iter()
-                            .find(|h| h.key == "ce_id")
-                            .and_then(|h| h.value)
-                            .map(|v| String::from_utf8_lossy(v).into_owned())
-                    });
-                    seen.push((
-                        m.topic().to_owned(),
-                        String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                        m.payload().unwrap_or_default().to_vec(),
-                        ce_id,
-                    ));
-                }
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    ended.insert(p);
-                }
-                Some(Err(e)) => panic!("witness: {e}"),
-                None => {}
-            }
-        }
-    }
-    seen
-}
-
-/// Runs the binary with `args` and `env`, stdout and stderr piped, and kills
-/// it after `limit`.
+/// Runs the binary with `args` and `env` (warnings only on stderr).
 fn spawn(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_allocation-worker"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.spawn().expect("the binary runs")
+    let mut vars: Vec<(&str, &str)> = vec![("RUST_LOG", "warn")];
+    vars.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+    spawn_binary(args, &vars)
 }
 
-fn finish(mut child: std::process::Child, what: &str, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().expect("wait works").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} still running after {limit:?}\nstdout:\n{}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
+/// Its output once it ended by itself with success, within `limit`.
+fn finish(child: std::process::Child, what: &str, limit: Duration) -> Output {
+    let (out, ended) = output_within(child, limit);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        ended,
+        "{what} still running after {limit:?}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(
         out.status.success(),
-        "{what} failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{what} failed: {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
     );
     out
 }
@@ -593,7 +497,7 @@ fn closed_port() -> u16 {
 fn simulate_publishes_the_stream_and_watch_counts_what_is_on_the_topics() {
     let started = Instant::now();
     let bootstrap = bootstrap_servers();
-    let suffix = random_suffix();
+    let suffix = random_hex(16);
     let names = [
         ("TOPIC_BATCH_CREATED", "erp.batch-created"),
         ("TOPIC_BATCH_QUANTITY_CHANGED", "erp.batch-quantity-changed"),
@@ -608,7 +512,7 @@ fn simulate_publishes_the_stream_and_watch_counts_what_is_on_the_topics() {
         .map(|(_, t)| format!("{t}.sim-{suffix}"))
         .collect();
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    create_topics(&bootstrap, &topic_refs);
+    futures::executor::block_on(create_topics(&bootstrap, &topic_refs));
     let mut env: Vec<(&str, String)> = names
         .iter()
         .zip(&topics)

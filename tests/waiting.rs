@@ -15,55 +15,29 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::{http_get, unique, Delivered, TestEnv, WorkerProcess, DEADLINE};
+use common::{
+    metrics_until, sample_sum, samples, unique, Delivered, TestEnv, WorkerProcess, DEADLINE,
+};
 
-/// The samples of a metric, one per topic and partition (a partition with
-/// nothing waiting has no series).
-fn samples(metrics: &str, name: &str) -> Vec<f64> {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse().ok())
-        .collect()
-}
-
-/// Polls the worker's metrics until `done(waiting messages, oldest age)`.
+/// Polls the worker's metrics until `done(waiting messages, oldest age)`,
+/// both over all partitions (a partition with nothing waiting has no series).
 async fn wait_waiting<F>(env: &TestEnv, worker: &WorkerProcess, what: &str, done: F) -> (f64, f64)
 where
     F: Fn(f64, f64) -> bool,
 {
-    let addr = worker.http_addr;
-    let done = &done;
-    env.eventually(what, DEADLINE, || async move {
-        let Some((200, text)) = http_get(addr, "/metrics").await else {
-            return Ok::<_, String>(None);
-        };
-        // All partitions: how many wait, and the oldest of them.
-        let n = samples(&text, "allocation_waiting_messages").iter().sum();
-        let age = samples(&text, "allocation_waiting_oldest_age_seconds")
+    let waiting = |text: &str| {
+        let n = sample_sum(text, "allocation_waiting_messages");
+        let age = samples(text, "allocation_waiting_oldest_age_seconds")
             .into_iter()
             .fold(0.0, f64::max);
-        Ok(done(n, age).then_some((n, age)))
+        (n, age)
+    };
+    let text = metrics_until(env, worker.http_addr, what, |text| {
+        let (n, age) = waiting(text);
+        done(n, age)
     })
-    .await
-}
-
-async fn processed(env: &TestEnv) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM processed_messages")
-        .fetch_one(&env.db)
-        .await
-        .expect("count processed_messages")
-}
-
-async fn purchased(env: &TestEnv, reference: &str) -> Option<i64> {
-    sqlx::query_scalar("SELECT purchased_quantity FROM batches WHERE reference = $1")
-        .bind(reference)
-        .fetch_optional(&env.db)
-        .await
-        .expect("query batches")
+    .await;
+    waiting(&text)
 }
 
 async fn allocated_orders(env: &TestEnv, sku: &str) -> BTreeSet<String> {
@@ -197,14 +171,14 @@ async fn the_later_of_two_quantity_changes_around_a_creation_wins() {
     for r in &refs {
         check_eq!(
             env,
-            purchased(&env, r).await,
+            env.purchased(r).await,
             Some(8),
             "batch {r}: the later change wins"
         );
     }
     check_eq!(
         env,
-        processed(&env).await,
+        env.processed().await,
         (1 + 3 * BATCHES) as i64,
         "processed"
     );

@@ -129,6 +129,7 @@ async fn start_postgres() -> (String, ContainerAsync<GenericImage>) {
                 "PostgreSQL container {} ({image}) did not accept a login within {STARTUP:?}: {e}",
                 container.id()
             ),
+            // Poll interval of the STARTUP deadline.
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -206,6 +207,7 @@ async fn start_kafka() -> (String, ContainerAsync<GenericImage>) {
                 Ok(_) => last = "no broker in the metadata".into(),
                 Err(e) => last = e.to_string(),
             }
+            // Poll interval of the STARTUP deadline.
             std::thread::sleep(Duration::from_millis(200));
         }
         Err(last)

@@ -12,12 +12,35 @@
 //!   SIGKILLed when dropped.
 //! - Nothing sleeps to pass: every wait polls with a deadline and fails with
 //!   what it saw and where the worker logs are.
+//!
+//! Beside it, one concern a file:
+//! - [`containers`]: PostgreSQL and Kafka in containers when no services are
+//!   given;
+//! - [`private_services`]: a Tansu broker and a PostgreSQL cluster of one test
+//!   alone, for the tests that freeze or stop them;
+//! - [`database`]: creating and dropping test databases, and the rows and
+//!   counts assertions read;
+//! - [`kafka`]: creating topics, reading one to its end, the group's offsets;
+//! - [`http`]: the worker's HTTP surface and its metrics;
+//! - [`orders`]: a stream of orders over known stock, and the check that
+//!   each was allocated once as the model says;
+//! - [`binary`]: the binary's commands that end by themselves.
 
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod containers;
+pub mod database;
+pub mod http;
+pub mod kafka;
+pub mod orders;
+pub mod private_services;
 
-use std::collections::BTreeMap;
+// Each test file uses a few of them.
+#[allow(unused_imports)]
+pub use http::{http_get, http_until, http_until_ok, metrics_until, sample, sample_sum, samples};
+
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::File;
 use std::future::Future;
@@ -31,7 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -40,7 +63,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 /// Default deadline of every wait.
 pub const DEADLINE: Duration = Duration::from_secs(60);
@@ -103,6 +126,15 @@ impl Topics {
             &self.deallocated,
             &self.out_of_stock,
             &self.dead_letter,
+        ]
+    }
+
+    /// What the worker consumes.
+    pub fn inbound(&self) -> [&str; 3] {
+        [
+            &self.batch_created,
+            &self.batch_quantity_changed,
+            &self.allocation_required,
         ]
     }
 
@@ -228,6 +260,16 @@ impl Record {
             headers.join(", ")
         )
     }
+}
+
+/// The records of one topic.
+pub fn on<'a>(records: &'a [Record], topic: &'a str) -> impl Iterator<Item = &'a Record> + 'a {
+    records.iter().filter(move |r| r.topic == topic)
+}
+
+/// The distinct `ce_id`s on one topic.
+pub fn distinct_ids(records: &[Record], topic: &str) -> HashSet<String> {
+    on(records, topic).filter_map(Record::ce_id).collect()
 }
 
 /// Where the producer put a message, from its delivery report.
@@ -403,6 +445,23 @@ impl WorkerProcess {
         }
     }
 
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log's lines after byte `from` (an earlier `log_text().len()`)
+    /// that contain `needle`.
+    pub fn log_lines_after(&self, from: usize, needle: &str) -> Vec<String> {
+        self.log_text()
+            .get(from..)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Panics if the worker has exited (e.g. crashed on start-up).
     pub fn assert_running(&mut self) {
         if let Some(status) = self.try_exited() {
@@ -463,26 +522,6 @@ pub struct TestEnv {
     containers: containers::ServiceContainers,
 }
 
-/// `url` with its database name replaced by `db` (query string kept).
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let authority_and_path = &base[scheme_end..];
-    let authority = match authority_and_path.find('/') {
-        Some(i) => &authority_and_path[..i],
-        None => authority_and_path,
-    };
-    let mut out = format!("{}{}/{}", &base[..scheme_end], authority, db);
-    if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
-    }
-    out
-}
-
 /// Directory of the worker logs: `<target>/e2e-logs`.
 pub fn log_dir() -> PathBuf {
     let exe = Path::new(env!("CARGO_BIN_EXE_allocation-worker"));
@@ -495,7 +534,8 @@ pub fn log_dir() -> PathBuf {
     target.join("e2e-logs")
 }
 
-fn test_name() -> String {
+/// The running test's name (from its thread), usable in a file name.
+pub fn test_name() -> String {
     let name = std::thread::current()
         .name()
         .filter(|n| *n != "main")
@@ -536,20 +576,8 @@ impl TestEnv {
 
         // Database.
         let db_name = format!("aw_test_{suffix}");
-        let mut admin = PgConnection::connect(&database_url)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot connect to DATABASE_URL ({e}); is PostgreSQL running? \
-                     Run `source scripts/services.sh`."
-                )
-            });
-        sqlx::query(&format!(r#"CREATE DATABASE "{db_name}""#))
-            .execute(&mut admin)
-            .await
-            .expect("CREATE DATABASE (the role needs CREATEDB)");
-        let _ = admin.close().await;
-        let test_url = with_database(&database_url, &db_name);
+        database::create_database(&database_url, &db_name).await;
+        let test_url = database::with_database(&database_url, &db_name);
         let options = PgConnectOptions::from_str(&database_url)
             .expect("DATABASE_URL")
             .database(&db_name);
@@ -562,36 +590,7 @@ impl TestEnv {
 
         // Topics.
         let topics = Topics::with_suffix(&suffix);
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap_servers)
-            .create()
-            .expect("Kafka admin client");
-        let new_topics: Vec<NewTopic<'_>> = topics
-            .all()
-            .iter()
-            .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(1)))
-            .collect();
-        let created = tokio::time::timeout(
-            Duration::from_secs(30),
-            admin.create_topics(
-                &new_topics,
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "creating topics on {bootstrap_servers} timed out; is Kafka running? \
-                 Run `source scripts/services.sh`."
-            )
-        })
-        .unwrap_or_else(|e| panic!("creating topics on {bootstrap_servers}: {e}"));
-        for result in created {
-            if let Err((topic, code)) = result {
-                panic!("creating topic {topic}: {code}");
-            }
-        }
-        drop(admin);
+        kafka::create_topics(&bootstrap_servers, &topics.all()).await;
 
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap_servers)
@@ -845,6 +844,7 @@ impl TestEnv {
                     self.log_paths()
                 );
             }
+            // Poll interval of the deadline above.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -907,6 +907,7 @@ impl TestEnv {
                     self.log_paths()
                 );
             }
+            // Poll interval of the deadline above.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -950,17 +951,8 @@ impl TestEnv {
     pub async fn finish(mut self) {
         self.witness.stop();
         self.db.close().await;
-        if let Ok(mut admin) = PgConnection::connect(&self.admin_database_url).await {
-            let dropped = sqlx::query(&format!(
-                r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
-                self.db_name
-            ))
-            .execute(&mut admin)
-            .await;
-            if let Err(e) = dropped {
-                self.note(&format!("could not drop {}: {e}", self.db_name));
-            }
-            let _ = admin.close().await;
+        if let Err(e) = database::drop_database(&self.admin_database_url, &self.db_name).await {
+            self.note(&format!("could not drop {}: {e}", self.db_name));
         }
         let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap_servers)
@@ -1120,56 +1112,4 @@ fn add_raw_header(headers: OwnedHeaders, name: &[u8], value: Option<&[u8]>) -> O
         "rd_kafka_header_add"
     );
     headers
-}
-
-// ------------------------------------------------------------------ HTTP
-
-/// A plain HTTP/1.1 GET: status and body. `None` while nothing listens or
-/// answers (bounded at 10 s, so that a probe of a frozen process gives up).
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
-        Some((status, body.to_owned()))
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .ok()
-        .flatten()
-}
-
-/// Polls `path` until it answers with `status`; returns the body.
-pub async fn http_until(env: &TestEnv, addr: SocketAddr, path: &str, status: u16) -> String {
-    env.eventually(
-        &format!("GET {path} answers {status}"),
-        DEADLINE,
-        || async {
-            Ok::<_, String>(match http_get(addr, path).await {
-                Some((s, body)) if s == status => Some(body),
-                _ => None,
-            })
-        },
-    )
-    .await
-}
-
-/// The value of the sample `name{labels}` in a Prometheus text exposition;
-/// `labels` is the exact label string, e.g. `reason="malformed-json"`.
-pub fn sample(metrics: &str, name: &str, labels: &str) -> Option<f64> {
-    let wanted = if labels.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    metrics.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        (series == wanted).then(|| value.parse().ok()).flatten()
-    })
 }
