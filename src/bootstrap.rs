@@ -19,7 +19,8 @@ use crate::adapters::postgres::{lazy_pool, worker_connect_options, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::adapters::retention::Retention;
 use crate::entrypoints::cli::{DatabaseSettings, RunSettings};
-use crate::entrypoints::worker::{Processor, Worker};
+use crate::entrypoints::processor::Processor;
+use crate::entrypoints::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {

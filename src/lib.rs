@@ -7,13 +7,14 @@
 //!
 //! - [`domain`]: `Product`, `Batch`, `OrderLine`, commands and events. Pure
 //!   Rust: imports nothing else of this crate and no I/O, async, sqlx or rdkafka.
-//! - [`service_layer`]: the message bus, the handlers and the unit-of-work
-//!   trait. Imports only `domain`.
+//! - [`service_layer`]: the message bus, the handlers, the batch processor
+//!   (the one place where a transaction begins and ends) and the
+//!   unit-of-work traits. Imports only `domain`.
 //! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
 //!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
 //!   traits; never imports `entrypoints`.
-//! - [`entrypoints`]: the command line and the worker loop, which owns the one
-//!   place where a message's transaction begins and ends.
+//! - [`entrypoints`]: the command line and the worker loop, which feeds each
+//!   partition's messages to the batch processor.
 //! - [`bootstrap`]: builds the pieces from the settings and wires them.
 
 /// The crate version this binary was built as.

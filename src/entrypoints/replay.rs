@@ -38,11 +38,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use crate::adapters::kafka::to_inbound;
-use crate::adapters::outbox::DeadLetterReason;
 use crate::entrypoints::cli::{topic, ConfigError};
 use crate::entrypoints::watch::{
     kafka_config_error, partition_ids, Connection, ConnectionArgs, ToolError, WatchContext,
 };
+use crate::service_layer::batch::DeadLetterReason;
 
 /// The header that names the dead letter a replayed message came from.
 pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
