@@ -17,7 +17,7 @@ use crate::adapters::inbound::{self, DecodeError};
 use crate::adapters::kafka::Topics;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::outbox::{InboundMessage, MessageContext};
-use crate::adapters::postgres::PgStore;
+use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::entrypoints::telemetry;
 use crate::service_layer::batch::{self, DeadLetterReason, Handled, Outcome, Plan};
 use crate::service_layer::RepositoryError;
