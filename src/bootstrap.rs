@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::health::PollClock;
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::metrics::Metrics;
-use crate::adapters::postgres::{lazy_pool, worker_connect_options, MIGRATOR};
+use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::adapters::retention::Retention;
 use crate::configuration::{ConfigError, DatabaseSettings, RunSettings};
-use crate::entrypoints::worker::{Processor, Worker};
+use crate::entrypoints::processor::Processor;
+use crate::entrypoints::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {

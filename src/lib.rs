@@ -7,16 +7,17 @@
 //!
 //! - [`domain`]: `Product`, `Batch`, `OrderLine`, commands and events. Pure
 //!   Rust: imports nothing else of this crate and no I/O, async, sqlx or rdkafka.
-//! - [`service_layer`]: the message bus, the handlers and the unit-of-work
-//!   trait. Imports only `domain`.
+//! - [`service_layer`]: the message bus, the handlers, the batch processor
+//!   (the one place where a transaction begins and ends) and the
+//!   unit-of-work traits. Imports only `domain`.
 //! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
 //!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
 //!   traits; never imports `configuration`, `entrypoints` or `tools`.
 //! - [`configuration`]: the validated settings of every command and the rules
 //!   they are checked by; no clap. Imports only the adapters' settings types.
 //! - [`entrypoints`]: the command line, which builds the configuration from
-//!   flags and environment variables, and the worker loop, which owns the one
-//!   place where a message's transaction begins and ends.
+//!   flags and environment variables, and the worker loop, which feeds each
+//!   partition's messages to the batch processor of the service layer.
 //! - [`bootstrap`]: builds the pieces from the configuration and wires them;
 //!   never imports the command line.
 //! - [`command_error`]: the error of the commands besides `run` and

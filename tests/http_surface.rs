@@ -18,7 +18,7 @@ use sqlx::{Connection, PgConnection};
 
 use allocation_worker::adapters::http::{router, HttpState};
 use allocation_worker::adapters::metrics::Metrics;
-use allocation_worker::adapters::postgres::MIGRATOR;
+use allocation_worker::adapters::postgres::pool::MIGRATOR;
 
 /// The router on a free port, over a migrated database of its own holding
 /// one allocation (`order-1` → `LAMP`/`b1`), dropped at the end.

@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use allocation_worker::adapters::postgres::MIGRATOR;
+use allocation_worker::adapters::postgres::pool::MIGRATOR;
 use common::kafka::committed_offsets;
 use common::{http_get, http_until, metrics_until, sample, unique, TestEnv, DEADLINE};
 

@@ -9,14 +9,15 @@ use std::sync::{Arc, Mutex};
 
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
-use allocation_worker::adapters::outbox::{DeadLetterReason, InboundMessage, MessageContext};
-use allocation_worker::adapters::postgres::{
-    lazy_pool, worker_connect_options, PgUnitOfWork, ProductCache, MIGRATOR,
-};
+use allocation_worker::adapters::outbox::{InboundMessage, MessageContext};
+use allocation_worker::adapters::postgres::cache::ProductCache;
+use allocation_worker::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
+use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
 use allocation_worker::adapters::relay::{Delivery, OutboundRecord, Publisher, Relay};
 use allocation_worker::domain::{OrderId, OrderLine, Sku};
-use allocation_worker::entrypoints::worker::{Outcome, Processor};
-use allocation_worker::service_layer::{ProductRepository, UnitOfWork};
+use allocation_worker::entrypoints::processor::Processor;
+use allocation_worker::service_layer::batch::{DeadLetterReason, Outcome};
+use allocation_worker::service_layer::{BatchUnitOfWork, ProductRepository, UnitOfWork};
 use rand::Rng;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;

@@ -18,7 +18,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use allocation_worker::entrypoints::tracker::{BatchGate, Tracker};
+use allocation_worker::entrypoints::tracker::Tracker;
+use allocation_worker::service_layer::batch::BatchGate;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]

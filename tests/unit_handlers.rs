@@ -7,67 +7,14 @@
 use allocation_worker::domain::commands::{Allocate, ChangeBatchQuantity, CreateBatch};
 use allocation_worker::domain::events::{Allocated, Deallocated, OutOfStock};
 use allocation_worker::domain::{BatchRef, Command, DomainError, Event, OrderId, Product, Sku};
-use allocation_worker::service_layer::{
-    handle, HandlerError, ProductRepository, RepositoryError, UnitOfWork,
-};
+use allocation_worker::service_layer::{handle, HandlerError, UnitOfWork};
 use chrono::NaiveDate;
 
+mod fakes;
+
+use fakes::FakeRepository;
+
 // ------------------------------------------------------------------ fakes
-
-/// Every product lives in `products`, which doubles as the identity map: `get`
-/// hands out the same instance every time. `seen` lists the SKUs loaded or
-/// added, in that order, so that `collect_new_events` looks at those only.
-#[derive(Default)]
-struct FakeRepository {
-    products: Vec<Product>,
-    seen: Vec<Sku>,
-}
-
-impl FakeRepository {
-    fn track(&mut self, index: Option<usize>) -> Option<&mut Product> {
-        let product = &mut self.products[index?];
-        if !self.seen.contains(product.sku()) {
-            self.seen.push(product.sku().clone());
-        }
-        Some(product)
-    }
-}
-
-impl ProductRepository for FakeRepository {
-    fn add(&mut self, product: Product) {
-        assert!(
-            self.products.iter().all(|p| p.sku() != product.sku()),
-            "product {} added twice",
-            product.sku()
-        );
-        self.seen.push(product.sku().clone());
-        self.products.push(product);
-    }
-
-    async fn get(&mut self, sku: &Sku) -> Result<Option<&mut Product>, RepositoryError> {
-        let index = self.products.iter().position(|p| p.sku() == sku);
-        Ok(self.track(index))
-    }
-
-    async fn get_by_batchref(
-        &mut self,
-        reference: &BatchRef,
-    ) -> Result<Option<&mut Product>, RepositoryError> {
-        let index = self
-            .products
-            .iter()
-            .position(|p| p.batch(reference).is_some());
-        Ok(self.track(index))
-    }
-
-    fn seen(&mut self) -> Vec<&mut Product> {
-        let seen = &self.seen;
-        self.products
-            .iter_mut()
-            .filter(|p| seen.contains(p.sku()))
-            .collect()
-    }
-}
 
 /// Records what the handlers asked for instead of storing it. There is no
 /// commit: handlers never commit, the caller of `handle` does.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use super::postgres::MIGRATOR;
+use super::postgres::pool::MIGRATOR;
 
 /// When the consumer loop last polled Kafka. The loop calls
 /// [`PollClock::polling`] as it starts waiting for a message and

@@ -9,7 +9,8 @@ use prometheus::{
 };
 
 use super::kafka::ConsumerErrorKind;
-use super::outbox::{DeadLetterReason, OutboxKind};
+use super::outbox::OutboxKind;
+use crate::service_layer::batch::DeadLetterReason;
 
 pub struct Metrics {
     registry: Registry,

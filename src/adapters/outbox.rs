@@ -10,6 +10,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::domain::Event;
+use crate::service_layer::batch::DeadLetterReason;
+use crate::service_layer::Idempotent;
 
 /// `ce_source` of every event this service publishes.
 pub const CE_SOURCE: &str = "allocation-worker";
@@ -28,6 +30,12 @@ pub struct MessageContext {
     pub traceparent: Option<Vec<u8>>,
     /// W3C `tracestate`, carried with `traceparent`.
     pub tracestate: Option<Vec<u8>>,
+}
+
+impl Idempotent for MessageContext {
+    fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
 }
 
 /// Where a row is published; the topic name is looked up at publish time, so a
@@ -162,42 +170,6 @@ pub fn wire_headers<'a>(
     wire.push(("content-type", b"application/json".as_slice()));
     wire.extend(rest);
     wire
-}
-
-/// Why a message was dead-lettered: the `dlq.reason` header (contract §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadLetterReason {
-    MalformedJson,
-    InvalidMessage,
-    UnknownSku,
-    UnknownBatch,
-    DuplicateBatch,
-    DuplicateLine,
-    UnknownTopic,
-}
-
-impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 7] = [
-        DeadLetterReason::MalformedJson,
-        DeadLetterReason::InvalidMessage,
-        DeadLetterReason::UnknownSku,
-        DeadLetterReason::UnknownBatch,
-        DeadLetterReason::DuplicateBatch,
-        DeadLetterReason::DuplicateLine,
-        DeadLetterReason::UnknownTopic,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::MalformedJson => "malformed-json",
-            DeadLetterReason::InvalidMessage => "invalid-message",
-            DeadLetterReason::UnknownSku => "unknown-sku",
-            DeadLetterReason::UnknownBatch => "unknown-batch",
-            DeadLetterReason::DuplicateBatch => "duplicate-batch",
-            DeadLetterReason::DuplicateLine => "duplicate-line",
-            DeadLetterReason::UnknownTopic => "unknown-topic",
-        }
-    }
 }
 
 /// An inbound Kafka message as the worker keeps it: owned, Kafka-type free.

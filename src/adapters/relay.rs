@@ -34,7 +34,7 @@ use super::metrics::Metrics;
 use super::outbox::{
     decode_headers, encode_headers, wire_headers, OutboxKind, VALUE_OMITTED_HEADER,
 };
-use super::postgres::{classify, KeptConnections};
+use super::postgres::pool::{classify, KeptConnections};
 use crate::service_layer::RepositoryError;
 
 /// Most bytes of values in one relay pass (beyond its first row), so that a

@@ -1,8 +1,12 @@
-//! Entrypoints: the command line, the worker loop (with the tracker of
-//! messages waiting for a reference and the window of usable time they wait
-//! in), `replay-dead-letters`, and the logs and traces of it all.
+//! Entrypoints: the command line, `replay-dead-letters`, the logs and traces
+//! of it all, and the worker loop: `worker` (the consumer loop), `partition`
+//! (a partition's task), `processor` (a batch of Kafka messages through the
+//! service layer), `tracker` (the waiting rule) and `window` (the
+//! unknown-reference window's clock of usable time).
 
 pub mod cli;
+pub mod partition;
+pub mod processor;
 pub mod replay;
 pub mod telemetry;
 pub mod tracker;

@@ -15,7 +15,9 @@
 //! messages it handled ([`Tracker::settle`], [`Tracker::defer`]), and takes the
 //! waiting messages to try again, in order, a few at a time
 //! ([`Tracker::retry_batch`]). Within one batch the same rule applies message
-//! by message: [`BatchGate`].
+//! by message: [`BatchGate`], kept with the batch processor.
+//!
+//! [`BatchGate`]: crate::service_layer::batch::BatchGate
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -87,7 +89,7 @@ impl<K: Eq + Hash + Clone, T> Tracker<K, T> {
     }
 
     /// The first `max` waiting messages, in offset order, to try again in
-    /// one batch (with a [`BatchGate`]). They stay waiting, and keep holding
+    /// one batch (with a [`BatchGate`](crate::service_layer::batch::BatchGate)). They stay waiting, and keep holding
     /// their keys, until [`Self::settle`]d.
     pub fn retry_batch(&self, max: usize) -> Vec<(i64, &T)> {
         self.waiting
@@ -162,44 +164,6 @@ fn unique<K: Eq + Hash>(keys: &[K]) -> impl Iterator<Item = &K> {
     keys.iter().filter(move |k| seen.insert(*k))
 }
 
-/// The waiting rule within one batch, message by message in offset order:
-/// a message naming a key of an earlier deferred (or held back) message of
-/// the batch is held back too, without being tried.
-#[derive(Debug)]
-pub struct BatchGate<K> {
-    held: HashSet<K>,
-}
-
-impl<K: Eq + Hash + Clone> Default for BatchGate<K> {
-    fn default() -> Self {
-        Self {
-            held: HashSet::new(),
-        }
-    }
-}
-
-impl<K: Eq + Hash + Clone> BatchGate<K> {
-    /// Whether the message must wait without being tried; if so, its keys
-    /// are held from now on.
-    pub fn blocked(&mut self, keys: &[K]) -> bool {
-        if keys.iter().any(|k| self.held.contains(k)) {
-            self.hold(keys);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// The message was tried and deferred: its keys hold back the rest.
-    pub fn hold(&mut self, keys: &[K]) {
-        self.held.extend(keys.iter().cloned());
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,15 +187,5 @@ mod tests {
         t.settle(3);
         assert_eq!(t.safe_offset(), Some(4));
         assert_eq!(t.admit(4, vec!["a", "b"], 4), Some(4), "nothing held now");
-    }
-
-    #[test]
-    fn the_gate_holds_keys_transitively() {
-        let mut g = BatchGate::default();
-        assert!(!g.blocked(&["a"]));
-        g.hold(&["a"]);
-        assert!(g.blocked(&["a", "b"]));
-        assert!(g.blocked(&["b"]));
-        assert!(!g.blocked(&["c"]));
     }
 }

@@ -3,10 +3,19 @@
 //! to publish are stored together or not at all. The read model
 //! (`allocations_view`) is a view of the stored allocations, so it needs no
 //! writes of its own (docs/design.md, "Read model").
+//!
+//! The handlers need only [`UnitOfWork`]. The batch processor, which handles
+//! several messages of a partition in one transaction, needs more of it
+//! ([`BatchUnitOfWork`]: one message at a time, dead letters, commit) and a
+//! [`Store`] to begin one per attempt. The adapters implement all of them on
+//! PostgreSQL; the unit tests, in memory.
 
+use std::collections::HashSet;
 use std::future::Future;
 
 use crate::domain::{BatchRef, Event, Product, Sku};
+
+use super::batch::DeadLetterReason;
 
 /// Why the store could not do what was asked. Both kinds are transient: the
 /// caller retries the whole unit of work (every message in it) in a fresh one.
@@ -58,4 +67,94 @@ pub trait UnitOfWork: Send {
             .flat_map(|p| p.take_events())
             .collect()
     }
+}
+
+/// A message as a batch's unit of work records it: by the key that makes a
+/// redelivery recognisable (contract §6.2).
+pub trait Idempotent {
+    fn idempotency_key(&self) -> &str;
+}
+
+/// The unit of work of a batch of messages (one transaction), as the batch
+/// processor ([`crate::service_layer::batch`]) drives it. Between
+/// [`Self::start_message`] and [`Self::finish_message`] it is the unit of
+/// work of one message: a message that is refused is taken back alone
+/// ([`Self::reject_message`]), so that the others of the batch still apply.
+/// Nothing is stored until [`Self::commit`]; dropping it abandons everything.
+pub trait BatchUnitOfWork: UnitOfWork {
+    /// A message as delivered, kept whole in its dead letter.
+    type Message: Sync;
+    /// What the records a message causes carry of it (its idempotency key,
+    /// its trace context).
+    type Context: Idempotent + Clone + Send + Sync;
+
+    /// Locks and loads, in one go, every product named by `skus` or owning
+    /// one of `refs`, and returns which of the idempotency `keys` were
+    /// processed before. Products not named here are still found by the
+    /// repository, one at a time.
+    fn load(
+        &mut self,
+        skus: &[&Sku],
+        refs: &[&BatchRef],
+        keys: &[&str],
+    ) -> impl Future<Output = Result<HashSet<String>, RepositoryError>> + Send;
+
+    /// The message whose handling follows: its events carry its context.
+    fn start_message(&mut self, context: Self::Context);
+
+    /// The current message is done: its idempotency key is recorded with it.
+    fn finish_message(&mut self);
+
+    /// Takes back what the current, refused message queued. `false` when it
+    /// had changed a product, which cannot be taken back alone: call
+    /// [`Self::reset`] and handle the batch's other messages again.
+    fn reject_message(&mut self) -> bool;
+
+    /// Forgets every message handled so far; the products are as loaded.
+    fn reset(&mut self);
+
+    /// Records a message that ends in a dead letter: its record (`message`
+    /// as delivered, with `reason` and `error`) and its idempotency key,
+    /// together.
+    fn dead_letter(
+        &mut self,
+        message: &Self::Message,
+        context: &Self::Context,
+        reason: DeadLetterReason,
+        error: &str,
+    );
+
+    /// Stores everything queued, then commits. A `Conflict` means the caller
+    /// must retry the batch from the start in a new unit of work.
+    fn commit(self) -> impl Future<Output = Result<(), RepositoryError>> + Send;
+}
+
+/// Where a batch processor's units of work come from: one per attempt at a
+/// batch.
+pub trait Store: Sync {
+    /// See [`BatchUnitOfWork::Message`].
+    type Message: Sync;
+    /// See [`BatchUnitOfWork::Context`].
+    type Context: Idempotent + Clone + Send + Sync;
+    /// What an attempt holds while its unit of work is open (for the
+    /// database: a connection, and a share of the pool).
+    type Session<'a>: Send
+    where
+        Self: 'a;
+    type UnitOfWork<'s>: BatchUnitOfWork<Message = Self::Message, Context = Self::Context>
+    where
+        Self: 's;
+
+    /// Takes what one attempt needs; waits while every share is taken.
+    fn session(&self) -> impl Future<Output = Result<Self::Session<'_>, RepositoryError>> + Send;
+
+    /// Begins a unit of work in `session`.
+    fn begin<'s, 'a: 's>(
+        &'s self,
+        session: &'s mut Self::Session<'a>,
+    ) -> impl Future<Output = Result<Self::UnitOfWork<'s>, RepositoryError>> + Send;
+
+    /// Hands back what the attempt held, once its unit of work is over:
+    /// `committed`, or abandoned.
+    fn end_session(&self, session: Self::Session<'_>, committed: bool);
 }

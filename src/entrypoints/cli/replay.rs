@@ -3,9 +3,9 @@
 use clap::Args;
 
 use super::ConnectionArgs;
-use crate::adapters::outbox::DeadLetterReason;
 use crate::configuration::{time, topic, ConfigError};
 use crate::entrypoints::replay::{ReplaySettings, Selection};
+use crate::service_layer::batch::DeadLetterReason;
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {

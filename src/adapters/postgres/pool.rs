@@ -1,0 +1,186 @@
+//! Connecting to PostgreSQL: the session settings of the worker's
+//! connections, a pool that connects lazily, connections kept out of the
+//! pool from one transaction to the next, and the embedded migrations; and
+//! what a database error, or stored data that no longer parses, means to the
+//! service layer ([`RepositoryError`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Postgres;
+
+use crate::service_layer::RepositoryError;
+
+/// The migrations under `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Session settings of the worker's connections, each unless DATABASE_URL
+/// sets it already (`application_name=…`, or `options=-c name=value`):
+///
+/// - `application_name`: the worker, in `pg_stat_activity` and the logs;
+/// - `statement_timeout`: no statement of the worker takes seconds; one that
+///   runs away is cancelled and its transaction retried, like an outage;
+/// - `lock_timeout`: a transaction waiting for a row lock (another session
+///   holding a product) gives up, hands its connection back and is retried
+///   after a back-off, rather than holding a connection for as long as the
+///   lock is held;
+/// - `idle_in_transaction_session_timeout`: a session that leaves a
+///   transaction open (the worker stuck between two statements) loses it and
+///   its locks. The relay holds its transaction while the broker
+///   acknowledges a pass (up to librdkafka's `message.timeout.ms`, 30 s by
+///   default), so this is well above that.
+///
+/// They go in the startup packet's `options`, set once per connection at no
+/// cost per transaction. A pooler in transaction mode (PgBouncer) refuses
+/// that parameter unless told to ignore it (`ignore_startup_parameters =
+/// options`); set them on the database role instead then (`ALTER ROLE …
+/// SET lock_timeout = '10s'`). Migrations run without them (see bootstrap).
+pub fn worker_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    let options = match options.get_application_name() {
+        Some(_) => options,
+        None => options.application_name(APPLICATION_NAME),
+    };
+    let given = options.get_options().unwrap_or_default().to_owned();
+    let missing: Vec<(&str, &str)> = SESSION_TIMEOUTS
+        .iter()
+        .filter(|(name, _)| !given.contains(&format!("{name}=")))
+        .copied()
+        .collect();
+    if missing.is_empty() {
+        options
+    } else {
+        options.options(missing)
+    }
+}
+
+/// `application_name` of the worker's connections.
+pub const APPLICATION_NAME: &str = "allocation-worker";
+
+/// See [`worker_connect_options`].
+pub const SESSION_TIMEOUTS: [(&str, &str); 3] = [
+    ("statement_timeout", "30s"),
+    ("lock_timeout", "10s"),
+    ("idle_in_transaction_session_timeout", "2min"),
+];
+
+/// A pool that does not connect until first used, so that the worker can start,
+/// report not-ready and back off while the database is down.
+pub fn lazy_pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        // sqlx pings a connection on every acquire by default: a round trip
+        // before each transaction. Only a connection that sat idle is
+        // checked; a broken busy one fails its first statement, which is
+        // retried like any outage, and sqlx drops it on release.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_BEFORE_PING {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+        .connect_lazy_with(options)
+}
+
+/// How long a pooled connection may sit unused before it is checked on
+/// acquire.
+const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Connections kept out of the pool from one transaction to the next. sqlx
+/// 0.8 pings every connection the pool takes back, a round trip per
+/// transaction that cannot be switched off; a caller that begins its next
+/// transaction soon after reuses the connection of its last one instead.
+/// Only a connection whose transaction committed should be kept: one that
+/// failed goes back to the pool, which checks it. One found, at the next
+/// acquire, to have been kept for `IDLE_BEFORE_PING` or longer goes back to
+/// the pool too instead of being used, so a connection that sat idle is
+/// checked as any other. Until then, kept connections count as in use.
+pub struct KeptConnections {
+    pool: PgPool,
+    kept: Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
+    most: usize,
+    /// Set by [`Self::close`]: nothing is kept any more.
+    closed: AtomicBool,
+}
+
+impl KeptConnections {
+    /// Keeps at most `most` connections, which the pool counts as in use:
+    /// leave it some for the others (the HTTP probes).
+    pub fn new(pool: PgPool, most: usize) -> Self {
+        Self {
+            pool,
+            kept: Mutex::new(Vec::with_capacity(most)),
+            most,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// The most recently kept connection, or one from the pool.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        loop {
+            let next = self.lock().pop();
+            match next {
+                Some((conn, since)) if since.elapsed() < IDLE_BEFORE_PING => return Ok(conn),
+                // Dropped: back to the pool, which checks it.
+                Some(_) => continue,
+                None => return self.pool.acquire().await,
+            }
+        }
+    }
+
+    /// Keeps `conn` for the next [`Self::acquire`]; hands it back to the pool
+    /// when enough are kept.
+    pub fn keep(&self, conn: PoolConnection<Postgres>) {
+        let mut kept = self.lock();
+        if kept.len() < self.most && !self.closed.load(Ordering::Relaxed) {
+            kept.push((conn, std::time::Instant::now()));
+        }
+    }
+
+    /// Hands every kept connection back to the pool, and keeps none from now
+    /// on: closing the pool waits for all its connections, and a task still
+    /// running at shutdown (a message stuck on a lock) keeps this alive.
+    pub fn close(&self) {
+        let mut kept = self.lock();
+        self.closed.store(true, Ordering::Relaxed);
+        kept.clear();
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<(PoolConnection<Postgres>, std::time::Instant)>> {
+        // A panic while holding it cannot leave the list inconsistent.
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Maps a database error to the service layer's two transient kinds. Unique
+/// violations, serialization failures and deadlocks mean another transaction
+/// won a race; anything else means the database is not usable right now.
+pub fn classify(error: sqlx::Error) -> RepositoryError {
+    if let sqlx::Error::Database(db) = &error {
+        if matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01")) {
+            return RepositoryError::Conflict(db.message().to_owned());
+        }
+    }
+    RepositoryError::Unavailable(Box::new(error))
+}
+
+/// Stored names were validated on the way in; one that no longer parses means
+/// the data was changed by hand, which retrying will not fix but must not panic.
+pub(super) fn stored_name<T>(
+    parsed: Result<T, crate::domain::InvalidName>,
+) -> Result<T, RepositoryError> {
+    parsed.map_err(|e| RepositoryError::Unavailable(format!("invalid stored name: {e}").into()))
+}
+
+pub(super) fn stored_qty(value: i64) -> Result<u32, RepositoryError> {
+    u32::try_from(value).map_err(|_| {
+        RepositoryError::Unavailable(format!("invalid stored quantity {value}").into())
+    })
+}

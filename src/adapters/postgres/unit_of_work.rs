@@ -1,0 +1,273 @@
+//! The unit of work on PostgreSQL: one transaction for a batch of messages
+//! ([`PgUnitOfWork`]), in which each message is handled as if alone and
+//! whose commit writes the products' changes, the outbox rows and the
+//! idempotency keys together; and the store that begins one per attempt for
+//! the batch processor ([`PgStore`]), on a kept connection and within the
+//! partitions' share of the pool.
+
+use std::collections::HashSet;
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::PgPool;
+use sqlx::Postgres;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::adapters::outbox::{self, InboundMessage, MessageContext, OutboxRecord};
+use crate::domain::{BatchRef, Event, Sku};
+use crate::service_layer::batch::DeadLetterReason;
+use crate::service_layer::{BatchUnitOfWork, RepositoryError, Store, UnitOfWork};
+
+use super::cache::{ProductCache, Stored};
+use super::pool::{classify, KeptConnections};
+use super::repository::PgProductRepository;
+use super::writes;
+
+/// One transaction for a batch of messages. Created by [`PgUnitOfWork::begin`]
+/// (or [`PgStore`]); nothing is stored until [`BatchUnitOfWork::commit`];
+/// dropping it rolls back.
+///
+/// Between [`BatchUnitOfWork::start_message`] and
+/// [`BatchUnitOfWork::finish_message`] it is the unit of work of one message:
+/// events are numbered within the message, and
+/// [`BatchUnitOfWork::reject_message`] takes back what the message queued.
+pub struct PgUnitOfWork<'c> {
+    products: PgProductRepository<'c>,
+    context: MessageContext,
+    /// Outbox length when the current message started.
+    message_start: usize,
+    outbox: Vec<OutboxRecord>,
+    processed: Vec<String>,
+}
+
+impl<'c> PgUnitOfWork<'c> {
+    /// Begins on `conn`: the pool, or a connection in hand (see
+    /// [`KeptConnections`]).
+    pub async fn begin(
+        conn: impl sqlx::Acquire<'c, Database = Postgres>,
+        cache: &'c ProductCache,
+    ) -> Result<Self, RepositoryError> {
+        let tx = conn.begin().await.map_err(classify)?;
+        Ok(Self {
+            products: PgProductRepository::new(tx, cache),
+            context: MessageContext {
+                idempotency_key: String::new(),
+                traceparent: None,
+                tracestate: None,
+            },
+            message_start: 0,
+            outbox: Vec::new(),
+            processed: Vec::new(),
+        })
+    }
+}
+
+/// The database to the batch processor
+/// ([`crate::service_layer::batch::process`]): a unit of work per attempt at
+/// a batch, on the connection of an earlier one when one is kept
+/// ([`KeptConnections`]), with the products cache the partitions share.
+pub struct PgStore {
+    connections: KeptConnections,
+    /// Shared by the partitions: products stay in memory between batches.
+    cache: ProductCache,
+    /// Transactions the partitions may have open at once: three connections
+    /// fewer than the pool holds, so that the relay and the HTTP probes always
+    /// find one, however many partitions are busy (or waiting on a lock).
+    transactions: Semaphore,
+}
+
+/// Pool connections the partitions leave to the relay (one) and the HTTP
+/// probes and metrics (two).
+pub const RESERVED_CONNECTIONS: usize = 3;
+
+impl PgStore {
+    pub fn new(pool: PgPool) -> Self {
+        // Up to one connection per busy partition, leaving three of the pool
+        // to the relay and the HTTP probes (with a pool of fewer than four,
+        // one for the partitions all the same).
+        let most = (pool.options().get_max_connections() as usize)
+            .saturating_sub(RESERVED_CONNECTIONS)
+            .max(1);
+        Self {
+            connections: KeptConnections::new(pool, most),
+            cache: ProductCache::default(),
+            transactions: Semaphore::new(most),
+        }
+    }
+
+    /// Hands every kept connection back to the pool (see
+    /// [`KeptConnections::close`]): closing the pool waits for them.
+    pub fn close(&self) {
+        self.connections.close();
+    }
+}
+
+/// What one attempt at a batch holds: its share of the pool, and a
+/// connection.
+pub struct PgSession<'a> {
+    /// Held until the connection is back (kept or in the pool).
+    transaction: SemaphorePermit<'a>,
+    conn: PoolConnection<Postgres>,
+}
+
+impl Store for PgStore {
+    type Message = InboundMessage;
+    type Context = MessageContext;
+    type Session<'a> = PgSession<'a>;
+    type UnitOfWork<'s> = PgUnitOfWork<'s>;
+
+    async fn session(&self) -> Result<PgSession<'_>, RepositoryError> {
+        let transaction = self
+            .transactions
+            .acquire()
+            .await
+            .map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
+        let conn = self.connections.acquire().await.map_err(classify)?;
+        Ok(PgSession { transaction, conn })
+    }
+
+    async fn begin<'s, 'a: 's>(
+        &'s self,
+        session: &'s mut PgSession<'a>,
+    ) -> Result<PgUnitOfWork<'s>, RepositoryError> {
+        PgUnitOfWork::begin(&mut *session.conn, &self.cache).await
+    }
+
+    fn end_session(&self, session: PgSession<'_>, committed: bool) {
+        let PgSession { transaction, conn } = session;
+        // Kept only after a commit; after an error it goes back to the pool,
+        // which checks it.
+        if committed {
+            self.connections.keep(conn);
+        } else {
+            drop(conn);
+        }
+        drop(transaction);
+    }
+}
+
+impl<'c> UnitOfWork for PgUnitOfWork<'c> {
+    type Products = PgProductRepository<'c>;
+
+    fn products(&mut self) -> &mut PgProductRepository<'c> {
+        &mut self.products
+    }
+
+    fn publish(&mut self, event: &Event) {
+        // Numbered within the message, so the event's ce_id does not depend
+        // on which other messages share the transaction.
+        let position = self.outbox.len() - self.message_start;
+        let record = outbox::event_record(event, &self.context, position);
+        self.outbox.push(record);
+    }
+
+    /// Only the products the current message touched can hold new events.
+    fn collect_new_events(&mut self) -> Vec<Event> {
+        let repo = &mut self.products;
+        let mut events = Vec::new();
+        for touched in &repo.touched {
+            events.extend(repo.seen[touched.index].product.take_events());
+        }
+        events
+    }
+}
+
+impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
+    type Message = InboundMessage;
+    type Context = MessageContext;
+
+    async fn load(
+        &mut self,
+        skus: &[&Sku],
+        refs: &[&BatchRef],
+        keys: &[&str],
+    ) -> Result<HashSet<String>, RepositoryError> {
+        self.products.preload(skus, refs, keys).await
+    }
+
+    /// The message whose handling follows: its events carry its context.
+    fn start_message(&mut self, context: MessageContext) {
+        self.context = context;
+        self.message_start = self.outbox.len();
+        self.products.touched.clear();
+    }
+
+    /// The current message is done: its idempotency key is recorded with it.
+    fn finish_message(&mut self) {
+        self.processed
+            .push(std::mem::take(&mut self.context.idempotency_key));
+        self.products.end_message();
+    }
+
+    /// Takes back what the current, rejected message queued. `false` when it
+    /// had changed a product, which cannot be taken back alone: call
+    /// [`Self::reset`] and handle the batch's other messages again.
+    fn reject_message(&mut self) -> bool {
+        if !self.products.undo_message() {
+            return false;
+        }
+        self.outbox.truncate(self.message_start);
+        true
+    }
+
+    /// Forgets every message handled so far; the products are as loaded.
+    fn reset(&mut self) {
+        self.products.reset();
+        self.outbox.clear();
+        self.processed.clear();
+    }
+
+    fn dead_letter(
+        &mut self,
+        message: &InboundMessage,
+        context: &MessageContext,
+        reason: DeadLetterReason,
+        error: &str,
+    ) {
+        self.outbox
+            .push(outbox::dead_letter_record(message, reason, error));
+        self.processed.push(context.idempotency_key.clone());
+    }
+
+    /// Stores everything queued, then commits. A `Conflict` means the caller
+    /// must retry the batch from the start in a new unit of work.
+    async fn commit(mut self) -> Result<(), RepositoryError> {
+        let started = std::time::Instant::now();
+        writes::save_all(
+            &mut self.products.tx,
+            &mut self.products.seen,
+            &self.outbox,
+            &self.processed,
+        )
+        .await?;
+        tracing::debug!(saved = ?started.elapsed(), outbox_rows = self.outbox.len(), "batch writes");
+        let PgProductRepository {
+            tx,
+            cache,
+            seen,
+            mut owners,
+            new_owners,
+            ..
+        } = self.products;
+        // Batch owners are learnt only once the commit succeeded: an owner
+        // carries no revision, so one cached from a transaction that rolled
+        // back could not be told from a true one.
+        owners.extend(new_owners);
+        for tracked in &seen {
+            for batch in tracked.product.batches() {
+                if !owners.contains_key(batch.reference()) {
+                    owners.insert(batch.reference().clone(), tracked.product.sku().clone());
+                }
+            }
+        }
+        // Products go back in the cache before the commit, owners only after
+        // it (see ProductCache::put_back and learn_owners).
+        cache.put_back(seen.into_iter().map(|tracked| Stored {
+            product: tracked.product,
+            batch_ids: tracked.batch_ids,
+            revision: tracked.revision,
+        }));
+        tx.commit().await.map_err(classify)?;
+        cache.learn_owners(owners);
+        Ok(())
+    }
+}

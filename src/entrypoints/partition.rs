@@ -1,0 +1,590 @@
+//! A partition's task: the messages of one partition, in order, a batch at a
+//! time through the [`Processor`], with the waiting rule of
+//! [`crate::entrypoints::tracker`] and the unknown-reference window of
+//! [`crate::entrypoints::window`]. The consumer loop ([`Worker`]) feeds each
+//! task through a bounded queue (`Slot`) and a memory bound (`Held`);
+//! `PartitionTasks` stops the tasks of revoked partitions before they are
+//! released ([`HandOver`]).
+//!
+//! A batch's transaction is retried after a back-off while the database is
+//! unavailable, until it commits or the task is told to stop. Waiting
+//! messages are tried again, in order and a batch at a time, after a commit
+//! that created a batch, after some of them settled, and on a timer
+//! (`RetrySchedule`), until they apply or their window closes. The task
+//! stores its partition's offset, never past a message not settled.
+//!
+//! [`Processor`]: crate::entrypoints::processor::Processor
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::adapters::health::PollClock;
+use crate::adapters::kafka::HandOver;
+use crate::adapters::outbox::InboundMessage;
+use crate::adapters::relay::Backoff;
+use crate::entrypoints::tracker::Tracker;
+use crate::entrypoints::worker::{Worker, QUEUED_BYTES};
+use crate::service_layer::batch::{MessageKey, Outcome, Plan};
+
+impl Worker {
+    /// One partition, in order: whatever has queued up (up to the batch
+    /// size) is handled in one transaction. A message naming a SKU or batch
+    /// not known yet waits, and so does every later message naming one of
+    /// the keys of a waiting message ([`Tracker`]); the others flow. Waiting
+    /// messages are tried again, in order and a batch at a time, after a
+    /// commit that created a batch, after some of them settled, and on a
+    /// timer, until they apply or their window closes.
+    pub(super) async fn run_partition(
+        &self,
+        topic: String,
+        partition: i32,
+        mut queue: mpsc::Receiver<Held>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tracker: Tracker<MessageKey, Waiter> = Tracker::new();
+        let mut stored: Option<i64> = None;
+        let max = self.settings.max_batch_messages.max(1);
+        let brings_references = topic == self.processor.topics().batch_created;
+        let mut references = self.processor.references_changed();
+        let mut retry = RetrySchedule::new();
+        let mut batch: Vec<Held> = Vec::with_capacity(max);
+        loop {
+            let waiting = tracker.waiting_len() > 0;
+            let retry_at = waiting.then_some(retry.next);
+            // Waiting messages come first: under a backlog they would
+            // otherwise starve.
+            let retry_now = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                changed = references.changed(), if waiting => {
+                    // Soon, not at once: a run of small commits creating
+                    // batches would otherwise retry after every one.
+                    if changed.is_ok() {
+                        retry.soon();
+                    }
+                    false
+                }
+                _ = sleep_until_opt(retry_at), if waiting => true,
+                received = queue.recv() => {
+                    let Some(first) = received else { break };
+                    batch.push(first);
+                    while batch.len() < max {
+                        match queue.try_recv() {
+                            Ok(message) => batch.push(message),
+                            Err(_) => break,
+                        }
+                    }
+                    false
+                }
+            };
+            if retry_now {
+                retry.last = Instant::now();
+                let Some(settled) = self
+                    .retry_waiting(&topic, partition, &mut tracker, &shutdown)
+                    .await
+                else {
+                    break;
+                };
+                if settled > 0 {
+                    // Those behind may go now: try them at once.
+                    retry.reset();
+                    retry.next = Instant::now();
+                } else {
+                    retry.back_off();
+                }
+            } else if !batch.is_empty() {
+                let fetched = batch.len();
+                let handled = self
+                    .handle_new(&topic, partition, &mut batch, &mut tracker, &shutdown)
+                    .await;
+                if brings_references {
+                    self.unhandled_references
+                        .fetch_sub(fetched, Ordering::Relaxed);
+                }
+                if !handled {
+                    break;
+                }
+                if tracker.waiting_len() > 0 && !waiting {
+                    // Batches created before now were there for this try.
+                    references.borrow_and_update();
+                    retry = RetrySchedule::new();
+                }
+            }
+            // Never past a message not settled: a crash must see it again.
+            if let Some(offset) = tracker.safe_offset() {
+                if stored.is_none_or(|s| offset > s) {
+                    self.store_offset(&topic, partition, offset);
+                    stored = Some(offset);
+                }
+            }
+            self.set_waiting(&topic, partition, &tracker);
+        }
+        // Whatever is queued or waits here is read again by the next owner
+        // or run.
+        queue.close();
+        let mut queued = 0;
+        while queue.try_recv().is_ok() {
+            queued += 1;
+        }
+        if brings_references {
+            self.unhandled_references
+                .fetch_sub(queued, Ordering::Relaxed);
+        }
+        let left: usize = tracker.waiting().map(|(_, w)| w.held.size).sum();
+        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
+        tracker.clear();
+        self.set_waiting(&topic, partition, &tracker);
+    }
+
+    /// Admits the messages just read (in offset order): those behind a
+    /// waiting message with a shared key wait; the others are handled in one
+    /// transaction. `false` when shutdown interrupted it.
+    async fn handle_new(
+        &self,
+        topic: &str,
+        partition: i32,
+        batch: &mut Vec<Held>,
+        tracker: &mut Tracker<MessageKey, Waiter>,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let arrived = self.usable_time();
+        let since = Instant::now();
+        let mut ready: Vec<Waiter> = Vec::with_capacity(batch.len());
+        for held in batch.drain(..) {
+            let plan = self.processor.plan(&held.message);
+            let offset = held.message.offset;
+            let size = held.size;
+            let waiter = Waiter {
+                held,
+                plan,
+                arrived,
+                since,
+            };
+            let keys = waiter.plan.keys();
+            match tracker.admit(offset, keys, waiter) {
+                Some(waiter) => ready.push(waiter),
+                None => {
+                    self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
+                }
+            }
+        }
+        if ready.is_empty() {
+            return true;
+        }
+        let items: Vec<(&InboundMessage, bool)> =
+            ready.iter().map(|w| (&w.held.message, false)).collect();
+        let plans: Vec<&Plan> = ready.iter().map(|w| &w.plan).collect();
+        let Some(outcomes) = self
+            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .await
+        else {
+            return false;
+        };
+        drop(items);
+        drop(plans);
+        // Dropping a message gives its bytes back; waiting ones keep theirs.
+        for (waiter, outcome) in ready.into_iter().zip(outcomes) {
+            let offset = waiter.held.message.offset;
+            if outcome == Outcome::Deferred {
+                self.waiting_bytes
+                    .fetch_add(waiter.held.size, Ordering::Relaxed);
+                let keys = waiter.plan.keys();
+                tracker.defer(offset, keys, waiter);
+            } else {
+                tracker.settle(offset);
+            }
+        }
+        true
+    }
+
+    /// Tries the first waiting messages again, in offset order, as one
+    /// batch; each whose window has closed is dead-lettered, and those
+    /// behind it are then tried in turn. Returns how many settled, `None`
+    /// when shutdown interrupted it.
+    async fn retry_waiting(
+        &self,
+        topic: &str,
+        partition: i32,
+        tracker: &mut Tracker<MessageKey, Waiter>,
+        shutdown: &CancellationToken,
+    ) -> Option<usize> {
+        let now = self.usable_time();
+        let window = self.settings.unknown_reference_timeout;
+        let max = self
+            .settings
+            .max_batch_messages
+            .clamp(1, RETRY_BATCH_MESSAGES);
+        let due = tracker.retry_batch(max);
+        if due.is_empty() {
+            return Some(0);
+        }
+        let offsets: Vec<i64> = due.iter().map(|(o, _)| *o).collect();
+        let items: Vec<(&InboundMessage, bool)> = due
+            .iter()
+            .map(|(_, w)| (&w.held.message, now.saturating_sub(w.arrived) >= window))
+            .collect();
+        let plans: Vec<&Plan> = due.iter().map(|(_, w)| &w.plan).collect();
+        let outcomes = self
+            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .await?;
+        drop(items);
+        drop(plans);
+        drop(due);
+        let mut settled = 0;
+        for (offset, outcome) in offsets.into_iter().zip(outcomes) {
+            if outcome != Outcome::Deferred {
+                if let Some(waiter) = tracker.settle(offset) {
+                    self.waiting_bytes
+                        .fetch_sub(waiter.held.size, Ordering::Relaxed);
+                }
+                settled += 1;
+            }
+        }
+        Some(settled)
+    }
+
+    /// [`Processor::process_planned`] until it succeeds, backing off while
+    /// the store is unavailable. `None` when shutdown came first: the batch
+    /// is not done.
+    ///
+    /// [`Processor::process_planned`]: crate::entrypoints::processor::Processor::process_planned
+    async fn process_with_retry(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<Outcome>> {
+        let mut backoff = Backoff::default();
+        loop {
+            // Once told to stop (revoked, or shutting down), the batch in
+            // hand has a little while to commit; then it is abandoned,
+            // uncommitted (the transaction rolls back), and read again by
+            // whoever owns the partition next.
+            let processed = tokio::select! {
+                biased;
+                processed = self.processor.process_planned(batch, plans) => processed,
+                _ = async {
+                    shutdown.cancelled().await;
+                    tokio::time::sleep(STOP_GRACE).await;
+                } => {
+                    tracing::info!("batch in hand abandoned, uncommitted: the partition stops");
+                    return None;
+                }
+            };
+            match processed {
+                Ok(outcomes) => {
+                    if backoff.failures() > 0 {
+                        tracing::info!("database reachable again; resumed");
+                    }
+                    return Some(outcomes);
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle_batch(
+        &self,
+        topic: &str,
+        partition: i32,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<Outcome>> {
+        let span = tracing::info_span!(
+            "batch",
+            topic,
+            partition,
+            first_offset = batch.first().map(|(m, _)| m.offset),
+            last_offset = batch.last().map(|(m, _)| m.offset),
+            size = batch.len(),
+        );
+        async {
+            let started = std::time::Instant::now();
+            let outcomes = self.process_with_retry(batch, plans, shutdown).await?;
+            // Every message of the batch waited for the whole transaction:
+            // that is its handling duration.
+            let elapsed = started.elapsed().as_secs_f64();
+            tracing::debug!(elapsed_ms = elapsed * 1e3, "batch done");
+            let metrics = self.processor.metrics();
+            metrics.batch_messages.observe(batch.len() as f64);
+            for ((message, _), outcome) in batch.iter().zip(&outcomes) {
+                let kind = self
+                    .processor
+                    .topics()
+                    .inbound_kind(&message.topic)
+                    .map_or("unknown", |k| k.as_str());
+                metrics
+                    .handling_duration
+                    .with_label_values(&[kind])
+                    .observe(elapsed);
+                let label = match outcome {
+                    Outcome::Applied => "applied",
+                    Outcome::Duplicate => "duplicate",
+                    Outcome::DeadLettered(_) => "dead_lettered",
+                    Outcome::Deferred => continue,
+                };
+                metrics
+                    .messages_consumed
+                    .with_label_values(&[message.topic.as_str(), label])
+                    .inc();
+                tracing::debug!(
+                    offset = message.offset,
+                    kind,
+                    ce_id = message
+                        .header("ce_id")
+                        .map(|v| String::from_utf8_lossy(v).into_owned()),
+                    ?outcome,
+                    "handled"
+                );
+            }
+            Some(outcomes)
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn store_offset(&self, topic: &str, partition: i32, next: i64) {
+        let mut tpl = TopicPartitionList::new();
+        let stored = tpl
+            .add_partition_offset(topic, partition, Offset::Offset(next))
+            .and_then(|()| self.consumer.store_offsets(&tpl));
+        if let Err(error) = stored {
+            // Happens when the partition was revoked meanwhile; its new owner
+            // consumes again from the last commit and skips what we applied.
+            tracing::debug!(%error, topic, partition, next, "offset not stored");
+        }
+    }
+}
+
+/// Most waiting messages tried again in one transaction.
+const RETRY_BATCH_MESSAGES: usize = 100;
+
+/// How long the batch in hand may still take to commit once its partition
+/// is told to stop; then it is abandoned, uncommitted.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// The partitions' tasks, so that a revocation stops them before the
+/// partitions are released ([`HandOver`]).
+#[derive(Default)]
+pub(super) struct PartitionTasks {
+    tasks: std::sync::Mutex<HashMap<(String, i32), TaskControl>>,
+    /// Revoked, for the consumer loop to forget.
+    revoked: std::sync::Mutex<Vec<(String, i32)>>,
+    /// The loop's clock for `/healthz`: a revocation runs inside the
+    /// consumer's poll but is the loop's own work, which can take seconds
+    /// (it waits for the partitions' tasks), so it does not count as polling.
+    poll_clock: Arc<PollClock>,
+}
+
+struct TaskControl {
+    stop: CancellationToken,
+    /// Disconnected when the task has ended.
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl PartitionTasks {
+    /// No tasks yet; revocations are kept off the loop's `clock`.
+    pub(super) fn new(poll_clock: Arc<PollClock>) -> Self {
+        Self {
+            poll_clock,
+            ..Self::default()
+        }
+    }
+
+    /// Registers a partition's task; the task drops what is returned when it
+    /// ends.
+    pub(super) fn register(
+        &self,
+        key: (String, i32),
+        stop: CancellationToken,
+    ) -> std::sync::mpsc::Sender<()> {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.insert(key, TaskControl { stop, done });
+        done_tx
+    }
+
+    pub(super) fn take_revoked(&self) -> Vec<(String, i32)> {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *revoked)
+    }
+}
+
+impl HandOver for PartitionTasks {
+    /// Stops the revoked partitions' tasks and waits (bounded) until they
+    /// have ended: each finishes the batch in hand within [`STOP_GRACE`] or
+    /// abandons it, uncommitted, after storing the offsets of what it
+    /// committed; its queue and waiting messages are dropped. Runs in the
+    /// rebalance callback, on the thread of the consumer loop, not on the
+    /// runtime's workers that the tasks need.
+    fn revoke(&self, partitions: &[(String, i32)]) {
+        self.poll_clock.polled();
+        self.stop_revoked(partitions);
+        self.poll_clock.polling();
+    }
+}
+
+impl PartitionTasks {
+    /// Stops the tasks of `partitions` and waits for them, a few seconds at
+    /// most (see [`HandOver::revoke`]).
+    fn stop_revoked(&self, partitions: &[(String, i32)]) {
+        let stopping: Vec<((String, i32), TaskControl)> = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            partitions
+                .iter()
+                .filter_map(|p| tasks.remove(p).map(|c| (p.clone(), c)))
+                .collect()
+        };
+        for (_, control) in &stopping {
+            control.stop.cancel();
+        }
+        let deadline = std::time::Instant::now() + STOP_GRACE + Duration::from_secs(2);
+        for ((topic, partition), control) in stopping {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = control.done.recv_timeout(left)
+            {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    "partition task did not stop in time for the hand-over"
+                );
+            }
+        }
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(partitions.iter().cloned());
+    }
+}
+
+/// The consumer loop's end of one partition's task.
+pub(super) struct Slot {
+    pub(super) sender: mpsc::Sender<Held>,
+    /// Messages read that did not fit (the queue was full, or the memory
+    /// bound reached), in offset order; the partition is paused meanwhile.
+    pub(super) overflow: VecDeque<InboundMessage>,
+    pub(super) paused: bool,
+}
+
+impl Slot {
+    /// Moves what is kept aside into the task's queue, in order, while
+    /// there is room there and in the memory bound.
+    pub(super) fn forward(&mut self, budget: &Arc<Semaphore>) {
+        while let Some(message) = self.overflow.front() {
+            let Ok(room) = self.sender.try_reserve() else {
+                return;
+            };
+            let size = held_size(message);
+            let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(size) else {
+                return;
+            };
+            let Some(message) = self.overflow.pop_front() else {
+                return;
+            };
+            room.send(Held {
+                message,
+                _permit: permit,
+                size: size as usize,
+            });
+        }
+    }
+}
+
+/// A message on its way through a partition, holding its share of QUEUED_BYTES.
+pub(super) struct Held {
+    message: InboundMessage,
+    _permit: OwnedSemaphorePermit,
+    /// Bytes it holds of QUEUED_BYTES.
+    size: usize,
+}
+
+/// What a message counts against QUEUED_BYTES: its key, value and headers,
+/// plus a little for the rest; never more than the whole budget.
+fn held_size(message: &InboundMessage) -> u32 {
+    let bytes = 256
+        + message.key.as_ref().map_or(0, Vec::len)
+        + message.payload.as_ref().map_or(0, Vec::len)
+        + message
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
+            .sum::<usize>();
+    u32::try_from(bytes.min(QUEUED_BYTES)).unwrap_or(u32::MAX)
+}
+
+/// A message of a partition with what was learnt of it when it was read.
+pub(super) struct Waiter {
+    held: Held,
+    plan: Plan,
+    /// Usable time when it was read: its window closes `window` later.
+    arrived: Duration,
+    /// Wall-clock time when it was read, for the age gauge.
+    pub(super) since: Instant,
+}
+
+/// When a partition tries its waiting messages again, on a timer that backs
+/// off while nothing changes.
+struct RetrySchedule {
+    next: Instant,
+    delay: Duration,
+    /// When the last retry began.
+    last: Instant,
+}
+
+impl RetrySchedule {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MOST: Duration = Duration::from_secs(1);
+    /// Least time between two retries prompted by new batches.
+    const SPACING: Duration = Duration::from_millis(25);
+
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            next: now + Self::FIRST,
+            delay: Self::FIRST,
+            last: now - Self::SPACING,
+        }
+    }
+
+    /// Something changed: retry within [`Self::SPACING`] of the last retry.
+    fn soon(&mut self) {
+        self.delay = Self::FIRST;
+        self.next = self
+            .next
+            .min((self.last + Self::SPACING).max(Instant::now()));
+    }
+
+    fn reset(&mut self) {
+        self.delay = Self::FIRST;
+        self.next = Instant::now() + self.delay;
+    }
+
+    fn back_off(&mut self) {
+        self.delay = (self.delay * 2).min(Self::MOST);
+        self.next = Instant::now() + self.delay;
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,203 @@
+//! Kafka messages through the service layer's batch processor
+//! ([`crate::service_layer::batch`]) on PostgreSQL ([`PgStore`]). The
+//! processor decodes each message into a [`Plan`], gives it its trace span,
+//! and reports what became of a batch: the dead-letter and conflict metrics,
+//! a wake-up for the relay after a commit that wrote outbox rows, and one for
+//! the messages waiting on a reference after a commit that created a batch.
+//! It has no Kafka client of its own, so tests drive it directly against a
+//! real database (tests/postgres.rs).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
+
+use crate::adapters::inbound::{self, DecodeError};
+use crate::adapters::kafka::Topics;
+use crate::adapters::metrics::Metrics;
+use crate::adapters::outbox::{InboundMessage, MessageContext};
+use crate::adapters::postgres::unit_of_work::PgStore;
+use crate::entrypoints::telemetry;
+use crate::service_layer::batch::{self, DeadLetterReason, Handled, Outcome, Plan};
+use crate::service_layer::RepositoryError;
+
+/// Handles batches of messages, one transaction per batch. It keeps
+/// connections out of the pool between batches ([`PgStore`]): call
+/// [`Self::close_connections`], or drop it, before closing the pool, which
+/// waits for them.
+pub struct Processor {
+    store: PgStore,
+    topics: Topics,
+    /// Rung after each commit, so the relay publishes without waiting to poll.
+    relay_wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    /// Bumped after a commit that applied a BatchCreated: a SKU or batch
+    /// that messages wait for may exist now.
+    references: watch::Sender<u64>,
+    /// Whether the last transaction could be made (false after a transient
+    /// failure, until one commits): a condition of the unknown-reference
+    /// window.
+    store_reachable: AtomicBool,
+}
+
+impl Processor {
+    pub fn new(
+        pool: PgPool,
+        topics: Topics,
+        relay_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store: PgStore::new(pool),
+            topics,
+            relay_wake,
+            metrics,
+            references: watch::Sender::new(0),
+            store_reachable: AtomicBool::new(true),
+        }
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Hands the connections kept between batches back to the pool, and
+    /// keeps none from now on (see [`PgStore::close`]).
+    pub fn close_connections(&self) {
+        self.store.close();
+    }
+
+    /// Changes after every commit that applied a BatchCreated.
+    pub fn references_changed(&self) -> watch::Receiver<u64> {
+        self.references.subscribe()
+    }
+
+    /// False after a transaction failed for a transient reason, until one
+    /// commits.
+    pub fn store_reachable(&self) -> bool {
+        self.store_reachable.load(Ordering::Relaxed)
+    }
+
+    /// Optimistic-concurrency conflicts retried so far.
+    pub fn conflict_retries(&self) -> u64 {
+        self.metrics.concurrency_retries.get()
+    }
+
+    /// [`Self::process_batch`] of one message.
+    pub async fn process_one(
+        &self,
+        message: &InboundMessage,
+        give_up: bool,
+    ) -> Result<Outcome, RepositoryError> {
+        let outcomes = self.process_batch(&[(message, give_up)]).await?;
+        outcomes.into_iter().next().ok_or_else(|| {
+            RepositoryError::Unavailable("a batch of one message had no outcome".into())
+        })
+    }
+
+    /// Handles `batch` (messages of one partition, in offset order, each
+    /// with its `give_up` flag: whether an unknown reference is dead-lettered
+    /// rather than `Deferred`) in one transaction; see
+    /// [`batch::process`]. Returns one outcome per message. An `Err` is
+    /// transient (database unreachable, or conflicts that kept recurring):
+    /// retry the whole batch after a back-off; nothing of it was stored.
+    pub async fn process_batch(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+    ) -> Result<Vec<Outcome>, RepositoryError> {
+        let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
+        let plans: Vec<&Plan> = plans.iter().collect();
+        self.process_planned(batch, &plans).await
+    }
+
+    /// [`Self::process_batch`] of messages already decoded by [`Self::plan`]
+    /// (one plan per message).
+    pub async fn process_planned(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+    ) -> Result<Vec<Outcome>, RepositoryError> {
+        let mut contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
+        // One span per message when traces are exported (none otherwise),
+        // ended with this call; the events carry its trace context.
+        let spans: Vec<tracing::Span> = batch
+            .iter()
+            .zip(contexts.iter_mut())
+            .filter_map(|((m, _), context)| telemetry::message_span(m, context))
+            .collect();
+        let handled = batch::process(&self.store, batch, plans, &contexts, || {
+            self.metrics.concurrency_retries.inc();
+        })
+        .await;
+        let Handled {
+            outcomes,
+            dead_letters,
+        } = match handled {
+            Ok(handled) => handled,
+            Err(e) => {
+                if matches!(e, RepositoryError::Unavailable(_)) {
+                    self.store_reachable.store(false, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
+        self.store_reachable.store(true, Ordering::Relaxed);
+        for (span, outcome) in spans.iter().zip(&outcomes) {
+            span.record("outcome", tracing::field::debug(outcome));
+        }
+        for (i, error) in dead_letters {
+            if let Outcome::DeadLettered(reason) = outcomes[i] {
+                let m = batch[i].0;
+                tracing::warn!(
+                    reason = reason.as_str(),
+                    error,
+                    topic = %m.topic,
+                    partition = m.partition,
+                    offset = m.offset,
+                    "message dead-lettered"
+                );
+                self.metrics
+                    .dead_letters
+                    .with_label_values(&[reason.as_str()])
+                    .inc();
+            }
+        }
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Applied | Outcome::DeadLettered(_)))
+        {
+            self.relay_wake.notify_one();
+        }
+        if outcomes
+            .iter()
+            .zip(plans)
+            .any(|(o, p)| *o == Outcome::Applied && p.creates_batch())
+        {
+            self.references.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(outcomes)
+    }
+
+    /// Decodes a message: what to do with it, and the keys it names.
+    pub fn plan(&self, message: &InboundMessage) -> Plan {
+        let Some(kind) = self.topics.inbound_kind(&message.topic) else {
+            let error = format!("topic {} is not an inbound topic", message.topic);
+            return Plan::DeadLetter(DeadLetterReason::UnknownTopic, error);
+        };
+        match inbound::decode(kind, message.payload.as_deref()) {
+            Ok(command) => Plan::Handle(command),
+            Err(error) => {
+                let reason = match error {
+                    DecodeError::Malformed(_) => DeadLetterReason::MalformedJson,
+                    DecodeError::Invalid(_) => DeadLetterReason::InvalidMessage,
+                };
+                Plan::DeadLetter(reason, error.to_string())
+            }
+        }
+    }
+}
