@@ -23,9 +23,9 @@
 //! - [`command_error`]: the error of the commands besides `run` and
 //!   `migrate`, and its exit code.
 //! - `tools` (the `tools` cargo feature, on by default): `simulate`, `watch`
-//!   and the generator the benchmark shares. Imports `configuration` and
-//!   `adapters`, never `entrypoints`; only the command line and `main.rs`
-//!   import it.
+//!   and the generator the benchmark shares. Imports `configuration`,
+//!   `adapters` and `command_error`, never `entrypoints`; only the command
+//!   line and `main.rs` import it.
 
 /// The crate version this binary was built as.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
