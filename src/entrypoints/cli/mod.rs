@@ -10,6 +10,7 @@ mod replay;
 mod run;
 #[cfg(feature = "tools")]
 mod tools;
+mod topics;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -18,6 +19,7 @@ pub use replay::ReplayArgs;
 pub use run::{DatabaseArgs, RunArgs};
 #[cfg(feature = "tools")]
 pub use tools::{parse_malformed, MalformedArg, SimulateArgs, SummaryArgs, WatchArgs};
+pub use topics::{InboundTopicArgs, OutboundTopicArgs};
 
 #[derive(Debug, Parser)]
 #[command(

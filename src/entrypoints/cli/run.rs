@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::KafkaPropertyArgs;
+use super::{InboundTopicArgs, KafkaPropertyArgs, OutboundTopicArgs};
 use crate::adapters::kafka::{KafkaSettings, Topics};
 use crate::adapters::retention::RetentionSettings;
 use crate::configuration::{
-    distinct_inbound, duration, non_empty, positive, refuse_guarantee_breakers, topic, ConfigError,
-    DatabaseSettings, RunSettings, WorkerSettings,
+    duration, non_empty, positive, refuse_guarantee_breakers, ConfigError, DatabaseSettings,
+    RunSettings, WorkerSettings,
 };
 
 #[derive(Debug, Args)]
@@ -44,40 +44,10 @@ pub struct RunArgs {
     #[command(flatten)]
     pub kafka_properties: KafkaPropertyArgs,
 
-    #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
-    pub topic_batch_created: String,
-    #[arg(
-        long,
-        env = "TOPIC_BATCH_QUANTITY_CHANGED",
-        default_value = "erp.batch-quantity-changed"
-    )]
-    pub topic_batch_quantity_changed: String,
-    #[arg(
-        long,
-        env = "TOPIC_ALLOCATION_REQUIRED",
-        default_value = "erp.allocation-required"
-    )]
-    pub topic_allocation_required: String,
-    #[arg(long, env = "TOPIC_ALLOCATED", default_value = "allocation.allocated")]
-    pub topic_allocated: String,
-    #[arg(
-        long,
-        env = "TOPIC_DEALLOCATED",
-        default_value = "allocation.deallocated"
-    )]
-    pub topic_deallocated: String,
-    #[arg(
-        long,
-        env = "TOPIC_OUT_OF_STOCK",
-        default_value = "allocation.out-of-stock"
-    )]
-    pub topic_out_of_stock: String,
-    #[arg(
-        long,
-        env = "TOPIC_DEAD_LETTER",
-        default_value = "allocation.dead-letter"
-    )]
-    pub topic_dead_letter: String,
+    #[command(flatten)]
+    pub inbound_topics: InboundTopicArgs,
+    #[command(flatten)]
+    pub outbound_topics: OutboundTopicArgs,
 
     /// Address of the HTTP endpoints (/metrics, /healthz, /readyz,
     /// /allocations/{orderid}); port 0 picks a free port.
@@ -141,22 +111,18 @@ impl RunArgs {
         non_empty("KAFKA_GROUP_ID (--kafka-group-id)", &self.kafka_group_id)?;
         let properties = self.kafka_properties.properties()?;
         refuse_guarantee_breakers(&properties)?;
+        let [batch_created, batch_quantity_changed, allocation_required] =
+            self.inbound_topics.names()?;
+        let [allocated, deallocated, out_of_stock, dead_letter] = self.outbound_topics.names()?;
         let topics = Topics {
-            batch_created: topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
-            batch_quantity_changed: topic(
-                "TOPIC_BATCH_QUANTITY_CHANGED",
-                &self.topic_batch_quantity_changed,
-            )?,
-            allocation_required: topic(
-                "TOPIC_ALLOCATION_REQUIRED",
-                &self.topic_allocation_required,
-            )?,
-            allocated: topic("TOPIC_ALLOCATED", &self.topic_allocated)?,
-            deallocated: topic("TOPIC_DEALLOCATED", &self.topic_deallocated)?,
-            out_of_stock: topic("TOPIC_OUT_OF_STOCK", &self.topic_out_of_stock)?,
-            dead_letter: topic("TOPIC_DEAD_LETTER", &self.topic_dead_letter)?,
+            batch_created,
+            batch_quantity_changed,
+            allocation_required,
+            allocated,
+            deallocated,
+            out_of_stock,
+            dead_letter,
         };
-        distinct_inbound(topics.inbound())?;
         let retention = RetentionSettings {
             idempotency: positive(
                 "IDEMPOTENCY_RETENTION (--idempotency-retention)",

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::ConnectionArgs;
-use crate::configuration::{distinct_inbound, duration, topic, ConfigError, Connection};
+use super::{ConnectionArgs, InboundTopicArgs, OutboundTopicArgs};
+use crate::configuration::{duration, ConfigError, Connection};
 use crate::tools::generator::{Malformed, WorkloadSettings};
 use crate::tools::simulate::{SimulateSettings, DEFAULT_UNTIL_IDLE};
 use crate::tools::watch::WatchSettings;
@@ -16,20 +16,8 @@ pub struct SimulateArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
 
-    #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
-    pub topic_batch_created: String,
-    #[arg(
-        long,
-        env = "TOPIC_BATCH_QUANTITY_CHANGED",
-        default_value = "erp.batch-quantity-changed"
-    )]
-    pub topic_batch_quantity_changed: String,
-    #[arg(
-        long,
-        env = "TOPIC_ALLOCATION_REQUIRED",
-        default_value = "erp.allocation-required"
-    )]
-    pub topic_allocation_required: String,
+    #[command(flatten)]
+    pub inbound_topics: InboundTopicArgs,
 
     /// Messages per second.
     #[arg(long, env = "SIMULATE_RATE", default_value_t = 50.0)]
@@ -94,15 +82,7 @@ pub fn parse_malformed(text: &str) -> Result<MalformedArg, String> {
 impl SimulateArgs {
     pub fn settings(&self) -> Result<SimulateSettings, ConfigError> {
         let connection = self.connection.settings()?;
-        let topics = [
-            topic("TOPIC_BATCH_CREATED", &self.topic_batch_created)?,
-            topic(
-                "TOPIC_BATCH_QUANTITY_CHANGED",
-                &self.topic_batch_quantity_changed,
-            )?,
-            topic("TOPIC_ALLOCATION_REQUIRED", &self.topic_allocation_required)?,
-        ];
-        distinct_inbound([&topics[0], &topics[1], &topics[2]])?;
+        let topics = self.inbound_topics.names()?;
         if !(self.rate.is_finite() && self.rate > 0.0 && self.rate <= 1_000_000.0) {
             return Err(ConfigError {
                 setting: "SIMULATE_RATE (--rate)",
@@ -148,26 +128,8 @@ impl SimulateArgs {
 /// What the summary reads, and when it stops.
 #[derive(Debug, Clone, Args)]
 pub struct SummaryArgs {
-    #[arg(long, env = "TOPIC_ALLOCATED", default_value = "allocation.allocated")]
-    pub topic_allocated: String,
-    #[arg(
-        long,
-        env = "TOPIC_DEALLOCATED",
-        default_value = "allocation.deallocated"
-    )]
-    pub topic_deallocated: String,
-    #[arg(
-        long,
-        env = "TOPIC_OUT_OF_STOCK",
-        default_value = "allocation.out-of-stock"
-    )]
-    pub topic_out_of_stock: String,
-    #[arg(
-        long,
-        env = "TOPIC_DEAD_LETTER",
-        default_value = "allocation.dead-letter"
-    )]
-    pub topic_dead_letter: String,
+    #[command(flatten)]
+    pub outbound_topics: OutboundTopicArgs,
 
     /// The worker's Prometheus endpoint, for consumer lag and outbox backlog.
     #[arg(
@@ -214,12 +176,7 @@ impl WatchArgs {
 
 impl SummaryArgs {
     pub fn settings(&self, connection: Connection) -> Result<WatchSettings, ConfigError> {
-        let topics = [
-            topic("TOPIC_ALLOCATED", &self.topic_allocated)?,
-            topic("TOPIC_DEALLOCATED", &self.topic_deallocated)?,
-            topic("TOPIC_OUT_OF_STOCK", &self.topic_out_of_stock)?,
-            topic("TOPIC_DEAD_LETTER", &self.topic_dead_letter)?,
-        ];
+        let topics = self.outbound_topics.names()?;
         let metrics_url = self.metrics_url.parse().map_err(|reason| ConfigError {
             setting: "METRICS_URL (--metrics-url)",
             reason,
