@@ -276,22 +276,28 @@ fn unread_of(p: &rdkafka::statistics::Partition) -> i64 {
     unread.max(0)
 }
 
+/// librdkafka's log lines as `tracing` events of the target `librdkafka`, at
+/// the matching level. The properties of `KAFKA_PROPERTIES` go to consumers
+/// and producers alike, and each ignores the other's with a warning that is
+/// noise, not news: that one is logged at debug.
+pub fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    if fac == "CONFWARN" && message.contains("will be ignored by this") {
+        tracing::debug!(target: "librdkafka", fac, "{message}");
+        return;
+    }
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}
+
 impl ClientContext for WorkerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        // KAFKA_PROPERTIES go to both clients; each ignores the other's
-        // properties with a warning that is noise, not news.
-        if fac == "CONFWARN" && message.contains("will be ignored by this") {
-            tracing::debug!(target: "librdkafka", fac, "{message}");
-            return;
-        }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
+        log_to_tracing(level, fac, message);
     }
 
     fn stats(&self, statistics: Statistics) {

@@ -17,19 +17,7 @@ pub struct ReaderContext;
 
 impl ClientContext for ReaderContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        // The connection's properties go to consumers and producers alike;
-        // each ignores the other's with a warning that is noise.
-        if fac == "CONFWARN" && message.contains("will be ignored by this") {
-            return;
-        }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-            _ => tracing::debug!(target: "librdkafka", fac, "{message}"),
-        }
+        super::kafka::log_to_tracing(level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -44,6 +32,20 @@ impl ClientContext for ReaderContext {
 }
 
 impl ConsumerContext for ReaderContext {}
+
+/// The settings of a reader: a consumer that is given its partitions
+/// (`assign`) and never joins `group` (librdkafka requires one all the
+/// same), stores and commits nothing, and reports the end of each partition.
+/// Properties the operator passes are set after these, and win.
+pub fn reader_settings(group: &str) -> [(&'static str, &str); 5] {
+    [
+        ("group.id", group),
+        ("enable.auto.commit", "false"),
+        ("enable.auto.offset.store", "false"),
+        ("enable.partition.eof", "true"),
+        ("fetch.wait.max.ms", "100"),
+    ]
+}
 
 /// Why the partitions of a topic could not be listed.
 #[derive(Debug, thiserror::Error)]

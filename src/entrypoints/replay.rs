@@ -37,7 +37,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use uuid::Uuid;
 
 use crate::adapters::kafka::to_inbound;
-use crate::adapters::topic_reader::{partition_ids, ReaderContext};
+use crate::adapters::topic_reader::{partition_ids, reader_settings, ReaderContext};
 use crate::command_error::CommandError;
 use crate::configuration::{topic, Connection};
 
@@ -218,14 +218,7 @@ fn read_letters(
         Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );
     let consumer: BaseConsumer<ReaderContext> = connection
-        .client_config(&[
-            // Required by librdkafka, never joined: assign(), no subscribe().
-            ("group.id", &group),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("enable.partition.eof", "true"),
-            ("fetch.wait.max.ms", "100"),
-        ])
+        .client_config(&reader_settings(&group))
         .create_with_context(ReaderContext)
         .map_err(CommandError::refused_property)?;
     let ids = partition_ids(&consumer, dead_letter_topic)?;

@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::adapters::topic_reader::{partition_ids, ReaderContext};
+use crate::adapters::topic_reader::{partition_ids, reader_settings, ReaderContext};
 use crate::command_error::CommandError;
 use crate::configuration::Connection;
 
@@ -88,14 +88,7 @@ impl Counter {
         let mut partitions = 0;
         for (index, topic) in topics.iter().enumerate() {
             let consumer: BaseConsumer<ReaderContext> = connection
-                .client_config(&[
-                    // Required by librdkafka, never joined: assign(), no subscribe().
-                    ("group.id", &group),
-                    ("enable.auto.commit", "false"),
-                    ("enable.auto.offset.store", "false"),
-                    ("enable.partition.eof", "true"),
-                    ("fetch.wait.max.ms", "100"),
-                ])
+                .client_config(&reader_settings(&group))
                 .create_with_context(ReaderContext)
                 .map_err(CommandError::refused_property)?;
             let ids = partition_ids(&consumer, topic)?;
