@@ -190,6 +190,22 @@ fn json_bytes(value: serde_json::Value) -> Vec<u8> {
     serde_json::to_vec(&value).expect("JSON values serialize")
 }
 
+impl Body {
+    /// A BatchCreated, keyed by its SKU as the ERP keys them.
+    fn batch_created(reference: &str, sku: String, qty: u32, eta: Option<NaiveDate>) -> Self {
+        Body {
+            kind: InboundKind::BatchCreated,
+            value: json_bytes(serde_json::json!({
+                "ref": reference,
+                "sku": sku,
+                "qty": qty,
+                "eta": eta.map(|d| d.format("%Y-%m-%d").to_string()),
+            })),
+            key: sku,
+        }
+    }
+}
+
 /// Keeps the random stream of malformed messages apart from the main one.
 const MALFORMED_SALT: u64 = 0x6d61_6c66_6f72_6d65;
 

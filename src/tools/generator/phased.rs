@@ -164,16 +164,7 @@ impl Phased {
             })
             .flatten();
         self.batches.push((reference.clone(), qty));
-        Body {
-            kind: InboundKind::BatchCreated,
-            value: json_bytes(json!({
-                "ref": reference,
-                "sku": sku,
-                "qty": qty,
-                "eta": eta.map(|d| d.format("%Y-%m-%d").to_string()),
-            })),
-            key: sku,
-        }
+        Body::batch_created(&reference, sku, qty, eta)
     }
 
     fn allocation(&mut self, rng: &mut Rng, orderid_prefix: &str, n: u64) -> Body {

@@ -179,16 +179,7 @@ impl Steady {
             eta,
         });
         let sku = self.skus[sku].clone();
-        Body {
-            kind: InboundKind::BatchCreated,
-            value: json_bytes(json!({
-                "ref": reference,
-                "sku": sku,
-                "qty": qty,
-                "eta": eta.map(|d| d.format("%Y-%m-%d").to_string()),
-            })),
-            key: sku,
-        }
+        Body::batch_created(&reference, sku, qty, eta)
     }
 
     fn popular_sku(&self, rng: &mut Rng) -> usize {
