@@ -99,14 +99,15 @@ fn no_container(what: &str, image: &str, variable: &str, error: impl std::fmt::D
 }
 
 async fn start_postgres() -> (String, ContainerAsync<GenericImage>) {
-    let image = set_var("TEST_POSTGRES_IMAGE").unwrap_or_else(|| DEFAULT_POSTGRES_IMAGE.into());
+    let image = postgres_image();
     let (name, tag) = image_ref(&image);
-    let container = GenericImage::new(name, tag)
+    let mut request = GenericImage::new(name, tag)
         .with_exposed_port(5432.tcp())
-        .with_env_var("POSTGRES_USER", "allocation")
-        .with_env_var("POSTGRES_PASSWORD", "allocation")
-        .with_env_var("POSTGRES_DB", "allocation")
-        .with_label("allocation-worker.test", "postgres")
+        .with_label("allocation-worker.test", "postgres");
+    for (k, v) in POSTGRES_ENV {
+        request = request.with_env_var(k, v);
+    }
+    let container = request
         .start()
         .await
         .unwrap_or_else(|e| no_container("PostgreSQL", &image, "DATABASE_URL", e));
@@ -119,19 +120,11 @@ async fn start_postgres() -> (String, ContainerAsync<GenericImage>) {
     // The official image runs its init scripts on a socket-only server first:
     // a real login over TCP is the readiness check.
     let started = Instant::now();
-    loop {
-        match PgConnection::connect(&url).await {
-            Ok(connection) => {
-                let _ = connection.close().await;
-                break;
-            }
-            Err(e) if started.elapsed() > STARTUP => panic!(
-                "PostgreSQL container {} ({image}) did not accept a login within {STARTUP:?}: {e}",
-                container.id()
-            ),
-            // Poll interval of the STARTUP deadline.
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
+    if let Err(e) = postgres_login(&url, STARTUP).await {
+        panic!(
+            "PostgreSQL container {} ({image}) did not accept a login within {STARTUP:?}: {e}",
+            container.id()
+        );
     }
     eprintln!(
         "[containers] PostgreSQL {image} at {host}:{port} ready in {:?}",
@@ -141,48 +134,21 @@ async fn start_postgres() -> (String, ContainerAsync<GenericImage>) {
 }
 
 async fn start_kafka() -> (String, ContainerAsync<GenericImage>) {
-    let image = set_var("TEST_KAFKA_IMAGE").unwrap_or_else(|| DEFAULT_KAFKA_IMAGE.into());
+    let image = kafka_image();
     let (name, tag) = image_ref(&image);
     let port = free_port();
     let advertised = format!("127.0.0.1:{port}");
-    let request = GenericImage::new(name.clone(), tag)
+    let mut request = GenericImage::new(name.clone(), tag)
         .with_exposed_port(9092.tcp())
         .with_mapped_port(port, ContainerPort::Tcp(9092))
         .with_label("allocation-worker.test", "kafka");
-    let request = if name.contains("tansu") {
-        request.with_cmd([
-            "broker".to_owned(),
-            "--listener-url".to_owned(),
-            "tcp://0.0.0.0:9092".to_owned(),
-            "--advertised-listener-url".to_owned(),
-            format!("tcp://{advertised}"),
-            "--storage-engine".to_owned(),
-            "memory://tansu/".to_owned(),
-        ])
-    } else {
-        // apache/kafka, single KRaft node: setting any KAFKA_* variable
-        // replaces its defaults, so all of them.
-        request
-            .with_env_var("KAFKA_NODE_ID", "1")
-            .with_env_var("KAFKA_PROCESS_ROLES", "broker,controller")
-            .with_env_var(
-                "KAFKA_LISTENERS",
-                "PLAINTEXT://0.0.0.0:9092,CONTROLLER://0.0.0.0:9093",
-            )
-            .with_env_var(
-                "KAFKA_ADVERTISED_LISTENERS",
-                format!("PLAINTEXT://{advertised}"),
-            )
-            .with_env_var("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER")
-            .with_env_var(
-                "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP",
-                "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
-            )
-            .with_env_var("KAFKA_CONTROLLER_QUORUM_VOTERS", "1@localhost:9093")
-            .with_env_var("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1")
-            .with_env_var("KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR", "1")
-            .with_env_var("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1")
-            .with_env_var("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
+    let (command, environment) = kafka_settings(&name, &advertised);
+    for (k, v) in environment {
+        request = request.with_env_var(k, v);
+    }
+    let request = match command {
+        Some(command) => request.with_cmd(command),
+        None => request,
     };
     let container = request
         .start()
@@ -191,30 +157,7 @@ async fn start_kafka() -> (String, ContainerAsync<GenericImage>) {
     // A metadata round trip through the advertised address is the readiness
     // check (an open port is not: Docker's proxy accepts before the broker).
     let started = Instant::now();
-    let bootstrap = advertised.clone();
-    let probe = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()
-            .map_err(|e| e.to_string())?;
-        let mut last = String::new();
-        while started.elapsed() < STARTUP {
-            match producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-            {
-                Ok(metadata) if !metadata.brokers().is_empty() => return Ok(()),
-                Ok(_) => last = "no broker in the metadata".into(),
-                Err(e) => last = e.to_string(),
-            }
-            // Poll interval of the STARTUP deadline.
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Err(last)
-    })
-    .await
-    .expect("Kafka readiness probe");
-    if let Err(e) = probe {
+    if let Err(e) = kafka_metadata(&advertised, STARTUP).await {
         panic!(
             "Kafka container {} ({image}) did not answer metadata requests on {advertised} \
              within {STARTUP:?}: {e}",
@@ -231,6 +174,123 @@ async fn start_kafka() -> (String, ContainerAsync<GenericImage>) {
 // ------------------------------------------------- one per test process
 
 /// Containers shared by every test of the process, removed when it exits.
+/// How a broker image (`name`, without its tag) listens on 9092 and
+/// advertises `advertised` (host:port): the command to give it (None: the
+/// image's own) and its environment. Tansu is told on its command line;
+/// apache/kafka, a single KRaft node, by its KAFKA_* variables (setting any
+/// of them replaces its defaults, so all of them).
+pub fn kafka_settings(
+    name: &str,
+    advertised: &str,
+) -> (Option<Vec<String>>, Vec<(&'static str, String)>) {
+    if name.contains("tansu") {
+        let command = [
+            "broker",
+            "--listener-url",
+            "tcp://0.0.0.0:9092",
+            "--advertised-listener-url",
+            &format!("tcp://{advertised}"),
+            "--storage-engine",
+            "memory://tansu/",
+        ];
+        return (Some(command.map(str::to_owned).to_vec()), Vec::new());
+    }
+    let environment = [
+        ("KAFKA_NODE_ID", "1".to_owned()),
+        ("KAFKA_PROCESS_ROLES", "broker,controller".to_owned()),
+        (
+            "KAFKA_LISTENERS",
+            "PLAINTEXT://0.0.0.0:9092,CONTROLLER://0.0.0.0:9093".to_owned(),
+        ),
+        (
+            "KAFKA_ADVERTISED_LISTENERS",
+            format!("PLAINTEXT://{advertised}"),
+        ),
+        ("KAFKA_CONTROLLER_LISTENER_NAMES", "CONTROLLER".to_owned()),
+        (
+            "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP",
+            "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT".to_owned(),
+        ),
+        (
+            "KAFKA_CONTROLLER_QUORUM_VOTERS",
+            "1@localhost:9093".to_owned(),
+        ),
+        ("KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR", "1".to_owned()),
+        (
+            "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR",
+            "1".to_owned(),
+        ),
+        ("KAFKA_TRANSACTION_STATE_LOG_MIN_ISR", "1".to_owned()),
+        ("KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS", "0".to_owned()),
+    ];
+    (None, environment.to_vec())
+}
+
+/// The environment of a PostgreSQL server image (the official image's
+/// variables, which the local stand-in reads too): role, password and
+/// database `allocation`.
+pub const POSTGRES_ENV: [(&str, &str); 3] = [
+    ("POSTGRES_USER", "allocation"),
+    ("POSTGRES_PASSWORD", "allocation"),
+    ("POSTGRES_DB", "allocation"),
+];
+
+/// The image of PostgreSQL containers: TEST_POSTGRES_IMAGE, or the official one.
+pub fn postgres_image() -> String {
+    set_var("TEST_POSTGRES_IMAGE").unwrap_or_else(|| DEFAULT_POSTGRES_IMAGE.into())
+}
+
+/// The image of broker containers: TEST_KAFKA_IMAGE, or the official one.
+pub fn kafka_image() -> String {
+    set_var("TEST_KAFKA_IMAGE").unwrap_or_else(|| DEFAULT_KAFKA_IMAGE.into())
+}
+
+/// Polls until a login to `url` succeeds, for at most `within`; the last
+/// error otherwise. A started server container takes a moment to listen.
+pub async fn postgres_login(url: &str, within: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(connection) => {
+                let _ = connection.close().await;
+                return Ok(());
+            }
+            Err(e) if started.elapsed() > within => return Err(e.to_string()),
+            // Poll interval of the deadline above.
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Polls until the broker at `bootstrap` answers a metadata request that
+/// names a broker, for at most `within`; the last error otherwise.
+pub async fn kafka_metadata(bootstrap: &str, within: Duration) -> Result<(), String> {
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let started = Instant::now();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .map_err(|e| e.to_string())?;
+        let mut last = String::new();
+        while started.elapsed() < within {
+            match producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+            {
+                Ok(metadata) if !metadata.brokers().is_empty() => return Ok(()),
+                Ok(_) => last = "no broker in the metadata".into(),
+                Err(e) => last = e.to_string(),
+            }
+            // Poll interval of the deadline above.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last)
+    })
+    .await
+    .map_err(|e| format!("the metadata probe panicked: {e}"))?
+}
+
 static SHARED_DATABASE_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 static SHARED_BOOTSTRAP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 static AT_EXIT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
