@@ -6,6 +6,14 @@
 # Runs as an unprivileged user, works with a read-only root filesystem, and
 # listens for HTTP (/metrics, /healthz, /readyz, /allocations/{orderid}) on
 # 0.0.0.0:9464. `CMD` is `run`; pass `migrate` to apply the migrations and exit.
+#
+# Stages: `runtime` (the base, the user, the entrypoint: everything but the
+# binary), `builder` (cargo build --release), and the image, `runtime` with
+# the binary. The runtime stage comes first so that `--target runtime` builds
+# nothing else, even with the classic builder (which builds every stage
+# before the target): CI puts a release binary it has already built, in a
+# clean Debian 12, into that stage (scripts/images.sh --binary) instead of
+# compiling the crate a second time.
 
 ARG RUST_VERSION=1
 # The base images. Users keep the official ones; a machine that cannot pull
@@ -13,6 +21,30 @@ ARG RUST_VERSION=1
 #   --build-arg BUILDER_IMAGE=... --build-arg RUNTIME_IMAGE=...
 ARG BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
+
+# --- runtime: everything the image has but the binary -------------------------
+FROM ${RUNTIME_IMAGE} AS runtime
+
+# ca-certificates for TLS to PostgreSQL and Kafka (it brings libssl3 too);
+# glibc and zlib, the binary's other shared libraries, are in the base image.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 allocation \
+ && useradd --system --uid 10001 --gid allocation --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin allocation
+
+# In a container the HTTP endpoints must listen beyond loopback.
+ENV HTTP_ADDR=0.0.0.0:9464
+EXPOSE 9464
+
+# Numeric so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+
+# Exec form: the worker is PID 1 and receives SIGTERM itself; it finishes
+# in-flight work within SHUTDOWN_TIMEOUT (20s by default) and exits 0.
+ENTRYPOINT ["allocation-worker"]
+CMD ["run"]
 
 # --- build --------------------------------------------------------------------
 FROM ${BUILDER_IMAGE} AS builder
@@ -52,28 +84,6 @@ RUN touch src/main.rs src/lib.rs \
  && ALLOCATION_WORKER_REVISION="$REVISION" cargo build --release --locked --bin allocation-worker \
  && install -D -m 0755 target/release/allocation-worker /out/allocation-worker
 
-# --- run ----------------------------------------------------------------------
-FROM ${RUNTIME_IMAGE}
-
-# ca-certificates for TLS to PostgreSQL and Kafka (it brings libssl3 too);
-# glibc and zlib, the binary's other shared libraries, are in the base image.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
- && rm -rf /var/lib/apt/lists/* \
- && groupadd --system --gid 10001 allocation \
- && useradd --system --uid 10001 --gid allocation --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin allocation
-
+# --- the image: the runtime with the binary ------------------------------------
+FROM runtime
 COPY --from=builder /out/allocation-worker /usr/local/bin/allocation-worker
-
-# In a container the HTTP endpoints must listen beyond loopback.
-ENV HTTP_ADDR=0.0.0.0:9464
-EXPOSE 9464
-
-# Numeric so that Kubernetes' runAsNonRoot can verify it.
-USER 10001:10001
-
-# Exec form: the worker is PID 1 and receives SIGTERM itself; it finishes
-# in-flight work within SHUTDOWN_TIMEOUT (20s by default) and exits 0.
-ENTRYPOINT ["allocation-worker"]
-CMD ["run"]

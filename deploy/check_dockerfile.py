@@ -6,7 +6,7 @@
 Parses the Dockerfile with the `dockerfile` package (BuildKit's own parser)
 when it is installed, else line by line, and checks: a Rust bookworm builder
 and a debian:bookworm-slim runtime (the defaults of the base-image build
-arguments); every COPY from the build context names a
+arguments), the runtime stage first and the image built FROM it; every COPY from the build context names a
 file that exists and that .dockerignore does not exclude; target/ and .git are
 excluded; the binary built is Cargo.toml's [[bin]]; the runtime runs as a
 numeric non-root user, exposes 9464, listens on 0.0.0.0:9464 and has
@@ -95,8 +95,26 @@ def main():
     def resolved(text):
         return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args.get(m[1] or m[2], m[0]), text)
 
-    builder_from = resolved(" ".join(parsed[stages[0]][2]))
-    runtime_from = resolved(" ".join(parsed[stages[-1]][2]))
+    # Stages by name (FROM <image> AS <name>): `runtime` is everything the
+    # image has but the binary, `builder` compiles it, and the last stage is
+    # `runtime` with the binary.
+    named = {}
+    for index in stages:
+        words = parsed[index][2]
+        if len(words) >= 3 and words[-2].upper() == "AS":
+            named[words[-1]] = index
+    for name in ("builder", "runtime"):
+        if name not in named:
+            problem(f"no stage named {name!r}")
+    if problems:
+        return report()
+    builder_from = resolved(parsed[named["builder"]][2][0])
+    runtime_from = resolved(parsed[named["runtime"]][2][0])
+    last_from = parsed[stages[-1]][2]
+    if last_from[0] != "runtime":
+        problem(f"the last stage is FROM {' '.join(last_from)!r}, expected FROM runtime")
+    if named["runtime"] != stages[0]:
+        problem("the runtime stage is not the first: `--target runtime` would build the others too")
     if not re.match(r"rust:\S*bookworm", builder_from):
         problem(f"builder stage is {builder_from!r}, expected rust:*-bookworm")
     if runtime_from.split()[0] != "debian:bookworm-slim":
@@ -118,7 +136,9 @@ def main():
             if f"target/release/{binary}" not in text:
                 problem(f"the Dockerfile does not install target/release/{binary}")
 
-    runtime = parsed[stages[-1]:]
+    # What the image gets: the runtime stage, then the last stage over it.
+    runtime_end = next((i for i in stages if i > named["runtime"]), len(parsed))
+    runtime = parsed[named["runtime"] : runtime_end] + parsed[stages[-1] :]
     last = {}
     env = {}
     for cmd, _, value, is_json in runtime:

@@ -3,6 +3,7 @@
 # and the images the container tests run it beside.
 #
 #   scripts/images.sh [--worker-only | --test-images-only] [--rebuild-stand-ins]
+#                     [--binary PATH]
 #
 # Images (each built only when missing, except the worker, which docker's
 # layer cache rebuilds only as far as the sources changed):
@@ -20,6 +21,13 @@
 #                                       on `scratch`
 # --worker-only skips the last two (the test images), --test-images-only
 # builds only them.
+#
+# --binary PATH: the worker image from a release binary built elsewhere
+# instead of the Dockerfile's builder stage: the Dockerfile's `runtime` stage
+# (base image, user, entrypoint, command: all but the binary) with PATH
+# copied in. CI uses it with the binary its fresh-machine check compiled in
+# a clean Debian 12, so the crate is compiled once, not twice. The binary
+# must run on the runtime base (Debian 12's glibc or older).
 #
 # IMAGES_BASES=official|local|auto (auto): official fails when the official
 # bases cannot be pulled; local always uses the stand-ins.
@@ -39,14 +47,30 @@ source scripts/docker-base.sh --functions
 worker_only=
 test_only=
 rebuild=
+binary=
 for arg in "$@"; do
     case $arg in
         --worker-only) worker_only=1 ;;
         --test-images-only) test_only=1 ;;
         --rebuild-stand-ins) rebuild=1 ;;
-        *) echo "usage: $0 [--worker-only | --test-images-only] [--rebuild-stand-ins]" >&2; exit 2 ;;
+        --binary=*) binary=${arg#--binary=} ;;
+        --binary) expect_binary=1; continue ;;
+        *)
+            if [ -n "${expect_binary:-}" ]; then
+                binary=$arg
+            else
+                echo "usage: $0 [--worker-only | --test-images-only] [--rebuild-stand-ins] [--binary PATH]" >&2
+                exit 2
+            fi
+            ;;
     esac
+    expect_binary=
 done
+[ -z "${expect_binary:-}" ] || { echo "--binary needs a path" >&2; exit 2; }
+if [ -n "$binary" ] && [ ! -x "$binary" ]; then
+    echo "--binary $binary: not an executable file" >&2
+    exit 2
+fi
 bases=${IMAGES_BASES:-auto}
 case $bases in official | local | auto) ;; *) echo "IMAGES_BASES: official, local or auto" >&2; exit 2 ;; esac
 
@@ -185,18 +209,36 @@ fi
 [ -z "$test_only" ] || exit 0
 if [ -n "$use_official" ]; then
     build_args=()
-    log "building allocation-worker:local on $official_builder and $official_runtime"
+    stand_ins="$official_builder and $official_runtime"
 else
-    builder=$(toolchain_stand_in)
-    build_args=(--build-arg "BUILDER_IMAGE=$builder" --build-arg "RUNTIME_IMAGE=$base")
-    log "building allocation-worker:local on the stand-ins $builder and $base"
+    build_args=(--build-arg "RUNTIME_IMAGE=$base")
+    # The builder stand-in only when the builder stage is built.
+    [ -n "$binary" ] || build_args+=(--build-arg "BUILDER_IMAGE=$(toolchain_stand_in)")
+    stand_ins="the stand-ins of $official_builder and $official_runtime"
 fi
 revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 started=$SECONDS
 # IMAGES_CPU_SHARES: the build's CPU weight (1024 is a process's), lower on a
 # machine shared with work that should go first.
-docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
-    -t allocation-worker:local . >/dev/null \
-    || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
+if [ -n "$binary" ]; then
+    log "building allocation-worker:local: the Dockerfile's runtime stage on $stand_ins, with $binary"
+    docker build -q --force-rm --target runtime "${build_args[@]}" -t allocation-worker-runtime:local . >/dev/null \
+        || { log "ERROR: docker build --target runtime failed; run it without -q to see why"; exit 1; }
+    context=$(mktemp -d)
+    cp "$binary" "$context/allocation-worker"
+    # The last stage of the Dockerfile, with the binary from the context
+    # instead of the builder stage.
+    printf '%s\n' 'FROM allocation-worker-runtime:local' \
+        'COPY allocation-worker /usr/local/bin/allocation-worker' \
+        "LABEL made-from=\"prebuilt $(sha256sum "$binary" | cut -c1-16) at $revision\"" >"$context/Dockerfile"
+    docker build -q --force-rm -t allocation-worker:local "$context" >/dev/null \
+        || { rm -rf "$context"; log "ERROR: docker build of the image with $binary failed"; exit 1; }
+    rm -rf "$context"
+else
+    log "building allocation-worker:local on $stand_ins"
+    docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
+        -t allocation-worker:local . >/dev/null \
+        || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
+fi
 log "allocation-worker:local built in $((SECONDS - started)) s"
 echo allocation-worker:local
