@@ -13,6 +13,10 @@
 #          service check (nothing left to install), the promtool checks, and
 #          ${FRESH_TEST_ARGS:-one end-to-end test} (default)
 #
+# FRESH_EXPORT_BINARY=PATH: copies the release binary scripts/run.sh built
+# (HEAD, compiled in the clean container) to PATH on the host as soon as the
+# worker it ran has passed, before the test part; .ci/run makes the worker
+# image from it and tests that image meanwhile.
 # FRESH_READY_TIMEOUT (seconds, default 1800) bounds the wait for the worker:
 # the cold release build, on a busy machine, is most of it.
 # Docker: installs docker.io and starts dockerd when no engine answers (and
@@ -195,6 +199,13 @@ in_container '
     echo "the worker did not stop within 30 s of SIGTERM" >&2; tail -n 20 /root/run.log >&2; exit 1
 '
 log "scripts/run.sh: done in $((SECONDS - run_started)) s"
+if [ -n "${FRESH_EXPORT_BINARY:-}" ]; then
+    # Under a temporary name, then renamed: whoever waits for the file
+    # never sees half of it.
+    docker cp "$container:/root/allocation-worker/target/release/allocation-worker" "$FRESH_EXPORT_BINARY.part"
+    mv "$FRESH_EXPORT_BINARY.part" "$FRESH_EXPORT_BINARY"
+    log "release binary copied to $FRESH_EXPORT_BINARY"
+fi
 
 # --- scripts/test.sh ----------------------------------------------------------
 if [ "$part" = full ]; then
