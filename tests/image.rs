@@ -382,7 +382,10 @@ impl Network {
                 Err(e) => last = e,
             }
         }
-        panic!("cannot create the docker network {name}: {last}");
+        panic!(
+            "cannot create the docker network {name}: {last}\n\
+             The network-cut tests need a Docker engine (scripts/images.sh starts one)."
+        );
     }
 
     fn ip(&self, host: u8) -> String {
