@@ -94,6 +94,10 @@ teardown() {
     exit "$status"
 }
 trap teardown EXIT
+# Without these, bash would run the EXIT trap with the status of the command
+# the signal cut short, and a stopped run could read as passed.
+trap 'printf "compose-smoke: stopped by SIGINT in phase %s\n" "$phase" >&2; exit 130' INT
+trap 'printf "compose-smoke: stopped by SIGTERM in phase %s\n" "$phase" >&2; exit 143' TERM
 
 # Polls a command until it succeeds or the deadline (seconds) passes.
 poll() {
