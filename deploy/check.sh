@@ -6,8 +6,9 @@
 #   prometheus/check.sh    promtool: scrape configs, alert rules, rule unit
 #                          tests, the Grafana dashboard's queries
 #   check_dockerfile.py    Dockerfile and .dockerignore (BuildKit's parser)
-#   check_compose.py       docker-compose.yml: structure, mounted files, and
-#                          `docker compose config` (Compose v2)
+#   check_compose.py       docker-compose.yml and docker-compose.local.yml:
+#                          structure, images and ports as variables, mounted
+#                          files, and `docker compose config` (Compose v2)
 #   k8s/check.py           manifests: what the worker needs, `kubectl
 #                          kustomize`, strict Kubernetes API schemas
 #
@@ -57,7 +58,7 @@ bash prometheus/check.sh
 step "Dockerfile"
 "$py" check_dockerfile.py
 
-step "docker-compose.yml"
+step "docker-compose.yml, docker-compose.local.yml"
 "$py" check_compose.py --compose "${compose[@]}"
 
 step "Kubernetes manifests"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks deploy/docker-compose.yml without a Docker engine.
+"""Checks deploy/docker-compose.yml and docker-compose.local.yml without a Docker engine.
 
     python3 deploy/check_compose.py [--compose BINARY]
 
@@ -11,9 +11,17 @@
    topics of the README created with 6 partitions, Prometheus given the
    rule files that prometheus.yml names, Grafana given the dashboards folder
    its provisioning names.
-3. With --compose BINARY (Docker Compose v2: `docker compose` or a
+3. Every image is a variable whose default is an official image
+   (`${KAFKA_IMAGE:-apache/kafka:3.9.0}`), every host port a variable too.
+4. docker-compose.local.yml (the local stand-ins, on top of the first): it
+   changes only services of the first file, its images are variables with
+   local defaults, a broker healthcheck, and the stack the two make
+   together passes 1 and 2 (merged here as Compose does for the keys it uses:
+   mappings key by key, anything else replaced, `!reset` removes).
+5. With --compose BINARY (Docker Compose v2: `docker compose` or a
    docker-compose binary): `BINARY -f deploy/docker-compose.yml config -q`,
-   Compose's own validation of the file (it needs no engine).
+   the same with docker-compose.local.yml on top: Compose's own validation
+   (it needs no engine).
 
 Exit status 1 with one line per problem.
 """
@@ -30,6 +38,9 @@ except ImportError:  # pragma: no cover
 
 HERE = pathlib.Path(__file__).resolve().parent
 COMPOSE = HERE / "docker-compose.yml"
+LOCAL = HERE / "docker-compose.local.yml"
+# `${NAME:-default}`: what a user may set, and what they get when they do not.
+VARIABLE = re.compile(r"^\$\{([A-Z][A-Z0-9_]*):-([^}]+)\}$")
 TOPICS = [
     "erp.batch-created",
     "erp.batch-quantity-changed",
@@ -44,6 +55,39 @@ problems = []
 
 def problem(message):
     problems.append(message)
+
+
+class Reset:
+    """Compose's `!reset` tag: the key is removed from what it overrides."""
+
+
+class Loader(yaml.SafeLoader):
+    """PyYAML plus the two override tags of Compose v2.24+."""
+
+
+Loader.add_constructor("!reset", lambda loader, node: Reset())
+# `!override` replaces instead of merging; merge() replaces lists anyway.
+Loader.add_constructor(
+    "!override",
+    lambda loader, node: loader.construct_sequence(node, deep=True)
+    if isinstance(node, yaml.SequenceNode)
+    else loader.construct_mapping(node, deep=True),
+)
+
+
+def merge(base, override):
+    """An override file applied to a compose file, as Compose does for what
+    docker-compose.local.yml uses: mappings merged key by key, anything else
+    (command, healthcheck test) replaced, `!reset` removing the key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Reset):
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def seconds(duration):
@@ -164,6 +208,38 @@ def check(compose):
                     problem(f"grafana: datasource {datasource.get('name')} does not point at the prometheus service")
 
 
+def check_variables(compose):
+    """Images and host ports of the first file: variables, official defaults."""
+    for name, service in (compose.get("services") or {}).items():
+        match = VARIABLE.match(str(service.get("image", "")))
+        if not match:
+            problem(f"{name}: image {service.get('image')!r} is not ${{VARIABLE:-official image}}")
+        elif match.group(2).endswith(":local"):
+            problem(f"{name}: image defaults to the local stand-in {match.group(2)}; the official image belongs here")
+        for port in service.get("ports") or []:
+            host = str(port).rsplit(":", 1)[0]
+            if not VARIABLE.match(host):
+                problem(f"{name}: host port of {port!r} is not ${{VARIABLE:-port}}")
+
+
+def check_local(compose, local):
+    """docker-compose.local.yml, alone and on top of the first file."""
+    services = compose.get("services") or {}
+    for name, service in (local.get("services") or {}).items():
+        if name not in services:
+            problem(f"docker-compose.local.yml: service {name} is not in docker-compose.yml")
+        image = service.get("image")
+        if image is not None:
+            match = VARIABLE.match(str(image))
+            if not match or not match.group(2).endswith(":local"):
+                problem(f"docker-compose.local.yml: {name}: image {image!r} is not ${{VARIABLE:-local stand-in:local}}")
+    kafka = (local.get("services") or {}).get("kafka") or {}
+    test = " ".join(str(t) for t in (kafka.get("healthcheck") or {}).get("test") or [])
+    if not test or "/opt/kafka" in test:
+        problem("docker-compose.local.yml: kafka needs a healthcheck of its own (the stand-in has no /opt/kafka)")
+    check(merge(compose, local))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compose", nargs="+", metavar="BINARY",
@@ -171,19 +247,30 @@ def main():
     options = parser.parse_args()
     try:
         compose = yaml.safe_load(COMPOSE.read_text())
+        local = yaml.load(LOCAL.read_text(), Loader=Loader)
     except (OSError, yaml.YAMLError) as error:
         print(f"compose-check: {error}", file=sys.stderr)
         return 1
     check(compose)
+    check_variables(compose)
     print(f"compose-check: {len(compose.get('services') or {})} services, structure checked")
+    before = len(problems)
+    check_local(compose, local)
+    # The merged stack's problems name the file they come from.
+    problems[before:] = [p if p.startswith("docker-compose.local.yml") else f"with docker-compose.local.yml: {p}"
+                         for p in problems[before:]]
+    print(f"compose-check: docker-compose.local.yml: {len(local.get('services') or {})} services, structure checked")
     if options.compose:
-        result = subprocess.run([*options.compose, "-f", str(COMPOSE), "config", "-q"],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            problem(f"{' '.join(options.compose)} config: {(result.stderr or result.stdout).strip()}")
-        else:
-            version = subprocess.run([*options.compose, "version", "--short"], capture_output=True, text=True)
-            print(f"compose-check: docker compose {version.stdout.strip()} config: valid")
+        for files in ([COMPOSE], [COMPOSE, LOCAL]):
+            arguments = [argument for path in files for argument in ("-f", str(path))]
+            result = subprocess.run([*options.compose, *arguments, "config", "-q"],
+                                    capture_output=True, text=True)
+            shown = " + ".join(path.name for path in files)
+            if result.returncode != 0:
+                problem(f"{' '.join(options.compose)} config ({shown}): {(result.stderr or result.stdout).strip()}")
+            else:
+                version = subprocess.run([*options.compose, "version", "--short"], capture_output=True, text=True)
+                print(f"compose-check: docker compose {version.stdout.strip()} config ({shown}): valid")
     for line in problems:
         print(f"compose-check: {line}", file=sys.stderr)
     if problems:

@@ -2,8 +2,8 @@
 # Builds the worker image from the Dockerfile, tagged allocation-worker:local,
 # and the images the container tests run it beside.
 #
-#   scripts/images.sh [--worker-only | --test-images-only] [--rebuild-stand-ins]
-#                     [--binary PATH]
+#   scripts/images.sh [--worker-only | --test-images-only] [--compose-images]
+#                     [--rebuild-stand-ins] [--binary PATH]
 #
 # Images (each built only when missing, except the worker, which docker's
 # layer cache rebuilds only as far as the sources changed):
@@ -29,6 +29,16 @@
 # a clean Debian 12, so the crate is compiled once, not twice. The binary
 # must run on the runtime base (Debian 12's glibc or older).
 #
+# --compose-images also builds the stand-ins that deploy/compose-smoke.sh runs
+# the compose stack on (deploy/docker-compose.local.yml), with the test images:
+#   allocation-worker-prometheus:local  stand-in for prom/prometheus: Debian's
+#                                       prometheus package, entrypoint the
+#                                       server, uid nobody, data in /prometheus
+#   allocation-worker-kafka-tools:local a shell with kcat and the Tansu CLI
+#                                       on allocation-worker-base:trixie:
+#                                       creates the topics (kafka-init) and is
+#                                       the smoke test's Kafka client
+#
 # IMAGES_BASES=official|local|auto (auto): official fails when the official
 # bases cannot be pulled; local always uses the stand-ins.
 #
@@ -48,10 +58,12 @@ worker_only=
 test_only=
 rebuild=
 binary=
+compose_images=
 for arg in "$@"; do
     case $arg in
         --worker-only) worker_only=1 ;;
         --test-images-only) test_only=1 ;;
+        --compose-images) compose_images=1 ;;
         --rebuild-stand-ins) rebuild=1 ;;
         --binary=*) binary=${arg#--binary=} ;;
         --binary) expect_binary=1; continue ;;
@@ -59,7 +71,7 @@ for arg in "$@"; do
             if [ -n "${expect_binary:-}" ]; then
                 binary=$arg
             else
-                echo "usage: $0 [--worker-only | --test-images-only] [--rebuild-stand-ins] [--binary PATH]" >&2
+                echo "usage: $0 [--worker-only | --test-images-only] [--compose-images] [--rebuild-stand-ins] [--binary PATH]" >&2
                 exit 2
             fi
             ;;
@@ -166,10 +178,9 @@ if [ -z "$worker_only" ]; then
         rm -rf "$context"
     fi
 
-    if ! fresh allocation-worker-postgres:local "$base"; then
-        log "building allocation-worker-postgres:local"
-        context=$(mktemp -d)
-        cat >"$context/entrypoint.sh" <<'SH'
+    # The entrypoint is part of what the image is made from: a change to it
+    # rebuilds the image where an older one is present.
+    postgres_entrypoint=$(cat <<'SH'
 #!/bin/bash
 # Like the official postgres image: a cluster made on first start, owned by
 # POSTGRES_USER (password POSTGRES_PASSWORD, database POSTGRES_DB), listening
@@ -192,16 +203,65 @@ mkdir -p /var/run/postgresql && chown postgres:postgres /var/run/postgresql
 # The official image prints this line when it accepts connections (twice:
 # also after its init). Tests wait for it, then for a real login.
 echo "PostgreSQL init process complete; ready for start up."
-exec runuser -u postgres -- "$bin/postgres" -D "$PGDATA" -c listen_addresses='*' "$@"
+# setpriv execs postgres in place, so that `docker stop`'s SIGINT reaches it
+# (a fast shutdown); runuser would stay as its parent and not pass it on, and
+# the stop would wait for SIGKILL.
+exec setpriv --reuid=postgres --regid=postgres --init-groups -- "$bin/postgres" -D "$PGDATA" -c listen_addresses='*' "$@"
 SH
+)
+    made_from="$base $(sha256sum <<<"$postgres_entrypoint" | cut -c1-16)"
+    if ! fresh allocation-worker-postgres:local "$made_from"; then
+        log "building allocation-worker-postgres:local"
+        context=$(mktemp -d)
+        printf '%s\n' "$postgres_entrypoint" >"$context/entrypoint.sh"
         printf '%s\n' "FROM $base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh' \
             'RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh' \
-            "LABEL made-from=\"$base\"" \
+            "LABEL made-from=\"$made_from\"" \
             'EXPOSE 5432' 'STOPSIGNAL SIGINT' \
             'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' >"$context/Dockerfile"
         docker build -q -t allocation-worker-postgres:local "$context" >/dev/null
+        rm -rf "$context"
+    fi
+fi
+# --- compose stand-ins ----------------------------------------------------------------
+if [ -n "$compose_images" ]; then
+    # The official prom/prometheus image runs /bin/prometheus as nobody in
+    # /prometheus; Debian's package gives the same server (an older 2.x, which
+    # reads deploy/prometheus/*.yml: deploy/check.sh checks them with its
+    # promtool).
+    if ! fresh allocation-worker-prometheus:local "$base"; then
+        log "building allocation-worker-prometheus:local"
+        context=$(mktemp -d)
+        printf '%s\n' "FROM $base" \
+            'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && rm -rf /var/lib/apt/lists/*' \
+            'RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus' \
+            "LABEL made-from=\"$base\"" \
+            'USER nobody' 'WORKDIR /prometheus' 'EXPOSE 9090' \
+            'ENTRYPOINT ["/usr/bin/prometheus"]' \
+            'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' >"$context/Dockerfile"
+        docker build -q -t allocation-worker-prometheus:local "$context" >/dev/null
+        rm -rf "$context"
+    fi
+    # The Tansu image is `scratch` (no shell), so kafka-init cannot loop over
+    # the topics in it; this one has bash, the same Tansu binary, and kcat, a
+    # client that works against Tansu and Apache Kafka alike. On trixie:
+    # bookworm's kcat links librdkafka 2.0.2, whose ApiVersions request Tansu
+    # answers with something it cannot read ("Read underflow").
+    tansu_id=$(docker image inspect -f '{{.Id}}' allocation-worker-tansu:local 2>/dev/null) \
+        || { log "ERROR: allocation-worker-tansu:local is missing (build it without --worker-only)"; exit 1; }
+    tools_base=$(docker_base_image trixie)
+    made_from="$tools_base $tansu_id"
+    if ! fresh allocation-worker-kafka-tools:local "$made_from"; then
+        log "building allocation-worker-kafka-tools:local"
+        context=$(mktemp -d)
+        printf '%s\n' "FROM $tools_base" \
+            'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null && rm -rf /var/lib/apt/lists/*' \
+            'COPY --from=allocation-worker-tansu:local /tansu /usr/local/bin/tansu' \
+            "LABEL made-from=\"$made_from\"" \
+            'CMD ["bash"]' >"$context/Dockerfile"
+        docker build -q -t allocation-worker-kafka-tools:local "$context" >/dev/null
         rm -rf "$context"
     fi
 fi
