@@ -131,7 +131,8 @@ begin engine "Docker engine and $WORKER_IMAGE"
 docker_engine_up || fail "no Docker engine answers and none could be started"
 docker image inspect "$WORKER_IMAGE" >/dev/null 2>&1 \
     || fail "worker image $WORKER_IMAGE is missing: build it with scripts/images.sh (or set WORKER_IMAGE)"
-command -v curl >/dev/null || fail "curl is missing (apt-get install curl)"
+# The HTTP client of the checks below: installed when missing, as the engine is.
+command -v curl >/dev/null || _docker_base_apt_install curl || fail "curl is missing and could not be installed (apt-get install curl)"
 command -v python3 >/dev/null || fail "python3 is missing (it reads Prometheus's JSON answers)"
 done_phase
 
