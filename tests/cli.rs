@@ -59,9 +59,11 @@ fn retention_and_health_settings_are_checked() {
         ("IDEMPOTENCY_RETENTION", "--idempotency-retention"),
         ("OUTBOX_RETENTION", "--outbox-retention"),
         ("HEALTH_POLL_TIMEOUT", "--health-poll-timeout"),
+        ("TRANSACTION_TIMEOUT", "--transaction-timeout"),
     ] {
         assert_config_error(&worker(&["run"], &[DB, KAFKA, (name, "a week")]), flag);
-        // Zero would delete every record at once, or fail every probe.
+        // Zero would delete every record at once, fail every probe, or
+        // give up every transaction.
         assert_config_error(&worker(&["run"], &[DB, KAFKA, (name, "0s")]), name);
     }
 }

@@ -334,6 +334,10 @@ const RECOVERY: Duration = Duration::from_secs(120);
 /// about half of `session.timeout.ms`).
 const CUT_KAFKA_PROPERTIES: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000";
 
+/// TRANSACTION_TIMEOUT of the worker cut off from PostgreSQL: well within
+/// [`CUT`].
+const TRANSACTION_TIMEOUT: &str = "5s";
+
 /// `docker ARGS`: its output, trimmed, or what it said on stderr.
 fn docker(args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker")
@@ -575,14 +579,17 @@ async fn cut_off_from(side: Side) {
     let t = env.topics.clone();
     let (worker_name, log) = env.new_worker_log();
     let http: SocketAddr = format!("{}:9464", http_net.ip(20)).parse().unwrap();
+    let mut extra = vec![
+        ("KAFKA_PROPERTIES", CUT_KAFKA_PROPERTIES),
+        ("SHUTDOWN_TIMEOUT", "10s"),
+    ];
+    if side == Side::Database {
+        // Short, so that the cut outlasts it: the worker must give up the
+        // transactions the cut left hanging, not wait for TCP.
+        extra.push(("TRANSACTION_TIMEOUT", TRANSACTION_TIMEOUT));
+    }
     let settings: Vec<(String, String)> = env
-        .worker_settings(
-            "0.0.0.0:9464".parse().unwrap(),
-            &[
-                ("KAFKA_PROPERTIES", CUT_KAFKA_PROPERTIES),
-                ("SHUTDOWN_TIMEOUT", "10s"),
-            ],
-        )
+        .worker_settings("0.0.0.0:9464".parse().unwrap(), &extra)
         .into_iter()
         .collect();
     let worker = Container::start(
@@ -688,6 +695,32 @@ async fn cut_off_from(side: Side) {
         "every order allocated once, {:?} after the cut healed",
         healed_at.elapsed()
     ));
+
+    if side == Side::Database {
+        // Cut off, the transactions in hand neither failed nor ended: the
+        // worker gave them up at TRANSACTION_TIMEOUT and backed off, instead
+        // of waiting for TCP to retransmit once the route was back.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let gave_up = text
+            .lines()
+            .filter(|l| l.contains("backing off") && l.contains("TRANSACTION_TIMEOUT"))
+            .count();
+        env.note(&format!(
+            "{gave_up} attempt(s) given up at TRANSACTION_TIMEOUT={TRANSACTION_TIMEOUT}"
+        ));
+        check!(
+            env,
+            gave_up > 0,
+            "no transaction given up at TRANSACTION_TIMEOUT={TRANSACTION_TIMEOUT} during a {CUT:?} cut; log: {}",
+            log.display()
+        );
+        check!(
+            env,
+            text.contains("database reachable again; resumed"),
+            "the log does not say the worker resumed; log: {}",
+            log.display()
+        );
+    }
 
     // `docker stop` after all that: a clean exit within the grace period.
     let stopping = Instant::now();

@@ -135,6 +135,10 @@ pub struct WorkerSettings {
     /// Most messages of one partition handled in one transaction. 1 gives
     /// one transaction per message.
     pub max_batch_messages: usize,
+    /// How long one attempt at a batch (taking a connection, the
+    /// transaction, the commit) may last before its connection is given up
+    /// as lost and the batch tried again after a back-off.
+    pub transaction_timeout: Duration,
 }
 
 /// How the commands other than `run` reach the broker

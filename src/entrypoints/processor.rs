@@ -88,6 +88,20 @@ impl Processor {
         self.metrics.concurrency_retries.get()
     }
 
+    /// The error of an attempt that outlived `bound` (see
+    /// `TRANSACTION_TIMEOUT`): the database counts as unreachable until an
+    /// attempt succeeds, as after any other lost connection.
+    pub fn attempt_timed_out(&self, bound: std::time::Duration) -> RepositoryError {
+        self.store_reachable.store(false, Ordering::Relaxed);
+        RepositoryError::Unavailable(
+            format!(
+                "the database did not finish the batch's transaction within {} (TRANSACTION_TIMEOUT); its connection is given up",
+                humantime::format_duration(bound)
+            )
+            .into(),
+        )
+    }
+
     /// [`Self::process_batch`] of one message.
     pub async fn process_one(
         &self,

@@ -104,9 +104,25 @@ impl PgStore {
 /// What one attempt at a batch holds: its share of the pool, and a
 /// connection.
 pub struct PgSession<'a> {
-    /// Held until the connection is back (kept or in the pool).
-    transaction: SemaphorePermit<'a>,
-    conn: PoolConnection<Postgres>,
+    /// Held until the connection is back (kept, in the pool, or closed):
+    /// dropped with the session, after [`Drop`] has seen to the connection.
+    _transaction: SemaphorePermit<'a>,
+    /// Taken by [`Store::end_session`]; still here when the attempt was
+    /// dropped midway (a time bound, or a partition that stops).
+    conn: Option<PoolConnection<Postgres>>,
+}
+
+impl Drop for PgSession<'_> {
+    /// An attempt dropped midway leaves its connection in the middle of a
+    /// statement, possibly on a route that has gone: closed (sqlx gives a
+    /// close five seconds), not handed back to the pool, whose check of a
+    /// returned connection has no time bound and would hold the pool's slot
+    /// for as long as TCP retransmits.
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 impl Store for PgStore {
@@ -122,26 +138,32 @@ impl Store for PgStore {
             .await
             .map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
         let conn = self.connections.acquire().await.map_err(classify)?;
-        Ok(PgSession { transaction, conn })
+        Ok(PgSession {
+            _transaction: transaction,
+            conn: Some(conn),
+        })
     }
 
     async fn begin<'s, 'a: 's>(
         &'s self,
         session: &'s mut PgSession<'a>,
     ) -> Result<PgUnitOfWork<'s>, RepositoryError> {
-        PgUnitOfWork::begin(&mut *session.conn, &self.cache).await
+        let conn = session.conn.as_mut().ok_or_else(|| {
+            RepositoryError::Unavailable("the session's connection was already given back".into())
+        })?;
+        PgUnitOfWork::begin(&mut **conn, &self.cache).await
     }
 
-    fn end_session(&self, session: PgSession<'_>, committed: bool) {
-        let PgSession { transaction, conn } = session;
+    fn end_session(&self, mut session: PgSession<'_>, committed: bool) {
         // Kept only after a commit; after an error it goes back to the pool,
-        // which checks it.
-        if committed {
-            self.connections.keep(conn);
-        } else {
-            drop(conn);
+        // which checks it. The permit goes with the session, after.
+        if let Some(conn) = session.conn.take() {
+            if committed {
+                self.connections.keep(conn);
+            } else {
+                drop(conn);
+            }
         }
-        drop(transaction);
     }
 }
 

@@ -74,6 +74,15 @@ pub struct RunArgs {
     #[arg(long, env = "MAX_BATCH_MESSAGES", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_batch_messages: u32,
 
+    /// How long one attempt at a batch's transaction may last, e.g. 60s,
+    /// before its connection is given up as lost and the batch retried
+    /// after a back-off. PostgreSQL's statement_timeout (30s) and
+    /// lock_timeout (10s) act only while the server can reach the worker; a
+    /// connection whose route has gone is otherwise waited on for as long as
+    /// TCP retransmits. Keep it above statement_timeout.
+    #[arg(long, env = "TRANSACTION_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub transaction_timeout: Duration,
+
     /// How long idempotency records are kept, e.g. 7d. Keep it longer than
     /// the inbound topics' retention.ms: a redelivered message whose record
     /// is gone is applied again.
@@ -137,6 +146,10 @@ impl RunArgs {
             "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
             self.health_poll_timeout,
         )?;
+        let transaction_timeout = positive(
+            "TRANSACTION_TIMEOUT (--transaction-timeout)",
+            self.transaction_timeout,
+        )?;
         Ok(RunSettings {
             database,
             kafka: KafkaSettings {
@@ -151,6 +164,7 @@ impl RunArgs {
                 unknown_reference_timeout: self.unknown_reference_timeout,
                 shutdown_timeout: self.shutdown_timeout,
                 max_batch_messages: self.max_batch_messages as usize,
+                transaction_timeout,
             },
             retention,
             health_poll_timeout,
