@@ -265,21 +265,21 @@ impl Worker {
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
-            // Once told to stop (revoked, or shutting down), the batch in
-            // hand has a little while to commit; then it is abandoned,
-            // uncommitted (the transaction rolls back), and read again by
-            // whoever owns the partition next.
-            // Bounded on our side too: PostgreSQL's own timeouts need a
-            // route to us, and a connection whose route has gone neither
-            // fails nor answers for as long as TCP retransmits. The attempt
-            // is dropped at the bound, its connection closed rather than
-            // reused (PgSession), and nothing of it committed, or, if the
-            // commit went through unanswered, its messages are found
-            // processed when the batch comes again.
+            // Bounded on our side too (TRANSACTION_TIMEOUT): PostgreSQL's
+            // own timeouts need a route to us, and a connection whose route
+            // has gone neither fails nor answers for as long as TCP
+            // retransmits. The attempt is dropped at the bound, its
+            // connection closed rather than reused (PgSession), and nothing
+            // of it committed, or, if the commit went through unanswered,
+            // its messages are found processed when the batch comes again.
             let attempt = tokio::time::timeout(
                 self.settings.transaction_timeout,
                 self.processor.process_planned(batch, plans),
             );
+            // Once told to stop (revoked, or shutting down), the batch in
+            // hand has a little while to commit; then it is abandoned,
+            // uncommitted (the transaction rolls back), and read again by
+            // whoever owns the partition next.
             let processed = tokio::select! {
                 biased;
                 processed = attempt => processed.unwrap_or_else(|_| {
