@@ -4,12 +4,14 @@
 //! PostgreSQL and Kafka (containers too when `DATABASE_URL` /
 //! `KAFKA_BOOTSTRAP_SERVERS` are not set, see tests/common/containers.rs).
 //!
-//! The worker container shares the host's network: the broker advertises a
-//! host address (127.0.0.1:<mapped port>), which every client, the worker
-//! included, must be able to reach.
+//! In the first tests the worker container shares the host's network: the
+//! broker advertises a host address (127.0.0.1:<mapped port>), which every
+//! client, the worker included, must be able to reach. The network-cut tests
+//! at the end put it on networks of their own instead.
 //!
 //! Needs a Docker engine and the image: `scripts/images.sh`, then
-//! `cargo test --features image-tests --test image`. Worker logs: `target/e2e-logs/<test>-w<n>.log`.
+//! `cargo test --test image` (`cargo test` alone leaves this target out).
+//! Worker logs: `target/e2e-logs/<test>-w<n>.log`.
 
 mod common;
 
