@@ -42,16 +42,9 @@ fn worker_image() -> String {
 
 /// `docker image inspect -f FORMAT IMAGE`, trimmed.
 fn inspect(image: &str, format: &str) -> String {
-    let out = Command::new("docker")
-        .args(["image", "inspect", "-f", format, image])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the docker client: {e}"));
-    assert!(
-        out.status.success(),
-        "docker image inspect {image}: {}\nBuild it with scripts/images.sh (or set TEST_WORKER_IMAGE).",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    docker(&["image", "inspect", "-f", format, image]).unwrap_or_else(|e| {
+        panic!("{e}\nBuild it with scripts/images.sh (or set TEST_WORKER_IMAGE).")
+    })
 }
 
 /// The worker image, started with `args` (none: the image's CMD), the test's
