@@ -33,6 +33,8 @@ pub enum BootstrapError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot listen on HTTP_ADDR {0}: {1}")]
     Http(std::net::SocketAddr, #[source] std::io::Error),
+    #[error("cannot listen on READ_MODEL_ADDR {0}: {1}")]
+    ReadModel(std::net::SocketAddr, #[source] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[source] prometheus::Error),
 }
@@ -125,19 +127,40 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
     tracing::info!(addr = %bound, "http listening");
     let http_stop = CancellationToken::new();
-    let app = http::router(HttpState {
+    let http_state = HttpState {
         pool: pool.clone(),
         metrics: Arc::clone(&metrics),
         consumer_running: Arc::clone(&consumer_running),
         consumer_assigned,
         poll_clock: Arc::clone(&poll_clock),
         health_poll_timeout: settings.health_poll_timeout,
-    });
+    };
+    let (app, read_model) = match settings.read_model_addr {
+        None => (http::router(http_state), None),
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| BootstrapError::ReadModel(addr, e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| BootstrapError::ReadModel(addr, e))?;
+            tracing::info!(addr = %bound, "read model listening");
+            let app = http::read_model_router(http_state.clone());
+            (http::operations_router(http_state), Some((listener, app)))
+        }
+    };
     let http_task = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(http_stop.clone().cancelled_owned())
             .into_future(),
     );
+    let read_model_task = read_model.map(|(listener, app)| {
+        tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+                .into_future(),
+        )
+    });
 
     if settings.migrate {
         // A connection of its own, without the worker's statement and lock
@@ -192,10 +215,12 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         tracing::error!(%error, "outbox relay task failed");
     }
     http_stop.cancel();
-    match http_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
-        Err(error) => tracing::warn!(%error, "http task failed"),
+    for task in std::iter::once(http_task).chain(read_model_task) {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
+            Err(error) => tracing::warn!(%error, "http task failed"),
+        }
     }
     // Closing waits for every connection to come back: one still held by a
     // partition stuck past its deadline (on a lock) would hold the exit up.

@@ -48,6 +48,8 @@ pub struct RunSettings {
     pub topics: Topics,
     pub migrate: bool,
     pub http_addr: std::net::SocketAddr,
+    /// The read model's own listener, if any (`READ_MODEL_ADDR`).
+    pub read_model_addr: Option<std::net::SocketAddr>,
     pub worker: WorkerSettings,
     pub retention: RetentionSettings,
     pub health_poll_timeout: Duration,

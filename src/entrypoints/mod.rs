@@ -8,6 +8,7 @@ pub mod cli;
 pub mod partition;
 pub mod processor;
 pub mod replay;
+pub mod rewind;
 pub mod telemetry;
 pub mod tracker;
 pub mod window;

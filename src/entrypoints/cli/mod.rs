@@ -7,6 +7,7 @@
 
 mod connection;
 mod replay;
+mod rewind;
 mod run;
 #[cfg(feature = "tools")]
 mod tools;
@@ -16,6 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
 pub use replay::ReplayArgs;
+pub use rewind::RewindArgs;
 pub use run::{DatabaseArgs, RunArgs};
 #[cfg(feature = "tools")]
 pub use tools::{parse_malformed, MalformedArg, SimulateArgs, SummaryArgs, WatchArgs};
@@ -64,6 +66,10 @@ pub enum CommandLine {
     /// Publish dead letters again to the topic they came from, chosen by
     /// reason, original topic and time; --dry-run lists them.
     ReplayDeadLetters(Box<ReplayArgs>),
+    /// After a restore of the database: move the consumer group's committed
+    /// offsets back to where the restored database left off; --dry-run
+    /// lists them. Run it while no worker of the group runs.
+    RewindOffsets(Box<RewindArgs>),
 }
 
 /// A clap error as one line: its message without the usage block.

@@ -54,6 +54,14 @@ pub struct RunArgs {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: std::net::SocketAddr,
 
+    /// Address of a listener of its own for the read model: when set,
+    /// /allocations/{orderid} and a /readyz that judges only what the read
+    /// model needs (the database and its schema) are served there, and
+    /// /allocations no longer on HTTP_ADDR. Keeps client traffic apart from
+    /// the metrics and probes; port 0 picks a free port.
+    #[arg(long, env = "READ_MODEL_ADDR")]
+    pub read_model_addr: Option<std::net::SocketAddr>,
+
     /// Do not apply migrations at start (when a separate `migrate` job does).
     #[arg(long, env = "SKIP_MIGRATIONS")]
     pub skip_migrations: bool,
@@ -160,6 +168,7 @@ impl RunArgs {
             topics,
             migrate: !self.skip_migrations,
             http_addr: self.http_addr,
+            read_model_addr: self.read_model_addr,
             worker: WorkerSettings {
                 unknown_reference_timeout: self.unknown_reference_timeout,
                 shutdown_timeout: self.shutdown_timeout,
