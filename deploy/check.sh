@@ -4,7 +4,8 @@
 #   bash deploy/check.sh
 #
 #   prometheus/check.sh    promtool: scrape configs, alert rules, rule unit
-#                          tests, the Grafana dashboard's queries
+#                          tests, the Grafana dashboard's queries; the
+#                          PrometheusRule is the one generated from the rules
 #   check_dockerfile.py    Dockerfile and .dockerignore (BuildKit's parser)
 #   check_compose.py       docker-compose.yml and docker-compose.local.yml:
 #                          structure, images and ports as variables, mounted
