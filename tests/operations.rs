@@ -727,3 +727,60 @@ async fn a_restored_database_catches_up_once_the_group_is_rewound() {
     worker.terminate(Duration::from_secs(30)).await;
     env.finish().await;
 }
+
+// ------------------------------------------------- the read model's listener
+
+/// READ_MODEL_ADDR: the read model on a listener of its own, whose /readyz
+/// judges the database and schema only. With the broker unreachable the
+/// consumer never joins its group: /readyz on HTTP_ADDR says so (503), the
+/// read model's says 200 and serves /allocations, which HTTP_ADDR no longer
+/// does. /metrics there has the pool's gauges.
+#[tokio::test]
+async fn the_read_model_listener_is_ready_while_the_consumer_is_out_of_its_group() {
+    let env = TestEnv::new().await;
+    let read_model = std::net::SocketAddr::from(([127, 0, 0, 1], common::containers::free_port()));
+    let nowhere = format!("127.0.0.1:{}", common::containers::free_port());
+    let read_model_addr = read_model.to_string();
+    let mut worker = env.spawn_worker_with(&[
+        ("READ_MODEL_ADDR", read_model_addr.as_str()),
+        ("KAFKA_BOOTSTRAP_SERVERS", nowhere.as_str()),
+    ]);
+    let addr = worker.http_addr;
+    http_until(&env, read_model, "/readyz", 200).await;
+    // "consumer not running" or "not in its group", by the last poll.
+    readyz_503_saying(&env, addr, "consumer not").await;
+
+    let order = unique("o");
+    let path = format!("/allocations/{order}");
+    let served = http_get(read_model, &path).await;
+    check!(
+        env,
+        matches!(&served, Some((404, body)) if body.contains("no allocations")),
+        "the read model answers for an order it does not have: {served:?}"
+    );
+    let elsewhere = http_get(addr, &path).await;
+    check!(
+        env,
+        matches!(&elsewhere, Some((404, body)) if !body.contains("no allocations")),
+        "HTTP_ADDR no longer serves the read model: {elsewhere:?}"
+    );
+    let metrics = metrics_until(&env, addr, "the pool's gauges", |m| {
+        sample(m, "allocation_db_pool_max_connections", "").is_some()
+    })
+    .await;
+    check_eq!(
+        env,
+        sample(&metrics, "allocation_db_pool_max_connections", ""),
+        Some(10.0),
+        "the pool's limit, DATABASE_MAX_CONNECTIONS's default"
+    );
+    check!(
+        env,
+        sample(&metrics, "allocation_db_pool_connections", "state=\"idle\"").is_some()
+            && sample(&metrics, "allocation_db_pool_waiting", "").is_some(),
+        "the pool's connections and waiters are exposed"
+    );
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
