@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapters::health::PollClock;
+use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
@@ -127,7 +127,15 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
     tracing::info!(addr = %bound, "http listening");
     let http_stop = CancellationToken::new();
+    let failing = Arc::new(FailingPartitions::default());
+    let read_pool = lazy_pool(
+        worker_connect_options(settings.database.options.clone()),
+        settings.read_model_max_connections,
+    );
     let http_state = HttpState {
+        read_pool: read_pool.clone(),
+        failing: Arc::clone(&failing),
+        partition_stall_timeout: settings.partition_stall_timeout,
         pool: pool.clone(),
         metrics: Arc::clone(&metrics),
         consumer_running: Arc::clone(&consumer_running),
@@ -198,7 +206,8 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
     let worker = Worker::new(processor, consumer, settings.worker, consumer_running)
-        .with_poll_clock(poll_clock);
+        .with_poll_clock(poll_clock)
+        .with_failing_partitions(failing);
     let result = worker.run_until_stopped(shutdown).await;
     retention_stop.cancel();
     if let Err(error) = retention_task.await {
@@ -222,6 +231,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
             Err(error) => tracing::warn!(%error, "http task failed"),
         }
     }
+    read_pool.close().await;
     // Closing waits for every connection to come back: one still held by a
     // partition stuck past its deadline (on a lock) would hold the exit up.
     // It is dropped with the process instead, which rolls its transaction back.

@@ -784,3 +784,88 @@ async fn the_read_model_listener_is_ready_while_the_consumer_is_out_of_its_group
     worker.terminate(Duration::from_secs(30)).await;
     env.finish().await;
 }
+
+/// PARTITION_STALL_TIMEOUT of 2 s: a product's row held locked by another
+/// session, and an order line for it. Its partition's batch fails at every
+/// attempt (lock_timeout) while the database answers the probe: /readyz
+/// says which partition has failed and why, and is ready again once the
+/// lock goes and the batch commits.
+#[tokio::test]
+async fn readyz_names_a_partition_whose_batch_keeps_failing() {
+    let env = TestEnv::new().await;
+    let url = format!(
+        "{}{}options=-c%20lock_timeout%3D1s",
+        env.database_url,
+        if env.database_url.contains('?') {
+            "&"
+        } else {
+            "?"
+        }
+    );
+    let mut worker = env.spawn_worker_with(&[
+        ("DATABASE_URL", url.as_str()),
+        ("PARTITION_STALL_TIMEOUT", "2s"),
+    ]);
+    let addr = worker.http_addr;
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+    http_until(&env, addr, "/readyz", 200).await;
+
+    let lock = env.lock_products(std::slice::from_ref(&sku)).await;
+    let order = unique("o");
+    env.allocation_required(&order, &sku, 1, &[]).await;
+    readyz_503_saying(&env, addr, "has failed its batch for").await;
+    let body = http_get(addr, "/readyz")
+        .await
+        .map(|r| r.1)
+        .unwrap_or_default();
+    check!(
+        env,
+        body.contains(&env.topics.allocation_required) && body.contains("lock"),
+        "names the partition and the error: {body:?}"
+    );
+    lock.rollback().await.expect("release the lock");
+    http_until(&env, addr, "/readyz", 200).await;
+    env.wait_for("the order allocated", DEADLINE, |r| {
+        r.iter()
+            .any(|r| r.topic == env.topics.allocated && r.value_str().contains(order.as_str()))
+    })
+    .await;
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
+
+/// Issue 22, probes: a consumer error (here: an inbound topic that does
+/// not exist yet, as when the ERP has not created it) marks the consumer
+/// not running. Once the topic exists, nothing is produced: on such idle
+/// topics no message comes to clear the mark, and /readyz must turn 200 by
+/// itself.
+#[tokio::test]
+async fn readyz_recovers_after_a_consumer_error_on_idle_topics() {
+    let env = TestEnv::new().await;
+    let late = format!("erp.batch-quantity-changed.late.{}", env.suffix);
+    let mut worker = env.spawn_worker_with(&[("TOPIC_BATCH_QUANTITY_CHANGED", late.as_str())]);
+    let addr = worker.http_addr;
+    env.eventually(
+        "a consumer error for the missing topic",
+        DEADLINE,
+        || async {
+            Ok::<_, String>((!worker.log_lines_after(0, "consumer error").is_empty()).then_some(()))
+        },
+    )
+    .await;
+    readyz_503_saying(&env, addr, "consumer not").await;
+    common::kafka::create_topics(&env.bootstrap_servers, &[late.as_str()]).await;
+    let created = Instant::now();
+    http_until(&env, addr, "/readyz", 200).await;
+    env.note(&format!(
+        "ready {:?} after the topic was created, no message produced",
+        created.elapsed()
+    ));
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}

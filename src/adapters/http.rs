@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::health::{schema, PollClock, Schema};
+use super::health::{schema, FailingPartitions, PollClock, Schema};
 use super::metrics::Metrics;
 use super::relay::outbox_backlog;
 use crate::domain::OrderId;
@@ -33,6 +33,13 @@ pub struct HttpState {
     pub poll_clock: Arc<PollClock>,
     /// `/healthz` fails when the loop has not polled for this long.
     pub health_poll_timeout: Duration,
+    /// Partitions whose batch keeps failing: `/readyz` fails once one has
+    /// failed for `partition_stall_timeout`.
+    pub failing: Arc<FailingPartitions>,
+    pub partition_stall_timeout: Duration,
+    /// The read model's queries: a pool of their own, so that client
+    /// traffic never takes the connections the probes and the worker need.
+    pub read_pool: PgPool,
 }
 
 /// A probe or scrape must answer quickly even while the database hangs.
@@ -110,6 +117,17 @@ async fn readiness(state: &HttpState) -> (bool, String) {
             false,
             "consumer not in its group (broker unreachable, or rebalancing)\n".to_owned(),
         )
+    } else if let Some(stalled) = state.failing.stalled(state.partition_stall_timeout) {
+        (
+            false,
+            format!(
+                "partition {}/{} has failed its batch for {}s: {}\n",
+                stalled.topic,
+                stalled.partition,
+                stalled.for_.as_secs(),
+                stalled.error
+            ),
+        )
     } else {
         (true, "ready\n".to_owned())
     };
@@ -126,7 +144,10 @@ async fn database_ready(state: &HttpState) -> Schema {
 }
 
 async fn read_model_readyz(State(state): State<HttpState>) -> Response {
-    match database_ready(&state).await {
+    let schema = tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.read_pool))
+        .await
+        .unwrap_or_else(|_| Schema::Unreachable("timed out".into()));
+    match schema {
         Schema::Current => (StatusCode::OK, "ready\n").into_response(),
         other => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -192,7 +213,7 @@ async fn allocations(
         "SELECT sku, batchref FROM allocations_view WHERE orderid = $1 ORDER BY sku",
     )
     .bind(orderid.as_str())
-    .fetch_all(&state.pool)
+    .fetch_all(&state.read_pool)
     .await;
     match rows {
         Ok(rows) if rows.is_empty() => (

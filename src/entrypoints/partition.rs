@@ -278,6 +278,24 @@ impl Worker {
         resume_from: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
+        let done = self
+            .retry_until_done(batch, plans, resume_from, shutdown)
+            .await;
+        // Committed, or the task stops: either way no longer failing.
+        if let Some((first, _)) = batch.first() {
+            self.failing.recovered(&first.topic, first.partition);
+        }
+        done
+    }
+
+    /// [`Self::process_with_retry`] but for keeping [`Worker::failing`].
+    async fn retry_until_done(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+        resume_from: Option<i64>,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
         loop {
             // Bounded on our side too (TRANSACTION_TIMEOUT): PostgreSQL's
@@ -316,6 +334,10 @@ impl Worker {
                     return Some(outcomes);
                 }
                 Err(error) => {
+                    if let Some((first, _)) = batch.first() {
+                        self.failing
+                            .failed(&first.topic, first.partition, &error.to_string());
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
                     tokio::select! {

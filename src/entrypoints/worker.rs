@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::adapters::health::PollClock;
+use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::kafka::{to_inbound, HandOver, WorkerContext};
 use crate::adapters::relay::Backoff;
 use crate::entrypoints::partition::{PartitionTasks, Slot, Waiter};
@@ -50,6 +50,8 @@ pub struct Worker {
     consumer_running: Arc<AtomicBool>,
     /// Read by `/healthz`: when the loop last polled the consumer.
     poll_clock: Arc<PollClock>,
+    /// Read by `/readyz`: partitions whose batch keeps failing.
+    pub(super) failing: Arc<FailingPartitions>,
     /// The unknown-reference window's clock: usable time only.
     clock: std::sync::Mutex<UsableClock>,
     /// Messages of the batch-created topic fetched and not yet handled.
@@ -81,7 +83,15 @@ impl Worker {
             waiting_bytes: AtomicUsize::new(0),
             waiting: std::sync::Mutex::new(HashMap::new()),
             poll_clock: Arc::default(),
+            failing: Arc::default(),
         }
+    }
+
+    /// Records the partitions whose batch keeps failing in `failing`, which
+    /// `/readyz` reads.
+    pub fn with_failing_partitions(mut self, failing: Arc<FailingPartitions>) -> Self {
+        self.failing = failing;
+        self
     }
 
     /// Records the loop's polls on `clock`, which `/healthz` reads.
@@ -183,6 +193,17 @@ impl Worker {
                             this.pause_partition(&key.0, key.1, false);
                         }
                     }
+                    continue;
+                }
+                // A transient error marked the consumer not running; it
+                // runs again once a poll has gone this long without one,
+                // not only when a message comes, which on idle topics could
+                // be never. Membership of the group is judged apart
+                // (`consumer_assigned`).
+                _ = tokio::time::sleep(ERROR_CLEARED_AFTER),
+                    if !this.consumer_running.load(Ordering::Relaxed) =>
+                {
+                    this.consumer_running.store(true, Ordering::Relaxed);
                     continue;
                 }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
@@ -373,3 +394,9 @@ pub(super) const QUEUED_BYTES: usize = 32 * 1024 * 1024;
 /// Statistics older than this say nothing of whether the worker has caught
 /// up (librdkafka reports every second; see adapters::kafka).
 const STATISTICS_FRESH: Duration = Duration::from_secs(10);
+
+/// How long a poll must go without an error before a consumer that had one
+/// counts as running again (see the consumer loop). Above the error
+/// back-off's longest pause (5 s), so that a consumer failing at every
+/// poll does not flap.
+const ERROR_CLEARED_AFTER: Duration = Duration::from_secs(10);

@@ -62,6 +62,13 @@ pub struct RunArgs {
     #[arg(long, env = "READ_MODEL_ADDR")]
     pub read_model_addr: Option<std::net::SocketAddr>,
 
+    /// Most connections the read model's queries (/allocations) open to
+    /// PostgreSQL, apart from the worker's DATABASE_MAX_CONNECTIONS, so that
+    /// client traffic never takes the connections the worker and the probes
+    /// need.
+    #[arg(long, env = "READ_MODEL_MAX_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub read_model_max_connections: u32,
+
     /// Do not apply migrations at start (when a separate `migrate` job does).
     #[arg(long, env = "SKIP_MIGRATIONS")]
     pub skip_migrations: bool,
@@ -106,6 +113,12 @@ pub struct RunArgs {
     /// this long, e.g. 5m.
     #[arg(long, env = "HEALTH_POLL_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub health_poll_timeout: Duration,
+
+    /// `/readyz` answers 503 once a partition has failed its batch for this
+    /// long (a statement that times out, a lock never released), e.g. 60s;
+    /// a bare number is seconds.
+    #[arg(long, env = "PARTITION_STALL_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub partition_stall_timeout: Duration,
 }
 
 impl DatabaseArgs {
@@ -154,6 +167,10 @@ impl RunArgs {
             "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
             self.health_poll_timeout,
         )?;
+        let partition_stall_timeout = positive(
+            "PARTITION_STALL_TIMEOUT (--partition-stall-timeout)",
+            self.partition_stall_timeout,
+        )?;
         let transaction_timeout = positive(
             "TRANSACTION_TIMEOUT (--transaction-timeout)",
             self.transaction_timeout,
@@ -169,6 +186,7 @@ impl RunArgs {
             migrate: !self.skip_migrations,
             http_addr: self.http_addr,
             read_model_addr: self.read_model_addr,
+            read_model_max_connections: self.read_model_max_connections,
             worker: WorkerSettings {
                 unknown_reference_timeout: self.unknown_reference_timeout,
                 shutdown_timeout: self.shutdown_timeout,
@@ -177,6 +195,7 @@ impl RunArgs {
             },
             retention,
             health_poll_timeout,
+            partition_stall_timeout,
         })
     }
 }
