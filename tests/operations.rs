@@ -28,6 +28,20 @@ async fn keys_present(env: &TestEnv, keys: &[String]) -> i64 {
         .expect("count idempotency records")
 }
 
+/// Runs `allocation-worker <args>` on the test's database, with `extra`
+/// variables, to its end.
+async fn command(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
+        .args(args)
+        .env_clear()
+        .env("DATABASE_URL", &env.database_url)
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run allocation-worker {args:?}: {e}"))
+}
+
 // ---------------------------------------------------------------- retention
 
 /// IDEMPOTENCY_RETENTION and OUTBOX_RETENTION of a few seconds: a burst of
@@ -280,14 +294,7 @@ async fn readyz_names_the_missing_schema_until_migrated_without_a_restart() {
         "alive all the same"
     );
 
-    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
-        .arg("migrate")
-        .env_clear()
-        .env("DATABASE_URL", &env.database_url)
-        .env("RUST_LOG", "info")
-        .output()
-        .await
-        .expect("run allocation-worker migrate");
+    let migrate = command(&env, &["migrate"], &[]).await;
     check!(
         env,
         migrate.status.success(),
@@ -517,14 +524,7 @@ async fn an_older_binary_migrates_and_runs_on_a_database_a_newer_one_migrated() 
     .await
     .expect("record the newer migration");
 
-    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
-        .arg("migrate")
-        .env_clear()
-        .env("DATABASE_URL", &env.database_url)
-        .env("RUST_LOG", "info")
-        .output()
-        .await
-        .expect("run allocation-worker migrate");
+    let migrate = command(&env, &["migrate"], &[]).await;
     check!(
         env,
         migrate.status.success(),
@@ -662,16 +662,15 @@ async fn a_restored_database_catches_up_once_the_group_is_rewound() {
         .await;
     check_eq!(env, restored, 20, "the dump holds the first 20 lines");
 
-    let rewind = tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
-        .arg("rewind-offsets")
-        .env_clear()
-        .env("DATABASE_URL", &env.database_url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &env.bootstrap_servers)
-        .env("KAFKA_GROUP_ID", &env.group_id)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("run allocation-worker rewind-offsets");
+    let rewind = command(
+        &env,
+        &["rewind-offsets"],
+        &[
+            ("KAFKA_BOOTSTRAP_SERVERS", env.bootstrap_servers.as_str()),
+            ("KAFKA_GROUP_ID", env.group_id.as_str()),
+        ],
+    )
+    .await;
     let said = String::from_utf8_lossy(&rewind.stdout).into_owned();
     env.note(&format!("rewind-offsets said:\n{said}"));
     check!(
