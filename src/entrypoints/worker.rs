@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::adapters::group_progress::group_unread;
 use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::kafka::{to_inbound, HandOver, WorkerContext};
 use crate::adapters::relay::Backoff;
@@ -113,8 +114,42 @@ impl Worker {
     async fn watch_window(&self, shutdown: CancellationToken) {
         let reading = self.consumer.context().reading();
         let mut was_usable = None;
+        // The group's progress on the reference-bringing topic: asked of the
+        // broker every GROUP_PROGRESS_EVERY, off the runtime (the client's
+        // calls block), one question at a time.
+        let mut group: Option<(i64, Instant)> = None;
+        let mut asking: Option<tokio::task::JoinHandle<Result<i64, rdkafka::error::KafkaError>>> =
+            None;
+        let mut asked_at: Option<Instant> = None;
         loop {
+            if asking.as_ref().is_some_and(|a| a.is_finished()) {
+                if let Some(answer) = asking.take() {
+                    match answer.await {
+                        Ok(Ok(unread)) => group = Some((unread, Instant::now())),
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "cannot read the group's progress");
+                            group = None;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "the group's progress could not be asked");
+                            group = None;
+                        }
+                    }
+                }
+            }
+            if asking.is_none() && asked_at.is_none_or(|at| at.elapsed() >= GROUP_PROGRESS_EVERY) {
+                asked_at = Some(Instant::now());
+                let consumer = Arc::clone(&self.consumer);
+                let topic = self.processor.topics().batch_created.clone();
+                asking = Some(tokio::task::spawn_blocking(move || {
+                    group_unread(&*consumer, &topic, GROUP_PROGRESS_TIMEOUT)
+                }));
+            }
+            let group_unread_references = group
+                .filter(|(_, at)| at.elapsed() <= STATISTICS_FRESH)
+                .map(|(unread, _)| unread);
             let conditions = Conditions {
+                group_unread_references,
                 database_reachable: self.processor.store_reachable(),
                 // Not `consumer_running`: it stays false after a transient
                 // error until a message arrives, which on idle topics could
@@ -392,8 +427,15 @@ impl Worker {
 pub(super) const QUEUED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Statistics older than this say nothing of whether the worker has caught
-/// up (librdkafka reports every second; see adapters::kafka).
+/// up (librdkafka reports every second; see adapters::kafka); nor does an
+/// answer about the group's progress.
 const STATISTICS_FRESH: Duration = Duration::from_secs(10);
+
+/// How often the group's progress on the reference-bringing topic is asked
+/// of the broker (a metadata request, an offset fetch and a watermark
+/// request per partition), and the bound on each request.
+const GROUP_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const GROUP_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a poll must go without an error before a consumer that had one
 /// counts as running again (see the consumer loop). Above the error
