@@ -30,6 +30,7 @@ pub struct Metrics {
     pub waiting_messages: IntGaugeVec,
     pub waiting_oldest_age: GaugeVec,
     pub consumer_errors: IntCounterVec,
+    pub statement_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -170,6 +171,12 @@ impl Metrics {
         registry.register(Box::new(waiting_messages.clone()))?;
         registry.register(Box::new(waiting_oldest_age.clone()))?;
         registry.register(Box::new(consumer_errors.clone()))?;
+        let statement_timeouts = IntCounter::new(
+            "allocation_db_statement_timeouts_total",
+            "Batch transactions that failed because a statement ran past statement_timeout \
+             (SQLSTATE 57014); each is retried after a back-off.",
+        )?;
+        registry.register(Box::new(statement_timeouts.clone()))?;
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -206,6 +213,7 @@ impl Metrics {
             waiting_messages,
             waiting_oldest_age,
             consumer_errors,
+            statement_timeouts,
         })
     }
 
