@@ -4,7 +4,7 @@
 //! products, each with one batch and `--history N` allocated lines (through
 //! the processor, as messages), then times `--messages M` allocations of new
 //! lines spread over the products, in batches of 100 messages, and
-//! quantity changes, 25 per product, each freeing about ten lines. The
+//! quantity changes, 25 per product (of 200 at most), each freeing about ten lines. The
 //! allocations run on a cache warmed up by one line per product (a running
 //! worker); the changes on a cold one, as after a restart or an eviction.
 //!
@@ -34,8 +34,10 @@ use tokio::sync::Notify;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
-/// Quantity drops per product in the change phase.
+/// Quantity drops per product in the change phase, of the first
+/// `CHANGED_PRODUCTS` products.
 const CHANGE_ROUNDS: usize = 25;
+const CHANGED_PRODUCTS: usize = 200;
 
 struct Args {
     history: usize,
@@ -232,7 +234,7 @@ async fn main() -> Result<(), Failure> {
     // being the product's only batch).
     let per_product = args.history + 1 + args.messages / args.products;
     let changes: Vec<InboundMessage> = (1..=CHANGE_ROUNDS)
-        .flat_map(|round| (0..args.products).map(move |i| (round, i)))
+        .flat_map(|round| (0..args.products.min(CHANGED_PRODUCTS)).map(move |i| (round, i)))
         .map(|(round, i)| {
             let qty = per_product.saturating_sub(10 * round);
             next(
