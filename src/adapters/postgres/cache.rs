@@ -154,3 +154,67 @@ pub(super) fn fresh_revision() -> i64 {
         n => n,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Batch;
+
+    fn stored(sku: &str, batches: usize, revision: i64) -> Stored {
+        let sku = Sku::parse(sku).unwrap();
+        let list = (0..batches)
+            .map(|i| {
+                let reference = BatchRef::parse(format!("{sku}-{i}")).unwrap();
+                Batch::restore_summary(reference, sku.clone(), 10, None, 3)
+            })
+            .collect();
+        Stored {
+            product: Product::restore(sku, 4, list),
+            batch_ids: HashMap::new(),
+            revision,
+        }
+    }
+
+    #[test]
+    fn a_copy_is_used_only_at_the_revision_and_version_it_was_saved_with() {
+        let cache = ProductCache::default();
+        let sku = Sku::parse("LAMP").unwrap();
+        cache.put_back([stored("LAMP", 1, 7)]);
+        assert!(cache.take_current(&sku, 4, 8).is_none(), "another revision");
+        assert!(cache.take_current(&sku, 4, 7).is_none(), "and dropped");
+        cache.put_back([stored("LAMP", 1, 7)]);
+        assert!(cache.take_current(&sku, 5, 7).is_none(), "another version");
+        cache.put_back([stored("LAMP", 1, 7)]);
+        assert!(cache.take_current(&sku, 4, 7).is_some());
+        assert!(cache.is_empty(), "taken out while in use");
+    }
+
+    #[test]
+    fn a_full_cache_evicts_entries_one_at_a_time_not_all_at_once() {
+        // Room for about 100 products of one batch.
+        let cache = ProductCache::with_capacity(100 * (PRODUCT_BYTES + BATCH_BYTES), 100);
+        for i in 0..1000 {
+            cache.put_back([stored(&format!("SKU-{i}"), 1, 1)]);
+            assert!(cache.len() <= 110, "bounded: {} after {i}", cache.len());
+        }
+        assert!(cache.len() >= 50, "most of it kept: {}", cache.len());
+        let last = Sku::parse("SKU-999").unwrap();
+        assert!(
+            cache.take_current(&last, 4, 1).is_some(),
+            "the newest is there"
+        );
+    }
+
+    #[test]
+    fn a_product_with_more_batches_weighs_more() {
+        let cache = ProductCache::with_capacity(100 * (PRODUCT_BYTES + BATCH_BYTES), 100);
+        for i in 0..100 {
+            cache.put_back([stored(&format!("SKU-{i}"), 9, 1)]);
+        }
+        assert!(
+            cache.len() <= 25,
+            "{} products of nine batches",
+            cache.len()
+        );
+    }
+}
