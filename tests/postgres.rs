@@ -14,7 +14,7 @@ use allocation_worker::adapters::postgres::cache::ProductCache;
 use allocation_worker::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
 use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
 use allocation_worker::adapters::relay::{Delivery, OutboundRecord, Publisher, Relay};
-use allocation_worker::domain::{OrderId, OrderLine, Sku};
+use allocation_worker::domain::{BatchRef, OrderId, OrderLine, Sku};
 use allocation_worker::entrypoints::processor::Processor;
 use allocation_worker::service_layer::batch::{DeadLetterReason, Outcome};
 use allocation_worker::service_layer::{BatchUnitOfWork, ProductRepository, UnitOfWork};
@@ -170,6 +170,24 @@ async fn stores_and_reloads_a_product_with_its_allocations_in_order() {
         ["ship", "stock"],
         "batches come back in creation order"
     );
+    assert_eq!(
+        product.batches()[0].allocated_quantity(),
+        4,
+        "a product is loaded with how much of each batch is allocated"
+    );
+    assert!(
+        product.batches()[0].allocations().is_empty(),
+        "and not with its lines"
+    );
+    // A drop to nothing frees every line of the batch: the repository reads
+    // them back for it, in allocation order.
+    let ship_ref = BatchRef::parse("ship").unwrap();
+    let product = uow
+        .products()
+        .get_for_quantity_change(&ship_ref, 0)
+        .await
+        .unwrap()
+        .unwrap();
     let ship: Vec<_> = product.batches()[0]
         .allocations()
         .iter()

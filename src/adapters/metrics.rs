@@ -37,6 +37,7 @@ pub struct Metrics {
     pub db_pool_connections: IntGaugeVec,
     pub db_pool_max_connections: IntGauge,
     pub db_pool_waiting: IntGauge,
+    pub statement_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -198,6 +199,12 @@ impl Metrics {
         for state in ["in_use", "idle"] {
             db_pool_connections.with_label_values(&[state]);
         }
+        let statement_timeouts = IntCounter::new(
+            "allocation_db_statement_timeouts_total",
+            "Batch transactions that failed because a statement ran past statement_timeout \
+             (SQLSTATE 57014); each is retried after a back-off.",
+        )?;
+        registry.register(Box::new(statement_timeouts.clone()))?;
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -237,6 +244,7 @@ impl Metrics {
             db_pool_connections,
             db_pool_max_connections,
             db_pool_waiting,
+            statement_timeouts,
         })
     }
 

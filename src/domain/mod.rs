@@ -9,5 +9,5 @@ pub mod names;
 
 pub use commands::Command;
 pub use events::Event;
-pub use model::{Batch, DomainError, OrderLine, Product};
+pub use model::{Batch, Change, DomainError, OrderLine, Product};
 pub use names::{BatchRef, InvalidName, OrderId, Sku};

@@ -1,6 +1,8 @@
 //! The `Product` aggregate and its parts. Every rule of contract §2 lives here;
 //! handlers only load the aggregate, call it and let the bus collect events.
 
+use std::collections::HashMap;
+
 use chrono::NaiveDate;
 
 use super::events::{Allocated, Deallocated, Event, OutOfStock};
@@ -22,6 +24,15 @@ pub enum DomainError {
     },
     #[error("order line for SKU {line_sku} offered to product {product_sku}")]
     WrongSku { product_sku: Sku, line_sku: Sku },
+    /// The repository did not tell the product whether the line is
+    /// allocated (see [`Product::knows_line`]): a bug of the caller, refused
+    /// rather than decided on a guess.
+    #[error("order line ({orderid}, {sku}) was not looked up before it was allocated")]
+    LineNotLoaded { orderid: OrderId, sku: Sku },
+    /// The repository did not give the product enough of the batch's most
+    /// recent lines to free (see [`Product::lines_wanted`]).
+    #[error("the lines a quantity change of batch {0} frees were not loaded")]
+    LinesNotLoaded(BatchRef),
 }
 
 /// A customer's request for `qty` units of `sku`; identified by `(orderid, sku)`.
@@ -32,13 +43,13 @@ pub struct OrderLine {
     pub qty: u32,
 }
 
-impl OrderLine {
-    fn same_line(&self, orderid: &OrderId, sku: &Sku) -> bool {
-        &self.orderid == orderid && &self.sku == sku
-    }
-}
-
 /// Stock of one SKU that arrives (or arrived, when `eta` is `None`) together.
+///
+/// A batch knows how much of it is allocated, always, but not necessarily
+/// every line that makes that quantity up: a batch loaded from storage knows
+/// only the lines its product was given since (its most recent ones, which a
+/// quantity drop frees first), so that deciding costs the same however many
+/// lines the batch has had. A batch built in memory knows all of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     reference: BatchRef,
@@ -49,7 +60,12 @@ pub struct Batch {
     /// quantity changes came since.
     created_quantity: u32,
     eta: Option<NaiveDate>,
-    /// In the order they were allocated: quantity drops free the last first.
+    /// The sum of the quantities of every line allocated to the batch, known
+    /// here or not.
+    allocated: i64,
+    /// The most recent of its lines, in the order they were allocated (all
+    /// of them when their quantities add up to `allocated`): quantity drops
+    /// free the last first.
     allocations: Vec<OrderLine>,
 }
 
@@ -60,18 +76,11 @@ impl Batch {
         purchased_quantity: u32,
         eta: Option<NaiveDate>,
     ) -> Self {
-        Self {
-            reference,
-            sku,
-            purchased_quantity,
-            created_quantity: purchased_quantity,
-            eta,
-            allocations: Vec::new(),
-        }
+        Self::restore(reference, sku, purchased_quantity, eta, Vec::new())
     }
 
-    /// Rebuilds a stored batch; `allocations` must be in allocation order.
-    /// It was created with `purchased_quantity` unless
+    /// Rebuilds a stored batch with every line; `allocations` must be in
+    /// allocation order. It was created with `purchased_quantity` unless
     /// [`Self::created_with`] says otherwise.
     pub fn restore(
         reference: BatchRef,
@@ -80,13 +89,30 @@ impl Batch {
         eta: Option<NaiveDate>,
         allocations: Vec<OrderLine>,
     ) -> Self {
+        let allocated = allocations.iter().map(|l| i64::from(l.qty)).sum();
         Self {
             reference,
             sku,
             purchased_quantity,
             created_quantity: purchased_quantity,
             eta,
+            allocated,
             allocations,
+        }
+    }
+
+    /// Rebuilds a stored batch from how much of it is allocated, without its
+    /// lines: what a decision needs, whatever the batch's history.
+    pub fn restore_summary(
+        reference: BatchRef,
+        sku: Sku,
+        purchased_quantity: u32,
+        eta: Option<NaiveDate>,
+        allocated: i64,
+    ) -> Self {
+        Self {
+            allocated,
+            ..Self::restore(reference, sku, purchased_quantity, eta, Vec::new())
         }
     }
 
@@ -118,21 +144,33 @@ impl Batch {
         self.created_quantity
     }
 
+    /// The lines this copy knows, the most recent ones, in allocation order:
+    /// every line of a batch built in memory, those loaded or allocated since
+    /// of a batch restored from a summary.
     pub fn allocations(&self) -> &[OrderLine] {
         &self.allocations
     }
 
     pub fn allocated_quantity(&self) -> i64 {
-        self.allocations.iter().map(|l| i64::from(l.qty)).sum()
+        self.allocated
     }
 
     /// Negative while a quantity drop is being resolved, never afterwards.
     pub fn available_quantity(&self) -> i64 {
-        i64::from(self.purchased_quantity) - self.allocated_quantity()
+        i64::from(self.purchased_quantity) - self.allocated
     }
 
     pub fn can_allocate(&self, line: &OrderLine) -> bool {
         self.sku == line.sku && self.available_quantity() >= i64::from(line.qty)
+    }
+
+    /// Whether every line of the batch is known here.
+    fn knows_every_line(&self) -> bool {
+        self.known_quantity() == self.allocated
+    }
+
+    fn known_quantity(&self) -> i64 {
+        self.allocations.iter().map(|l| i64::from(l.qty)).sum()
     }
 
     /// Whether a BatchCreated with this data is the one that created the
@@ -142,9 +180,41 @@ impl Batch {
     }
 }
 
+/// A change of the aggregate's state, recorded as it is made, so that
+/// storing it writes what changed rather than comparing whole copies.
+/// Batches are named by their position in [`Product::batches`], which never
+/// changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    BatchAdded(usize),
+    QuantityChanged(usize),
+    /// Appended to the batch's lines: the most recent from now on.
+    LineAllocated {
+        batch: usize,
+        line: OrderLine,
+    },
+    /// Taken off the end of the batch's lines by a quantity drop.
+    LineFreed {
+        batch: usize,
+        line: OrderLine,
+    },
+}
+
+/// What a product knows of one order line: where it is allocated, or that
+/// it is not.
+type KnownLine = Option<(usize, OrderLine)>;
+
 /// The aggregate: every batch of one SKU. All changes to allocations go
 /// through it, and each change bumps `version_number` so that two concurrent
 /// changes cannot both be stored.
+///
+/// A product restored from summaries ([`Batch::restore_summary`]) does not
+/// know every line. Whoever loads it tells it what a decision needs before
+/// asking for the decision: whether a line is allocated
+/// ([`Self::learn_line`]) before [`Self::allocate`], and a batch's earlier
+/// lines ([`Self::learn_earlier_lines`]) before a quantity drop frees more
+/// than it knows ([`Self::lines_wanted`]). It refuses, rather than guesses,
+/// when it was not told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Product {
     sku: Sku,
@@ -152,6 +222,12 @@ pub struct Product {
     /// In creation order, which breaks ties between equal ETAs.
     batches: Vec<Batch>,
     events: Vec<Event>,
+    /// Lines this copy knows of, by order id (the SKU is the product's).
+    lines: HashMap<OrderId, KnownLine>,
+    /// Every line allocated to the product is in `lines`: one not there is
+    /// not allocated.
+    complete: bool,
+    changes: Vec<Change>,
 }
 
 impl Product {
@@ -160,13 +236,25 @@ impl Product {
         Self::restore(sku, 0, Vec::new())
     }
 
-    /// Rebuilds a stored product; `batches` must be in creation order.
+    /// Rebuilds a stored product; `batches` must be in creation order, each
+    /// with every line ([`Batch::restore`]) or with a summary
+    /// ([`Batch::restore_summary`]).
     pub fn restore(sku: Sku, version_number: i64, batches: Vec<Batch>) -> Self {
+        let complete = batches.iter().all(Batch::knows_every_line);
+        let mut lines = HashMap::new();
+        for (i, batch) in batches.iter().enumerate() {
+            for line in &batch.allocations {
+                lines.insert(line.orderid.clone(), Some((i, line.clone())));
+            }
+        }
         Self {
             sku,
             version_number,
             batches,
             events: Vec::new(),
+            lines,
+            complete,
+            changes: Vec::new(),
         }
     }
 
@@ -186,9 +274,87 @@ impl Product {
         self.batches.iter().find(|b| &b.reference == reference)
     }
 
+    fn position(&self, reference: &BatchRef) -> Option<usize> {
+        self.batches.iter().position(|b| &b.reference == reference)
+    }
+
     /// Events recorded since the last call, oldest first.
     pub fn take_events(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
+    }
+
+    /// Changes made since the last call, oldest first.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
+    }
+
+    /// Whether this copy knows if the line `(orderid, self.sku())` is
+    /// allocated, and where.
+    pub fn knows_line(&self, orderid: &OrderId) -> bool {
+        self.complete || self.lines.contains_key(orderid)
+    }
+
+    /// Tells the product where `(orderid, self.sku())` is allocated, as
+    /// stored: in the batch `reference` with `qty`, or nowhere (`None`). What
+    /// the product knows already (its own changes) is kept; a batch it does
+    /// not have teaches nothing.
+    pub fn learn_line(&mut self, orderid: OrderId, at: Option<(&BatchRef, u32)>) {
+        if self.knows_line(&orderid) {
+            return;
+        }
+        let known = match at {
+            None => None,
+            Some((reference, qty)) => match self.position(reference) {
+                Some(i) => Some((
+                    i,
+                    OrderLine {
+                        orderid: orderid.clone(),
+                        sku: self.sku.clone(),
+                        qty,
+                    },
+                )),
+                None => return,
+            },
+        };
+        self.lines.insert(orderid, known);
+    }
+
+    /// How much more quantity than the lines it knows a change of batch
+    /// `reference` to `qty` must free: 0 when the known lines are enough
+    /// (or nothing is freed). Load that much of the batch's earlier lines,
+    /// most recent first, and give them to [`Self::learn_earlier_lines`].
+    pub fn lines_wanted(&self, reference: &BatchRef, qty: u32) -> i64 {
+        let Some(batch) = self.batch(reference) else {
+            return 0;
+        };
+        let to_free = batch.allocated - i64::from(qty);
+        (to_free - batch.known_quantity()).max(0)
+    }
+
+    /// Gives batch `reference` lines allocated before every line it knows,
+    /// in allocation order: stored lines, read back for a quantity drop.
+    pub fn learn_earlier_lines(&mut self, reference: &BatchRef, earlier: Vec<OrderLine>) {
+        let Some(i) = self.position(reference) else {
+            return;
+        };
+        for line in &earlier {
+            self.lines
+                .entry(line.orderid.clone())
+                .or_insert_with(|| Some((i, line.clone())));
+        }
+        let batch = &mut self.batches[i];
+        let later = std::mem::replace(&mut batch.allocations, earlier);
+        batch.allocations.extend(later);
+    }
+
+    /// Forgets every line it knows, keeping how much of each batch is
+    /// allocated: what is worth keeping between transactions.
+    pub fn forget_lines(&mut self) {
+        for batch in &mut self.batches {
+            batch.allocations = Vec::new();
+        }
+        self.lines = HashMap::new();
+        self.complete = self.batches.iter().all(|b| b.allocated == 0);
     }
 
     /// Adds a batch. The message that created the batch, again, is a no-op
@@ -209,18 +375,19 @@ impl Product {
         }
         self.batches
             .push(Batch::new(reference, self.sku.clone(), qty, eta));
+        self.changes
+            .push(Change::BatchAdded(self.batches.len() - 1));
         self.version_number += 1;
         Ok(())
     }
 
-    /// Where `(orderid, sku)` is allocated now, if anywhere.
+    /// Where `(orderid, sku)` is allocated now, if anywhere (as far as this
+    /// copy knows: see [`Self::knows_line`]).
     pub fn allocation_of(&self, orderid: &OrderId) -> Option<(&Batch, &OrderLine)> {
-        self.batches.iter().find_map(|b| {
-            b.allocations
-                .iter()
-                .find(|l| l.same_line(orderid, &self.sku))
-                .map(|l| (b, l))
-        })
+        match self.lines.get(orderid) {
+            Some(Some((i, line))) => Some((&self.batches[*i], line)),
+            _ => None,
+        }
     }
 
     /// Allocates the line to the first batch that can take it, warehouse stock
@@ -235,14 +402,20 @@ impl Product {
                 line_sku: line.sku,
             });
         }
+        if !self.knows_line(&line.orderid) {
+            return Err(DomainError::LineNotLoaded {
+                orderid: line.orderid,
+                sku: line.sku,
+            });
+        }
         if let Some((_, existing)) = self.allocation_of(&line.orderid) {
             return if existing.qty == line.qty {
                 Ok(None)
             } else {
                 Err(DomainError::DuplicateLine {
+                    allocated: existing.qty,
                     orderid: line.orderid,
                     sku: line.sku,
-                    allocated: existing.qty,
                     requested: line.qty,
                 })
             };
@@ -260,8 +433,15 @@ impl Product {
             Some(i) => {
                 let batch = &mut self.batches[i];
                 batch.allocations.push(line.clone());
+                batch.allocated += i64::from(line.qty);
                 let batchref = batch.reference.clone();
                 self.version_number += 1;
+                self.lines
+                    .insert(line.orderid.clone(), Some((i, line.clone())));
+                self.changes.push(Change::LineAllocated {
+                    batch: i,
+                    line: line.clone(),
+                });
                 self.events.push(Event::Allocated(Allocated {
                     orderid: line.orderid,
                     sku: line.sku,
@@ -285,23 +465,46 @@ impl Product {
     /// frees its most recently allocated line and records `Deallocated`; the
     /// bus then allocates each freed line again.
     ///
-    /// Returns `false` when the product has no batch with that reference.
+    /// Returns `false` when the product has no batch with that reference (or,
+    /// see [`Self::change_quantity`], did not know the lines to free).
     pub fn change_batch_quantity(&mut self, reference: &BatchRef, qty: u32) -> bool {
-        let Some(batch) = self.batches.iter_mut().find(|b| &b.reference == reference) else {
-            return false;
+        self.change_quantity(reference, qty).unwrap_or(false)
+    }
+
+    /// [`Self::change_batch_quantity`], refusing (and changing nothing) when
+    /// the lines the drop frees are not all known here
+    /// ([`Self::lines_wanted`]).
+    pub fn change_quantity(&mut self, reference: &BatchRef, qty: u32) -> Result<bool, DomainError> {
+        let Some(i) = self.position(reference) else {
+            return Ok(false);
         };
-        if batch.purchased_quantity == qty {
-            return true;
+        if self.batches[i].purchased_quantity == qty {
+            return Ok(true);
         }
+        if self.lines_wanted(reference, qty) > 0 {
+            return Err(DomainError::LinesNotLoaded(reference.clone()));
+        }
+        let batch = &mut self.batches[i];
         batch.purchased_quantity = qty;
         let mut freed = Vec::new();
         while batch.available_quantity() < 0 {
             match batch.allocations.pop() {
-                Some(line) => freed.push(line),
+                Some(line) => {
+                    batch.allocated -= i64::from(line.qty);
+                    freed.push(line);
+                }
                 None => break,
             }
         }
         self.version_number += 1;
+        self.changes.push(Change::QuantityChanged(i));
+        for line in &freed {
+            self.lines.insert(line.orderid.clone(), None);
+            self.changes.push(Change::LineFreed {
+                batch: i,
+                line: line.clone(),
+            });
+        }
         self.events.extend(freed.into_iter().map(|line| {
             Event::Deallocated(Deallocated {
                 orderid: line.orderid,
@@ -309,6 +512,6 @@ impl Product {
                 qty: line.qty,
             })
         }));
-        true
+        Ok(true)
     }
 }

@@ -297,6 +297,7 @@ impl Worker {
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
+        let mut timeouts = TimeoutStreak::default();
         loop {
             // Bounded on our side too (TRANSACTION_TIMEOUT): PostgreSQL's
             // own timeouts need a route to us, and a connection whose route
@@ -339,7 +340,24 @@ impl Worker {
                             .failed(&first.topic, first.partition, &error.to_string());
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
+                    if timeouts.record(&error) {
+                        // Not retried unseen: counted, alerted on
+                        // (AllocationStatementTimeouts), and said at error
+                        // level with the messages it holds back. The batch is
+                        // still retried: the messages are valid, and dropping
+                        // them for the database's slowness would lose orders.
+                        tracing::error!(
+                            %error,
+                            timeouts = timeouts.consecutive(),
+                            first_offset = batch.first().map(|(m, _)| m.offset),
+                            size = batch.len(),
+                            retry_in = ?delay,
+                            "the batch's transaction keeps running past statement_timeout; \
+                             the partition is stuck behind it (see the runbook)"
+                        );
+                    } else {
+                        tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.cancelled() => return None,
@@ -641,5 +659,66 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Consecutive statement timeouts of one batch. After
+/// [`STATEMENT_TIMEOUT_ATTEMPTS`] the batch is not "backing off" any more
+/// but stuck: every further one is reported at error level.
+#[derive(Debug, Default)]
+struct TimeoutStreak {
+    consecutive: u32,
+}
+
+/// Attempts at a batch that may time out before it is reported as stuck.
+/// No statement of the worker should come near `statement_timeout`; one
+/// timeout can be a passing stall of the database, three in a row are not.
+const STATEMENT_TIMEOUT_ATTEMPTS: u32 = 3;
+
+impl TimeoutStreak {
+    /// Counts a failed attempt; `true` when the batch has now timed out
+    /// too many times in a row to be a passing stall.
+    fn record(&mut self, error: &crate::service_layer::RepositoryError) -> bool {
+        if let crate::service_layer::RepositoryError::TimedOut(_) = error {
+            self.consecutive += 1;
+        } else {
+            self.consecutive = 0;
+        }
+        self.consecutive >= STATEMENT_TIMEOUT_ATTEMPTS
+    }
+
+    fn consecutive(&self) -> u32 {
+        self.consecutive
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::*;
+    use crate::service_layer::RepositoryError;
+
+    fn timed_out() -> RepositoryError {
+        RepositoryError::TimedOut("canceling statement due to statement timeout".into())
+    }
+
+    #[test]
+    fn a_batch_is_reported_stuck_after_three_timeouts_in_a_row() {
+        let mut streak = TimeoutStreak::default();
+        assert!(!streak.record(&timed_out()));
+        assert!(!streak.record(&timed_out()));
+        assert!(streak.record(&timed_out()));
+        assert!(streak.record(&timed_out()), "and every one after");
+        assert_eq!(streak.consecutive(), 4);
+    }
+
+    #[test]
+    fn another_failure_between_timeouts_starts_the_count_again() {
+        let mut streak = TimeoutStreak::default();
+        assert!(!streak.record(&timed_out()));
+        assert!(!streak.record(&timed_out()));
+        assert!(!streak.record(&RepositoryError::Unavailable("connection refused".into())));
+        assert!(!streak.record(&timed_out()));
+        assert!(!streak.record(&timed_out()));
+        assert!(streak.record(&timed_out()));
     }
 }

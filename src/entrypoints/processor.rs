@@ -173,7 +173,13 @@ impl Processor {
         } = match handled {
             Ok(handled) => handled,
             Err(e) => {
-                if matches!(e, RepositoryError::Unavailable(_)) {
+                if let RepositoryError::TimedOut(_) = e {
+                    self.metrics.statement_timeouts.inc();
+                }
+                if matches!(
+                    e,
+                    RepositoryError::Unavailable(_) | RepositoryError::TimedOut(_)
+                ) {
                     self.store_reachable.store(false, Ordering::Relaxed);
                 }
                 return Err(e);

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::time::Duration;
 
-use crate::domain::{BatchRef, Command, DomainError, Sku};
+use crate::domain::{BatchRef, Command, DomainError, OrderId, Sku};
 
 use super::handlers::HandlerError;
 use super::messagebus;
@@ -188,9 +188,14 @@ impl Rejection {
             HandlerError::Rejected(DomainError::DuplicateLine { .. }) => {
                 (DeadLetterReason::DuplicateLine, false)
             }
-            HandlerError::Rejected(DomainError::WrongSku { .. }) | HandlerError::Repository(_) => {
-                (DeadLetterReason::InvalidMessage, false)
-            }
+            // WrongSku and the not-loaded refusals guard invariants of the
+            // caller: final, like a message that cannot be valid.
+            HandlerError::Rejected(
+                DomainError::WrongSku { .. }
+                | DomainError::LineNotLoaded { .. }
+                | DomainError::LinesNotLoaded(_),
+            )
+            | HandlerError::Repository(_) => (DeadLetterReason::InvalidMessage, false),
         };
         if retryable && !give_up {
             Rejection::Deferred
@@ -327,6 +332,16 @@ async fn attempt_in<S: Store>(
         }
     }
     let done = uow.load(&skus, &refs, &keys).await?;
+    // Whether each line to allocate is allocated already, for every line in
+    // one go (a product restored from summaries knows none of its lines).
+    let lines: Vec<(&Sku, &OrderId)> = plans
+        .iter()
+        .filter_map(|plan| match plan {
+            Plan::Handle(Command::Allocate(c)) => Some((&c.sku, &c.orderid)),
+            _ => None,
+        })
+        .collect();
+    uow.load_lines(&lines).await?;
     let locked = started.elapsed();
 
     // Rejections depend on the state, so they are decided anew in every

@@ -51,12 +51,12 @@ pub async fn change_batch_quantity<U: UnitOfWork>(
 ) -> Result<(), HandlerError> {
     let product = uow
         .products()
-        .get_by_batchref(&cmd.reference)
+        .get_for_quantity_change(&cmd.reference, cmd.qty)
         .await?
         .ok_or_else(|| HandlerError::UnknownBatch(cmd.reference.clone()))?;
     // The repository found the batch's product: it holds the batch. Should it
     // not, the change is not recorded as applied without its effect.
-    if !product.change_batch_quantity(&cmd.reference, cmd.qty) {
+    if !product.change_quantity(&cmd.reference, cmd.qty)? {
         return Err(HandlerError::UnknownBatch(cmd.reference));
     }
     Ok(())
@@ -65,7 +65,7 @@ pub async fn change_batch_quantity<U: UnitOfWork>(
 pub async fn allocate<U: UnitOfWork>(cmd: Allocate, uow: &mut U) -> Result<(), HandlerError> {
     let product = uow
         .products()
-        .get(&cmd.sku)
+        .get_for_line(&cmd.sku, &cmd.orderid)
         .await?
         .ok_or_else(|| HandlerError::UnknownSku(cmd.sku.clone()))?;
     product.allocate(OrderLine {

@@ -13,11 +13,11 @@
 use std::collections::HashSet;
 use std::future::Future;
 
-use crate::domain::{BatchRef, Event, Product, Sku};
+use crate::domain::{BatchRef, Event, OrderId, Product, Sku};
 
 use super::batch::{DeadLetterReason, ReadPosition};
 
-/// Why the store could not do what was asked. Both kinds are transient: the
+/// Why the store could not do what was asked. Every kind is transient: the
 /// caller retries the whole unit of work (every message in it) in a fresh one.
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
@@ -27,6 +27,13 @@ pub enum RepositoryError {
     /// The store is unreachable or failed; retry after a back-off.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A statement ran past the store's time bound (PostgreSQL's
+    /// `statement_timeout`) and was cancelled. Retried after a back-off like
+    /// `Unavailable`, but counted and reported on its own: no statement of
+    /// the worker should come near the bound, so one that does is a
+    /// database in trouble, or a wedge, not a blip.
+    #[error("statement timed out: {0}")]
+    TimedOut(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Products by SKU, with an identity map: a product is loaded once per unit of
@@ -45,6 +52,32 @@ pub trait ProductRepository: Send {
         &mut self,
         reference: &BatchRef,
     ) -> impl Future<Output = Result<Option<&mut Product>, RepositoryError>> + Send;
+
+    /// [`Self::get`], with the product told whether the line `(orderid,
+    /// sku)` is allocated and where ([`Product::knows_line`]), which
+    /// [`Product::allocate`] needs. A repository of whole products (every
+    /// line in memory) has nothing to add.
+    fn get_for_line(
+        &mut self,
+        sku: &Sku,
+        orderid: &OrderId,
+    ) -> impl Future<Output = Result<Option<&mut Product>, RepositoryError>> + Send {
+        let _ = orderid;
+        self.get(sku)
+    }
+
+    /// [`Self::get_by_batchref`], with the product given the batch's lines
+    /// that a change of its quantity to `qty` frees
+    /// ([`Product::lines_wanted`]). A repository of whole products has
+    /// nothing to add.
+    fn get_for_quantity_change(
+        &mut self,
+        reference: &BatchRef,
+        qty: u32,
+    ) -> impl Future<Output = Result<Option<&mut Product>, RepositoryError>> + Send {
+        let _ = qty;
+        self.get_by_batchref(reference)
+    }
 
     /// Every product loaded or added in this unit of work.
     fn seen(&mut self) -> Vec<&mut Product>;
@@ -98,6 +131,17 @@ pub trait BatchUnitOfWork: UnitOfWork {
         refs: &[&BatchRef],
         keys: &[&str],
     ) -> impl Future<Output = Result<HashSet<String>, RepositoryError>> + Send;
+
+    /// Tells the products loaded by [`Self::load`] whether each of `lines`
+    /// is allocated, in one go, so that allocating them needs no read each.
+    /// A unit of work of whole products has nothing to do.
+    fn load_lines(
+        &mut self,
+        lines: &[(&Sku, &OrderId)],
+    ) -> impl Future<Output = Result<(), RepositoryError>> + Send {
+        let _ = lines;
+        async { Ok(()) }
+    }
 
     /// The message whose handling follows: its events carry its context.
     fn start_message(&mut self, context: Self::Context);

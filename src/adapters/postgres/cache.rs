@@ -8,7 +8,9 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
 
 use crate::domain::{BatchRef, Product, Sku};
 
@@ -18,54 +20,100 @@ use crate::domain::{BatchRef, Product, Sku};
 /// with; it puts its products back before committing, so the next holder of
 /// the lock finds them. A copy whose transaction rolled back carries a
 /// revision the database never got, and is never used.
-#[derive(Default)]
+///
+/// Bounded by an estimate of the memory its entries take, and evicted one
+/// entry at a time (quick_cache's CLOCK-Pro: entries used once leave before
+/// those used again), so a catalogue wider than the bound costs a read of
+/// the products that fell out, not of every product at once. A product is
+/// kept as its batches and their sums ([`Product::forget_lines`]), so its
+/// entry does not grow with its history.
 pub struct ProductCache {
-    state: Mutex<CacheState>,
+    products: Cache<Sku, Stored, StoredWeight>,
+    /// A batch reference never changes product, so its owner is kept until
+    /// evicted.
+    owners: Cache<BatchRef, Sku>,
 }
 
-#[derive(Default)]
-pub(super) struct CacheState {
-    products: HashMap<Sku, Stored>,
-    /// A batch reference never changes product, so its owner is kept for good.
-    owners: HashMap<BatchRef, Sku>,
-}
+/// Bytes, roughly, that the cached products may take (see [`StoredWeight`]):
+/// about 60,000 products of one batch, or 10,000 of ten.
+pub const CACHE_BYTES: u64 = 16 << 20;
 
-/// Bound on cached products (and batch owners). A product with a few hundred
-/// lines takes tens of KiB; past the bound the cache is emptied, which costs
-/// one read per product and nothing else.
-const CACHE_CAPACITY: usize = 2048;
+/// Batch owners kept: about 100 bytes each.
+pub const CACHED_OWNERS: usize = 65_536;
+
+impl Default for ProductCache {
+    fn default() -> Self {
+        Self::with_capacity(CACHE_BYTES, CACHED_OWNERS)
+    }
+}
 
 /// A product as saved, with the ids of its batch rows and its revision.
+#[derive(Clone)]
 pub(super) struct Stored {
     pub(super) product: Product,
     pub(super) batch_ids: HashMap<BatchRef, i64>,
     pub(super) revision: i64,
 }
 
+/// An entry's weight: an estimate of its bytes, from its batches (a cached
+/// product knows no lines, so this is all that varies).
+#[derive(Clone)]
+pub(super) struct StoredWeight;
+
+/// Per product (the structs, its SKU, the maps) and per batch (the batch,
+/// its reference and SKU, its id), measured roughly with `size_of` and a
+/// name of twenty bytes.
+const PRODUCT_BYTES: u64 = 256;
+const BATCH_BYTES: u64 = 256;
+
+impl Weighter<Sku, Stored> for StoredWeight {
+    fn weight(&self, _sku: &Sku, stored: &Stored) -> u64 {
+        PRODUCT_BYTES + BATCH_BYTES * stored.product.batches().len() as u64
+    }
+}
+
 impl ProductCache {
-    /// The cache, locked: a transaction takes out all its products under one
-    /// lock ([`CacheState::take_current`]).
-    pub(super) fn state(&self) -> MutexGuard<'_, CacheState> {
-        // A panic while the lock was held left at worst a stale entry, which
-        // the revision check refuses: carry on with the data.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// A cache of at most about `bytes` of products and `owners` batch owners.
+    pub fn with_capacity(bytes: u64, owners: usize) -> Self {
+        let estimated = usize::try_from(bytes / (PRODUCT_BYTES + BATCH_BYTES)).unwrap_or(1);
+        Self {
+            products: Cache::with_weighter(estimated.max(1), bytes, StoredWeight),
+            owners: Cache::new(owners.max(1)),
+        }
+    }
+
+    /// How many products are kept now.
+    pub fn len(&self) -> usize {
+        self.products.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.products.is_empty()
+    }
+
+    /// Takes out the copy of `sku` if it is the one its locked row holds
+    /// (the same revision and version); a copy that is not is dropped.
+    pub(super) fn take_current(&self, sku: &Sku, version: i64, revision: i64) -> Option<Stored> {
+        self.products
+            .remove(sku)
+            .map(|(_, stored)| stored)
+            .filter(|stored| {
+                stored.revision == revision && stored.product.version_number() == version
+            })
     }
 
     /// Copies the known owner of each of `refs` into `owners`.
     pub(super) fn owners_of(&self, refs: &[&BatchRef], owners: &mut HashMap<BatchRef, Sku>) {
-        let state = self.state();
         for reference in refs {
-            if let Some(sku) = state.owners.get(*reference) {
-                owners.insert((*reference).clone(), sku.clone());
+            if let Some(sku) = self.owners.get(*reference) {
+                owners.insert((*reference).clone(), sku);
             }
         }
     }
 
     /// Forgets an owner found not to hold the batch.
     pub(super) fn forget_owner(&self, reference: &BatchRef) {
-        self.state().owners.remove(reference);
+        self.owners.remove(reference);
     }
 
     /// Puts a transaction's products back, before its commit, so that the
@@ -73,12 +121,8 @@ impl ProductCache {
     /// Should the commit fail, their revisions are not the database's, and
     /// the copies are never used.
     pub(super) fn put_back(&self, products: impl IntoIterator<Item = Stored>) {
-        let mut state = self.state();
         for stored in products {
-            state.products.insert(stored.product.sku().clone(), stored);
-        }
-        if state.products.len() > CACHE_CAPACITY {
-            state.products.clear();
+            self.products.insert(stored.product.sku().clone(), stored);
         }
     }
 
@@ -86,26 +130,9 @@ impl ProductCache {
     /// owner carries no revision, so one cached from a transaction that
     /// rolled back could not be told from a true one.
     pub(super) fn learn_owners(&self, owners: HashMap<BatchRef, Sku>) {
-        let mut state = self.state();
-        state.owners.extend(owners);
-        if state.owners.len() > 4 * CACHE_CAPACITY {
-            state.owners.clear();
+        for (reference, sku) in owners {
+            self.owners.insert(reference, sku);
         }
-    }
-}
-
-impl CacheState {
-    /// Takes out the copy of `sku` if it is the one its locked row holds
-    /// (the same revision and version); a copy that is not is dropped.
-    pub(super) fn take_current(
-        &mut self,
-        sku: &Sku,
-        version: i64,
-        revision: i64,
-    ) -> Option<Stored> {
-        self.products.remove(sku).filter(|stored| {
-            stored.revision == revision && stored.product.version_number() == version
-        })
     }
 }
 
@@ -125,5 +152,69 @@ pub(super) fn fresh_revision() -> i64 {
     match hasher.finish() as i64 {
         0 => 1,
         n => n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Batch;
+
+    fn stored(sku: &str, batches: usize, revision: i64) -> Stored {
+        let sku = Sku::parse(sku).unwrap();
+        let list = (0..batches)
+            .map(|i| {
+                let reference = BatchRef::parse(format!("{sku}-{i}")).unwrap();
+                Batch::restore_summary(reference, sku.clone(), 10, None, 3)
+            })
+            .collect();
+        Stored {
+            product: Product::restore(sku, 4, list),
+            batch_ids: HashMap::new(),
+            revision,
+        }
+    }
+
+    #[test]
+    fn a_copy_is_used_only_at_the_revision_and_version_it_was_saved_with() {
+        let cache = ProductCache::default();
+        let sku = Sku::parse("LAMP").unwrap();
+        cache.put_back([stored("LAMP", 1, 7)]);
+        assert!(cache.take_current(&sku, 4, 8).is_none(), "another revision");
+        assert!(cache.take_current(&sku, 4, 7).is_none(), "and dropped");
+        cache.put_back([stored("LAMP", 1, 7)]);
+        assert!(cache.take_current(&sku, 5, 7).is_none(), "another version");
+        cache.put_back([stored("LAMP", 1, 7)]);
+        assert!(cache.take_current(&sku, 4, 7).is_some());
+        assert!(cache.is_empty(), "taken out while in use");
+    }
+
+    #[test]
+    fn a_full_cache_evicts_entries_one_at_a_time_not_all_at_once() {
+        // Room for about 100 products of one batch.
+        let cache = ProductCache::with_capacity(100 * (PRODUCT_BYTES + BATCH_BYTES), 100);
+        for i in 0..1000 {
+            cache.put_back([stored(&format!("SKU-{i}"), 1, 1)]);
+            assert!(cache.len() <= 110, "bounded: {} after {i}", cache.len());
+        }
+        assert!(cache.len() >= 50, "most of it kept: {}", cache.len());
+        let last = Sku::parse("SKU-999").unwrap();
+        assert!(
+            cache.take_current(&last, 4, 1).is_some(),
+            "the newest is there"
+        );
+    }
+
+    #[test]
+    fn a_product_with_more_batches_weighs_more() {
+        let cache = ProductCache::with_capacity(100 * (PRODUCT_BYTES + BATCH_BYTES), 100);
+        for i in 0..100 {
+            cache.put_back([stored(&format!("SKU-{i}"), 9, 1)]);
+        }
+        assert!(
+            cache.len() <= 25,
+            "{} products of nine batches",
+            cache.len()
+        );
     }
 }

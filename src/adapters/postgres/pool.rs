@@ -33,8 +33,11 @@ pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
 /// sets it already (`application_name=…`, or `options=-c name=value`):
 ///
 /// - `application_name`: the worker, in `pg_stat_activity` and the logs;
-/// - `statement_timeout`: no statement of the worker takes seconds; one that
-///   runs away is cancelled and its transaction retried, like an outage;
+/// - `statement_timeout`: no statement of the worker takes seconds (none
+///   reads more than what its messages need: see docs/design.md, "The
+///   aggregate's storage"); one that runs away is cancelled, counted
+///   (`allocation_db_statement_timeouts_total`) and its transaction retried
+///   after a back-off, like an outage;
 /// - `lock_timeout`: a transaction waiting for a row lock (another session
 ///   holding a product) gives up, hands its connection back and is retried
 ///   after a back-off, rather than holding a connection for as long as the
@@ -172,17 +175,28 @@ impl KeptConnections {
     }
 }
 
-/// Maps a database error to the service layer's two transient kinds. Unique
+/// Maps a database error to the service layer's transient kinds. Unique
 /// violations, serialization failures and deadlocks mean another transaction
-/// won a race; anything else means the database is not usable right now.
+/// won a race; a statement cancelled by `statement_timeout` (57014,
+/// `query_canceled`, which a cancel request also gives) is `TimedOut`, so
+/// that it is counted and reported rather than retried unseen; anything else
+/// means the database is not usable right now.
 pub fn classify(error: sqlx::Error) -> RepositoryError {
     if let sqlx::Error::Database(db) = &error {
-        if matches!(db.code().as_deref(), Some("23505" | "40001" | "40P01")) {
-            return RepositoryError::Conflict(db.message().to_owned());
+        match db.code().as_deref() {
+            Some("23505" | "40001" | "40P01") => {
+                return RepositoryError::Conflict(db.message().to_owned())
+            }
+            Some(STATEMENT_TIMEOUT) => return RepositoryError::TimedOut(Box::new(error)),
+            _ => {}
         }
     }
     RepositoryError::Unavailable(Box::new(error))
 }
+
+/// SQLSTATE `query_canceled`: what a statement cancelled by
+/// `statement_timeout` fails with.
+pub const STATEMENT_TIMEOUT: &str = "57014";
 
 /// Stored names were validated on the way in; one that no longer parses means
 /// the data was changed by hand, which retrying will not fix but must not panic.

@@ -1,9 +1,15 @@
 //! The product repository on PostgreSQL: the products of one transaction,
 //! locked and loaded in one round trip per batch (with which messages were
 //! processed before), taken from the cache when its copy is current, and
-//! tracked beside the state they were loaded in so that a commit writes only
-//! the difference (see `writes`). It also takes back what a refused message
-//! did, for the unit of work.
+//! tracked beside the state they were loaded in, for a message taken back.
+//! A commit writes what each product recorded as changed (see `writes`).
+//!
+//! A product is loaded as its batches and how much of each is allocated
+//! (`batches.allocated_quantity`), never as every line it ever had: what
+//! else a decision needs is read when it is needed, by key: whether a line
+//! is allocated (all the lines of a batch of messages in one statement,
+//! [`PgProductRepository::load_lines`]), and the most recent lines of a
+//! batch whose quantity drops, as many as it frees, newest first.
 
 use std::collections::{HashMap, HashSet};
 
@@ -27,6 +33,10 @@ pub(super) struct Tracked {
     pub(super) revision: i64,
     /// Handed to a handler in this unit of work: saved (and version-checked) at commit.
     pub(super) used: bool,
+    /// By batch: the id of the earliest allocation row read back (the
+    /// batch's lines from there on are known to the product). Lines are read
+    /// below it, newest first.
+    pub(super) read_down_to: HashMap<BatchRef, i64>,
 }
 
 /// A product handed out during the current message.
@@ -40,8 +50,13 @@ pub(super) struct Touched {
 }
 
 type ProductRow = (String, i64, i64);
-type BatchRow = (i64, String, String, i64, i64, Option<NaiveDate>);
-type LineRow = (String, i64, String, i64);
+type BatchRow = (i64, String, String, i64, i64, Option<NaiveDate>, i64);
+
+/// The most lines read back in one statement for a quantity drop; the
+/// first read asks for as many as the quantity to free could need, up to
+/// [`FIRST_LINES`], and each further one for four times as many.
+const FIRST_LINES: i64 = 64;
+const MOST_LINES: i64 = 16_384;
 
 /// The products of one transaction, by SKU, with an identity map: each is
 /// locked and loaded (from the cache when its copy there is current) once,
@@ -179,15 +194,12 @@ impl PgProductRepository<'_> {
         let mut to_read: Vec<(Sku, i64, i64)> = Vec::new();
         let mut found: HashSet<&str> = HashSet::with_capacity(locked.len());
         let mut hits = Vec::new();
-        {
-            let mut state = self.cache.state();
-            for (sku, version, revision) in &locked {
-                found.insert(sku.as_str());
-                let sku = stored_name(Sku::parse(sku.clone()))?;
-                match state.take_current(&sku, *version, *revision) {
-                    Some(stored) => hits.push(stored),
-                    None => to_read.push((sku, *version, *revision)),
-                }
+        for (sku, version, revision) in &locked {
+            found.insert(sku.as_str());
+            let sku = stored_name(Sku::parse(sku.clone()))?;
+            match self.cache.take_current(&sku, *version, *revision) {
+                Some(stored) => hits.push(stored),
+                None => to_read.push((sku, *version, *revision)),
             }
         }
         for stored in hits {
@@ -212,25 +224,138 @@ impl PgProductRepository<'_> {
             batch_ids,
             revision,
             used: false,
+            read_down_to: HashMap::new(),
         });
     }
 
-    /// Reads locked products' batches and allocations, in creation order.
+    /// Tells tracked product `i` (and its state as loaded: what is stored
+    /// is true of both) where a line is allocated, as stored.
+    fn learn_line(&mut self, i: usize, orderid: &OrderId, at: Option<(&BatchRef, u32)>) {
+        let tracked = &mut self.seen[i];
+        tracked.product.learn_line(orderid.clone(), at);
+        if let Some(original) = tracked.original.as_mut() {
+            original.learn_line(orderid.clone(), at);
+        }
+    }
+
+    /// Tells the tracked products whether each of `lines` is allocated, and
+    /// where, in one statement for all of them. Lines of products not
+    /// loaded, or that know them already, are not read.
+    pub async fn load_lines(&mut self, lines: &[(&Sku, &OrderId)]) -> Result<(), RepositoryError> {
+        let mut wanted: Vec<(usize, &OrderId)> = Vec::new();
+        let mut orderids: Vec<&str> = Vec::new();
+        let mut skus: Vec<&str> = Vec::new();
+        for (sku, orderid) in lines {
+            if let Some(&i) = self.index.get(*sku) {
+                if !self.seen[i].product.knows_line(orderid) {
+                    wanted.push((i, orderid));
+                    orderids.push(orderid.as_str());
+                    skus.push(sku.as_str());
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        // (orderid, sku) is unique: the index answers each line.
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+            "SELECT a.orderid, a.sku, b.reference, a.qty \
+             FROM unnest($1::text[], $2::text[]) AS v(o, s) \
+             JOIN allocations a ON a.orderid = v.o AND a.sku = v.s \
+             JOIN batches b ON b.id = a.batch_id",
+        )
+        .bind(&orderids)
+        .bind(&skus)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(classify)?;
+        let mut found: HashMap<(String, String), (BatchRef, u32)> = HashMap::new();
+        for (orderid, sku, reference, qty) in rows {
+            let at = (stored_name(BatchRef::parse(reference))?, stored_qty(qty)?);
+            found.insert((orderid, sku), at);
+        }
+        for (i, orderid) in wanted {
+            let key = (
+                orderid.as_str().to_owned(),
+                self.seen[i].product.sku().as_str().to_owned(),
+            );
+            let at = found.get(&key).map(|(r, q)| (r, *q));
+            self.learn_line(i, orderid, at);
+        }
+        Ok(())
+    }
+
+    /// Gives tracked product `i` the stored lines of batch `reference` that
+    /// a change of its quantity to `qty` frees, newest first, a few
+    /// statements at most, each reading only lines it needs (or a few more).
+    async fn load_freed_lines(
+        &mut self,
+        i: usize,
+        reference: &BatchRef,
+        qty: u32,
+    ) -> Result<(), RepositoryError> {
+        let mut most = FIRST_LINES;
+        loop {
+            let wanted = self.seen[i].product.lines_wanted(reference, qty);
+            if wanted == 0 {
+                return Ok(());
+            }
+            let tracked = &self.seen[i];
+            // A batch without a stored id is new in this unit of work: its
+            // product knows every line of it.
+            let Some(&batch_id) = tracked.batch_ids.get(reference) else {
+                return Ok(());
+            };
+            let below = tracked
+                .read_down_to
+                .get(reference)
+                .copied()
+                .unwrap_or(i64::MAX);
+            // Every line has a quantity of at least 1.
+            let limit = wanted.min(most);
+            let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+                "SELECT id, orderid, qty FROM allocations \
+                 WHERE batch_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+            )
+            .bind(batch_id)
+            .bind(below)
+            .bind(limit)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(classify)?;
+            let Some(&(earliest, _, _)) = rows.last() else {
+                // The stored sum counts lines that are not there: the
+                // product refuses the change rather than guess.
+                return Ok(());
+            };
+            let sku = self.seen[i].product.sku().clone();
+            let mut lines = Vec::with_capacity(rows.len());
+            for (_, orderid, qty) in rows.into_iter().rev() {
+                lines.push(OrderLine {
+                    orderid: stored_name(OrderId::parse(orderid))?,
+                    sku: sku.clone(),
+                    qty: stored_qty(qty)?,
+                });
+            }
+            let tracked = &mut self.seen[i];
+            if let Some(original) = tracked.original.as_mut() {
+                original.learn_earlier_lines(reference, lines.clone());
+            }
+            tracked.product.learn_earlier_lines(reference, lines);
+            tracked.read_down_to.insert(reference.clone(), earliest);
+            most = (most * 4).min(MOST_LINES);
+        }
+    }
+
+    /// Reads locked products' batches, in creation order, with how much of
+    /// each is allocated: not their lines.
     async fn read(&mut self, products: Vec<(Sku, i64, i64)>) -> Result<(), RepositoryError> {
         let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
         let batch_rows: Vec<BatchRow> = sqlx::query_as(
             "SELECT id, sku, reference, purchased_quantity, \
-             COALESCE(created_quantity, purchased_quantity), eta FROM batches \
-             WHERE sku = ANY($1) ORDER BY id",
-        )
-        .bind(&skus)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(classify)?;
-        let line_rows: Vec<LineRow> = sqlx::query_as(
-            "SELECT a.sku, a.batch_id, a.orderid, a.qty FROM allocations a \
-             JOIN batches b ON b.id = a.batch_id WHERE b.sku = ANY($1) ORDER BY a.id",
+             COALESCE(created_quantity, purchased_quantity), eta, allocated_quantity \
+             FROM batches WHERE sku = ANY($1) ORDER BY id",
         )
         .bind(&skus)
         .fetch_all(&mut *conn)
@@ -244,28 +369,25 @@ impl PgProductRepository<'_> {
                 RepositoryError::Unavailable(format!("unexpected SKU {name} in a read").into())
             })
         };
-        let mut lines: HashMap<i64, Vec<OrderLine>> = HashMap::new();
-        for (sku, batch_id, orderid, qty) in line_rows {
-            lines.entry(batch_id).or_default().push(OrderLine {
-                orderid: stored_name(OrderId::parse(orderid))?,
-                sku: sku_of(&sku)?.clone(),
-                qty: stored_qty(qty)?,
-            });
-        }
         let mut batches: HashMap<&str, (Vec<Batch>, HashMap<BatchRef, i64>)> = HashMap::new();
-        for (id, sku, reference, purchased, created, eta) in batch_rows {
+        for (id, sku, reference, purchased, created, eta, allocated) in batch_rows {
             let owner = sku_of(&sku)?;
             let reference = stored_name(BatchRef::parse(reference))?;
             let entry = batches.entry(owner.as_str()).or_default();
             entry.1.insert(reference.clone(), id);
             self.owners.insert(reference.clone(), owner.clone());
+            if allocated < 0 {
+                return Err(RepositoryError::Unavailable(
+                    format!("invalid stored allocated quantity {allocated}").into(),
+                ));
+            }
             entry.0.push(
-                Batch::restore(
+                Batch::restore_summary(
                     reference,
                     owner.clone(),
                     stored_qty(purchased)?,
                     eta,
-                    lines.remove(&id).unwrap_or_default(),
+                    allocated,
                 )
                 .created_with(stored_qty(created)?),
             );
@@ -340,6 +462,7 @@ impl ProductRepository for PgProductRepository<'_> {
             batch_ids: HashMap::new(),
             revision: 0,
             used: false,
+            read_down_to: HashMap::new(),
         });
         self.touch(i, true);
     }
@@ -403,6 +526,56 @@ impl ProductRepository for PgProductRepository<'_> {
             Some(owner) if owner != sku => self.get(&owner).await,
             _ => Ok(None),
         }
+    }
+
+    async fn get_for_line(
+        &mut self,
+        sku: &Sku,
+        orderid: &OrderId,
+    ) -> Result<Option<&mut Product>, RepositoryError> {
+        if self.get(sku).await?.is_none() {
+            return Ok(None);
+        }
+        let Some(&i) = self.index.get(sku) else {
+            return Ok(None);
+        };
+        if !self.seen[i].product.knows_line(orderid) {
+            // Not looked up with its batch of messages (a reallocated line
+            // is known already; a test, or a handler reaching further).
+            let row: Option<(String, i64)> = sqlx::query_as(
+                "SELECT b.reference, a.qty FROM allocations a \
+                 JOIN batches b ON b.id = a.batch_id WHERE a.orderid = $1 AND a.sku = $2",
+            )
+            .bind(orderid.as_str())
+            .bind(sku.as_str())
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(classify)?;
+            let at = match row {
+                Some((reference, qty)) => {
+                    Some((stored_name(BatchRef::parse(reference))?, stored_qty(qty)?))
+                }
+                None => None,
+            };
+            self.learn_line(i, orderid, at.as_ref().map(|(r, q)| (r, *q)));
+        }
+        Ok(Some(&mut self.seen[i].product))
+    }
+
+    async fn get_for_quantity_change(
+        &mut self,
+        reference: &BatchRef,
+        qty: u32,
+    ) -> Result<Option<&mut Product>, RepositoryError> {
+        let sku = match self.get_by_batchref(reference).await? {
+            Some(product) => product.sku().clone(),
+            None => return Ok(None),
+        };
+        let Some(&i) = self.index.get(&sku) else {
+            return Ok(None);
+        };
+        self.load_freed_lines(i, reference, qty).await?;
+        Ok(Some(&mut self.seen[i].product))
     }
 
     fn seen(&mut self) -> Vec<&mut Product> {

@@ -13,7 +13,7 @@ use sqlx::Postgres;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::adapters::outbox::{self, InboundMessage, MessageContext, OutboxRecord};
-use crate::domain::{BatchRef, Event, Sku};
+use crate::domain::{BatchRef, Event, OrderId, Sku};
 use crate::service_layer::batch::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{BatchUnitOfWork, RepositoryError, Store, UnitOfWork};
 
@@ -236,6 +236,10 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
         self.products.preload(skus, refs, keys).await
     }
 
+    async fn load_lines(&mut self, lines: &[(&Sku, &OrderId)]) -> Result<(), RepositoryError> {
+        self.products.load_lines(lines).await
+    }
+
     /// The message whose handling follows: its events carry its context.
     fn start_message(&mut self, context: MessageContext) {
         self.context = context;
@@ -320,10 +324,15 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
         }
         // Products go back in the cache before the commit, owners only after
         // it (see ProductCache::put_back and learn_owners).
-        cache.put_back(seen.into_iter().map(|tracked| Stored {
-            product: tracked.product,
-            batch_ids: tracked.batch_ids,
-            revision: tracked.revision,
+        // Without the lines they learnt: what is kept between transactions
+        // is a product's batches and sums, whatever its history.
+        cache.put_back(seen.into_iter().map(|mut tracked| {
+            tracked.product.forget_lines();
+            Stored {
+                product: tracked.product,
+                batch_ids: tracked.batch_ids,
+                revision: tracked.revision,
+            }
         }));
         tx.commit().await.map_err(classify)?;
         cache.learn_owners(owners);

@@ -1,16 +1,17 @@
-//! The statements a commit runs: what changed in the tracked products, and
+//! The statements a commit runs: what changed in the tracked products (as
+//! each recorded it, [`Change`]), and
 //! what the messages queued (outbox rows, idempotency keys), written
 //! set-based. Each kind of row is gathered column by column ([`Writes`]),
 //! bound as arrays and unnested, so that a batch costs the same few round
 //! trips whatever its size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::NaiveDate;
 use sqlx::PgConnection;
 
 use crate::adapters::outbox::{OutboxColumns, OutboxRecord};
-use crate::domain::{Batch, BatchRef, OrderLine};
+use crate::domain::{BatchRef, Change, OrderId, OrderLine};
 use crate::service_layer::batch::ReadPosition;
 use crate::service_layer::RepositoryError;
 
@@ -31,9 +32,19 @@ pub(super) async fn save_all(
     outbox: &[OutboxRecord],
     processed: &[String],
 ) -> Result<(), RepositoryError> {
+    let changes: Vec<Vec<Change>> = seen
+        .iter_mut()
+        .map(|t| {
+            if t.used {
+                t.product.take_changes()
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     let mut writes = Writes::default();
     for (i, tracked) in seen.iter().enumerate().filter(|(_, t)| t.used) {
-        writes.add(i, tracked);
+        writes.add(i, tracked, &changes[i]);
     }
     let mut new_ids: HashMap<BatchRef, i64> = HashMap::new();
     if !writes.new_products.skus.is_empty() {
@@ -271,7 +282,7 @@ struct NewRevision {
 }
 
 impl<'a> Writes<'a> {
-    fn add(&mut self, position: usize, tracked: &'a Tracked) {
+    fn add(&mut self, position: usize, tracked: &'a Tracked, changes: &'a [Change]) {
         let product = &tracked.product;
         let sku = product.sku().as_str();
         match &tracked.original {
@@ -300,46 +311,57 @@ impl<'a> Writes<'a> {
                 });
             }
         }
-        let original_batches: HashMap<&BatchRef, &Batch> = tracked
-            .original
-            .iter()
-            .flat_map(|p| p.batches())
-            .map(|b| (b.reference(), b))
-            .collect();
-        for batch in product.batches() {
-            match original_batches.get(batch.reference()) {
-                None => {
-                    let rows = &mut self.new_batches;
-                    rows.references.push(batch.reference().as_str());
-                    rows.skus.push(sku);
-                    rows.purchased.push(i64::from(batch.purchased_quantity()));
-                    rows.etas.push(batch.eta());
-                    rows.created.push(i64::from(batch.created_quantity()));
+        // What changed, from the product's own record of it: new batches
+        // (written with their current quantity), changed quantities, and
+        // lines. A line allocated and freed again in this unit of work
+        // never reaches the table; a stored line freed is deleted, and
+        // allocated again it is inserted anew, at the end of its batch's
+        // order, as the domain has it.
+        let batches = product.batches();
+        let mut added_batches: HashSet<usize> = HashSet::new();
+        let mut changed_quantities: Vec<usize> = Vec::new();
+        let mut inserted: Vec<Option<(usize, &'a OrderLine)>> = Vec::new();
+        let mut inserted_at: HashMap<&'a OrderId, usize> = HashMap::new();
+        for change in changes {
+            match change {
+                Change::BatchAdded(i) => {
+                    added_batches.insert(*i);
+                    if let Some(batch) = batches.get(*i) {
+                        let rows = &mut self.new_batches;
+                        rows.references.push(batch.reference().as_str());
+                        rows.skus.push(sku);
+                        rows.purchased.push(i64::from(batch.purchased_quantity()));
+                        rows.etas.push(batch.eta());
+                        rows.created.push(i64::from(batch.created_quantity()));
+                    }
                 }
-                Some(old) if old.purchased_quantity() != batch.purchased_quantity() => {
-                    let rows = &mut self.quantities;
-                    rows.references.push(batch.reference().as_str());
-                    rows.purchased.push(i64::from(batch.purchased_quantity()));
+                Change::QuantityChanged(i) => {
+                    if !added_batches.contains(i) && !changed_quantities.contains(i) {
+                        changed_quantities.push(*i);
+                    }
                 }
-                Some(_) => {}
+                Change::LineAllocated { batch, line } => {
+                    inserted_at.insert(&line.orderid, inserted.len());
+                    inserted.push(Some((*batch, line)));
+                }
+                Change::LineFreed { line, .. } => match inserted_at.remove(&line.orderid) {
+                    Some(at) => inserted[at] = None,
+                    None => {
+                        self.freed.orderids.push(line.orderid.as_str());
+                        self.freed.skus.push(sku);
+                    }
+                },
             }
         }
-        // Allocations, batch by batch: the stored rows' ids must keep the
-        // domain's allocation order. Rows both lists share from the start
-        // stay; the rest of the old list is deleted and the rest of the new
-        // list inserted in order, so a line freed and allocated again, even to
-        // the same batch, moves to the end.
-        for batch in product.batches() {
-            let old = original_batches
-                .get(batch.reference())
-                .map_or(&[][..], |b| b.allocations());
-            let new = batch.allocations();
-            let kept = old.iter().zip(new).take_while(|(o, n)| o == n).count();
-            for line in &old[kept..] {
-                self.freed.orderids.push(line.orderid.as_str());
-                self.freed.skus.push(sku);
+        for i in changed_quantities {
+            if let Some(batch) = batches.get(i) {
+                let rows = &mut self.quantities;
+                rows.references.push(batch.reference().as_str());
+                rows.purchased.push(i64::from(batch.purchased_quantity()));
             }
-            for line in &new[kept..] {
+        }
+        for (batch, line) in inserted.into_iter().flatten() {
+            if let Some(batch) = batches.get(batch) {
                 self.added.push(AddedLine {
                     owner: position,
                     batch: batch.reference(),
