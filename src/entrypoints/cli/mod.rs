@@ -6,6 +6,7 @@
 //! build its configuration ([`crate::configuration`]) or its settings.
 
 mod connection;
+mod quarantine;
 mod replay;
 mod run;
 #[cfg(feature = "tools")]
@@ -15,6 +16,7 @@ mod topics;
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
+pub use quarantine::{ChosenRows, QuarantineArgs, QuarantineCommand};
 pub use replay::ReplayArgs;
 pub use run::{DatabaseArgs, RunArgs};
 #[cfg(feature = "tools")]
@@ -64,6 +66,9 @@ pub enum CommandLine {
     /// Publish dead letters again to the topic they came from, chosen by
     /// reason, original topic and time; --dry-run lists them.
     ReplayDeadLetters(Box<ReplayArgs>),
+    /// Outbox rows the relay could not publish (too large, refused by the
+    /// broker): list them, publish them again, or discard them.
+    OutboxQuarantine(Box<QuarantineArgs>),
 }
 
 /// A clap error as one line: its message without the usage block.
