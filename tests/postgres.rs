@@ -1486,8 +1486,11 @@ async fn a_key_that_keeps_failing_slows_no_other_key() {
 #[derive(Default)]
 struct GatedBroker {
     open: std::sync::atomic::AtomicBool,
-    /// (relay, orderid) of the records handed over and not yet landed.
-    queued: Mutex<Vec<(String, String, tokio::sync::oneshot::Sender<()>)>>,
+    /// Records queued longer than this when the gate opens are given up, as
+    /// librdkafka gives a record up after `message.timeout.ms`.
+    expire_after: Option<Duration>,
+    /// (relay, orderid, when) of the records handed over and not yet landed.
+    queued: Mutex<Vec<(String, String, tokio::sync::oneshot::Sender<()>, Instant)>>,
     /// (relay, orderid) of every record that reached the broker, in order.
     landed: Mutex<Vec<(String, String)>>,
 }
@@ -1496,7 +1499,10 @@ impl GatedBroker {
     fn open(&self) {
         let mut queued = self.queued.lock().unwrap();
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
-        for (relay, orderid, ack) in queued.drain(..) {
+        for (relay, orderid, ack, at) in queued.drain(..) {
+            if self.expire_after.is_some_and(|e| at.elapsed() > e) {
+                continue; // its delivery fails: the sender is dropped
+            }
             self.landed.lock().unwrap().push((relay, orderid));
             let _ = ack.send(());
         }
@@ -1537,7 +1543,7 @@ impl Publisher for GatedPublisher {
             return Ok(Box::pin(async { Ok(()) }));
         }
         let (ack, acked) = tokio::sync::oneshot::channel();
-        queued.push((self.name.to_owned(), orderid, ack));
+        queued.push((self.name.to_owned(), orderid, ack, Instant::now()));
         Ok(Box::pin(async move {
             acked.await.map_err(|_| KafkaError::Canceled)
         }))
@@ -1616,6 +1622,53 @@ async fn a_relay_waiting_for_acknowledgements_keeps_its_right_past_the_idle_time
     assert_eq!(landed, ["a1", "a2", "a3", "b1", "b2"], "each once");
     drop((a, b));
     short.close().await;
+    drop_database(pool).await;
+}
+
+/// Finding 6 of issue 22, when the session ends under a live relay (its
+/// host gone, or its process frozen past the relay's `idle_session_timeout`:
+/// 1 s here, 60 s in production). PostgreSQL ends relay A's session, and
+/// with it the locks, while A's records are in flight. Relay B takes the
+/// shards over but publishes nothing before A's fence (3 s here), by when
+/// A's producer has given those records up (`message.timeout.ms`, 2 s
+/// here). Then B publishes everything, and nothing of A's lands at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_session_ends_mid_pass_is_replaced_after_its_fence() {
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    let broker = Arc::new(GatedBroker {
+        expire_after: Some(Duration::from_secs(2)),
+        ..GatedBroker::default()
+    });
+    let a = gated_relay(&pool, &broker, "A", true)
+        .with_in_flight_lease(Duration::from_secs(3))
+        .with_idle_session_timeout(Duration::from_secs(1));
+    let b = gated_relay(&pool, &broker, "B", false);
+    let started = Instant::now();
+    let first = tokio::spawn(async move {
+        let pass = a.publish_pending().await.map_err(|e| e.to_string());
+        (a, pass)
+    });
+    eventually("A hands four records over", || broker.handed_over() == 4).await;
+
+    let failed = publish_until_nothing_pending(&pool, &b).await;
+    let took = started.elapsed();
+    assert_eq!(failed, Vec::<String>::new());
+    assert!(
+        took >= Duration::from_secs(3),
+        "B published {took:?} after A began: before A's fence had passed"
+    );
+    broker.open();
+    let (a, pass) = first.await.unwrap();
+    assert!(
+        pass.is_err(),
+        "A's session is gone, A marks nothing: {pass:?}"
+    );
+    assert_eq!(broker.landed_by("A"), Vec::<String>::new());
+    let mut by_b = broker.landed_by("B");
+    by_b.sort();
+    assert_eq!(by_b, ["a1", "a2", "a3", "b1", "b2"]);
+    drop((a, b));
     drop_database(pool).await;
 }
 

@@ -96,6 +96,14 @@ const SEND_WINDOW: Duration = Duration::from_secs(10);
 /// `message.timeout.ms` past 30 s weakens the fence by as much.
 const IN_FLIGHT_LEASE: Duration = Duration::from_secs(45);
 
+/// `idle_session_timeout` of the relay's session: a relay that stops
+/// talking to PostgreSQL (its host gone, its process frozen) loses its
+/// shards' locks after this, and the others take them over once its fence
+/// has passed. Above the longest a healthy relay is silent: a pass waiting
+/// for acknowledgements ([`SEND_WINDOW`] plus `message.timeout.ms`), since
+/// between passes it polls twice a second.
+const IDLE_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Attempts at a row the broker refuses (topic missing or not authorised,
 /// record refused) before it is quarantined: a topic being created, or an
 /// ACL being granted, gets a few seconds.
@@ -266,6 +274,7 @@ pub struct Relay {
     /// This relay in `outbox_relay_shards.holder`.
     holder: i64,
     lease: Duration,
+    idle_session_timeout: Duration,
     /// A tokio mutex: a pass holds it across its awaits, and passes never
     /// run at once (the loop makes them one after the other).
     state: tokio::sync::Mutex<State>,
@@ -301,6 +310,7 @@ impl Relay {
             metrics,
             holder: holder_id(),
             lease: IN_FLIGHT_LEASE,
+            idle_session_timeout: IDLE_SESSION_TIMEOUT,
             state: tokio::sync::Mutex::new(State::default()),
         }
     }
@@ -309,6 +319,13 @@ impl Relay {
     /// ([`IN_FLIGHT_LEASE`] by default); tests shorten it.
     pub fn with_in_flight_lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// How long the relay's session may be silent before PostgreSQL ends it
+    /// ([`IDLE_SESSION_TIMEOUT`] by default); tests shorten it.
+    pub fn with_idle_session_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_session_timeout = timeout;
         self
     }
 
@@ -644,13 +661,23 @@ impl Relay {
     /// the pool with it.
     async fn connect(&self) -> Result<Session, RelayError> {
         let options = self.pool.connect_options();
-        let conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
             .await
             .map_err(|_| {
                 RelayError::Database(RepositoryError::Unavailable(
                     "connecting the relay's session timed out".into(),
                 ))
             })??;
+        // Not in the startup options: PostgreSQL before 14 does not know the
+        // setting and would refuse the connection; there it is left unset.
+        let millis = self.idle_session_timeout.as_millis().to_string();
+        if let Err(error) = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
+            .bind(&millis)
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(%error, "the relay's session has no idle_session_timeout");
+        }
         Ok(Session {
             conn,
             member: false,
