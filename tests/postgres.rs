@@ -1479,6 +1479,10 @@ async fn a_key_that_keeps_failing_slows_no_other_key() {
     drop_database(pool).await;
 }
 
+/// A record in a [`GatedBroker`]'s queue: the relay that sent it, its
+/// orderid, its acknowledgement and when it was handed over.
+type Queued = (String, String, tokio::sync::oneshot::Sender<()>, Instant);
+
 /// A broker double whose acknowledgements wait until it is opened, as a slow
 /// broker's do. A record handed over lands when the gate opens even if its
 /// sender stopped waiting for it: once handed over, a record is librdkafka's,
@@ -1489,8 +1493,8 @@ struct GatedBroker {
     /// Records queued longer than this when the gate opens are given up, as
     /// librdkafka gives a record up after `message.timeout.ms`.
     expire_after: Option<Duration>,
-    /// (relay, orderid, when) of the records handed over and not yet landed.
-    queued: Mutex<Vec<(String, String, tokio::sync::oneshot::Sender<()>, Instant)>>,
+    /// The records handed over and not yet landed.
+    queued: Mutex<Vec<Queued>>,
     /// (relay, orderid) of every record that reached the broker, in order.
     landed: Mutex<Vec<(String, String)>>,
 }
