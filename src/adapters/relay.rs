@@ -558,7 +558,9 @@ impl Relay {
         // themselves are never rewritten, migration 20261128000005), the
         // quarantined rows are copied aside and leave it too, and the fence
         // of this pass's shards is lifted: everything it handed over is
-        // settled. outbox_relay.marked_at is when marks are written. None of
+        // settled. outbox_relay.marked_at is when marks are written, by
+        // whichever relay finds its one row free (the relays never queue for
+        // it: it only tells people when the relay last marked). None of
         // it waits for the disk: a mark lost in a crash publishes its row
         // again with the same ce_id, which at-least-once allows; a lost
         // quarantine tries the row again. set_config(…, true) is SET LOCAL.
@@ -595,8 +597,9 @@ impl Relay {
              lifted AS ( \
                  UPDATE outbox_relay_shards SET in_flight_until = NULL \
                  WHERE shard = ANY($5) AND holder = $6) \
-             UPDATE outbox_relay SET marked_at = statement_timestamp() \
-             WHERE cardinality($1::int8[]) > 0",
+             UPDATE outbox_relay SET marked_at = GREATEST(marked_at, statement_timestamp()) \
+             WHERE cardinality($1::int8[]) > 0 \
+             AND only_row IN (SELECT only_row FROM outbox_relay FOR UPDATE SKIP LOCKED)",
         )
         .bind(&sent)
         .bind(&ids)
