@@ -1103,9 +1103,14 @@ struct FlakyPublisher(Arc<FlakyBroker>);
 
 impl Publisher for FlakyPublisher {
     fn send(&self, record: OutboundRecord<'_>) -> Result<Delivery, KafkaError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(record.payload.expect("events have a value")).unwrap();
-        let orderid = value["orderid"].as_str().unwrap().to_owned();
+        // A dead letter sent without its value is "(no value)".
+        let orderid = match record.payload {
+            Some(payload) => {
+                let value: serde_json::Value = serde_json::from_slice(payload).unwrap();
+                value["orderid"].as_str().unwrap().to_owned()
+            }
+            None => "(no value)".to_owned(),
+        };
         let sku = String::from_utf8(record.key.unwrap().to_vec()).unwrap();
         self.0.attempts.lock().unwrap().push(orderid.clone());
         if let Some(&code) = self.0.never.lock().unwrap().get(&orderid) {
@@ -1205,7 +1210,8 @@ fn relay_through(pool: &PgPool, broker: &Arc<FlakyBroker>) -> Relay {
 
 async fn pending_orders(pool: &PgPool) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT convert_from(o.payload, 'UTF8')::json->>'orderid' FROM outbox o \
+        "SELECT COALESCE(convert_from(o.payload, 'UTF8')::json->>'orderid', '(no value)') \
+         FROM outbox o \
          JOIN outbox_pending p USING (id) ORDER BY o.id",
     )
     .fetch_all(pool)
@@ -1390,6 +1396,70 @@ async fn relay_quarantines_rows_it_can_never_publish_and_holds_up_nothing() {
     );
     assert!(quarantined[1].3.contains("unknown kind"), "{quarantined:?}");
     quarantine_then_retention_and_retry(&pool, &broker, &relay).await;
+    drop(relay);
+    drop_database(pool).await;
+}
+
+/// Finding 1 of issue 22, its two other causes: a dead letter too large even
+/// without its value, and a topic the broker refuses (an ACL). The letter
+/// is sent once without its value, then quarantined; the refused row after
+/// five attempts. The rows behind each in its key go out.
+#[tokio::test]
+async fn relay_quarantines_a_letter_too_large_without_its_value_and_a_refused_row() {
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    // A dead letter of key C, then an event of C behind it; written as an
+    // earlier version writes pending ids (no shard).
+    sqlx::query(
+        "WITH r AS (INSERT INTO outbox (kind, message_key, payload, headers) \
+                    VALUES ('DeadLetter', 'C', '{\"orderid\": \"dl\"}', ''), \
+                           ('Allocated', 'C', '{\"orderid\": \"c2\"}', '') RETURNING id) \
+         INSERT INTO outbox_pending (id) SELECT id FROM r",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let broker = Arc::new(FlakyBroker::default());
+    for (order, code) in [
+        ("dl", RDKafkaErrorCode::MessageSizeTooLarge),
+        ("(no value)", RDKafkaErrorCode::MessageSizeTooLarge),
+        ("b1", RDKafkaErrorCode::TopicAuthorizationFailed),
+    ] {
+        broker.never.lock().unwrap().insert(order.into(), code);
+    }
+    let relay = relay_through(&pool, &broker);
+
+    let failed_passes = publish_until_nothing_pending(&pool, &relay).await;
+    assert_eq!(
+        failed_passes,
+        Vec::<String>::new(),
+        "no pass fails for a row"
+    );
+    let by_sku = delivered_by_sku(&broker);
+    assert_eq!(by_sku["A"], ["a1", "a2", "a3"]);
+    // b2 went out pipelined behind b1's first attempt, then once b1 was
+    // quarantined; not with each of b1's attempts.
+    assert_eq!(by_sku["B"], ["b2", "b2"], "B goes on past b1");
+    assert_eq!(by_sku["C"], ["c2"], "C goes on past the letter");
+    let tries = |order: &str| {
+        let attempts = broker.attempts.lock().unwrap();
+        attempts.iter().filter(|o| *o == order).count()
+    };
+    assert_eq!((tries("dl"), tries("(no value)"), tries("b1")), (1, 1, 5));
+    let quarantined: Vec<(String, bool, i32, String)> = sqlx::query_as(
+        "SELECT kind, payload IS NULL, attempts, error FROM outbox_quarantine ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+    assert_eq!((&*quarantined[0].0, quarantined[0].2), ("Allocated", 5));
+    assert!(
+        quarantined[0].3.contains("refused by the broker"),
+        "{quarantined:?}"
+    );
+    assert_eq!((&*quarantined[1].0, quarantined[1].1), ("DeadLetter", true));
+    assert!(quarantined[1].3.contains("too large"), "{quarantined:?}");
     drop(relay);
     drop_database(pool).await;
 }

@@ -27,7 +27,8 @@
 //!   acknowledged. At the first failure of a key, nothing more of that key is
 //!   sent in the pass, and its acknowledged rows behind the failed one are
 //!   sent again after it.
-//! - **Failures are per key.** A failed key backs off alone (100 ms to 5 s)
+//! - **Failures are per key.** A failed key backs off alone (100 ms to 5 s),
+//!   then tries its failed row alone until it passes or is quarantined,
 //!   while the other keys flow; a failure never fails the pass. A row that
 //!   can never be published (too large for the broker, a kind this version
 //!   does not know, unreadable headers) is quarantined at once, one refused
@@ -433,22 +434,24 @@ impl Relay {
         // key backing off sits this pass out.
         let now = Instant::now();
         let mut chains: Vec<Vec<usize>> = Vec::new();
-        let mut chain_of: HashMap<Option<&[u8]>, Option<usize>> = HashMap::new();
+        // A key that failed and has not succeeded since sends only its
+        // first row: what would be pipelined behind it is sent again after
+        // it anyway, once per attempt.
+        let mut chain_of: HashMap<Option<&[u8]>, Option<(usize, bool)>> = HashMap::new();
         for (i, row) in rows.iter().enumerate() {
             let key = row.2.as_deref();
             let chain = *chain_of.entry(key).or_insert_with(|| {
-                let waiting = state
-                    .keys
-                    .get(&key.map(<[u8]>::to_vec))
-                    .and_then(|k| k.retry_at)
-                    .is_some_and(|at| at > now);
+                let failing = state.keys.get(&key.map(<[u8]>::to_vec));
+                let waiting = failing.and_then(|k| k.retry_at).is_some_and(|at| at > now);
                 (!waiting).then(|| {
                     chains.push(Vec::new());
-                    chains.len() - 1
+                    (chains.len() - 1, failing.is_some())
                 })
             });
-            if let Some(chain) = chain {
-                chains[chain].push(i);
+            if let Some((chain, probing)) = chain {
+                if !probing || chains[chain].is_empty() {
+                    chains[chain].push(i);
+                }
             }
         }
         // Every key's rows go out concurrently with the other keys'.
