@@ -2058,3 +2058,45 @@ async fn three_relays_share_the_shards_and_keep_each_sku_in_order() {
     }
     drop_database(pool).await;
 }
+
+/// During a rolling upgrade: a relay of the version before the shards takes
+/// one lock exclusively for each pass (`pg_try_advisory_xact_lock` of this
+/// key). While such a pass is open, this version's relay publishes nothing;
+/// once this one runs, the earlier one's try fails.
+#[tokio::test]
+async fn an_earlier_version_s_relay_and_this_one_never_publish_at_once() {
+    const EARLIER_RELAY_LOCK: i64 = 0x616c_6c6f_6372_6c79;
+    let pool = fresh_database().await;
+    two_skus_of_events(&pool).await;
+    let broker = Arc::new(FlakyBroker::default());
+    let relay = relay_through(&pool, &broker);
+
+    let mut earlier = pool.begin().await.unwrap();
+    let took: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(EARLIER_RELAY_LOCK)
+        .fetch_one(&mut *earlier)
+        .await
+        .unwrap();
+    assert!(took, "nothing holds it yet");
+    assert_eq!(relay.publish_pending().await.unwrap(), 0);
+    assert!(broker.delivered.lock().unwrap().is_empty());
+    earlier.commit().await.unwrap();
+
+    // The next count of the relays, a second on, lets this one in.
+    let failed = publish_until_nothing_pending(&pool, &relay).await;
+    assert_eq!(failed, Vec::<String>::new());
+    assert_eq!(broker.delivered.lock().unwrap().len(), 5);
+    let mut earlier = pool.begin().await.unwrap();
+    let took: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(EARLIER_RELAY_LOCK)
+        .fetch_one(&mut *earlier)
+        .await
+        .unwrap();
+    assert!(
+        !took,
+        "the earlier version's relay stays out while this one runs"
+    );
+    earlier.rollback().await.unwrap();
+    drop(relay);
+    drop_database(pool).await;
+}
