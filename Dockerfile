@@ -15,10 +15,20 @@
 # clean Debian 12, into that stage (scripts/images.sh --binary) instead of
 # compiling the crate a second time.
 
-ARG RUST_VERSION=1
+# The Rust toolchain: the channel of rust-toolchain.toml, which the builder
+# stage copies in as well (deploy/check_dockerfile.py checks they agree).
+ARG RUST_VERSION=1.95.0
 # The base images. Users keep the official ones; a machine that cannot pull
 # them passes local stand-ins (scripts/images.sh does):
 #   --build-arg BUILDER_IMAGE=... --build-arg RUNTIME_IMAGE=...
+# For a reproducible build, pin both by digest, the form
+#   --build-arg BUILDER_IMAGE=rust:1.95.0-bookworm@sha256:<64 hex digits>
+#   --build-arg RUNTIME_IMAGE=debian:bookworm-slim@sha256:<64 hex digits>
+# with the digests your registry serves for those tags
+# (`docker buildx imagetools inspect rust:1.95.0-bookworm`, or `docker pull`
+# then `docker image inspect --format '{{index .RepoDigests 0}}'`); see
+# deploy/README.md "Container image". The defaults carry no digest: none
+# could be read where this file is checked.
 ARG BUILDER_IMAGE=rust:${RUST_VERSION}-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
@@ -46,6 +56,26 @@ USER 10001:10001
 ENTRYPOINT ["allocation-worker"]
 CMD ["run"]
 
+# OCI labels (https://specs.opencontainers.org/image-spec/annotations/):
+# scripts/images.sh fills them from git and Cargo.toml; by hand,
+#   --build-arg REVISION=$(git rev-parse HEAD) --build-arg VERSION=0.1.0
+#   --build-arg CREATED=$(git log -1 --format=%cI) --build-arg SOURCE=<repository URL>
+# CREATED is the commit's time, not the build's, so that two builds of one
+# commit are labelled alike. Last in the stage: they change at every commit.
+ARG RUNTIME_IMAGE
+ARG SOURCE=https://github.com/example/allocation-worker
+ARG REVISION=unknown
+ARG VERSION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="allocation-worker" \
+      org.opencontainers.image.description="Allocation service worker: Kafka in, PostgreSQL state, Kafka out" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.base.name="${RUNTIME_IMAGE}"
+
 # --- build --------------------------------------------------------------------
 FROM ${BUILDER_IMAGE} AS builder
 
@@ -64,7 +94,9 @@ WORKDIR /build
 
 # Dependencies first, in their own layer, so editing the sources does not
 # rebuild librdkafka and the other crates: build them against empty sources.
-COPY Cargo.toml Cargo.lock ./
+# rust-toolchain.toml first: rustup (in the official image) builds with the
+# toolchain it names, and downloads it if the image has another.
+COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

@@ -66,6 +66,10 @@ image=$(docker_base_image "$dist")
 log "base image $image"
 
 # --- what of the host goes in ------------------------------------------------
+# The toolchain rust-toolchain.toml pins, made on the host: the container
+# gets ~/.rustup read-only.
+source scripts/prerequisites.sh
+prerequisites_toolchain
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 cargo_bin=${CARGO_HOME:-$HOME/.cargo}/bin
 [ -x "$cargo_bin/cargo" ] && [ -d "$rustup_home/toolchains" ] \

@@ -5,8 +5,12 @@
 
 Parses the Dockerfile with the `dockerfile` package (BuildKit's own parser)
 when it is installed, else line by line, and checks: a Rust bookworm builder
-and a debian:bookworm-slim runtime (the defaults of the base-image build
-arguments), the runtime stage first and the image built FROM it; every COPY from the build context names a
+pinned to rust-toolchain.toml's channel (ARG RUST_VERSION, and the file
+copied into the builder) and a debian:bookworm-slim runtime (the defaults
+of the base-image build arguments; a digest, if any, well formed), the
+runtime stage first and the image built FROM it; the OCI labels source,
+revision, version and created, from build arguments scripts/images.sh
+passes; every COPY from the build context names a
 file that exists and that .dockerignore does not exclude; target/ and .git are
 excluded; the binary built is Cargo.toml's [[bin]]; the runtime runs as a
 numeric non-root user, exposes 9464, listens on 0.0.0.0:9464 and has
@@ -115,10 +119,24 @@ def main():
         problem(f"the last stage is FROM {' '.join(last_from)!r}, expected FROM runtime")
     if named["runtime"] != stages[0]:
         problem("the runtime stage is not the first: `--target runtime` would build the others too")
-    if not re.match(r"rust:\S*bookworm", builder_from):
-        problem(f"builder stage is {builder_from!r}, expected rust:*-bookworm")
-    if runtime_from.split()[0] != "debian:bookworm-slim":
-        problem(f"runtime stage is {runtime_from!r}, expected debian:bookworm-slim")
+    # The builder's toolchain is rust-toolchain.toml's, and a base may be
+    # pinned by digest (name:tag@sha256:<64 hex>), never by a malformed one.
+    toolchain = ""
+    if tomllib and (ROOT / "rust-toolchain.toml").is_file():
+        toolchain = tomllib.loads((ROOT / "rust-toolchain.toml").read_text())["toolchain"]["channel"]
+    else:
+        problem("no rust-toolchain.toml (or no tomllib to read it)")
+    digest = r"(@sha256:[0-9a-f]{64})?"
+    if global_args.get("RUST_VERSION") != toolchain:
+        problem(f"ARG RUST_VERSION is {global_args.get('RUST_VERSION')!r}, rust-toolchain.toml says {toolchain!r}")
+    if not re.fullmatch(rf"rust:{re.escape(toolchain)}-bookworm{digest}", builder_from):
+        problem(f"builder stage is {builder_from!r}, expected rust:{toolchain}-bookworm[@sha256:...]")
+    if not re.fullmatch(rf"debian:bookworm-slim{digest}", runtime_from.split()[0]):
+        problem(f"runtime stage is {runtime_from!r}, expected debian:bookworm-slim[@sha256:...]")
+    builder_end = next((i for i in stages if i > named["builder"]), len(parsed))
+    if not any(cmd == "COPY" and "rust-toolchain.toml" in value[:-1]
+               for cmd, _flags, value, _json in parsed[named["builder"]:builder_end]):
+        problem("the builder stage does not COPY rust-toolchain.toml")
 
     for cmd, flags, value, _ in parsed:
         if cmd == "COPY" and not any(f.startswith("--from") for f in flags):
@@ -163,6 +181,19 @@ def main():
         problem(f"ENTRYPOINT is {last.get('ENTRYPOINT')}, expected exec form [\"allocation-worker\"]")
     if last.get("CMD") != (("run",), True):
         problem(f"CMD is {last.get('CMD')}, expected exec form [\"run\"]")
+    # OCI labels, each from a build argument of the same name that
+    # scripts/images.sh passes (git and Cargo.toml fill them).
+    labels = {}
+    for cmd, _flags, value, _json in runtime:
+        if cmd == "LABEL":
+            labels.update(zip(value[::2], (v.strip('"') for v in value[1::2])))
+    stage_args = {v.partition("=")[0] for cmd, _f, values, _j in runtime if cmd == "ARG" for v in values}
+    images_sh = (ROOT / "scripts" / "images.sh").read_text()
+    for key, arg in (("source", "SOURCE"), ("revision", "REVISION"), ("version", "VERSION"), ("created", "CREATED")):
+        if labels.get(f"org.opencontainers.image.{key}") != f"${{{arg}}}" or arg not in stage_args:
+            problem(f"runtime has no LABEL org.opencontainers.image.{key}=\"${{{arg}}}\" from ARG {arg}")
+        if f'"{arg}=' not in images_sh:
+            problem(f"scripts/images.sh does not pass --build-arg {arg}")
     return report(len(parsed), len(stages))
 
 

@@ -10,7 +10,7 @@
 #   allocation-worker:local             the Dockerfile, on the official bases
 #                                       when they are here or can be pulled,
 #                                       else on the local stand-ins below
-#   allocation-worker-builder:local     stand-in for rust:1-bookworm
+#   allocation-worker-builder:local     stand-in for rust:<rust-toolchain.toml>-bookworm
 #   allocation-worker-base:bookworm     stand-in for debian:bookworm-slim
 #                                       (debootstrap, scripts/docker-base.sh)
 #   allocation-worker-postgres:local    stand-in for postgres: Debian's
@@ -95,7 +95,8 @@ fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{inde
 docker_engine_up
 
 # --- which bases --------------------------------------------------------------
-official_builder=rust:1-bookworm
+# The Dockerfile's default builder: the toolchain rust-toolchain.toml pins.
+official_builder=rust:$(sed -n 's/^channel *= *"\(.*\)".*/\1/p' rust-toolchain.toml)-bookworm
 official_runtime=debian:bookworm-slim
 use_official=
 if [ "$bases" != local ]; then
@@ -136,7 +137,7 @@ toolchain_stand_in() {
     docker run --name "$container" -v "$rustc:/host/toolchain:ro" -v "$staging:/host/files:ro" \
         -e DEBIAN_FRONTEND=noninteractive "$base" bash -euo pipefail -c '
             apt-get update -qq
-            # What rust:1-bookworm has that the build uses: a C/C++ toolchain,
+            # What the official rust image has that the build uses: a C/C++ toolchain,
             # make, pkg-config, zlib and OpenSSL headers, cmake, CA certificates.
             apt-get install -y -qq --no-install-recommends build-essential pkg-config \
                 zlib1g-dev libssl-dev cmake ca-certificates >/dev/null
@@ -277,12 +278,23 @@ else
     stand_ins="the stand-ins of $official_builder and $official_runtime"
 fi
 revision=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# The image's OCI labels (the Dockerfile's runtime stage): the commit, the
+# crate's version, the commit's time (not the build's: two builds of one
+# commit are labelled alike) and where the source is (IMAGE_SOURCE, else
+# the origin remote when it is a web address, else the Dockerfile's
+# placeholder).
+version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+created=$(git log -1 --format=%cI 2>/dev/null || echo unknown)
+source_url=${IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || true)}
+case $source_url in https://*) ;; *) source_url=https://github.com/example/allocation-worker ;; esac
+label_args=(--build-arg "REVISION=$revision" --build-arg "VERSION=${version:-unknown}"
+    --build-arg "CREATED=$created" --build-arg "SOURCE=$source_url")
 started=$SECONDS
 # IMAGES_CPU_SHARES: the build's CPU weight (1024 is a process's), lower on a
 # machine shared with work that should go first.
 if [ -n "$binary" ]; then
     log "building allocation-worker:local: the Dockerfile's runtime stage on $stand_ins, with $binary"
-    docker build -q --force-rm --target runtime "${build_args[@]}" -t allocation-worker-runtime:local . >/dev/null \
+    docker build -q --force-rm --target runtime "${build_args[@]}" "${label_args[@]}" -t allocation-worker-runtime:local . >/dev/null \
         || { log "ERROR: docker build --target runtime failed; run it without -q to see why"; exit 1; }
     context=$(mktemp -d)
     cp "$binary" "$context/allocation-worker"
@@ -296,7 +308,7 @@ if [ -n "$binary" ]; then
     rm -rf "$context"
 else
     log "building allocation-worker:local on $stand_ins"
-    docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" --build-arg "REVISION=$revision" \
+    docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" "${label_args[@]}" \
         -t allocation-worker:local . >/dev/null \
         || { log "ERROR: docker build failed; run it without -q to see why: docker build ${build_args[*]} ."; exit 1; }
 fi

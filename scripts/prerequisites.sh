@@ -108,6 +108,36 @@ prerequisites_cargo() {
         _prereq_log "ERROR: no cargo: install the Rust toolchain with rustup (https://rustup.rs), then open a new shell"
         return 1
     }
+    prerequisites_toolchain
+}
+
+# The toolchain rust-toolchain.toml pins (channel = "X.Y.Z"), which rustup
+# otherwise downloads at the first cargo command. Where the machine's
+# default toolchain is that very version (a machine that cannot download
+# toolchains has only its default), the pinned name is made a link to it;
+# otherwise rustup installs it. Nothing to do without rustup or when the
+# toolchain is there.
+prerequisites_toolchain() {
+    command -v rustup >/dev/null 2>&1 || return 0
+    local file want home default triple have
+    file="$(dirname "${BASH_SOURCE[0]}")/../rust-toolchain.toml"
+    want=$(sed -n 's/^channel *= *"\(.*\)".*/\1/p' "$file" 2>/dev/null || true)
+    [ -n "$want" ] || return 0
+    home=${RUSTUP_HOME:-$HOME/.rustup}
+    default=$(rustup default 2>/dev/null | awk '{print $1}' || true)
+    triple=${default#*-}
+    [ -n "$default" ] && [ ! -e "$home/toolchains/$want-$triple" ] || return 0
+    have=$("$home/toolchains/$default/bin/rustc" --version 2>/dev/null | awk '{print $2}' || true)
+    if [ "$have" = "$want" ]; then
+        _prereq_log "rust-toolchain.toml pins $want: linking it to the default toolchain $default, which is $have"
+        ln -s "$default" "$home/toolchains/$want-$triple"
+    else
+        _prereq_log "rust-toolchain.toml pins $want; the default toolchain is ${have:-unknown}: rustup toolchain install $want"
+        rustup toolchain install "$want" --profile minimal -c rustfmt -c clippy || {
+            _prereq_log "ERROR: no Rust $want (rust-toolchain.toml) and it cannot be installed here"
+            return 1
+        }
+    fi
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

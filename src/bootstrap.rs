@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapters::health::PollClock;
+use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
@@ -33,6 +33,8 @@ pub enum BootstrapError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot listen on HTTP_ADDR {0}: {1}")]
     Http(std::net::SocketAddr, #[source] std::io::Error),
+    #[error("cannot listen on READ_MODEL_ADDR {0}: {1}")]
+    ReadModel(std::net::SocketAddr, #[source] std::io::Error),
     #[error("metrics: {0}")]
     Metrics(#[source] prometheus::Error),
 }
@@ -125,19 +127,48 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
     tracing::info!(addr = %bound, "http listening");
     let http_stop = CancellationToken::new();
-    let app = http::router(HttpState {
+    let failing = Arc::new(FailingPartitions::default());
+    let read_pool = lazy_pool(
+        worker_connect_options(settings.database.options.clone()),
+        settings.read_model_max_connections,
+    );
+    let http_state = HttpState {
+        read_pool: read_pool.clone(),
+        failing: Arc::clone(&failing),
+        partition_stall_timeout: settings.partition_stall_timeout,
         pool: pool.clone(),
         metrics: Arc::clone(&metrics),
         consumer_running: Arc::clone(&consumer_running),
         consumer_assigned,
         poll_clock: Arc::clone(&poll_clock),
         health_poll_timeout: settings.health_poll_timeout,
-    });
+    };
+    let (app, read_model) = match settings.read_model_addr {
+        None => (http::router(http_state), None),
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| BootstrapError::ReadModel(addr, e))?;
+            let bound = listener
+                .local_addr()
+                .map_err(|e| BootstrapError::ReadModel(addr, e))?;
+            tracing::info!(addr = %bound, "read model listening");
+            let app = http::read_model_router(http_state.clone());
+            (http::operations_router(http_state), Some((listener, app)))
+        }
+    };
     let http_task = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(http_stop.clone().cancelled_owned())
             .into_future(),
     );
+    let read_model_task = read_model.map(|(listener, app)| {
+        tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+                .into_future(),
+        )
+    });
 
     if settings.migrate {
         // A connection of its own, without the worker's statement and lock
@@ -175,7 +206,8 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
     let worker = Worker::new(processor, consumer, settings.worker, consumer_running)
-        .with_poll_clock(poll_clock);
+        .with_poll_clock(poll_clock)
+        .with_failing_partitions(failing);
     let result = worker.run_until_stopped(shutdown).await;
     retention_stop.cancel();
     if let Err(error) = retention_task.await {
@@ -192,11 +224,14 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         tracing::error!(%error, "outbox relay task failed");
     }
     http_stop.cancel();
-    match http_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
-        Err(error) => tracing::warn!(%error, "http task failed"),
+    for task in std::iter::once(http_task).chain(read_model_task) {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "http server failed"),
+            Err(error) => tracing::warn!(%error, "http task failed"),
+        }
     }
+    read_pool.close().await;
     // Closing waits for every connection to come back: one still held by a
     // partition stuck past its deadline (on a lock) would hold the exit up.
     // It is dropped with the process instead, which rolls its transaction back.

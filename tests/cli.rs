@@ -60,12 +60,40 @@ fn retention_and_health_settings_are_checked() {
         ("OUTBOX_RETENTION", "--outbox-retention"),
         ("HEALTH_POLL_TIMEOUT", "--health-poll-timeout"),
         ("TRANSACTION_TIMEOUT", "--transaction-timeout"),
+        ("PARTITION_STALL_TIMEOUT", "--partition-stall-timeout"),
     ] {
         assert_config_error(&worker(&["run"], &[DB, KAFKA, (name, "a week")]), flag);
         // Zero would delete every record at once, fail every probe, or
         // give up every transaction.
         assert_config_error(&worker(&["run"], &[DB, KAFKA, (name, "0s")]), name);
     }
+}
+
+#[test]
+fn the_read_model_settings_are_checked() {
+    assert_config_error(
+        &worker(
+            &["run"],
+            &[DB, KAFKA, ("READ_MODEL_ADDR", "not an address")],
+        ),
+        "--read-model-addr",
+    );
+    assert_config_error(
+        &worker(&["run"], &[DB, KAFKA, ("READ_MODEL_MAX_CONNECTIONS", "0")]),
+        "--read-model-max-connections",
+    );
+}
+
+#[test]
+fn rewind_offsets_refuses_a_group_id_among_the_properties() {
+    // It would rewind another group than KAFKA_GROUP_ID names.
+    assert_config_error(
+        &worker(
+            &["rewind-offsets"],
+            &[DB, KAFKA, ("KAFKA_PROPERTIES", "group.id=someone-else")],
+        ),
+        "group.id",
+    );
 }
 
 #[test]

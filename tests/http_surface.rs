@@ -69,6 +69,9 @@ impl Server {
             .await
             .expect("a product, its batch and one allocation");
             let state = HttpState {
+                read_pool: pool.clone(),
+                failing: Arc::default(),
+                partition_stall_timeout: std::time::Duration::from_secs(60),
                 pool,
                 metrics: Arc::new(Metrics::new().expect("metrics")),
                 consumer_running: Arc::new(AtomicBool::new(true)),

@@ -28,6 +28,20 @@ async fn keys_present(env: &TestEnv, keys: &[String]) -> i64 {
         .expect("count idempotency records")
 }
 
+/// Runs `allocation-worker <args>` on the test's database, with `extra`
+/// variables, to its end.
+async fn command(env: &TestEnv, args: &[&str], extra: &[(&str, &str)]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
+        .args(args)
+        .env_clear()
+        .env("DATABASE_URL", &env.database_url)
+        .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("run allocation-worker {args:?}: {e}"))
+}
+
 // ---------------------------------------------------------------- retention
 
 /// IDEMPOTENCY_RETENTION and OUTBOX_RETENTION of a few seconds: a burst of
@@ -280,14 +294,7 @@ async fn readyz_names_the_missing_schema_until_migrated_without_a_restart() {
         "alive all the same"
     );
 
-    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_allocation-worker"))
-        .arg("migrate")
-        .env_clear()
-        .env("DATABASE_URL", &env.database_url)
-        .env("RUST_LOG", "info")
-        .output()
-        .await
-        .expect("run allocation-worker migrate");
+    let migrate = command(&env, &["migrate"], &[]).await;
     check!(
         env,
         migrate.status.success(),
@@ -479,6 +486,386 @@ async fn lag_is_counted_from_the_position_the_worker_stored() {
         "no offset committed during the test: {committed:?}\n{metrics}"
     );
     drop(worker);
+    env.finish().await;
+}
+
+// ----------------------------------------------------------------- rollback
+
+/// A rollback: the database was migrated by a newer release, whose
+/// migration (additive, as every migration must be) this binary does not
+/// know. This binary's `migrate` applies nothing and succeeds (sqlx's
+/// default refuses with "VersionMissing", which left an older image's init
+/// container failing after `kubectl rollout undo`), and its worker starts,
+/// is ready, and allocates on the newer schema.
+#[tokio::test]
+async fn an_older_binary_migrates_and_runs_on_a_database_a_newer_one_migrated() {
+    let env = TestEnv::new().await;
+    MIGRATOR
+        .run(&env.db)
+        .await
+        .expect("this binary's migrations");
+    // What a newer release would have added: a column with a default and a
+    // table, recorded as applied under a version this binary does not have.
+    let newer: i64 = 99_991_231_000_001;
+    sqlx::raw_sql(
+        "ALTER TABLE batches ADD COLUMN from_a_newer_release TEXT NOT NULL DEFAULT 'x'; \
+         CREATE TABLE from_a_newer_release (id BIGINT PRIMARY KEY);",
+    )
+    .execute(&env.db)
+    .await
+    .expect("the newer release's schema change");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations \
+             (version, description, success, checksum, execution_time) \
+         VALUES ($1, 'from a newer release', TRUE, '\\x00'::bytea, 1)",
+    )
+    .bind(newer)
+    .execute(&env.db)
+    .await
+    .expect("record the newer migration");
+
+    let migrate = command(&env, &["migrate"], &[]).await;
+    check!(
+        env,
+        migrate.status.success(),
+        "migrate on a newer schema must succeed: {}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+
+    let mut worker = env.spawn_worker();
+    let addr = worker.http_addr;
+    http_until(&env, addr, "/readyz", 200).await;
+    let sku = unique("SKU");
+    let batch = unique("b");
+    let order = unique("o");
+    env.batch_created(&batch, &sku, 5, None).await;
+    env.allocation_required(&order, &sku, 2, &[]).await;
+    let allocated = env
+        .wait_for("the Allocated event", DEADLINE, |r| {
+            r.iter()
+                .any(|r| r.topic == env.topics.allocated && r.value_str().contains(order.as_str()))
+        })
+        .await;
+    check!(env, !allocated.is_empty(), "allocated on the newer schema");
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
+
+// ---------------------------------------------------------- backup, restore
+
+/// Runs a PostgreSQL client tool (`pg_dump`, `pg_restore`) to success.
+async fn pg_tool(env: &TestEnv, program: &str, args: &[&str]) {
+    let output = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} ({e}); scripts/services.sh installs PostgreSQL's client")
+        });
+    check!(
+        env,
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// How many order lines are allocated, by the database.
+async fn allocated_lines(db: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM allocations_view")
+        .fetch_one(db)
+        .await
+}
+
+/// Backup and restore (docs/design.md, "Backup and restore"): a dump taken
+/// mid-stream, 20 order lines in; 20 more after it; then the database is
+/// restored from the dump, so it has forgotten the last 20 while the
+/// group's committed offsets are past them. `rewind-offsets` moves the
+/// group back to the position the restored database recorded, and a new
+/// worker applies the 20 again: every line is allocated once, to the one
+/// batch, and the events published are those of a run without the restore
+/// (by ce_id). Without the rewind the last 20 would never come back.
+#[tokio::test]
+async fn a_restored_database_catches_up_once_the_group_is_rewound() {
+    let env = TestEnv::new().await;
+    let mut worker = env.spawn_worker();
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 1_000, None).await;
+    env.wait_batch(&batch).await;
+    let orders: Vec<String> = (0..40).map(|_| unique("o")).collect();
+    for order in &orders[..20] {
+        env.allocation_required(order, &sku, 1, &[]).await;
+    }
+    let db = env.db.clone();
+    env.eventually("20 lines allocated", DEADLINE, || {
+        let db = db.clone();
+        async move { Ok::<_, sqlx::Error>((allocated_lines(&db).await? == 20).then_some(())) }
+    })
+    .await;
+
+    let dump = std::env::temp_dir().join(format!("aw_backup_{}.dump", env.suffix));
+    let dump_path = dump.to_string_lossy().into_owned();
+    pg_tool(
+        &env,
+        "pg_dump",
+        &["--format=custom", "--file", &dump_path, &env.database_url],
+    )
+    .await;
+
+    for order in &orders[20..] {
+        env.allocation_required(order, &sku, 1, &[]).await;
+    }
+    let events_of = |records: &[common::Record]| -> HashSet<String> {
+        records
+            .iter()
+            .filter(|r| r.topic == env.topics.allocated)
+            .filter_map(|r| r.ce_id())
+            .collect()
+    };
+    let before_restore = env
+        .wait_for("40 Allocated events", DEADLINE, |r| {
+            events_of(r).len() >= 40
+        })
+        .await;
+    let published = events_of(&before_restore);
+    check!(
+        env,
+        worker.terminate(Duration::from_secs(30)).await.success(),
+        "the first worker stops cleanly"
+    );
+
+    // The restore: the database as the dump has it.
+    common::database::drop_database(&env.admin_database_url, &env.db_name)
+        .await
+        .expect("drop the database");
+    common::database::create_database(&env.admin_database_url, &env.db_name).await;
+    pg_tool(
+        &env,
+        "pg_restore",
+        &[
+            "--no-owner",
+            "--no-privileges",
+            "--dbname",
+            &env.database_url,
+            &dump_path,
+        ],
+    )
+    .await;
+    let _ = std::fs::remove_file(&dump);
+    let restored = env
+        .eventually("the restored database answers", DEADLINE, || {
+            let db = db.clone();
+            async move { allocated_lines(&db).await.map(Some) }
+        })
+        .await;
+    check_eq!(env, restored, 20, "the dump holds the first 20 lines");
+
+    let rewind = command(
+        &env,
+        &["rewind-offsets"],
+        &[
+            ("KAFKA_BOOTSTRAP_SERVERS", env.bootstrap_servers.as_str()),
+            ("KAFKA_GROUP_ID", env.group_id.as_str()),
+        ],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&rewind.stdout).into_owned();
+    env.note(&format!("rewind-offsets said:\n{said}"));
+    check!(
+        env,
+        rewind.status.success() && said.contains("rewind to"),
+        "rewind-offsets rewinds: {said} {}",
+        String::from_utf8_lossy(&rewind.stderr)
+    );
+
+    let mut worker = env.spawn_worker();
+    env.eventually("40 lines allocated again", DEADLINE, || {
+        let db = db.clone();
+        async move { Ok::<_, sqlx::Error>((allocated_lines(&db).await? == 40).then_some(())) }
+    })
+    .await;
+    let per_order: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT orderid, count(*) FROM allocations_view WHERE sku = $1 GROUP BY orderid",
+    )
+    .bind(&sku)
+    .fetch_all(&env.db)
+    .await
+    .expect("allocations by order");
+    let allocated: HashSet<String> = per_order.iter().map(|(o, _)| o.clone()).collect();
+    let wanted: HashSet<String> = orders.iter().cloned().collect();
+    check_eq!(env, allocated, wanted, "every order line is allocated");
+    check!(
+        env,
+        per_order.iter().all(|(_, n)| *n == 1),
+        "each once: {per_order:?}"
+    );
+    let available: i64 = sqlx::query_scalar(
+        "SELECT (b.purchased_quantity - coalesce(sum(a.qty), 0))::int8 \
+         FROM batches b LEFT JOIN allocations a ON a.batch_id = b.id \
+         WHERE b.reference = $1 GROUP BY b.purchased_quantity",
+    )
+    .bind(&batch)
+    .fetch_one(&env.db)
+    .await
+    .expect("the batch's availability");
+    check_eq!(env, available, 960, "the batch gave 40 units, once each");
+    // Republished events keep their ce_id: the set is the same as before.
+    let after = env
+        .wait_for("the same 40 Allocated events", DEADLINE, |r| {
+            events_of(r).len() >= 40
+        })
+        .await;
+    check_eq!(
+        env,
+        events_of(&after),
+        published,
+        "no event beyond the run's own"
+    );
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
+
+// ------------------------------------------------- the read model's listener
+
+/// READ_MODEL_ADDR: the read model on a listener of its own, whose /readyz
+/// judges the database and schema only. With the broker unreachable the
+/// consumer never joins its group: /readyz on HTTP_ADDR says so (503), the
+/// read model's says 200 and serves /allocations, which HTTP_ADDR no longer
+/// does. /metrics there has the pool's gauges.
+#[tokio::test]
+async fn the_read_model_listener_is_ready_while_the_consumer_is_out_of_its_group() {
+    let env = TestEnv::new().await;
+    let read_model = std::net::SocketAddr::from(([127, 0, 0, 1], common::containers::free_port()));
+    let nowhere = format!("127.0.0.1:{}", common::containers::free_port());
+    let read_model_addr = read_model.to_string();
+    let mut worker = env.spawn_worker_with(&[
+        ("READ_MODEL_ADDR", read_model_addr.as_str()),
+        ("KAFKA_BOOTSTRAP_SERVERS", nowhere.as_str()),
+    ]);
+    let addr = worker.http_addr;
+    http_until(&env, read_model, "/readyz", 200).await;
+    // "consumer not running" or "not in its group", by the last poll.
+    readyz_503_saying(&env, addr, "consumer not").await;
+
+    let order = unique("o");
+    let path = format!("/allocations/{order}");
+    let served = http_get(read_model, &path).await;
+    check!(
+        env,
+        matches!(&served, Some((404, body)) if body.contains("no allocations")),
+        "the read model answers for an order it does not have: {served:?}"
+    );
+    let elsewhere = http_get(addr, &path).await;
+    check!(
+        env,
+        matches!(&elsewhere, Some((404, body)) if !body.contains("no allocations")),
+        "HTTP_ADDR no longer serves the read model: {elsewhere:?}"
+    );
+    let metrics = metrics_until(&env, addr, "the pool's gauges", |m| {
+        sample(m, "allocation_db_pool_max_connections", "").is_some()
+    })
+    .await;
+    check_eq!(
+        env,
+        sample(&metrics, "allocation_db_pool_max_connections", ""),
+        Some(10.0),
+        "the pool's limit, DATABASE_MAX_CONNECTIONS's default"
+    );
+    check!(
+        env,
+        sample(&metrics, "allocation_db_pool_connections", "state=\"idle\"").is_some()
+            && sample(&metrics, "allocation_db_pool_waiting", "").is_some(),
+        "the pool's connections and waiters are exposed"
+    );
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
+
+/// PARTITION_STALL_TIMEOUT of 2 s: a product's row held locked by another
+/// session, and an order line for it. Its partition's batch fails at every
+/// attempt (lock_timeout) while the database answers the probe: /readyz
+/// says which partition has failed and why, and is ready again once the
+/// lock goes and the batch commits.
+#[tokio::test]
+async fn readyz_names_a_partition_whose_batch_keeps_failing() {
+    let env = TestEnv::new().await;
+    let url = format!(
+        "{}{}options=-c%20lock_timeout%3D1s",
+        env.database_url,
+        if env.database_url.contains('?') {
+            "&"
+        } else {
+            "?"
+        }
+    );
+    let mut worker = env.spawn_worker_with(&[
+        ("DATABASE_URL", url.as_str()),
+        ("PARTITION_STALL_TIMEOUT", "2s"),
+    ]);
+    let addr = worker.http_addr;
+    let sku = unique("SKU");
+    let batch = unique("b");
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+    http_until(&env, addr, "/readyz", 200).await;
+
+    let lock = env.lock_products(std::slice::from_ref(&sku)).await;
+    let order = unique("o");
+    env.allocation_required(&order, &sku, 1, &[]).await;
+    readyz_503_saying(&env, addr, "has failed its batch for").await;
+    let body = http_get(addr, "/readyz")
+        .await
+        .map(|r| r.1)
+        .unwrap_or_default();
+    check!(
+        env,
+        body.contains(&env.topics.allocation_required) && body.contains("lock"),
+        "names the partition and the error: {body:?}"
+    );
+    lock.rollback().await.expect("release the lock");
+    http_until(&env, addr, "/readyz", 200).await;
+    env.wait_for("the order allocated", DEADLINE, |r| {
+        r.iter()
+            .any(|r| r.topic == env.topics.allocated && r.value_str().contains(order.as_str()))
+    })
+    .await;
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
+}
+
+/// Issue 22, probes: a consumer error (here: an inbound topic that does
+/// not exist yet, as when the ERP has not created it) marks the consumer
+/// not running. Once the topic exists, nothing is produced: on such idle
+/// topics no message comes to clear the mark, and /readyz must turn 200 by
+/// itself.
+#[tokio::test]
+async fn readyz_recovers_after_a_consumer_error_on_idle_topics() {
+    let env = TestEnv::new().await;
+    let late = format!("erp.batch-quantity-changed.late.{}", env.suffix);
+    let mut worker = env.spawn_worker_with(&[("TOPIC_BATCH_QUANTITY_CHANGED", late.as_str())]);
+    let addr = worker.http_addr;
+    env.eventually(
+        "a consumer error for the missing topic",
+        DEADLINE,
+        || async {
+            Ok::<_, String>((!worker.log_lines_after(0, "consumer error").is_empty()).then_some(()))
+        },
+    )
+    .await;
+    readyz_503_saying(&env, addr, "consumer not").await;
+    common::kafka::create_topics(&env.bootstrap_servers, &[late.as_str()]).await;
+    let created = Instant::now();
+    http_until(&env, addr, "/readyz", 200).await;
+    env.note(&format!(
+        "ready {:?} after the topic was created, no message produced",
+        created.elapsed()
+    ));
+    worker.assert_running();
+    worker.terminate(Duration::from_secs(30)).await;
     env.finish().await;
 }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 use common::binary::{assert_config_error, run_binary};
 use common::private_services::PrivatePostgres;
 use common::{random_hex, TestEnv};
+use sqlx::Connection;
 
 /// Runs the binary with exactly `env` (and PATH), at most a minute; its
 /// output goes to the test's.
@@ -323,4 +324,102 @@ async fn postgres_tls_verifies_against_sslrootcert_and_the_system_roots() {
     }
     drop(pg);
     let _ = std::fs::remove_dir_all(&certs);
+}
+
+// ------------------------------------------------------- least privilege
+
+/// Runs `deploy/postgres/roles.sql` with psql as the cluster's superuser,
+/// on `database`.
+fn apply_roles(pg: &PrivatePostgres, database: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/postgres/roles.sql");
+    let output = Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"])
+        .arg(&script)
+        .arg(pg.url("postgres", database, ""))
+        .output()
+        .expect("run psql (scripts/services.sh installs PostgreSQL's client)");
+    assert!(
+        output.status.success(),
+        "roles.sql: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        stderr(&output)
+    );
+}
+
+/// The least-privilege guide, run as written (deploy/README.md, "Database
+/// roles"): `roles.sql` makes a migration role that owns the schema and a
+/// runtime role with rows and sequences only. `migrate` runs as the
+/// migration role; the worker runs as the runtime role with
+/// SKIP_MIGRATIONS: it is ready, allocates, dead-letters and publishes, and
+/// the same role is refused a new table and a write to `_sqlx_migrations`.
+#[tokio::test]
+async fn the_worker_runs_under_the_runtime_role_the_guide_makes() {
+    let pg = PrivatePostgres::start().await;
+    let bootstrap = common::containers::shared_bootstrap_servers();
+    let env = TestEnv::with_services(&pg.admin_url(), &bootstrap).await;
+    apply_roles(&pg, &env.db_name);
+    let migrator_url = pg.url("allocation_migrator", &env.db_name, "");
+    let runtime_url = pg.url("allocation_runtime", &env.db_name, "");
+
+    let migrate = worker(&["migrate"], &[("DATABASE_URL", migrator_url.as_str())]);
+    assert!(
+        migrate.status.success(),
+        "migrate as the migration role: {}",
+        stderr(&migrate)
+    );
+    // Once more after the first migrate, as the guide says.
+    apply_roles(&pg, &env.db_name);
+
+    let mut running = env.spawn_worker_with(&[
+        ("DATABASE_URL", runtime_url.as_str()),
+        ("SKIP_MIGRATIONS", "true"),
+    ]);
+    common::http_until(&env, running.http_addr, "/readyz", 200).await;
+    let sku = common::unique("SKU");
+    let batch = common::unique("b");
+    let order = common::unique("o");
+    // No env.wait_batch: the test's own role (the database's owner) is
+    // granted nothing on the migration role's tables; an order line that
+    // comes first waits for its batch anyway.
+    env.batch_created(&batch, &sku, 5, None).await;
+    env.allocation_required(&order, &sku, 2, &[]).await;
+    env.produce_raw(
+        &env.topics.allocation_required,
+        Some("k"),
+        b"{not json",
+        &[],
+    )
+    .await;
+    let t = env.topics.clone();
+    env.wait_for(
+        "the Allocated event and the dead letter",
+        common::DEADLINE,
+        |r| {
+            r.iter()
+                .any(|r| r.topic == t.allocated && r.value_str().contains(order.as_str()))
+                && r.iter().any(|r| r.topic == t.dead_letter)
+        },
+    )
+    .await;
+    running.assert_running();
+
+    let mut runtime = sqlx::PgConnection::connect(&runtime_url)
+        .await
+        .expect("connect as the runtime role");
+    for refused in [
+        "CREATE TABLE not_yours (id BIGINT)",
+        "DELETE FROM _sqlx_migrations",
+    ] {
+        let error = sqlx::query(refused)
+            .execute(&mut runtime)
+            .await
+            .expect_err(&format!("the runtime role must not: {refused}"));
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code().map(|c| c.into_owned()));
+        assert_eq!(code.as_deref(), Some("42501"), "{refused}: {error}");
+    }
+    let _ = runtime.close().await;
+    running.terminate(Duration::from_secs(30)).await;
+    env.finish().await;
 }

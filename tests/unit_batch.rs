@@ -341,7 +341,7 @@ async fn run(store: &FakeStore, batch: &Batch) -> (Result<Handled, RepositoryErr
         batch.messages.iter().zip(batch.give_up.clone()).collect();
     let plans: Vec<&Plan> = batch.plans.iter().collect();
     let conflicts = AtomicU32::new(0);
-    let handled = process(store, &items, &plans, &batch.messages, || {
+    let handled = process(store, &items, &plans, &batch.messages, None, || {
         conflicts.fetch_add(1, Ordering::SeqCst);
     })
     .await;

@@ -366,3 +366,175 @@ async fn a_first_start_over_a_long_backlog_dead_letters_no_late_reference() {
     drop(worker);
     env.finish().await;
 }
+
+/// A member of the worker's group that reads nothing: it holds partitions,
+/// as an instance that lags or is restarting does, and never commits. Its
+/// thread polls (to stay in the group) until it is dropped.
+struct IdleMember {
+    consumer: std::sync::Arc<rdkafka::consumer::BaseConsumer>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl IdleMember {
+    fn join(env: &TestEnv) -> Self {
+        use rdkafka::consumer::Consumer;
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.bootstrap_servers)
+            .set("group.id", &env.group_id)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()
+            .expect("the idle member");
+        consumer
+            .subscribe(&env.topics.inbound())
+            .expect("subscribe the idle member");
+        let consumer = std::sync::Arc::new(consumer);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let consumer = std::sync::Arc::clone(&consumer);
+            let stop = std::sync::Arc::clone(&stop);
+            move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // What it is given is dropped at once: read, never handled.
+                    let _ = consumer.poll(Duration::from_millis(100));
+                }
+            }
+        });
+        Self {
+            consumer,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Its partitions of `topic`, once it holds some.
+    fn partitions(&self, topic: &str) -> Vec<i32> {
+        use rdkafka::consumer::Consumer;
+        self.consumer
+            .assignment()
+            .map(|a| {
+                a.elements_for_topic(topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Leaves the group (after its join completed: one that leaves during
+    /// its join wedges the broker's group here).
+    fn leave(mut self) {
+        use rdkafka::consumer::Consumer;
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the idle member's thread");
+        }
+        self.consumer.unsubscribe();
+    }
+}
+
+/// Produces `value` to `partition` of `topic`, keyed `key`.
+async fn produce_to(
+    env: &TestEnv,
+    topic: &str,
+    partition: i32,
+    key: &str,
+    value: &serde_json::Value,
+) {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .create()
+        .expect("a producer");
+    let payload = value.to_string();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .partition(partition)
+                .key(key)
+                .payload(&payload),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("produce to {topic}/{partition}: {e}"));
+}
+
+/// Issue 22, finding 2 (contract §5, several instances): the window counts
+/// only while the whole group has caught up on the batch topic. Another
+/// member holds some of its partitions and reads nothing (an instance that
+/// lags, or restarts); the batch of a SKU is on one of those, and an order
+/// for it on a partition the worker holds. The worker keeps the order
+/// waiting for three windows, although its own partitions are all read;
+/// once the other member leaves, the worker reads the batch and allocates
+/// the order. Before, the worker counted itself caught up and dead-lettered
+/// the order after one window.
+#[tokio::test]
+async fn a_batch_another_member_has_not_read_turns_no_order_into_a_dead_letter() {
+    const WINDOW: Duration = Duration::from_secs(3);
+    let env = TestEnv::new().await;
+    let mut worker = consuming_worker(&env, &[("UNKNOWN_REFERENCE_TIMEOUT", "3s")]).await;
+    let member = IdleMember::join(&env);
+    let (batches, orders) = env
+        .eventually("the idle member holds partitions", DEADLINE, || async {
+            let b = member.partitions(&env.topics.batch_created);
+            let o = member.partitions(&env.topics.allocation_required);
+            Ok::<_, String>((!b.is_empty()).then_some((b, o)))
+        })
+        .await;
+    // The worker has finished its own join too before anything else.
+    common::http_until(&env, worker.http_addr, "/readyz", 200).await;
+    let theirs = batches[0];
+    let mine = (0..common::PARTITIONS)
+        .find(|p| !orders.contains(p))
+        .expect("the worker holds a partition of the order topic");
+    env.note(&format!(
+        "idle member holds batch partitions {batches:?} and order partitions {orders:?}"
+    ));
+
+    let sku = unique("sku-late");
+    let order = unique("order");
+    produce_to(
+        &env,
+        &env.topics.batch_created,
+        theirs,
+        &sku,
+        &json!({"ref": unique("b"), "sku": sku, "qty": 5, "eta": null}),
+    )
+    .await;
+    produce_to(
+        &env,
+        &env.topics.allocation_required,
+        mine,
+        &sku,
+        &json!({"orderid": order, "sku": sku, "qty": 1}),
+    )
+    .await;
+    wait_waiting(&env, &worker, "the order waits", |n, _| n == 1.0).await;
+    let since = Instant::now();
+    while since.elapsed() < 3 * WINDOW {
+        check!(
+            env,
+            env.records_on(&env.topics.dead_letter).is_empty(),
+            "dead-lettered {:?} in, while another member had not read the batch",
+            since.elapsed()
+        );
+        // Poll interval of the three windows watched above.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    member.leave();
+    env.wait_for("the order allocated", DEADLINE, |r| {
+        r.iter()
+            .any(|r| r.topic == env.topics.allocated && r.value_str().contains(order.as_str()))
+    })
+    .await;
+    check!(
+        env,
+        env.records_on(&env.topics.dead_letter).is_empty(),
+        "nothing dead-lettered"
+    );
+    worker.assert_running();
+    drop(worker);
+    env.finish().await;
+}

@@ -34,6 +34,11 @@ METRICS = [
     "allocation_build_info",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
+    "allocation_kafka_consumer_errors_total",
+    # The database pool (deploy/README.md "Metrics").
+    "allocation_db_pool_connections",
+    "allocation_db_pool_max_connections",
+    "allocation_db_pool_waiting",
 ]
 VARIABLES = {
     "$__rate_interval": "1m",

@@ -1,30 +1,34 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes manifests in deploy/k8s.
 
-    python3 deploy/k8s/check.py [--require-schema] [--kubernetes-version 1.30.0]
+    python3 deploy/k8s/check.py --kubectl PATH [--crd-models NODE_MODULES]
+                                [--kubernetes-version 1.30.0]
 
-1. Every *.yaml parses (PyYAML) and every object has apiVersion, kind and
-   metadata.name and no namespace (the namespace is the operator's choice).
-2. What the worker needs of them (README "Configuration", contract §7):
-   replicas, probes on /healthz and /readyz, resources, a grace period longer
-   than SHUTDOWN_TIMEOUT, non-root with a read-only root filesystem, settings
-   from the ConfigMap, credentials from the Secret mounted as files
-   (DATABASE_URL_FILE, KAFKA_PROPERTIES_FILE), scrape annotations that match the port,
-   selectors of the Service and the PodDisruptionBudget that match the pods,
-   a disruption budget that lets a drain evict a lone replica, the migrate
-   init container (the upgrade procedure of deploy/README.md), no migrate
-   Job beside it, a kustomization that lists existing files and leaves the
-   example Secret out.
-3. When `kubectl` is installed: `kubectl kustomize` builds the kustomization.
-4. When the kubernetes-validate package is installed (pip install
-   kubernetes-validate; it ships the schemas, no network needed): each object,
-   and the kustomize output, is validated strictly (unknown fields rejected)
-   against the Kubernetes API schemas. --require-schema makes its absence an
-   error instead of a note.
+deploy/check.sh installs the tools and passes them. For the base and each
+overlay (overlays/dev, overlays/prod):
 
-Exit status 1 with one line per problem.
+1. `kubectl kustomize` renders it (kustomize as built into kubectl).
+2. The rendered objects are validated strictly (unknown fields rejected)
+   against the Kubernetes API schemas (kubernetes-validate, which ships
+   them); custom resources (KEDA, Prometheus Operator) against their CRDs'
+   schemas with validate-crds.mjs (the @kubernetes-models npm packages).
+3. What the worker needs of them (README "Configuration", contract §7,
+   deploy/README.md "Kubernetes"): probes (liveness /healthz on
+   http-metrics, readiness /readyz on read-model), resources, a grace
+   period longer than SHUTDOWN_TIMEOUT, non-root with a read-only root
+   filesystem, settings from a generated ConfigMap, credentials from the
+   Secrets mounted as files (the runtime role's for the worker, the
+   migration role's for the migrate init container), selectors of the
+   Services, PodDisruptionBudget, ServiceMonitor, ScaledObject and
+   NetworkPolicy that match what they point at, at least two replicas (or
+   a ScaledObject with a minimum of two), no migrate Job beside the init
+   container, and no Secret in the base.
+
+The example Secrets (base/secret.example.yaml) are checked for their keys
+and placeholders. Exit status 1 with one line per problem.
 """
 import argparse
+import json
 import pathlib
 import re
 import shutil
@@ -37,7 +41,9 @@ except ImportError:  # pragma: no cover - reported, not hidden
     sys.exit("k8s-check: PyYAML is missing (pip install pyyaml)")
 
 HERE = pathlib.Path(__file__).resolve().parent
-PORT = 9464
+TREES = ["base", "overlays/dev", "overlays/prod"]
+METRICS_PORT, READ_MODEL_PORT = 9464, 8080
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 problems = []
 
 
@@ -54,251 +60,229 @@ def seconds(duration):
     return sum(int(n) * units[u] for n, u in parts)
 
 
-def load():
-    objects = {}
-    for path in sorted(HERE.glob("*.yaml")):
-        try:
-            documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-        except yaml.YAMLError as error:
-            problem(path.name, f"does not parse: {error}")
-            continue
-        for document in documents:
-            kind = document.get("kind")
-            name = (document.get("metadata") or {}).get("name")
-            if kind == "Kustomization":
-                objects[("Kustomization", path.name)] = (path.name, document)
-                continue
-            for field in ("apiVersion", "kind"):
-                if not document.get(field):
-                    problem(path.name, f"an object has no {field}")
-            if not name:
-                problem(path.name, f"a {kind} has no metadata.name")
-            if "namespace" in (document.get("metadata") or {}):
-                problem(path.name, f"{kind} {name} sets metadata.namespace; the manifests are namespace-less")
-            objects[(kind, name)] = (path.name, document)
-    return objects
+def millicores(cpu):
+    cpu = str(cpu)
+    return int(cpu[:-1]) if cpu.endswith("m") else int(float(cpu) * 1000)
 
 
-def get(objects, kind, name):
-    if (kind, name) not in objects:
-        problem("deploy/k8s", f"no {kind} named {name}")
-        return None, {}
-    return objects[(kind, name)]
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-def check_pod(where, spec, containers_args, configmap, secret_names, key="containers"):
-    """What the worker's containers and its init container have in common."""
-    pod_security = spec.get("securityContext") or {}
-    if pod_security.get("runAsNonRoot") is not True:
-        problem(where, "pod securityContext.runAsNonRoot is not true")
-    if not pod_security.get("runAsUser"):
-        problem(where, "pod securityContext.runAsUser is not a non-zero uid")
-    containers = spec.get(key) or []
-    if len(containers) != 1:
-        problem(where, f"expected exactly one container in {key}")
-    for container in containers:
-        cname = f"{where} {key} {container.get('name')}"
-        if container.get("args") != containers_args:
-            problem(cname, f"args are {container.get('args')}, expected {containers_args}")
-        security = container.get("securityContext") or {}
-        if security.get("readOnlyRootFilesystem") is not True:
-            problem(cname, "readOnlyRootFilesystem is not true")
-        if security.get("allowPrivilegeEscalation") is not False:
-            problem(cname, "allowPrivilegeEscalation is not false")
-        if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
-            problem(cname, "capabilities are not all dropped")
-        resources = container.get("resources") or {}
-        for bound in ("requests", "limits"):
-            for resource in ("cpu", "memory"):
-                if resource not in (resources.get(bound) or {}):
-                    problem(cname, f"no resources.{bound}.{resource}")
-        env_from = container.get("envFrom") or []
-        configmaps = [e["configMapRef"]["name"] for e in env_from if "configMapRef" in e]
-        secrets = [e["secretRef"]["name"] for e in env_from if "secretRef" in e]
-        if configmaps != [configmap]:
-            problem(cname, f"envFrom ConfigMaps are {configmaps}, expected [{configmap!r}]")
-        if secrets:
-            problem(cname, f"envFrom Secrets {secrets}: credentials are mounted as files, not environment variables")
-        env = {e.get("name"): e for e in container.get("env") or []}
-        for name in ("DATABASE_URL", "KAFKA_PROPERTIES"):
-            if name in env:
-                problem(cname, f"{name} is set; the Secret's file is read through {name}_FILE")
-        # The Secret mounted as files, which the *_FILE settings name.
-        volumes = {v.get("name"): v for v in spec.get("volumes") or []}
-        mounts = [
-            m for m in container.get("volumeMounts") or []
-            if ((volumes.get(m.get("name")) or {}).get("secret") or {}).get("secretName") in secret_names
-        ]
-        if not mounts:
-            problem(cname, f"the Secret {secret_names} is not mounted")
-        for mount in mounts:
+def render(kubectl, tree):
+    result = subprocess.run([kubectl, "kustomize", str(HERE / tree)], capture_output=True, text=True)
+    if result.returncode != 0:
+        problem(f"kubectl kustomize {tree}", result.stderr.strip() or f"exit {result.returncode}")
+        return []
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def check_container(where, container, pod_security):
+    security = container.get("securityContext") or {}
+    if security.get("readOnlyRootFilesystem") is not True:
+        problem(where, "readOnlyRootFilesystem is not true")
+    if security.get("allowPrivilegeEscalation") is not False:
+        problem(where, "allowPrivilegeEscalation is not false")
+    if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
+        problem(where, "capabilities are not all dropped")
+    resources = container.get("resources") or {}
+    for bound in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in (resources.get(bound) or {}):
+                problem(where, f"no resources.{bound}.{resource}")
+    if any("secretRef" in e for e in container.get("envFrom") or []):
+        problem(where, "envFrom a Secret: credentials are mounted as files, not environment variables")
+    for e in container.get("env") or []:
+        if e.get("name") in ("DATABASE_URL", "KAFKA_PROPERTIES"):
+            problem(where, f"{e['name']} is set; the Secret's file is read through {e['name']}_FILE")
+    if not pod_security.get("fsGroup"):
+        problem(where, "no pod securityContext.fsGroup: the non-root user cannot read the Secrets' files")
+
+
+def secret_files(where, container, volumes, secret, keys):
+    """The container mounts Secret `secret` (or a generated secret-<hash>)
+    read-only and names its keys in the *_FILE settings."""
+    env = {e.get("name"): e.get("value", "") for e in container.get("env") or []}
+    mounts = []
+    for mount in container.get("volumeMounts") or []:
+        name = ((volumes.get(mount.get("name")) or {}).get("secret") or {}).get("secretName", "")
+        if re.fullmatch(re.escape(secret) + r"(-[a-z0-9]{10})?", name):
+            mounts.append(mount)
             if mount.get("readOnly") is not True:
-                problem(cname, f"the Secret's mount {mount.get('mountPath')} is not readOnly")
-        for name, key in (("DATABASE_URL_FILE", "DATABASE_URL"), ("KAFKA_PROPERTIES_FILE", "kafka.properties")):
-            value = (env.get(name) or {}).get("value", "")
-            if not any(value == f"{m.get('mountPath')}/{key}" for m in mounts):
-                problem(cname, f"{name} is {value!r}, expected the Secret's {key} in its mount")
-        if mounts and not pod_security.get("fsGroup"):
-            problem(where, "no pod securityContext.fsGroup: the non-root user cannot read the Secret's files")
-    return containers[0] if containers else {}
+                problem(where, f"the Secret's mount {mount.get('mountPath')} is not readOnly")
+    if not mounts:
+        problem(where, f"the Secret {secret} is not mounted")
+    for setting, key in keys:
+        if not any(env.get(setting) == f"{m.get('mountPath')}/{key}" for m in mounts):
+            problem(where, f"{setting} is {env.get(setting)!r}, expected {secret}'s {key} in its mount")
 
 
-def check(objects):
-    _, configmap = get(objects, "ConfigMap", "allocation-worker")
-    settings = configmap.get("data") or {}
-    for key, value in settings.items():
-        if not isinstance(value, str):
-            problem("configmap.yaml", f"{key} is not a string (quote it)")
-    for key in ("DATABASE_URL", "KAFKA_PROPERTIES"):
-        if key in settings:
-            problem("configmap.yaml", f"{key} holds credentials; it belongs in the Secret")
-    for key in ("KAFKA_BOOTSTRAP_SERVERS", "HTTP_ADDR", "SHUTDOWN_TIMEOUT"):
-        if key not in settings:
-            problem("configmap.yaml", f"no {key}")
-    host, _, port = settings.get("HTTP_ADDR", "").rpartition(":")
-    if host != "0.0.0.0" or port != str(PORT):
-        problem("configmap.yaml", f"HTTP_ADDR must be 0.0.0.0:{PORT} in a pod (probes, scraping)")
-
-    secret_file, secret = get(objects, "Secret", "allocation-worker-secrets")
-    secret_data = secret.get("stringData") or {}
-    for key in ("DATABASE_URL", "kafka.properties"):
-        if key not in secret_data:
-            problem(secret_file or "secret", f"no stringData.{key}")
-    if secret and not all("CHANGE_ME" in str(v) for v in secret_data.values()):
-        problem(secret_file, "every example value must carry the CHANGE_ME placeholder")
-    if secret_file and "example" not in secret_file:
-        problem(secret_file, "the Secret's file must be named as an example")
-
-    # --- Deployment ---------------------------------------------------------
-    _, deployment = get(objects, "Deployment", "allocation-worker")
+def check_tree(tree, objects):
+    by_kind = {}
+    for o in objects:
+        by_kind.setdefault(o.get("kind"), []).append(o)
+    at = f"[{tree}]"
+    deployments = [d for d in by_kind.get("Deployment", []) if d["metadata"]["name"] == "allocation-worker"]
+    if len(deployments) != 1:
+        problem(at, "no Deployment allocation-worker")
+        return
+    deployment = deployments[0]
     spec = deployment.get("spec") or {}
     template = spec.get("template") or {}
     pod_labels = (template.get("metadata") or {}).get("labels") or {}
-    pod_spec = template.get("spec") or {}
-    if not isinstance(spec.get("replicas"), int) or spec["replicas"] < 2:
-        problem("deployment.yaml", f"replicas is {spec.get('replicas')}: at least 2, so that one keeps consuming while the other moves")
-    selector = (spec.get("selector") or {}).get("matchLabels") or {}
-    if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
-        problem("deployment.yaml", "selector.matchLabels do not match the pod template's labels")
+    pod = template.get("spec") or {}
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    pod_security = pod.get("securityContext") or {}
+    if pod_security.get("runAsNonRoot") is not True or not pod_security.get("runAsUser"):
+        problem(at, "pod securityContext: runAsNonRoot true and a non-zero runAsUser expected")
+    if not matches((spec.get("selector") or {}).get("matchLabels"), pod_labels):
+        problem(at, "Deployment selector.matchLabels do not match the pod template's labels")
+
+    # Settings: one generated ConfigMap (name-<hash>), the same for both containers.
+    containers = pod.get("containers") or []
+    inits = pod.get("initContainers") or []
+    if len(containers) != 1 or len(inits) != 1:
+        problem(at, "expected one container (worker) and one init container (migrate)")
+        return
+    worker, migrate = containers[0], inits[0]
+    refs = {c.get("name"): [e["configMapRef"]["name"] for e in c.get("envFrom") or [] if "configMapRef" in e]
+            for c in (worker, migrate)}
+    configmap_name = (refs[worker.get("name")] or [None])[0]
+    if any(r != [configmap_name] for r in refs.values()):
+        problem(at, f"both containers must read the same one ConfigMap: {refs}")
+    if not re.fullmatch(r"allocation-worker-[a-z0-9]{10}", configmap_name or ""):
+        problem(at, f"ConfigMap {configmap_name!r} is not generated (allocation-worker-<hash>): a change would not roll the pods")
+    configmap = next((c for c in by_kind.get("ConfigMap", []) if c["metadata"]["name"] == configmap_name), {})
+    settings = configmap.get("data") or {}
+    for key in ("DATABASE_URL", "KAFKA_PROPERTIES"):
+        if key in settings:
+            problem(at, f"ConfigMap holds {key}: credentials belong in the Secret")
+    expected = {"HTTP_ADDR": f"0.0.0.0:{METRICS_PORT}", "READ_MODEL_ADDR": f"0.0.0.0:{READ_MODEL_PORT}",
+                "SKIP_MIGRATIONS": "true"}
+    for key, value in expected.items():
+        if settings.get(key) != value:
+            problem(at, f"ConfigMap {key} is {settings.get(key)!r}, expected {value!r}")
+    if "KAFKA_BOOTSTRAP_SERVERS" not in settings:
+        problem(at, "ConfigMap has no KAFKA_BOOTSTRAP_SERVERS")
     try:
         shutdown = seconds(settings.get("SHUTDOWN_TIMEOUT", "20s"))
     except ValueError as error:
-        problem("configmap.yaml", str(error))
+        problem(at, str(error))
         shutdown = 20
-    grace = pod_spec.get("terminationGracePeriodSeconds", 30)
-    if not grace > shutdown:
-        problem("deployment.yaml", f"terminationGracePeriodSeconds {grace} is not above SHUTDOWN_TIMEOUT ({shutdown}s)")
-    container = check_pod("deployment.yaml", pod_spec, ["run"], "allocation-worker", ["allocation-worker-secrets"])
-    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
-    if ports.get("http-metrics") != PORT:
-        problem("deployment.yaml", f"no container port http-metrics = {PORT}")
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
-        http = (container.get(probe) or {}).get("httpGet") or {}
-        if http.get("path") != path:
-            problem("deployment.yaml", f"{probe} does not GET {path}")
-        if http.get("port") not in ("http-metrics", PORT):
-            problem("deployment.yaml", f"{probe} does not use port http-metrics")
+    if not pod.get("terminationGracePeriodSeconds", 30) > shutdown:
+        problem(at, f"terminationGracePeriodSeconds is not above SHUTDOWN_TIMEOUT ({shutdown}s)")
+
+    # The worker: runtime role's Secret, ports, probes, resources.
+    check_container(f"{at} worker", worker, pod_security)
+    if worker.get("args") != ["run"]:
+        problem(at, f"worker args are {worker.get('args')}, expected ['run']")
+    secret_files(f"{at} worker", worker, volumes, "allocation-worker-secrets",
+                 [("DATABASE_URL_FILE", "DATABASE_URL"), ("KAFKA_PROPERTIES_FILE", "kafka.properties")])
+    ports = {p.get("name"): p.get("containerPort") for p in worker.get("ports") or []}
+    if ports != {"http-metrics": METRICS_PORT, "read-model": READ_MODEL_PORT}:
+        problem(at, f"worker ports are {ports}, expected http-metrics {METRICS_PORT} and read-model {READ_MODEL_PORT}")
+    for probe, path, port in (("livenessProbe", "/healthz", "http-metrics"), ("readinessProbe", "/readyz", "read-model")):
+        http = (worker.get(probe) or {}).get("httpGet") or {}
+        if (http.get("path"), http.get("port")) != (path, port):
+            problem(at, f"{probe} is GET {http.get('path')} on {http.get('port')}, expected {path} on {port}")
+    cpu = ((worker.get("resources") or {}).get("requests") or {}).get("cpu", "0")
+    if millicores(cpu) < 250:
+        problem(at, f"worker CPU request {cpu} is below the measured 250m at 1,000 msg/s (BENCHMARKS.md)")
     annotations = (template.get("metadata") or {}).get("annotations") or {}
-    expected = {"prometheus.io/scrape": "true", "prometheus.io/port": str(PORT), "prometheus.io/path": "/metrics"}
-    for key, value in expected.items():
-        if annotations.get(key) != value:
-            problem("deployment.yaml", f"pod annotation {key} is {annotations.get(key)!r}, expected {value!r}")
-    memory_request = ((container.get("resources") or {}).get("requests") or {}).get("memory", "")
-    if memory_request and not re.fullmatch(r"\d+Mi", memory_request):
-        problem("deployment.yaml", f"memory request {memory_request!r}: expected Mi")
-    if settings.get("SKIP_MIGRATIONS") != "true":
-        problem("configmap.yaml", "SKIP_MIGRATIONS should be \"true\": the migrate init container applies them")
-    # The upgrade procedure: each pod migrates in its init container before
-    # its worker starts; a rolling update keeps the old pods until then.
-    init = check_pod("deployment.yaml", pod_spec, ["migrate"], "allocation-worker",
-                     ["allocation-worker-secrets"], key="initContainers")
-    if init and init.get("image") != container.get("image"):
-        problem("deployment.yaml", "the migrate init container must run the worker's image (its migrations)")
-    rolling = (spec.get("strategy") or {}).get("rollingUpdate") or {}
-    if (spec.get("strategy") or {}).get("type", "RollingUpdate") != "RollingUpdate" or rolling.get("maxUnavailable") != 0:
-        problem("deployment.yaml", "strategy must be RollingUpdate with maxUnavailable 0: old pods run until a new one is ready")
+    if annotations.get("prometheus.io/port") != str(METRICS_PORT):
+        problem(at, f"pod annotation prometheus.io/port is not {METRICS_PORT}")
 
-    # --- Service ------------------------------------------------------------
-    _, service = get(objects, "Service", "allocation-worker")
-    service_spec = service.get("spec") or {}
-    service_selector = service_spec.get("selector") or {}
-    if not service_selector or any(pod_labels.get(k) != v for k, v in service_selector.items()):
-        problem("service.yaml", "selector does not match the Deployment's pods")
-    service_ports = {p.get("name"): p for p in service_spec.get("ports") or []}
-    port = service_ports.get("http-metrics") or {}
-    if port.get("port") != PORT:
-        problem("service.yaml", f"no port http-metrics = {PORT}")
-    if port.get("targetPort") not in ("http-metrics", PORT):
-        problem("service.yaml", "targetPort does not name the container port http-metrics")
+    # The migrate init container: the worker's image, the migrator's Secret.
+    check_container(f"{at} migrate", migrate, pod_security)
+    if migrate.get("args") != ["migrate"] or migrate.get("image") != worker.get("image"):
+        problem(at, "the init container must run `migrate` with the worker's image (its migrations)")
+    secret_files(f"{at} migrate", migrate, volumes, "allocation-worker-migrator", [("DATABASE_URL_FILE", "DATABASE_URL")])
+    if any(((volumes.get(m.get("name")) or {}).get("secret") or {}).get("secretName", "").startswith("allocation-worker-secrets")
+           for m in migrate.get("volumeMounts") or []):
+        problem(at, "the migrate init container mounts the runtime role's Secret")
 
-    # --- PodDisruptionBudget ------------------------------------------------
-    _, pdb = get(objects, "PodDisruptionBudget", "allocation-worker")
-    pdb_spec = pdb.get("spec") or {}
-    # minAvailable: 1 blocks every drain of the node of a lone replica.
-    if pdb_spec.get("maxUnavailable") != 1 or "minAvailable" in pdb_spec:
-        problem("pdb.yaml", "expected maxUnavailable: 1 and no minAvailable, so that a drain can evict a lone replica")
-    pdb_selector = (pdb_spec.get("selector") or {}).get("matchLabels") or {}
-    if not pdb_selector or any(pod_labels.get(k) != v for k, v in pdb_selector.items()):
-        problem("pdb.yaml", "selector does not match the Deployment's pods")
+    # Rollout: old pods run until a new one is ready, and a while after.
+    strategy = spec.get("strategy") or {}
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate" or (strategy.get("rollingUpdate") or {}).get("maxUnavailable") != 0:
+        problem(at, "strategy must be RollingUpdate with maxUnavailable 0")
+    if not spec.get("minReadySeconds", 0) > 0:
+        problem(at, "no minReadySeconds: each new pod should settle in the consumer group before the next old one stops")
 
-    # --- one upgrade procedure ----------------------------------------------
-    # The init container migrates; a migrate Job applied beside the
-    # Deployment would race it (nothing orders the two).
-    for kind, name in objects:
-        if kind == "Job":
-            problem(objects[(kind, name)][0], f"Job {name}: the Deployment's init container migrates; a Job beside it is a second procedure")
+    # Replicas: at least two, fixed or as KEDA's minimum.
+    scaled = [s for s in by_kind.get("ScaledObject", []) if (s["spec"].get("scaleTargetRef") or {}).get("name") == "allocation-worker"]
+    if scaled:
+        s = scaled[0]["spec"]
+        if "replicas" in spec:
+            problem(at, "the Deployment sets replicas although a ScaledObject owns them (every apply would reset them)")
+        low, high = s.get("minReplicaCount"), s.get("maxReplicaCount")
+        if not (isinstance(low, int) and isinstance(high, int) and 2 <= low <= high):
+            problem(at, "ScaledObject: minReplicaCount at least 2 and maxReplicaCount not below it")
+    elif tree == "base" and spec.get("replicas", 1) < 2:
+        problem(at, "replicas below 2 in the base")
 
-    # --- kustomization ------------------------------------------------------
-    kustomization_file, kustomization = objects.get(("Kustomization", "kustomization.yaml"), (None, {}))
-    if not kustomization_file:
-        problem("deploy/k8s", "no kustomization.yaml")
-        return
-    resources = kustomization.get("resources") or []
-    for resource in resources:
-        if not (HERE / resource).exists():
-            problem("kustomization.yaml", f"resource {resource} does not exist")
-    for file in sorted(p.name for p in HERE.glob("*.yaml")):
-        if file in ("kustomization.yaml", secret_file):
-            continue
-        if file not in resources:
-            problem("kustomization.yaml", f"{file} is not listed in resources")
-    if secret_file in resources:
-        problem("kustomization.yaml", f"{secret_file} must not be applied: it would overwrite the real Secret")
-    if "namespace" in kustomization:
-        problem("kustomization.yaml", "sets a namespace; the base is namespace-less")
-    images = {i.get("name") for i in kustomization.get("images") or []}
-    if container.get("image") not in images:
-        problem("kustomization.yaml", f"images does not set {container.get('image')!r}")
+    # Services: one per listener.
+    services = {s["metadata"]["name"]: s for s in by_kind.get("Service", [])}
+    for name, port_name, port in (("allocation-worker-metrics", "http-metrics", METRICS_PORT),
+                                  ("allocation-worker-read-model", "read-model", READ_MODEL_PORT)):
+        service = (services.get(name) or {}).get("spec") or {}
+        if not matches(service.get("selector"), pod_labels):
+            problem(at, f"Service {name}: missing, or its selector does not match the pods")
+        service_ports = [(p.get("name"), p.get("port"), p.get("targetPort")) for p in service.get("ports") or []]
+        if service_ports != [(port_name, port, port_name)]:
+            problem(at, f"Service {name} ports are {service_ports}, expected only {port_name} {port}")
 
+    pdbs = by_kind.get("PodDisruptionBudget", [])
+    pdb = (pdbs[0] if pdbs else {}).get("spec") or {}
+    if pdb.get("maxUnavailable") != 1 or "minAvailable" in pdb or not matches((pdb.get("selector") or {}).get("matchLabels"), pod_labels):
+        problem(at, "expected a PodDisruptionBudget on the pods with maxUnavailable: 1 and no minAvailable")
 
-def kustomize_build():
-    kubectl = shutil.which("kubectl")
-    if not kubectl:
-        print("k8s-check: note: kubectl not installed, kustomize build not checked")
-        return None
-    result = subprocess.run([kubectl, "kustomize", str(HERE)], capture_output=True, text=True)
-    if result.returncode != 0:
-        problem("kubectl kustomize", result.stderr.strip() or f"exit {result.returncode}")
-        return None
-    built = [d for d in yaml.safe_load_all(result.stdout) if d]
-    print(f"k8s-check: kubectl kustomize: {len(built)} objects "
-          f"({', '.join(sorted(d['kind'] for d in built))})")
-    return built
+    for monitor in by_kind.get("ServiceMonitor", []):
+        m = monitor["spec"]
+        target = [s for s in services.values() if matches((m.get("selector") or {}).get("matchLabels"), s["metadata"].get("labels") or {})]
+        if [s["metadata"]["name"] for s in target] != ["allocation-worker-metrics"]:
+            problem(at, f"ServiceMonitor selects {[s['metadata']['name'] for s in target]}, expected the metrics Service only")
+        elif (target[0]["metadata"].get("labels") or {}).get(m.get("jobLabel")) != "allocation-worker":
+            problem(at, "ServiceMonitor jobLabel does not give job=allocation-worker (the `up` alerts select it)")
+        if [e.get("port") for e in m.get("endpoints") or []] != ["http-metrics"]:
+            problem(at, "ServiceMonitor must scrape port http-metrics")
+
+    for policy in by_kind.get("NetworkPolicy", []):
+        p = policy["spec"]
+        if not matches((p.get("podSelector") or {}).get("matchLabels"), pod_labels):
+            problem(at, "NetworkPolicy podSelector does not match the pods")
+        ingress = {port.get("port") for rule in p.get("ingress") or [] for port in rule.get("ports") or []}
+        egress = {port.get("port") for rule in p.get("egress") or [] for port in rule.get("ports") or []}
+        if ingress != {"http-metrics", "read-model"}:
+            problem(at, f"NetworkPolicy ingress ports are {ingress}, expected http-metrics and read-model")
+        if not {53, 5432, 9092} <= egress:
+            problem(at, f"NetworkPolicy egress ports {egress} lack DNS, PostgreSQL or Kafka")
+
+    for o in objects:
+        if o.get("kind") == "Job":
+            problem(at, f"Job {o['metadata']['name']}: the init container migrates; a Job beside it is a second procedure")
+        if tree == "base" and (o.get("kind") == "Secret" or "namespace" in o.get("metadata", {})):
+            problem(at, f"{o['kind']} {o['metadata']['name']}: the base has no Secret and no namespace")
 
 
-def schema_validate(objects, built, version, required):
-    try:
-        import kubernetes_validate
-    except ImportError:
-        message = "kubernetes-validate not installed (pip install kubernetes-validate): API schemas not checked"
-        if required:
-            problem("schema", message)
-        else:
-            print(f"k8s-check: note: {message}")
-        return
-    documents = [(f, d) for (kind, _), (f, d) in objects.items() if kind != "Kustomization"]
-    documents += [("kustomize output", d) for d in built or []]
+def check_secret_example():
+    path = HERE / "base" / "secret.example.yaml"
+    secrets = {d["metadata"]["name"]: d.get("stringData") or {} for d in yaml.safe_load_all(path.read_text()) if d}
+    wanted = {"allocation-worker-secrets": {"DATABASE_URL", "kafka.properties"}, "allocation-worker-migrator": {"DATABASE_URL"}}
+    for name, keys in wanted.items():
+        if set(secrets.get(name, {})) != keys:
+            problem(path.name, f"Secret {name} keys are {sorted(secrets.get(name, {}))}, expected {sorted(keys)}")
+        if not all("CHANGE_ME" in str(v) for v in secrets.get(name, {}).values()):
+            problem(path.name, f"every value of {name} must carry the CHANGE_ME placeholder")
+    return [("secret.example.yaml", d) for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def schema_validate(documents, version, crd_models):
+    import kubernetes_validate
+
+    custom = [(w, d) for w, d in documents if d.get("apiVersion", "").startswith(CRD_GROUPS)]
     for where, document in documents:
+        if (where, document) in custom:
+            continue
         what = f"{where}: {document.get('kind')}/{(document.get('metadata') or {}).get('name')}"
         try:
             kubernetes_validate.validate(document, version, strict=True)
@@ -307,25 +291,46 @@ def schema_validate(objects, built, version, required):
             problem(what, f"schema (Kubernetes {version}, strict): {path}: {error.message}")
         except (kubernetes_validate.SchemaNotFoundError, kubernetes_validate.InvalidSchemaError) as error:
             problem(what, f"schema: {error}")
-    print(f"k8s-check: kubernetes-validate {getattr(kubernetes_validate, '__version__', '?')}, strict, "
-          f"Kubernetes {version}: {len(documents)} objects validated")
+    print(f"k8s-check: kubernetes-validate {kubernetes_validate.__version__}, strict, Kubernetes {version}: "
+          f"{len(documents) - len(custom)} objects validated")
+    if not custom:
+        return
+    if not crd_models:
+        problem("schema", f"{len(custom)} custom resources and no --crd-models to validate them")
+        return
+    result = subprocess.run(["node", str(HERE / "validate-crds.mjs"), crd_models],
+                            input=json.dumps(custom), capture_output=True, text=True)
+    for line in result.stdout.splitlines():
+        problem("CRD schema", line)
+    if result.returncode != 0 and not result.stdout.strip():
+        problem("CRD schema", result.stderr.strip() or f"validate-crds.mjs exit {result.returncode}")
+    print(f"k8s-check: {result.stderr.strip()}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kubectl", default=shutil.which("kubectl"))
+    parser.add_argument("--crd-models", help="node_modules with @kubernetes-models/keda and prometheus-operator")
     parser.add_argument("--kubernetes-version", default="1.30.0")
-    parser.add_argument("--require-schema", action="store_true")
     options = parser.parse_args()
-    objects = load()
-    check(objects)
-    built = kustomize_build()
-    schema_validate(objects, built, options.kubernetes_version, options.require_schema)
+    if not options.kubectl:
+        sys.exit("k8s-check: no kubectl (deploy/check.sh installs one)")
+    version = subprocess.run([options.kubectl, "version", "--client"], capture_output=True, text=True).stdout
+    print("k8s-check: " + " / ".join(version.split("\n")[:2]))
+    documents = check_secret_example()
+    for tree in TREES:
+        objects = render(options.kubectl, tree)
+        print(f"k8s-check: kubectl kustomize {tree}: {len(objects)} objects "
+              f"({', '.join(sorted(o['kind'] for o in objects))})")
+        check_tree(tree, objects)
+        documents += [(tree, o) for o in objects]
+    schema_validate(documents, options.kubernetes_version, options.crd_models)
     for line in problems:
         print(f"k8s-check: {line}", file=sys.stderr)
     if problems:
         print(f"k8s-check: FAILED ({len(problems)} problems)")
         return 1
-    print(f"k8s-check: {len([k for k in objects if k[0] != 'Kustomization'])} objects in deploy/k8s: all checks passed")
+    print(f"k8s-check: {', '.join(TREES)}: all checks passed")
     return 0
 
 

@@ -9,7 +9,9 @@
 #
 # plus: every alert is tested firing and not firing, has a runbook section
 # in deploy/README.md and a `runbook_url` to it on the placeholder base, and
-# render-alerts.sh (which puts your base there) gives valid rules. Installs Debian's `prometheus` package (which brings
+# render-alerts.sh (which puts your base there) gives valid rules, and the
+# PrometheusRule object of deploy/k8s is exactly what render-alerts.sh
+# --prometheusrule makes of alerts.yml. Installs Debian's `prometheus` package (which brings
 # promtool) when promtool is missing, without letting the package start the
 # Prometheus server. Exit status non-zero on any failure. Usage:
 #
@@ -149,6 +151,15 @@ if bash render-alerts.sh 'not-a-url' >/dev/null 2>&1; then
     exit 1
 fi
 printf 'every alert links its runbook; render-alerts.sh rewrites the base\n'
+
+step "the PrometheusRule of deploy/k8s is what render-alerts.sh --prometheusrule prints"
+rule_object=../k8s/components/prometheus-operator/prometheusrule.yaml
+if ! diff -u "$rule_object" <(bash render-alerts.sh --prometheusrule "$placeholder"); then
+    log "ERROR: $rule_object is not generated from alerts.yml: regenerate it with"
+    log "  bash deploy/prometheus/render-alerts.sh --prometheusrule $placeholder > deploy/k8s/components/prometheus-operator/prometheusrule.yaml"
+    exit 1
+fi
+printf '%s: up to date with alerts.yml\n' "$rule_object"
 
 step "Grafana dashboard: structure, metric coverage, every query parses (promtool)"
 queries=$(mktemp)

@@ -2,8 +2,9 @@
 //! whether the consumer loop still polls, and whether the database has the
 //! schema this binary needs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -69,6 +70,62 @@ impl PollClock {
     }
 }
 
+/// Partitions whose batch keeps failing (a statement that times out on one
+/// product, a lock never released, conflicts that do not end), which
+/// `/readyz` reports once one has failed for long enough: the database
+/// answers the probe, yet that partition makes no progress. A partition is
+/// in it from its first failed attempt at a batch until an attempt
+/// succeeds or its task stops.
+#[derive(Debug, Default)]
+pub struct FailingPartitions {
+    failing: Mutex<HashMap<(String, i32), (Instant, String)>>,
+}
+
+/// A partition that has failed for a while: since how long, and its last error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stalled {
+    pub topic: String,
+    pub partition: i32,
+    pub for_: Duration,
+    pub error: String,
+}
+
+impl FailingPartitions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), (Instant, String)>> {
+        // A panic while holding it cannot leave the map inconsistent.
+        self.failing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An attempt at a batch of `topic`/`partition` failed with `error`.
+    pub fn failed(&self, topic: &str, partition: i32, error: &str) {
+        let mut failing = self.lock();
+        let entry = failing
+            .entry((topic.to_owned(), partition))
+            .or_insert_with(|| (Instant::now(), String::new()));
+        error.clone_into(&mut entry.1);
+    }
+
+    /// The partition's batch committed, or its task stopped.
+    pub fn recovered(&self, topic: &str, partition: i32) {
+        self.lock().remove(&(topic.to_owned(), partition));
+    }
+
+    /// The partition failing the longest, if it has failed for at least
+    /// `longer_than`.
+    pub fn stalled(&self, longer_than: Duration) -> Option<Stalled> {
+        let failing = self.lock();
+        let ((topic, partition), (since, error)) =
+            failing.iter().min_by_key(|(_, (since, _))| *since)?;
+        let for_ = since.elapsed();
+        (for_ >= longer_than).then(|| Stalled {
+            topic: topic.clone(),
+            partition: *partition,
+            for_,
+            error: error.clone(),
+        })
+    }
+}
+
 /// Whether the database has every migration this binary embeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Schema {
@@ -128,5 +185,31 @@ pub async fn schema(pool: &PgPool) -> Schema {
             at: applied.last().copied(),
             needs,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_counts_as_stalled_from_its_first_failure_until_it_recovers() {
+        let failing = FailingPartitions::default();
+        assert_eq!(failing.stalled(Duration::ZERO), None);
+        failing.failed("t", 1, "first");
+        failing.failed("t", 1, "second");
+        let stalled = failing.stalled(Duration::ZERO).expect("failing");
+        assert_eq!((stalled.topic.as_str(), stalled.partition), ("t", 1));
+        assert_eq!(
+            stalled.error, "second",
+            "the last error, since the first failure"
+        );
+        assert_eq!(
+            failing.stalled(Duration::from_secs(3600)),
+            None,
+            "not for long yet"
+        );
+        failing.recovered("t", 1);
+        assert_eq!(failing.stalled(Duration::ZERO), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The small HTTP surface (contract §7): `/metrics`, `/healthz`, `/readyz` and the
-//! read model at `/allocations/{orderid}`.
+//! read model at `/allocations/{orderid}`, on one listener, or the read model
+//! on a listener of its own (`READ_MODEL_ADDR`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::health::{schema, PollClock, Schema};
+use super::health::{schema, FailingPartitions, PollClock, Schema};
 use super::metrics::Metrics;
 use super::relay::outbox_backlog;
 use crate::domain::OrderId;
@@ -32,21 +33,55 @@ pub struct HttpState {
     pub poll_clock: Arc<PollClock>,
     /// `/healthz` fails when the loop has not polled for this long.
     pub health_poll_timeout: Duration,
+    /// Partitions whose batch keeps failing: `/readyz` fails once one has
+    /// failed for `partition_stall_timeout`.
+    pub failing: Arc<FailingPartitions>,
+    pub partition_stall_timeout: Duration,
+    /// The read model's queries: a pool of their own, so that client
+    /// traffic never takes the connections the probes and the worker need.
+    pub read_pool: PgPool,
 }
 
 /// A probe or scrape must answer quickly even while the database hangs.
 const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Every endpoint on one listener (`HTTP_ADDR`), the read model included.
 pub fn router(state: HttpState) -> Router {
+    operations_routes()
+        .merge(read_model_routes())
+        .with_state(state)
+}
+
+/// The endpoints of `HTTP_ADDR` when the read model has a listener of its
+/// own: metrics and the probes, for Prometheus and the kubelet.
+pub fn operations_router(state: HttpState) -> Router {
+    operations_routes().with_state(state)
+}
+
+/// The read model's own listener (`READ_MODEL_ADDR`): `/allocations` for
+/// the clients, and a `/readyz` that judges only what the read model needs,
+/// so that a load balancer keeps sending reads to a pod whose database is
+/// fine while its consumer waits out a broker outage or a rebalance
+/// (docs/design.md, "Probes").
+pub fn read_model_router(state: HttpState) -> Router {
+    read_model_routes()
+        .route("/readyz", get(read_model_readyz))
+        .with_state(state)
+}
+
+fn operations_routes() -> Router<HttpState> {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+}
+
+fn read_model_routes() -> Router<HttpState> {
+    Router::new()
         .route("/allocations/{orderid}", get(allocations))
         // The route above needs a non-empty segment; an empty id is still a
         // request for an order, and a bad one.
         .route("/allocations/", get(empty_orderid))
-        .with_state(state)
 }
 
 /// Alive unless the consumer loop is stuck: it has been away from the
@@ -72,9 +107,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 /// applied, and the consumer is running as a member of its group (an
 /// assignment, possibly empty, is held).
 async fn readiness(state: &HttpState) -> (bool, String) {
-    let schema = tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.pool))
-        .await
-        .unwrap_or_else(|_| Schema::Unreachable("timed out".into()));
+    let schema = database_ready(state).await;
     let ready = if schema != Schema::Current {
         (false, format!("{}\n", schema.reason()))
     } else if !state.consumer_running.load(Ordering::Relaxed) {
@@ -84,11 +117,44 @@ async fn readiness(state: &HttpState) -> (bool, String) {
             false,
             "consumer not in its group (broker unreachable, or rebalancing)\n".to_owned(),
         )
+    } else if let Some(stalled) = state.failing.stalled(state.partition_stall_timeout) {
+        (
+            false,
+            format!(
+                "partition {}/{} has failed its batch for {}s: {}\n",
+                stalled.topic,
+                stalled.partition,
+                stalled.for_.as_secs(),
+                stalled.error
+            ),
+        )
     } else {
         (true, "ready\n".to_owned())
     };
     state.metrics.ready.set(i64::from(ready.0));
     ready
+}
+
+/// The schema check alone: the database answers with every migration this
+/// binary needs.
+async fn database_ready(state: &HttpState) -> Schema {
+    tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.pool))
+        .await
+        .unwrap_or_else(|_| Schema::Unreachable("timed out".into()))
+}
+
+async fn read_model_readyz(State(state): State<HttpState>) -> Response {
+    let schema = tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.read_pool))
+        .await
+        .unwrap_or_else(|_| Schema::Unreachable("timed out".into()));
+    match schema {
+        Schema::Current => (StatusCode::OK, "ready\n").into_response(),
+        other => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", other.reason()),
+        )
+            .into_response(),
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {
@@ -101,6 +167,7 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 async fn metrics(State(state): State<HttpState>) -> Response {
     // Gauges read at scrape time, so they are never staler than the scrape.
     readiness(&state).await;
+    state.metrics.observe_pool(&state.pool);
     if let Ok(Ok((backlog, age))) =
         tokio::time::timeout(DB_PROBE_TIMEOUT, outbox_backlog(&state.pool)).await
     {
@@ -146,7 +213,7 @@ async fn allocations(
         "SELECT sku, batchref FROM allocations_view WHERE orderid = $1 ORDER BY sku",
     )
     .bind(orderid.as_str())
-    .fetch_all(&state.pool)
+    .fetch_all(&state.read_pool)
     .await;
     match rows {
         Ok(rows) if rows.is_empty() => (

@@ -32,6 +32,13 @@ pub struct Metrics {
     pub waiting_messages: IntGaugeVec,
     pub waiting_oldest_age: GaugeVec,
     pub consumer_errors: IntCounterVec,
+    /// The worker's database pool, read at scrape time: connections by
+    /// state (`in_use`, which counts those the partitions keep between
+    /// batches, and `idle`), its size limit, and the batch attempts waiting
+    /// for a connection or a share of the pool.
+    pub db_pool_connections: IntGaugeVec,
+    pub db_pool_max_connections: IntGauge,
+    pub db_pool_waiting: IntGauge,
 }
 
 impl Metrics {
@@ -184,6 +191,27 @@ impl Metrics {
         registry.register(Box::new(waiting_messages.clone()))?;
         registry.register(Box::new(waiting_oldest_age.clone()))?;
         registry.register(Box::new(consumer_errors.clone()))?;
+        let db_pool_connections = IntGaugeVec::new(
+            Opts::new(
+                "allocation_db_pool_connections",
+                "Connections of the worker's database pool, by state (in_use, idle).",
+            ),
+            &["state"],
+        )?;
+        let db_pool_max_connections = IntGauge::new(
+            "allocation_db_pool_max_connections",
+            "The most connections the worker's database pool opens (DATABASE_MAX_CONNECTIONS).",
+        )?;
+        let db_pool_waiting = IntGauge::new(
+            "allocation_db_pool_waiting",
+            "Batch attempts waiting for a database connection or a share of the pool.",
+        )?;
+        registry.register(Box::new(db_pool_connections.clone()))?;
+        registry.register(Box::new(db_pool_max_connections.clone()))?;
+        registry.register(Box::new(db_pool_waiting.clone()))?;
+        for state in ["in_use", "idle"] {
+            db_pool_connections.with_label_values(&[state]);
+        }
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -222,6 +250,9 @@ impl Metrics {
             waiting_messages,
             waiting_oldest_age,
             consumer_errors,
+            db_pool_connections,
+            db_pool_max_connections,
+            db_pool_waiting,
         })
     }
 
@@ -239,6 +270,20 @@ impl Metrics {
         self.consumer_errors
             .with_label_values(&[ConsumerErrorKind::of(error).as_str()])
             .inc();
+    }
+
+    /// Reads the pool's gauges from `pool` (at scrape time).
+    pub fn observe_pool(&self, pool: &sqlx::PgPool) {
+        let size = i64::from(pool.size());
+        let idle = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
+        self.db_pool_connections
+            .with_label_values(&["in_use"])
+            .set(size.saturating_sub(idle).max(0));
+        self.db_pool_connections
+            .with_label_values(&["idle"])
+            .set(idle);
+        self.db_pool_max_connections
+            .set(i64::from(pool.options().get_max_connections()));
     }
 
     /// Creates the consumed-message series of `topics` at 0 (see `new`).

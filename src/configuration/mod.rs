@@ -48,9 +48,15 @@ pub struct RunSettings {
     pub topics: Topics,
     pub migrate: bool,
     pub http_addr: std::net::SocketAddr,
+    /// The read model's own listener, if any (`READ_MODEL_ADDR`).
+    pub read_model_addr: Option<std::net::SocketAddr>,
+    /// The read model's own pool (`READ_MODEL_MAX_CONNECTIONS`).
+    pub read_model_max_connections: u32,
     pub worker: WorkerSettings,
     pub retention: RetentionSettings,
     pub health_poll_timeout: Duration,
+    /// `/readyz` fails once a partition has failed its batch this long.
+    pub partition_stall_timeout: Duration,
 }
 
 /// Where PostgreSQL is, and how many connections the worker may open.

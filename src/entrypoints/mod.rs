@@ -9,6 +9,7 @@ pub mod partition;
 pub mod processor;
 pub mod quarantine;
 pub mod replay;
+pub mod rewind;
 pub mod telemetry;
 pub mod tracker;
 pub mod window;

@@ -184,7 +184,14 @@ impl Worker {
             ready.iter().map(|w| (&w.held.message, false)).collect();
         let plans: Vec<&Plan> = ready.iter().map(|w| &w.plan).collect();
         let Some(outcomes) = self
-            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .handle_batch(
+                topic,
+                partition,
+                &items,
+                &plans,
+                tracker.safe_offset(),
+                shutdown,
+            )
             .await
         else {
             return false;
@@ -234,7 +241,14 @@ impl Worker {
             .collect();
         let plans: Vec<&Plan> = due.iter().map(|(_, w)| &w.plan).collect();
         let outcomes = self
-            .handle_batch(topic, partition, &items, &plans, shutdown)
+            .handle_batch(
+                topic,
+                partition,
+                &items,
+                &plans,
+                tracker.safe_offset(),
+                shutdown,
+            )
             .await?;
         drop(items);
         drop(plans);
@@ -261,6 +275,25 @@ impl Worker {
         &self,
         batch: &[(&InboundMessage, bool)],
         plans: &[&Plan],
+        resume_from: Option<i64>,
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<Outcome>> {
+        let done = self
+            .retry_until_done(batch, plans, resume_from, shutdown)
+            .await;
+        // Committed, or the task stops: either way no longer failing.
+        if let Some((first, _)) = batch.first() {
+            self.failing.recovered(&first.topic, first.partition);
+        }
+        done
+    }
+
+    /// [`Self::process_with_retry`] but for keeping [`Worker::failing`].
+    async fn retry_until_done(
+        &self,
+        batch: &[(&InboundMessage, bool)],
+        plans: &[&Plan],
+        resume_from: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let mut backoff = Backoff::default();
@@ -274,7 +307,7 @@ impl Worker {
             // its messages are found processed when the batch comes again.
             let attempt = tokio::time::timeout(
                 self.settings.transaction_timeout,
-                self.processor.process_planned(batch, plans),
+                self.processor.process_planned(batch, plans, resume_from),
             );
             // Once told to stop (revoked, or shutting down), the batch in
             // hand has a little while to commit; then it is abandoned,
@@ -301,6 +334,10 @@ impl Worker {
                     return Some(outcomes);
                 }
                 Err(error) => {
+                    if let Some((first, _)) = batch.first() {
+                        self.failing
+                            .failed(&first.topic, first.partition, &error.to_string());
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
                     tokio::select! {
@@ -312,12 +349,15 @@ impl Worker {
         }
     }
 
+    /// `resume_from` is the tracker's safe offset as the batch begins,
+    /// recorded with it for a rewind after a restore.
     async fn handle_batch(
         &self,
         topic: &str,
         partition: i32,
         batch: &[(&InboundMessage, bool)],
         plans: &[&Plan],
+        resume_from: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
         let span = tracing::info_span!(
@@ -330,7 +370,9 @@ impl Worker {
         );
         async {
             let started = std::time::Instant::now();
-            let outcomes = self.process_with_retry(batch, plans, shutdown).await?;
+            let outcomes = self
+                .process_with_retry(batch, plans, resume_from, shutdown)
+                .await?;
             // Every message of the batch waited for the whole transaction:
             // that is its handling duration.
             let elapsed = started.elapsed().as_secs_f64();

@@ -19,7 +19,7 @@ use crate::adapters::metrics::Metrics;
 use crate::adapters::outbox::{InboundMessage, MessageContext};
 use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::entrypoints::telemetry;
-use crate::service_layer::batch::{self, DeadLetterReason, Handled, Outcome, Plan};
+use crate::service_layer::batch::{self, DeadLetterReason, Handled, Outcome, Plan, ReadPosition};
 use crate::service_layer::RepositoryError;
 
 /// Handles batches of messages, one transaction per batch. It keeps
@@ -49,7 +49,7 @@ impl Processor {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            store: PgStore::new(pool),
+            store: PgStore::new(pool).with_waiting_gauge(metrics.db_pool_waiting.clone()),
             topics,
             relay_wake,
             metrics,
@@ -126,16 +126,28 @@ impl Processor {
     ) -> Result<Vec<Outcome>, RepositoryError> {
         let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
         let plans: Vec<&Plan> = plans.iter().collect();
-        self.process_planned(batch, &plans).await
+        self.process_planned(batch, &plans, None).await
     }
 
     /// [`Self::process_batch`] of messages already decoded by [`Self::plan`]
-    /// (one plan per message).
+    /// (one plan per message). `resume_from`, when given, is the partition's
+    /// lowest offset not yet settled as the batch begins: it is recorded
+    /// with the batch, for a rewind after a restore of the database
+    /// ([`ReadPosition`]).
     pub async fn process_planned(
         &self,
         batch: &[(&InboundMessage, bool)],
         plans: &[&Plan],
+        resume_from: Option<i64>,
     ) -> Result<Vec<Outcome>, RepositoryError> {
+        let position = match (batch.first(), resume_from) {
+            (Some((first, _)), Some(next_offset)) => Some(ReadPosition {
+                topic: first.topic.clone(),
+                partition: first.partition,
+                next_offset,
+            }),
+            _ => None,
+        };
         let mut contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
         // One span per message when traces are exported (none otherwise),
         // ended with this call; the events carry its trace context.
@@ -144,9 +156,16 @@ impl Processor {
             .zip(contexts.iter_mut())
             .filter_map(|((m, _), context)| telemetry::message_span(m, context))
             .collect();
-        let handled = batch::process(&self.store, batch, plans, &contexts, || {
-            self.metrics.concurrency_retries.inc();
-        })
+        let handled = batch::process(
+            &self.store,
+            batch,
+            plans,
+            &contexts,
+            position.as_ref(),
+            || {
+                self.metrics.concurrency_retries.inc();
+            },
+        )
         .await;
         let Handled {
             outcomes,

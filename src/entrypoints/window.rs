@@ -71,6 +71,10 @@ pub struct Conditions {
     /// topic, from statistics reported after the latest assignment; `None`
     /// while there are none.
     pub unread_references: Option<Vec<i64>>,
+    /// Unread messages of the reference-bringing topic for the whole group
+    /// (each partition's end minus the group's committed offset, summed),
+    /// whoever holds them; `None` until it could be asked.
+    pub group_unread_references: Option<i64>,
     /// Most messages of one batch: unread below this counts as caught up
     /// (watermarks reported by a broker may lag by a batch).
     pub batch: usize,
@@ -83,14 +87,17 @@ impl Conditions {
     /// The clock runs while the database is reachable, the consumer is
     /// connected, and the worker has caught up with the topic that brings
     /// references (nothing fetched and unhandled, at most a batch unread on
-    /// each of its assigned partitions), or while waiting messages fill their
-    /// share of memory (reading on would need them given up).
+    /// each of its assigned partitions) and so has the whole group (nothing
+    /// between its committed offsets and the ends of that topic, whichever
+    /// member holds them), or while waiting messages fill their share of
+    /// memory (reading on would need them given up).
     pub fn usable(&self) -> bool {
         let caught_up = self.unhandled_references == 0
             && self
                 .unread_references
                 .as_ref()
-                .is_some_and(|u| u.iter().all(|n| *n <= self.batch as i64));
+                .is_some_and(|u| u.iter().all(|n| *n <= self.batch as i64))
+            && self.group_unread_references == Some(0);
         self.database_reachable
             && self.consumer_connected
             && (caught_up || self.waiting_memory_full)
@@ -123,6 +130,7 @@ mod tests {
             consumer_connected: true,
             unhandled_references: 0,
             unread_references: Some(vec![0, 3]),
+            group_unread_references: Some(0),
             batch: 10,
             waiting_memory_full: false,
         };
@@ -145,6 +153,18 @@ mod tests {
         c.unread_references = None;
         assert!(!c.usable());
         c.unread_references = Some(vec![]);
-        assert!(c.usable(), "no partition of the topic assigned here");
+        assert!(
+            c.usable(),
+            "no partition of the topic assigned here, and the group has read it all"
+        );
+        c.group_unread_references = Some(1);
+        assert!(
+            !c.usable(),
+            "another member has not read the topic yet (a restart, a backlog)"
+        );
+        c.group_unread_references = None;
+        assert!(!c.usable(), "not known yet");
+        c.waiting_memory_full = true;
+        assert!(c.usable(), "waiting messages fill their memory share");
     }
 }

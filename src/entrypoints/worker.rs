@@ -28,7 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::adapters::health::PollClock;
+use crate::adapters::group_progress::group_unread;
+use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::kafka::{to_inbound, HandOver, WorkerContext};
 use crate::adapters::relay::Backoff;
 use crate::entrypoints::partition::{PartitionTasks, Slot, Waiter};
@@ -50,6 +51,8 @@ pub struct Worker {
     consumer_running: Arc<AtomicBool>,
     /// Read by `/healthz`: when the loop last polled the consumer.
     poll_clock: Arc<PollClock>,
+    /// Read by `/readyz`: partitions whose batch keeps failing.
+    pub(super) failing: Arc<FailingPartitions>,
     /// The unknown-reference window's clock: usable time only.
     clock: std::sync::Mutex<UsableClock>,
     /// Messages of the batch-created topic fetched and not yet handled.
@@ -81,7 +84,15 @@ impl Worker {
             waiting_bytes: AtomicUsize::new(0),
             waiting: std::sync::Mutex::new(HashMap::new()),
             poll_clock: Arc::default(),
+            failing: Arc::default(),
         }
+    }
+
+    /// Records the partitions whose batch keeps failing in `failing`, which
+    /// `/readyz` reads.
+    pub fn with_failing_partitions(mut self, failing: Arc<FailingPartitions>) -> Self {
+        self.failing = failing;
+        self
     }
 
     /// Records the loop's polls on `clock`, which `/healthz` reads.
@@ -103,8 +114,42 @@ impl Worker {
     async fn watch_window(&self, shutdown: CancellationToken) {
         let reading = self.consumer.context().reading();
         let mut was_usable = None;
+        // The group's progress on the reference-bringing topic: asked of the
+        // broker every GROUP_PROGRESS_EVERY, off the runtime (the client's
+        // calls block), one question at a time.
+        let mut group: Option<(i64, Instant)> = None;
+        let mut asking: Option<tokio::task::JoinHandle<Result<i64, rdkafka::error::KafkaError>>> =
+            None;
+        let mut asked_at: Option<Instant> = None;
         loop {
+            if asking.as_ref().is_some_and(|a| a.is_finished()) {
+                if let Some(answer) = asking.take() {
+                    match answer.await {
+                        Ok(Ok(unread)) => group = Some((unread, Instant::now())),
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "cannot read the group's progress");
+                            group = None;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "the group's progress could not be asked");
+                            group = None;
+                        }
+                    }
+                }
+            }
+            if asking.is_none() && asked_at.is_none_or(|at| at.elapsed() >= GROUP_PROGRESS_EVERY) {
+                asked_at = Some(Instant::now());
+                let consumer = Arc::clone(&self.consumer);
+                let topic = self.processor.topics().batch_created.clone();
+                asking = Some(tokio::task::spawn_blocking(move || {
+                    group_unread(&*consumer, &topic, GROUP_PROGRESS_TIMEOUT)
+                }));
+            }
+            let group_unread_references = group
+                .filter(|(_, at)| at.elapsed() <= STATISTICS_FRESH)
+                .map(|(unread, _)| unread);
             let conditions = Conditions {
+                group_unread_references,
                 database_reachable: self.processor.store_reachable(),
                 // Not `consumer_running`: it stays false after a transient
                 // error until a message arrives, which on idle topics could
@@ -183,6 +228,17 @@ impl Worker {
                             this.pause_partition(&key.0, key.1, false);
                         }
                     }
+                    continue;
+                }
+                // A transient error marked the consumer not running; it
+                // runs again once a poll has gone this long without one,
+                // not only when a message comes, which on idle topics could
+                // be never. Membership of the group is judged apart
+                // (`consumer_assigned`).
+                _ = tokio::time::sleep(ERROR_CLEARED_AFTER),
+                    if !this.consumer_running.load(Ordering::Relaxed) =>
+                {
+                    this.consumer_running.store(true, Ordering::Relaxed);
                     continue;
                 }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
@@ -371,5 +427,18 @@ impl Worker {
 pub(super) const QUEUED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Statistics older than this say nothing of whether the worker has caught
-/// up (librdkafka reports every second; see adapters::kafka).
+/// up (librdkafka reports every second; see adapters::kafka); nor does an
+/// answer about the group's progress.
 const STATISTICS_FRESH: Duration = Duration::from_secs(10);
+
+/// How often the group's progress on the reference-bringing topic is asked
+/// of the broker (a metadata request, an offset fetch and a watermark
+/// request per partition), and the bound on each request.
+const GROUP_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const GROUP_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a poll must go without an error before a consumer that had one
+/// counts as running again (see the consumer loop). Above the error
+/// back-off's longest pause (5 s), so that a consumer failing at every
+/// poll does not flap.
+const ERROR_CLEARED_AFTER: Duration = Duration::from_secs(10);

@@ -66,6 +66,17 @@ impl DeadLetterReason {
     }
 }
 
+/// Where a batch's partition is to be read again from if the store is
+/// restored to the state this batch's transaction leaves: every message
+/// before `next_offset` had its effects, or its dead letter, stored before
+/// this batch began. Recorded in the batch's own transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
 /// What became of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -222,6 +233,9 @@ pub struct Handled {
 /// SKU or batch of an earlier message that was deferred (or held back) is
 /// held back too, without being tried: `Deferred`.
 ///
+/// `position`, when given, is recorded in the same transaction
+/// ([`BatchUnitOfWork::record_position`]).
+///
 /// A conflict retries the whole batch in a new unit of work, after calling
 /// `on_conflict`. An `Err` is transient (store unreachable, or conflicts
 /// that kept recurring): retry the whole batch after a back-off; nothing of
@@ -237,13 +251,14 @@ pub fn process<'a, S: Store>(
     batch: &'a [(&'a S::Message, bool)],
     plans: &'a [&'a Plan],
     contexts: &'a [S::Context],
+    position: Option<&'a ReadPosition>,
     on_conflict: impl Fn() + Send + Sync + 'a,
 ) -> impl Future<Output = Result<Handled, RepositoryError>> + Send + 'a {
     async move {
         let keys: Vec<Vec<MessageKey>> = plans.iter().map(|p| p.keys()).collect();
         let mut conflicts = 0;
         loop {
-            match attempt(store, batch, plans, &keys, contexts).await {
+            match attempt(store, batch, plans, &keys, contexts, position).await {
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
                     on_conflict();
@@ -263,6 +278,7 @@ async fn attempt<S: Store>(
     plans: &[&Plan],
     message_keys: &[Vec<MessageKey>],
     contexts: &[S::Context],
+    position: Option<&ReadPosition>,
 ) -> Result<Handled, RepositoryError> {
     let started = std::time::Instant::now();
     let mut session = store.session().await?;
@@ -273,6 +289,7 @@ async fn attempt<S: Store>(
         plans,
         message_keys,
         contexts,
+        position,
         started,
     )
     .await;
@@ -280,6 +297,7 @@ async fn attempt<S: Store>(
     attempt
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt_in<S: Store>(
     store: &S,
     session: &mut S::Session<'_>,
@@ -287,6 +305,7 @@ async fn attempt_in<S: Store>(
     plans: &[&Plan],
     message_keys: &[Vec<MessageKey>],
     contexts: &[S::Context],
+    position: Option<&ReadPosition>,
     started: std::time::Instant,
 ) -> Result<Handled, RepositoryError> {
     let mut uow = store.begin(session).await?;
@@ -373,6 +392,9 @@ async fn attempt_in<S: Store>(
             }
         }
         let handled = started.elapsed();
+        if let Some(position) = position {
+            uow.record_position(position);
+        }
         uow.commit().await?;
         tracing::debug!(?locked, ?handled, committed = ?started.elapsed(), "batch attempt timings");
         return Ok(Handled {

@@ -15,7 +15,7 @@ use std::future::Future;
 
 use crate::domain::{BatchRef, Event, Product, Sku};
 
-use super::batch::DeadLetterReason;
+use super::batch::{DeadLetterReason, ReadPosition};
 
 /// Why the store could not do what was asked. Both kinds are transient: the
 /// caller retries the whole unit of work (every message in it) in a fresh one.
@@ -123,6 +123,13 @@ pub trait BatchUnitOfWork: UnitOfWork {
         reason: DeadLetterReason,
         error: &str,
     );
+
+    /// Records, with the batch, where its partition must be read again from
+    /// should the store be restored to this point (docs/design.md, "Backup
+    /// and restore"). A store that is never restored need not keep it.
+    fn record_position(&mut self, position: &ReadPosition) {
+        let _ = position;
+    }
 
     /// Stores everything queued, then commits. A `Conflict` means the caller
     /// must retry the batch from the start in a new unit of work.

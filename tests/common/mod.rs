@@ -510,7 +510,7 @@ pub struct TestEnv {
     /// Pool on the test database, for row assertions.
     pub db: PgPool,
     pub bootstrap_servers: String,
-    admin_database_url: String,
+    pub admin_database_url: String,
     producer: FutureProducer,
     pub witness: Witness,
     logs: Arc<Mutex<Vec<PathBuf>>>,

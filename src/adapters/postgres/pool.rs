@@ -14,7 +14,20 @@ use sqlx::Postgres;
 use crate::service_layer::RepositoryError;
 
 /// The migrations under `migrations/`, embedded in the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+///
+/// Migrations applied by a newer release that this binary does not know are
+/// accepted (`ignore_missing`), so that a rollback works: after `kubectl
+/// rollout undo`, the older image's `migrate` step finds the newer
+/// migrations, applies nothing and succeeds, and the older worker runs on the
+/// newer schema. That is safe only because every migration is additive
+/// (docs/design.md, "Rollback"; `tests/migrations.rs` checks the rule). sqlx's
+/// default refuses such a database with `VersionMissing`.
+pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| {
+        let mut migrator = sqlx::migrate!("./migrations");
+        migrator.set_ignore_missing(true);
+        migrator
+    });
 
 /// Session settings of the worker's connections, each unless DATABASE_URL
 /// sets it already (`application_name=…`, or `options=-c name=value`):
@@ -183,4 +196,115 @@ pub(super) fn stored_qty(value: i64) -> Result<u32, RepositoryError> {
     u32::try_from(value).map_err(|_| {
         RepositoryError::Unavailable(format!("invalid stored quantity {value}").into())
     })
+}
+
+/// The rule that makes a rollback safe (docs/design.md, "Rollback"): every
+/// migration after the last one released before the rule is additive, so
+/// that the previous release still runs on the schema it leaves. Checked on
+/// the text of each migration, comments removed; a migration that must
+/// break the rule says so on a line `-- not additive: <why>`, and its
+/// release note then says to stop the old instances first.
+#[cfg(test)]
+mod additive_migrations {
+    /// Migrations up to this version predate the rule (README, "Upgrades",
+    /// lists the three that were not additive).
+    const RULE_SINCE: i64 = 20_261_129_000_007;
+
+    /// What would break an older binary still running on the new schema:
+    /// something it reads or writes gone, renamed or retyped, or a new
+    /// constraint its writes do not know to satisfy.
+    const FORBIDDEN: [(&str, &str); 8] = [
+        ("DROP TABLE", "drops a table"),
+        ("DROP VIEW", "drops a view"),
+        ("DROP COLUMN", "drops a column"),
+        ("DROP FUNCTION", "drops a function"),
+        ("RENAME", "renames something"),
+        ("TRUNCATE", "empties a table"),
+        ("SET NOT NULL", "makes a column required"),
+        ("ADD CONSTRAINT", "adds a constraint older writes may break"),
+    ];
+
+    /// Each offence of one migration's SQL, as a reason.
+    fn offences(sql: &str) -> Vec<String> {
+        let text: String = sql
+            .lines()
+            .map(|line| line.split("--").next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_uppercase();
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let mut found: Vec<String> = FORBIDDEN
+            .iter()
+            .filter(|(needle, _)| text.contains(needle))
+            .map(|(needle, why)| format!("{why} ({})", needle.trim()))
+            .collect();
+        // A required column without a default refuses the older binary's
+        // inserts, which do not name it.
+        for statement in text.split(';') {
+            if let Some((_, column)) = statement.split_once("ADD COLUMN") {
+                if column.contains("NOT NULL") && !column.contains("DEFAULT") {
+                    found.push("adds a NOT NULL column without a DEFAULT".to_owned());
+                }
+            }
+            if let Some((_, column)) = statement.split_once("ALTER COLUMN") {
+                if column.contains(" TYPE ") {
+                    found.push("changes a column's type (ALTER COLUMN ... TYPE)".to_owned());
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_migration_since_the_rule_is_additive() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut checked = 0;
+        let mut broken = Vec::new();
+        for migration in super::MIGRATOR.iter() {
+            if migration.version <= RULE_SINCE {
+                continue;
+            }
+            checked += 1;
+            let sql = migration.sql.as_ref();
+            if sql
+                .lines()
+                .any(|l| l.trim_start().starts_with("-- not additive:"))
+            {
+                continue;
+            }
+            for why in offences(sql) {
+                broken.push(format!(
+                    "{} {}: {why}",
+                    migration.version, migration.description
+                ));
+            }
+        }
+        assert!(
+            broken.is_empty(),
+            "migrations in {} that an older release could not run on (make them additive, \
+             or mark the file `-- not additive: <why>` and write the upgrade note):\n{}",
+            dir.display(),
+            broken.join("\n")
+        );
+        eprintln!("{checked} migration(s) since {RULE_SINCE} checked");
+    }
+
+    #[test]
+    fn the_rule_catches_what_breaks_an_older_release() {
+        assert!(offences("CREATE TABLE t (id BIGINT PRIMARY KEY);").is_empty());
+        assert!(offences("ALTER TABLE t ADD COLUMN c TEXT NOT NULL DEFAULT 'x';").is_empty());
+        assert!(offences("CREATE INDEX t_c ON t (c); -- DROP TABLE t is not run").is_empty());
+        assert!(offences("CREATE TYPE mood AS ENUM ('a', 'b');").is_empty());
+        assert_eq!(offences("ALTER TABLE t DROP COLUMN c;").len(), 1);
+        assert_eq!(offences("alter table t\n  rename column c to d;").len(), 1);
+        assert_eq!(
+            offences("ALTER TABLE t ALTER COLUMN c TYPE BIGINT;").len(),
+            1
+        );
+        assert_eq!(
+            offences("ALTER TABLE t ADD COLUMN c TEXT NOT NULL;").len(),
+            1
+        );
+        assert_eq!(offences("DROP VIEW v; DROP TABLE t;").len(), 2);
+    }
 }

@@ -14,7 +14,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::adapters::outbox::{self, InboundMessage, MessageContext, OutboxRecord};
 use crate::domain::{BatchRef, Event, Sku};
-use crate::service_layer::batch::DeadLetterReason;
+use crate::service_layer::batch::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{BatchUnitOfWork, RepositoryError, Store, UnitOfWork};
 
 use super::cache::{ProductCache, Stored};
@@ -37,6 +37,8 @@ pub struct PgUnitOfWork<'c> {
     message_start: usize,
     outbox: Vec<OutboxRecord>,
     processed: Vec<String>,
+    /// Written with the batch (`partition_positions`), if recorded.
+    position: Option<ReadPosition>,
 }
 
 impl<'c> PgUnitOfWork<'c> {
@@ -57,6 +59,7 @@ impl<'c> PgUnitOfWork<'c> {
             message_start: 0,
             outbox: Vec::new(),
             processed: Vec::new(),
+            position: None,
         })
     }
 }
@@ -73,6 +76,8 @@ pub struct PgStore {
     /// fewer than the pool holds, so that the relay and the HTTP probes always
     /// find one, however many partitions are busy (or waiting on a lock).
     transactions: Semaphore,
+    /// Attempts waiting in [`Store::session`] (`allocation_db_pool_waiting`).
+    waiting: Option<prometheus::IntGauge>,
 }
 
 /// Pool connections the partitions leave to the relay (one) and the HTTP
@@ -91,7 +96,14 @@ impl PgStore {
             connections: KeptConnections::new(pool, most),
             cache: ProductCache::default(),
             transactions: Semaphore::new(most),
+            waiting: None,
         }
+    }
+
+    /// Counts the attempts waiting for a session in `waiting`.
+    pub fn with_waiting_gauge(mut self, waiting: prometheus::IntGauge) -> Self {
+        self.waiting = Some(waiting);
+        self
     }
 
     /// Hands every kept connection back to the pool (see
@@ -125,6 +137,22 @@ impl Drop for PgSession<'_> {
     }
 }
 
+/// One attempt waiting for its session, for as long as it lives.
+struct WaitingGuard<'a>(&'a prometheus::IntGauge);
+
+impl<'a> WaitingGuard<'a> {
+    fn enter(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 impl Store for PgStore {
     type Message = InboundMessage;
     type Context = MessageContext;
@@ -132,6 +160,8 @@ impl Store for PgStore {
     type UnitOfWork<'s> = PgUnitOfWork<'s>;
 
     async fn session(&self) -> Result<PgSession<'_>, RepositoryError> {
+        // Counted until this returns, also when it is dropped midway.
+        let _waiting = self.waiting.as_ref().map(WaitingGuard::enter);
         let transaction = self
             .transactions
             .acquire()
@@ -250,6 +280,10 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
         self.processed.push(context.idempotency_key.clone());
     }
 
+    fn record_position(&mut self, position: &ReadPosition) {
+        self.position = Some(position.clone());
+    }
+
     /// Stores everything queued, then commits. A `Conflict` means the caller
     /// must retry the batch from the start in a new unit of work.
     async fn commit(mut self) -> Result<(), RepositoryError> {
@@ -261,6 +295,9 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
             &self.processed,
         )
         .await?;
+        if let Some(position) = &self.position {
+            writes::save_position(&mut self.products.tx, position).await?;
+        }
         tracing::debug!(saved = ?started.elapsed(), outbox_rows = self.outbox.len(), "batch writes");
         let PgProductRepository {
             tx,

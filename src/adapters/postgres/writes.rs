@@ -11,6 +11,7 @@ use sqlx::PgConnection;
 
 use crate::adapters::outbox::{OutboxColumns, OutboxRecord};
 use crate::domain::{Batch, BatchRef, OrderLine};
+use crate::service_layer::batch::ReadPosition;
 use crate::service_layer::RepositoryError;
 
 use super::cache::fresh_revision;
@@ -348,4 +349,29 @@ impl<'a> Writes<'a> {
             }
         }
     }
+}
+
+/// Records where `position`'s partition is to be read again from after a
+/// restore (`partition_positions`). Overwritten, never only raised: after a
+/// topic is recreated its offsets start again from 0, and the newest batch
+/// is the one that knows. A late batch of an instance that lost the
+/// partition may write a lower offset than its successor did; a lower one
+/// only makes a rewind read more again, which the idempotency keys absorb.
+pub(super) async fn save_position(
+    conn: &mut PgConnection,
+    position: &ReadPosition,
+) -> Result<(), RepositoryError> {
+    sqlx::query(
+        "INSERT INTO partition_positions (topic, partition, next_offset, recorded_at) \
+         VALUES ($1, $2, $3, now()) \
+         ON CONFLICT (topic, partition) DO UPDATE \
+         SET next_offset = EXCLUDED.next_offset, recorded_at = EXCLUDED.recorded_at",
+    )
+    .bind(&position.topic)
+    .bind(position.partition)
+    .bind(position.next_offset)
+    .execute(conn)
+    .await
+    .map_err(classify)?;
+    Ok(())
 }

@@ -8,6 +8,7 @@
 mod connection;
 mod quarantine;
 mod replay;
+mod rewind;
 mod run;
 #[cfg(feature = "tools")]
 mod tools;
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
 pub use quarantine::{ChosenRows, QuarantineArgs, QuarantineCommand};
 pub use replay::ReplayArgs;
+pub use rewind::RewindArgs;
 pub use run::{DatabaseArgs, RunArgs};
 #[cfg(feature = "tools")]
 pub use tools::{parse_malformed, MalformedArg, SimulateArgs, SummaryArgs, WatchArgs};
@@ -69,6 +71,10 @@ pub enum CommandLine {
     /// Outbox rows the relay could not publish (too large, refused by the
     /// broker): list them, publish them again, or discard them.
     OutboxQuarantine(Box<QuarantineArgs>),
+    /// After a restore of the database: move the consumer group's committed
+    /// offsets back to where the restored database left off; --dry-run
+    /// lists them. Run it while no worker of the group runs.
+    RewindOffsets(Box<RewindArgs>),
 }
 
 /// A clap error as one line: its message without the usage block.

@@ -54,6 +54,21 @@ pub struct RunArgs {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464")]
     pub http_addr: std::net::SocketAddr,
 
+    /// Address of a listener of its own for the read model: when set,
+    /// /allocations/{orderid} and a /readyz that judges only what the read
+    /// model needs (the database and its schema) are served there, and
+    /// /allocations no longer on HTTP_ADDR. Keeps client traffic apart from
+    /// the metrics and probes; port 0 picks a free port.
+    #[arg(long, env = "READ_MODEL_ADDR")]
+    pub read_model_addr: Option<std::net::SocketAddr>,
+
+    /// Most connections the read model's queries (/allocations) open to
+    /// PostgreSQL, apart from the worker's DATABASE_MAX_CONNECTIONS, so that
+    /// client traffic never takes the connections the worker and the probes
+    /// need.
+    #[arg(long, env = "READ_MODEL_MAX_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub read_model_max_connections: u32,
+
     /// Do not apply migrations at start (when a separate `migrate` job does).
     #[arg(long, env = "SKIP_MIGRATIONS")]
     pub skip_migrations: bool,
@@ -98,6 +113,12 @@ pub struct RunArgs {
     /// this long, e.g. 5m.
     #[arg(long, env = "HEALTH_POLL_TIMEOUT", default_value = "5m", value_parser = duration)]
     pub health_poll_timeout: Duration,
+
+    /// `/readyz` answers 503 once a partition has failed its batch for this
+    /// long (a statement that times out, a lock never released), e.g. 60s;
+    /// a bare number is seconds.
+    #[arg(long, env = "PARTITION_STALL_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub partition_stall_timeout: Duration,
 }
 
 impl DatabaseArgs {
@@ -146,6 +167,10 @@ impl RunArgs {
             "HEALTH_POLL_TIMEOUT (--health-poll-timeout)",
             self.health_poll_timeout,
         )?;
+        let partition_stall_timeout = positive(
+            "PARTITION_STALL_TIMEOUT (--partition-stall-timeout)",
+            self.partition_stall_timeout,
+        )?;
         let transaction_timeout = positive(
             "TRANSACTION_TIMEOUT (--transaction-timeout)",
             self.transaction_timeout,
@@ -160,6 +185,8 @@ impl RunArgs {
             topics,
             migrate: !self.skip_migrations,
             http_addr: self.http_addr,
+            read_model_addr: self.read_model_addr,
+            read_model_max_connections: self.read_model_max_connections,
             worker: WorkerSettings {
                 unknown_reference_timeout: self.unknown_reference_timeout,
                 shutdown_timeout: self.shutdown_timeout,
@@ -168,6 +195,7 @@ impl RunArgs {
             },
             retention,
             health_poll_timeout,
+            partition_stall_timeout,
         })
     }
 }
