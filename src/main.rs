@@ -7,7 +7,7 @@ use clap::Parser;
 
 use allocation_worker::bootstrap;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
-use allocation_worker::entrypoints::{replay, rewind, telemetry};
+use allocation_worker::entrypoints::{quarantine, replay, rewind, telemetry};
 #[cfg(feature = "tools")]
 use allocation_worker::tools::{simulate, watch};
 
@@ -83,6 +83,12 @@ fn main() -> ExitCode {
             CommandLine::ReplayDeadLetters(args) => {
                 let settings = args.settings().map_err(|e| (2, e.to_string()))?;
                 replay::run(settings)
+                    .await
+                    .map_err(|e| (e.exit_code(), e.to_string()))
+            }
+            CommandLine::OutboxQuarantine(args) => {
+                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
+                quarantine::run(settings)
                     .await
                     .map_err(|e| (e.exit_code(), e.to_string()))
             }

@@ -255,6 +255,7 @@ fn help_lists_every_command() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("run") && help.contains("migrate"), "{help}");
+    assert!(help.contains("outbox-quarantine"), "{help}");
 }
 
 /// Every duration setting reads a bare number as seconds, as the README's

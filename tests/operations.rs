@@ -868,3 +868,91 @@ async fn readyz_recovers_after_a_consumer_error_on_idle_topics() {
     worker.terminate(Duration::from_secs(30)).await;
     env.finish().await;
 }
+
+// -------------------------------------------------------- outbox quarantine
+
+/// `outbox-quarantine list|retry|discard` on the real binary: a line per row
+/// and one with the count; an id that is not quarantined refused with exit 1
+/// and nothing done; a retried row pending again, in its SKU's shard; a
+/// command without a choice of rows is a setting error (exit 2).
+#[tokio::test]
+async fn outbox_quarantine_lists_retries_and_discards_from_the_command_line() {
+    let env = TestEnv::new().await;
+    MIGRATOR.run(&env.db).await.expect("migrations apply");
+    sqlx::query(
+        "INSERT INTO outbox_quarantine \
+             (id, kind, message_key, payload, headers, created_at, attempts, error) \
+         VALUES (41, 'Allocated', 'SKU-1', '{\"orderid\": \"o1\"}', '', now(), 1, \
+                 'refused by the broker as too large'), \
+                (42, 'Reallocated', 'SKU-2', '{}', '', now(), 1, 'unknown kind \"Reallocated\"')",
+    )
+    .execute(&env.db)
+    .await
+    .expect("quarantined rows");
+    let url = env.database_url.clone();
+    let run = |args: &'static [&'static str]| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = common::binary::run_binary(
+                args,
+                &[("DATABASE_URL", url.as_str())],
+                Duration::from_secs(30),
+            );
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (out.status.code(), text(&out.stdout), text(&out.stderr))
+        })
+    };
+
+    let (code, stdout, stderr) = run(&["outbox-quarantine", "list"]).await.unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with("id=41 kind=Allocated key=\"SKU-1\""),
+        "{stdout}"
+    );
+    assert!(lines[0].contains("too large"), "{stdout}");
+    assert!(lines[1].starts_with("id=42 kind=Reallocated"), "{stdout}");
+    assert_eq!(lines[2], "2 quarantined");
+
+    let (code, _, stderr) = run(&["outbox-quarantine", "retry", "--id", "41,99"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("99"),
+        "{stderr}"
+    );
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_quarantine")
+        .fetch_one(&env.db)
+        .await
+        .unwrap();
+    assert_eq!(kept, 2, "nothing done");
+
+    let (code, stdout, stderr) = run(&["outbox-quarantine", "retry", "--id", "41"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.starts_with("retried 41 as outbox row "), "{stdout}");
+    assert!(stdout.ends_with("1 retried\n"), "{stdout}");
+    let pending: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT convert_from(o.message_key, 'UTF8'), p.shard = outbox_shard(o.message_key) \
+         FROM outbox_pending p JOIN outbox o USING (id)",
+    )
+    .fetch_all(&env.db)
+    .await
+    .unwrap();
+    assert_eq!(pending, [("SKU-1".to_owned(), true)]);
+
+    let (code, stdout, stderr) = run(&["outbox-quarantine", "discard", "--all"])
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, "discarded 42\n1 discarded\n");
+
+    let (code, _, stderr) = run(&["outbox-quarantine", "discard"]).await.unwrap();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    env.finish().await;
+}

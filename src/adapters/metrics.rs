@@ -21,6 +21,8 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     pub outbox_backlog: IntGauge,
     pub outbox_oldest_age: prometheus::Gauge,
+    pub outbox_quarantined: IntGauge,
+    pub outbox_quarantined_total: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub concurrency_retries: IntCounter,
     pub ready: IntGauge,
@@ -91,6 +93,16 @@ impl Metrics {
         let outbox_oldest_age = prometheus::Gauge::new(
             "allocation_outbox_oldest_unsent_age_seconds",
             "Age of the oldest unpublished outbox row; 0 when the outbox is empty.",
+        )?;
+        let outbox_quarantined = IntGauge::new(
+            "allocation_outbox_quarantined_events",
+            "Outbox rows the relay could not publish and set aside in outbox_quarantine \
+             (all instances'), for an operator: allocation-worker outbox-quarantine.",
+        )?;
+        let outbox_quarantined_total = IntCounter::new(
+            "allocation_outbox_quarantined_total",
+            "Outbox rows this instance's relay quarantined (too large, refused by the broker, \
+             unknown kind).",
         )?;
         let consumer_lag = IntGaugeVec::new(
             Opts::new(
@@ -169,6 +181,8 @@ impl Metrics {
         registry.register(Box::new(dead_letters.clone()))?;
         registry.register(Box::new(outbox_backlog.clone()))?;
         registry.register(Box::new(outbox_oldest_age.clone()))?;
+        registry.register(Box::new(outbox_quarantined.clone()))?;
+        registry.register(Box::new(outbox_quarantined_total.clone()))?;
         registry.register(Box::new(consumer_lag.clone()))?;
         registry.register(Box::new(concurrency_retries.clone()))?;
         registry.register(Box::new(ready.clone()))?;
@@ -232,6 +246,8 @@ impl Metrics {
             dead_letters,
             outbox_backlog,
             outbox_oldest_age,
+            outbox_quarantined,
+            outbox_quarantined_total,
             consumer_lag,
             concurrency_retries,
             ready,

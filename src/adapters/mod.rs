@@ -10,6 +10,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod outbox;
 pub mod postgres;
+pub mod quarantine;
 pub mod relay;
 pub mod retention;
 pub mod topic_reader;

@@ -1,31 +1,57 @@
-//! The outbox relay: publishes committed outbox rows in id order, waits for the
-//! broker to acknowledge them, then marks them sent. At least once: a crash
-//! between publish and mark sends the rows again, with the same `ce_id`.
+//! The outbox relay: publishes committed outbox rows, waits for the broker to
+//! acknowledge them, then marks them sent. At least once: a crash between
+//! publish and mark sends the rows again, with the same `ce_id`.
 //!
-//! One relay publishes at a time across all instances (a PostgreSQL advisory
-//! lock held for the pass), because two relays interleaving rows of one SKU
-//! would break the per-SKU order of events.
-//!
-//! Order within a pass: the rows of one message key (the SKU, for events)
-//! are sent in id order; rows of one key bound for the same topic (so the same
-//! partition) are pipelined, which the idempotent producer keeps in order; a
-//! row bound for another topic than the key's previous one waits until that
-//! one is acknowledged. At the first failure of a key, nothing more of that
-//! key is sent in the pass. Marked sent is every acknowledged row not
-//! preceded, in its key, by a row that was not: the rows of the other keys,
-//! and the acknowledged rows before a failure, are never sent again.
+//! - **Shards.** Every pending row carries its shard, a hash of its message
+//!   key (the SKU, for events) into [`SHARDS`] (migration
+//!   `20261206000020`). A relay publishes only the shards whose advisory
+//!   lock it holds, and each instance's relay takes its share of the shards
+//!   (all of them divided by the number of relays running), so several
+//!   instances publish at once while one key's rows stay with one relay at a
+//!   time, in id order.
+//! - **The right to publish outlives the records in flight.** The locks are
+//!   session-level, on a connection of the relay's own that is never left in
+//!   a transaction, so `idle_in_transaction_session_timeout` cannot end them
+//!   while the broker is slow to acknowledge. A pass ends only once every
+//!   record it handed over is settled, and shards are given up only between
+//!   passes. Should the session end anyway (the server restarted, the route
+//!   gone), `outbox_relay_shards` fences the shards: before handing records
+//!   over, a pass writes until when they may still be in flight; a relay
+//!   that takes a shard over waits until then. At shutdown the pass in hand
+//!   is finished, not dropped, within the deadline, then the producer is
+//!   flushed; the fence is cleared only if that settled everything.
+//! - **Order within a pass.** The rows of one key are sent in id order; rows
+//!   of one key bound for the same topic (so the same partition) are
+//!   pipelined, which the idempotent producer keeps in order; a row bound for
+//!   another topic than the key's previous one waits until that one is
+//!   acknowledged. At the first failure of a key, nothing more of that key is
+//!   sent in the pass, and its acknowledged rows behind the failed one are
+//!   sent again after it.
+//! - **Failures are per key.** A failed key backs off alone (100 ms to 5 s),
+//!   then tries its failed row alone until it passes or is quarantined,
+//!   while the other keys flow; a failure never fails the pass. A row that
+//!   can never be published (too large for the broker, a kind this version
+//!   does not know, unreadable headers) is quarantined at once, one refused
+//!   by the broker (topic missing, not authorised, record refused) after
+//!   [`MAX_REFUSALS`] attempts: copied to `outbox_quarantine` and no longer
+//!   pending, so it holds up neither its key's later rows nor retention.
+//!   Transient failures (timeouts, an unavailable partition, a full queue)
+//!   are retried for ever: an outage must lose nothing. What
+//!   `allocation-worker outbox-quarantine` does with a quarantined row is in
+//!   [`super::quarantine`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sqlx::{Connection, PgConnection, PgPool};
+use rdkafka::types::RDKafkaErrorCode;
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -34,26 +60,73 @@ use super::metrics::Metrics;
 use super::outbox::{
     decode_headers, encode_headers, wire_headers, OutboxKind, VALUE_OMITTED_HEADER,
 };
-use super::postgres::pool::{classify, KeptConnections};
+use super::postgres::pool::classify;
 use crate::service_layer::RepositoryError;
 
 /// Most bytes of values in one relay pass (beyond its first row), so that a
 /// run of large dead letters does not load gigabytes at once.
 const MAX_PASS_BYTES: i64 = 16 * 1024 * 1024;
 
-/// Arbitrary constant naming the relay's advisory lock.
+/// How many shards the outbox has: the modulus in `outbox_shard()`
+/// (migration `20261206000020`). Changing it needs a migration that
+/// rewrites the pending rows' shards, with every relay stopped.
+pub const SHARDS: i16 = 32;
+
+/// The lock of the single relay of versions before the shards, which took
+/// it exclusively for each pass. Every relay of this version holds it shared
+/// for as long as its session lasts: an earlier version's relay and these
+/// never publish at once during a rolling upgrade, and its holders are the
+/// relays running, among which the shards are shared.
 const RELAY_LOCK: i64 = 0x616c_6c6f_6372_6c79;
+
+/// Shard `s`'s advisory lock is `SHARD_LOCKS + s`.
+const SHARD_LOCKS: i64 = 0x616c_6c6f_7368_0000;
+
+/// How often a relay counts the relays and takes or gives up shards: how
+/// soon a new instance gets its share, and one that stopped is replaced.
+const BALANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// How long after its start a pass may still hand records over. With the
+/// producer's delivery timeout (`message.timeout.ms`, 30 s) it bounds how
+/// long a pass's records can be in flight, which [`IN_FLIGHT_LEASE`] covers.
+const SEND_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long a pass's records may be in flight, as written to
+/// `outbox_relay_shards` before they are handed over: more than
+/// [`SEND_WINDOW`] plus `message.timeout.ms`. An operator who raises
+/// `message.timeout.ms` past 30 s weakens the fence by as much.
+const IN_FLIGHT_LEASE: Duration = Duration::from_secs(45);
+
+/// `idle_session_timeout` of the relay's session: a relay that stops
+/// talking to PostgreSQL (its host gone, its process frozen) loses its
+/// shards' locks after this, and the others take them over once its fence
+/// has passed. Above the longest a healthy relay is silent: a pass waiting
+/// for acknowledgements ([`SEND_WINDOW`] plus `message.timeout.ms`), since
+/// between passes it polls twice a second.
+const IDLE_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Attempts at a row the broker refuses (topic missing or not authorised,
+/// record refused) before it is quarantined: a topic being created, or an
+/// ACL being granted, gets a few seconds.
+pub const MAX_REFUSALS: u32 = 5;
+
+/// Per-key back-off after a failure: from 100 ms, doubling, to 5 s.
+const KEY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const KEY_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Gives every relay of the process a holder id of its own (see [`holder_id`]).
+static RELAYS_STARTED: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("database: {0}")]
     Database(#[from] RepositoryError),
-    #[error("publishing failed after {published} of {attempted} records: {error}")]
-    Publish {
-        published: usize,
-        attempted: usize,
-        error: String,
-    },
+}
+
+impl From<sqlx::Error> for RelayError {
+    fn from(error: sqlx::Error) -> Self {
+        RelayError::Database(classify(error))
+    }
 }
 
 /// A record on its way out: the relay's view of a Kafka record.
@@ -115,26 +188,80 @@ impl Publisher for FutureProducer<WorkerContext> {
 /// What became of one row in a pass.
 enum Sent {
     Acknowledged,
-    /// Refused or not delivered; `too_large` when for its size.
-    Failed {
-        error: String,
-        too_large: bool,
-    },
+    Failed { error: String, verdict: Verdict },
 }
 
+/// What a failure means for its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// May pass by itself (a timeout, a partition without a leader, a full
+    /// queue): retried for ever, the key backing off.
+    Transient,
+    /// The broker refuses it (topic missing or not authorised, record
+    /// refused): quarantined after [`MAX_REFUSALS`] attempts.
+    Refused,
+    /// Too large for the broker.
+    TooLarge,
+    /// Can never be published by this version (unknown kind, unreadable
+    /// headers): quarantined at once.
+    Unpublishable,
+}
+
+/// One pending row: id, kind, message key, value, encoded headers, shard,
+/// and how many rows the pass would have taken without its byte bound.
 type OutboxRow = (
     i64,
     String,
     Option<Vec<u8>>,
     Option<Vec<u8>>,
     Vec<u8>,
-    // Rows the pass would have taken without its byte bound.
+    i16,
     i64,
 );
 
+/// The relay's session: its own connection, which holds the advisory locks.
+struct Session {
+    conn: PgConnection,
+    /// Holds [`RELAY_LOCK`] shared: counted among the relays.
+    member: bool,
+    /// The shards whose lock this session holds.
+    held: BTreeSet<i16>,
+    /// Shards taken over while the previous holder's records may still be
+    /// in flight: not published before the instant given.
+    fenced: HashMap<i16, Instant>,
+    balanced_at: Option<Instant>,
+}
+
+/// Where one key stands after failures.
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Failures in a row, for the back-off.
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// The row that failed last, and how often in a row the broker refused it.
+    row: i64,
+    refusals: u32,
+}
+
+#[derive(Default)]
+struct State {
+    session: Option<Session>,
+    /// Keys that failed and have not succeeded since. Only failing keys are
+    /// here, and each leaves at its next success or quarantine.
+    keys: HashMap<Option<Vec<u8>>, KeyState>,
+}
+
+/// A row to quarantine: its id, the attempts made, and why.
+struct Quarantine {
+    id: i64,
+    attempts: u32,
+    error: String,
+}
+
 pub struct Relay {
-    /// One connection kept from pass to pass (see [`KeptConnections`]).
-    connections: KeptConnections,
+    /// Where the relay's own connection goes (the pool's options); the pool
+    /// itself is never used for the relay, whose locks live in its session.
+    pool: PgPool,
     publisher: Box<dyn Publisher>,
     topics: Topics,
     /// Rung by the worker after each commit, so events leave without waiting
@@ -145,6 +272,13 @@ pub struct Relay {
     more_waiting: AtomicBool,
     poll_interval: Duration,
     metrics: Arc<Metrics>,
+    /// This relay in `outbox_relay_shards.holder`.
+    holder: i64,
+    lease: Duration,
+    idle_session_timeout: Duration,
+    /// A tokio mutex: a pass holds it across its awaits, and passes never
+    /// run at once (the loop makes them one after the other).
+    state: tokio::sync::Mutex<State>,
 }
 
 impl Relay {
@@ -166,12 +300,8 @@ impl Relay {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        // One kept connection, when the pool has room for it beside the
-        // partitions' (which leave it three): with fewer than four, keeping
-        // one could starve everything else.
-        let most = usize::from(pool.options().get_max_connections() >= 4);
         Self {
-            connections: KeptConnections::new(pool, most),
+            pool,
             publisher,
             topics,
             wake,
@@ -179,136 +309,324 @@ impl Relay {
             more_waiting: AtomicBool::new(false),
             poll_interval: Duration::from_millis(500),
             metrics,
+            holder: holder_id(),
+            lease: IN_FLIGHT_LEASE,
+            idle_session_timeout: IDLE_SESSION_TIMEOUT,
+            state: tokio::sync::Mutex::new(State::default()),
         }
     }
 
-    /// Publishes one batch of unsent rows; returns how many were marked sent.
-    /// Zero when there was nothing to send or another instance holds the lock.
+    /// How long this relay's records count as in flight for the others
+    /// ([`IN_FLIGHT_LEASE`] by default); tests shorten it.
+    pub fn with_in_flight_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How long the relay's session may be silent before PostgreSQL ends it
+    /// ([`IDLE_SESSION_TIMEOUT`] by default); tests shorten it.
+    pub fn with_idle_session_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_session_timeout = timeout;
+        self
+    }
+
+    /// Publishes one batch of the unsent rows of this relay's shards;
+    /// returns how many were marked sent. Zero when there was nothing to
+    /// send, or no shard is this relay's now. Fails only when the database
+    /// does: a row's failure is its key's, never the pass's.
     pub async fn publish_pending(&self) -> Result<usize, RelayError> {
-        let mut conn = self.connections.acquire().await.map_err(classify)?;
-        let pass = self.pass(&mut conn).await;
-        // A publishing error comes after the commit: the connection is fine.
-        if !matches!(pass, Err(RelayError::Database(_))) {
-            self.connections.keep(conn);
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let pass = self.pass(state).await;
+        if pass.is_err() {
+            // The session may be gone, and its locks with it: the next pass
+            // starts from a new one. Nothing of this pass is in flight (a
+            // pass settles every record before it marks).
+            state.session = None;
         }
         pass
     }
 
-    async fn pass(&self, conn: &mut PgConnection) -> Result<usize, RelayError> {
+    async fn pass(&self, state: &mut State) -> Result<usize, RelayError> {
         let started = Instant::now();
-        let mut tx = conn.begin().await.map_err(classify)?;
-        // The lock and the rows in one round trip. The scalar subquery is
-        // evaluated once, as a one-time filter: without the lock (another
-        // instance relays) no row is read at all. A pass holds at most
-        // `batch_size` rows and, after the first row, `MAX_PASS_BYTES` of
-        // values: dead letters can carry megabytes each. The pending ids
-        // are taken first and the rows looked up by primary key: written as
-        // a join, the plan hashed the whole outbox on every pass.
+        if state.session.is_none() {
+            state.session = Some(self.connect().await?);
+        }
+        let Some(session) = state.session.as_mut() else {
+            return Ok(0);
+        };
+        if session
+            .balanced_at
+            .is_none_or(|at| at.elapsed() >= BALANCE_EVERY)
+        {
+            self.balance(session).await?;
+        }
+        let now = Instant::now();
+        session.fenced.retain(|_, until| *until > now);
+        let ready: Vec<i16> = session
+            .held
+            .iter()
+            .copied()
+            .filter(|s| !session.fenced.contains_key(s))
+            .collect();
+        if ready.is_empty() {
+            self.more_waiting.store(false, Ordering::Relaxed);
+            return Ok(0);
+        }
+
+        // The pending rows of the ready shards, in id order: per shard the
+        // first ones through outbox_pending (shard, id), then the rows
+        // looked up by primary key (as a join, the plan hashed the whole
+        // outbox). Ids written by an earlier version have no shard: theirs
+        // is computed from the row. A pass holds at most `batch_size` rows
+        // and, after the first, `MAX_PASS_BYTES` of values: dead letters can
+        // carry megabytes each. In the same statement, the fence of the
+        // shards about to be published: until when their records may be in
+        // flight. It is written before any is handed over, and only when
+        // there are rows (a pass with none writes nothing).
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT id, kind, message_key, payload, headers, rows FROM ( \
-                 SELECT o.id, o.kind, o.message_key, o.payload, o.headers, \
-                        sum(COALESCE(octet_length(o.payload), 0)) OVER (ORDER BY o.id) AS upto, \
-                        count(*) OVER () AS rows \
-                 FROM outbox o \
-                 WHERE (SELECT pg_try_advisory_xact_lock($2)) \
-                 AND o.id = ANY(ARRAY(SELECT id FROM outbox_pending ORDER BY id LIMIT $1))) r \
-             WHERE upto - COALESCE(octet_length(payload), 0) < $3 \
-             ORDER BY id",
+            "WITH pending AS ( \
+                 SELECT id FROM ( \
+                     SELECT l.id FROM unnest($1::int2[]) AS s(shard) \
+                     CROSS JOIN LATERAL ( \
+                         SELECT p.id FROM outbox_pending p WHERE p.shard = s.shard \
+                         ORDER BY p.id LIMIT $2) l \
+                     UNION ALL \
+                     SELECT o.id FROM outbox o \
+                     WHERE o.id = ANY(ARRAY( \
+                         SELECT id FROM outbox_pending WHERE shard IS NULL ORDER BY id LIMIT $2)) \
+                     AND outbox_shard(o.message_key) = ANY($1)) ids \
+                 ORDER BY id LIMIT $2), \
+             taken AS ( \
+                 SELECT id, kind, message_key, payload, headers, shard, total FROM ( \
+                     SELECT o.id, o.kind, o.message_key, o.payload, o.headers, \
+                            outbox_shard(o.message_key) AS shard, \
+                            sum(COALESCE(octet_length(o.payload), 0)) OVER (ORDER BY o.id) AS upto, \
+                            count(*) OVER () AS total \
+                     FROM outbox o WHERE o.id = ANY(ARRAY(SELECT id FROM pending))) r \
+                 WHERE upto - COALESCE(octet_length(payload), 0) < $3), \
+             fence AS ( \
+                 UPDATE outbox_relay_shards \
+                 SET holder = $4, in_flight_until = clock_timestamp() + make_interval(secs => $5) \
+                 WHERE shard IN (SELECT shard FROM taken) \
+                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off') \
+             SELECT id, kind, message_key, payload, headers, shard, total FROM taken ORDER BY id",
         )
+        .bind(&ready)
         .bind(self.batch_size)
-        .bind(RELAY_LOCK)
         .bind(MAX_PASS_BYTES)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(classify)?;
+        .bind(self.holder)
+        .bind(self.lease.as_secs_f64())
+        .fetch_all(&mut session.conn)
+        .await?;
         if rows.is_empty() {
+            self.more_waiting.store(false, Ordering::Relaxed);
             return Ok(0);
         }
         let selected = started.elapsed();
-
-        // Full (or cut short by its byte bound): more rows are waiting.
         let full = rows.len() as i64 == self.batch_size
-            || rows.first().is_some_and(|r| r.5 > rows.len() as i64);
+            || rows.first().is_some_and(|r| r.6 > rows.len() as i64);
         self.more_waiting.store(full, Ordering::Relaxed);
+        let shards: BTreeSet<i16> = rows.iter().map(|r| r.5).collect();
+        let shards: Vec<i16> = shards.into_iter().collect();
 
-        // The rows of each key, in id order; keys in order of first row.
+        // The rows of each key, in id order; keys in order of first row. A
+        // key backing off sits this pass out.
+        let now = Instant::now();
         let mut chains: Vec<Vec<usize>> = Vec::new();
-        let mut chain_of: HashMap<Option<&[u8]>, usize> = HashMap::new();
+        // A key that failed and has not succeeded since sends only its
+        // first row: what would be pipelined behind it is sent again after
+        // it anyway, once per attempt.
+        let mut chain_of: HashMap<Option<&[u8]>, Option<(usize, bool)>> = HashMap::new();
         for (i, row) in rows.iter().enumerate() {
-            let chain = *chain_of.entry(row.2.as_deref()).or_insert_with(|| {
-                chains.push(Vec::new());
-                chains.len() - 1
+            let key = row.2.as_deref();
+            let chain = *chain_of.entry(key).or_insert_with(|| {
+                let failing = state.keys.get(&key.map(<[u8]>::to_vec));
+                let waiting = failing.and_then(|k| k.retry_at).is_some_and(|at| at > now);
+                (!waiting).then(|| {
+                    chains.push(Vec::new());
+                    (chains.len() - 1, failing.is_some())
+                })
             });
-            chains[chain].push(i);
+            if let Some((chain, probing)) = chain {
+                if !probing || chains[chain].is_empty() {
+                    chains[chain].push(i);
+                }
+            }
         }
         // Every key's rows go out concurrently with the other keys'.
-        let outcomes: Vec<Vec<(usize, Sent)>> =
-            futures::future::join_all(chains.iter().map(|chain| self.send_chain(&rows, chain)))
-                .await;
+        let outcomes: Vec<Vec<(usize, Sent)>> = futures::future::join_all(
+            chains
+                .iter()
+                .map(|chain| self.send_chain(&rows, chain, started)),
+        )
+        .await;
         let produced = started.elapsed();
 
         let mut sent = Vec::with_capacity(rows.len());
         let mut sent_kinds = Vec::with_capacity(rows.len());
-        let mut too_large_dead_letters = Vec::new();
-        let mut failure: Option<String> = None;
+        let mut quarantine: Vec<Quarantine> = Vec::new();
+        let mut omit_values = Vec::new();
         for chain in outcomes {
-            let mut intact = true;
+            let Some(&(first, _)) = chain.first() else {
+                continue;
+            };
+            let key = rows[first].2.clone();
+            // Once a row of the key failed: whether what follows it, already
+            // acknowledged, counts as sent (yes when the failed row is
+            // quarantined: it will never be published in its place).
+            let mut after_failure: Option<bool> = None;
+            let mut failed_again = false;
             for (i, outcome) in chain {
-                let (id, kind) = (rows[i].0, OutboxKind::parse(&rows[i].1));
+                let row = &rows[i];
+                let (id, kind) = (row.0, OutboxKind::parse(&row.1));
                 match outcome {
-                    Sent::Acknowledged if intact => {
-                        sent.push(id);
-                        sent_kinds.extend(kind);
-                    }
-                    // Acknowledged after a failed row of its key: sent again
-                    // after that row, so that the key's last word stays last.
-                    Sent::Acknowledged => {}
-                    Sent::Failed { error, too_large } => {
-                        intact = false;
-                        if too_large && kind == Some(OutboxKind::DeadLetter) {
-                            too_large_dead_letters.push(id);
+                    Sent::Acknowledged => {
+                        if after_failure.unwrap_or(true) {
+                            sent.push(id);
+                            sent_kinds.extend(kind);
                         }
-                        failure.get_or_insert(error);
+                    }
+                    Sent::Failed { error, verdict } => {
+                        let entry = state.keys.entry(key.clone()).or_default();
+                        if entry.row != id {
+                            entry.row = id;
+                            entry.refusals = 0;
+                        }
+                        let too_large_letter = verdict == Verdict::TooLarge
+                            && kind == Some(OutboxKind::DeadLetter)
+                            && row.3.is_some();
+                        let quarantined = if too_large_letter {
+                            // Sent again at once without its value, which
+                            // stays readable at dlq.original.* on the
+                            // inbound topic.
+                            omit_values.push(id);
+                            false
+                        } else {
+                            match verdict {
+                                Verdict::Transient => false,
+                                Verdict::Refused => {
+                                    entry.refusals += 1;
+                                    entry.refusals >= MAX_REFUSALS
+                                }
+                                Verdict::TooLarge | Verdict::Unpublishable => {
+                                    entry.refusals += 1;
+                                    true
+                                }
+                            }
+                        };
+                        if quarantined {
+                            tracing::error!(
+                                outbox_id = id,
+                                attempts = entry.refusals,
+                                %error,
+                                "outbox row quarantined: it cannot be published \
+                                 (allocation-worker outbox-quarantine list)"
+                            );
+                            quarantine.push(Quarantine {
+                                id,
+                                attempts: entry.refusals,
+                                error,
+                            });
+                            // Pre-send failures (kind, headers) let the
+                            // chain go on, so more may follow.
+                            after_failure.get_or_insert(true);
+                        } else {
+                            if !too_large_letter {
+                                failed_again = true;
+                                tracing::warn!(outbox_id = id, %error, "publishing an outbox row failed; its key backs off");
+                            }
+                            after_failure = Some(false);
+                        }
                     }
                 }
+            }
+            if failed_again {
+                if let Some(entry) = state.keys.get_mut(&key) {
+                    let delay = KEY_BACKOFF_MIN
+                        .saturating_mul(1 << entry.failures.min(6))
+                        .min(KEY_BACKOFF_MAX);
+                    entry.failures = entry.failures.saturating_add(1);
+                    entry.retry_at = Some(Instant::now() + delay);
+                }
+            } else if after_failure != Some(false) {
+                state.keys.remove(&key);
             }
         }
         // Marked in id order, as the rows were read.
         sent.sort_unstable();
         let acknowledged = started.elapsed();
-        if !sent.is_empty() {
-            // Marking deletes the rows' ids from outbox_pending; the rows
-            // themselves are never rewritten (migration 20261128000005).
-            // outbox_relay.marked_at is when the marks are written, after the
-            // acknowledgements. The marks need not wait for the disk: should
-            // a crash lose them, the rows are published again with the same
-            // ce_id, which at-least-once allows, and waiting held up every
-            // pass by a WAL flush. set_config(…, true) is SET LOCAL, for this
-            // transaction only; evaluated once, in the statement, it saves a
-            // round trip.
-            sqlx::query(
-                "WITH marked AS ( \
-                     DELETE FROM outbox_pending WHERE id = ANY($1) \
-                     AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off') \
-                 UPDATE outbox_relay SET marked_at = statement_timestamp()",
-            )
-            .bind(&sent)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        }
-        // A dead letter the broker will never take would hold up every row
-        // behind it: send it again without its value, which stays readable at
-        // dlq.original.* on the inbound topic.
-        for id in too_large_dead_letters {
-            let Some((.., Some(payload), _, _)) = rows.iter().find(|r| r.0 == id) else {
-                continue; // its value is already omitted
-            };
+
+        // One statement: the acknowledged ids leave outbox_pending (the rows
+        // themselves are never rewritten, migration 20261128000005), the
+        // quarantined rows are copied aside and leave it too, and the fence
+        // of this pass's shards is lifted: everything it handed over is
+        // settled. outbox_relay.marked_at is when marks are written, by
+        // whichever relay finds its one row free (the relays never queue for
+        // it: it only tells people when the relay last marked). None of
+        // it waits for the disk: a mark lost in a crash publishes its row
+        // again with the same ce_id, which at-least-once allows; a lost
+        // quarantine tries the row again. set_config(…, true) is SET LOCAL.
+        let (ids, attempts, errors): (Vec<i64>, Vec<i32>, Vec<String>) = quarantine
+            .iter()
+            .map(|q| {
+                (
+                    q.id,
+                    i32::try_from(q.attempts).unwrap_or(i32::MAX),
+                    q.error.clone(),
+                )
+            })
+            .fold(
+                (vec![], vec![], vec![]),
+                |(mut a, mut b, mut c), (x, y, z)| {
+                    a.push(x);
+                    b.push(y);
+                    c.push(z);
+                    (a, b, c)
+                },
+            );
+        sqlx::query(
+            "WITH quarantined AS ( \
+                 INSERT INTO outbox_quarantine \
+                     (id, kind, message_key, payload, headers, created_at, attempts, error) \
+                 SELECT o.id, o.kind, o.message_key, o.payload, o.headers, o.created_at, \
+                        q.attempts, q.error \
+                 FROM unnest($2::int8[], $3::int4[], $4::text[]) AS q(id, attempts, error) \
+                 JOIN outbox o ON o.id = q.id \
+                 ON CONFLICT (id) DO NOTHING), \
+             marked AS ( \
+                 DELETE FROM outbox_pending WHERE id = ANY($1::int8[] || $2::int8[]) \
+                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'), \
+             lifted AS ( \
+                 UPDATE outbox_relay_shards SET in_flight_until = NULL \
+                 WHERE shard = ANY($5) AND holder = $6) \
+             UPDATE outbox_relay SET marked_at = GREATEST(marked_at, statement_timestamp()) \
+             WHERE cardinality($1::int8[]) > 0 \
+             AND only_row IN (SELECT only_row FROM outbox_relay FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(&sent)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&errors)
+        .bind(&shards)
+        .bind(self.holder)
+        .execute(&mut session.conn)
+        .await?;
+        // A dead letter the broker will never take is sent again without
+        // its value (quarantined only if even that is refused).
+        for id in omit_values {
             tracing::warn!(
                 outbox_id = id,
                 "dead letter too large for the broker; omitting its value"
             );
-            let size = format!("{} bytes", payload.len());
+            let Some(size) = rows
+                .iter()
+                .find(|r| r.0 == id)
+                .and_then(|r| r.3.as_ref())
+                .map(|p| format!("{} bytes", p.len()))
+            else {
+                continue;
+            };
             let header = encode_headers([(VALUE_OMITTED_HEADER, size.as_bytes())])
                 .map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
             sqlx::query(
@@ -317,17 +635,15 @@ impl Relay {
             )
             .bind(id)
             .bind(header)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
+            .execute(&mut session.conn)
+            .await?;
         }
-        tx.commit().await.map_err(classify)?;
         tracing::debug!(
             rows = rows.len(),
             ?selected,
             ?produced,
             ?acknowledged,
-            committed = ?started.elapsed(),
+            marked = ?started.elapsed(),
             "relay pass"
         );
         for kind in sent_kinds {
@@ -336,38 +652,204 @@ impl Relay {
                 .with_label_values(&[kind.as_str()])
                 .inc();
         }
-        match failure {
-            None => Ok(sent.len()),
-            Some(error) => Err(RelayError::Publish {
-                published: sent.len(),
-                attempted: rows.len(),
-                error,
-            }),
+        if !quarantine.is_empty() {
+            self.metrics
+                .outbox_quarantined_total
+                .inc_by(quarantine.len() as u64);
+            // The gauge now, rather than at the next balance.
+            session.balanced_at = None;
+        }
+        Ok(sent.len())
+    }
+
+    /// The relay's own connection, on the pool's options (the worker's
+    /// session settings), outside the pool: its locks must not go back to
+    /// the pool with it.
+    async fn connect(&self) -> Result<Session, RelayError> {
+        let options = self.pool.connect_options();
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
+            .await
+            .map_err(|_| {
+                RelayError::Database(RepositoryError::Unavailable(
+                    "connecting the relay's session timed out".into(),
+                ))
+            })??;
+        // Not in the startup options: PostgreSQL before 14 does not know the
+        // setting and would refuse the connection; there it is left unset.
+        let millis = self.idle_session_timeout.as_millis().to_string();
+        if let Err(error) = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
+            .bind(&millis)
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(%error, "the relay's session has no idle_session_timeout");
+        }
+        Ok(Session {
+            conn,
+            member: false,
+            held: BTreeSet::new(),
+            fenced: HashMap::new(),
+            balanced_at: None,
+        })
+    }
+
+    /// Counts the relays and takes or gives up shards to hold an even share;
+    /// updates the quarantine gauge. Runs between passes, when nothing of
+    /// this relay is in flight.
+    async fn balance(&self, session: &mut Session) -> Result<(), RelayError> {
+        session.balanced_at = Some(Instant::now());
+        if !session.member {
+            // Fails while an earlier version's relay is in a pass.
+            session.member = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut session.conn)
+                .await?;
+            if !session.member {
+                return Ok(());
+            }
+        }
+        let (relays, quarantined): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_locks \
+                     WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND classid::int8 = $1 AND objid::int8 = $2), \
+                    (SELECT count(*) FROM outbox_quarantine)",
+        )
+        .bind(RELAY_LOCK >> 32)
+        .bind(RELAY_LOCK & 0xffff_ffff)
+        .fetch_one(&mut session.conn)
+        .await?;
+        self.metrics.outbox_quarantined.set(quarantined);
+        let relays = relays.max(1);
+        let share = usize::try_from((i64::from(SHARDS) + relays - 1) / relays).unwrap_or(1);
+        let held = session.held.len();
+        if held > share {
+            // The last ones: each relay keeps the start of its rotation.
+            let extra: Vec<i16> = session
+                .held
+                .iter()
+                .rev()
+                .take(held - share)
+                .copied()
+                .collect();
+            sqlx::query("SELECT pg_advisory_unlock($1 + s) FROM unnest($2::int2[]) AS s")
+                .bind(SHARD_LOCKS)
+                .bind(&extra)
+                .execute(&mut session.conn)
+                .await?;
+            for s in &extra {
+                session.held.remove(s);
+                session.fenced.remove(s);
+            }
+            tracing::info!(relays, released = ?extra, "outbox relay gave shards up");
+        } else if held < share {
+            // Free shards in an order of this relay's own, so that relays
+            // starting together do not all contend for the same ones. The
+            // scan stops at the limit: no lock is taken beyond it.
+            let start = self.holder.rem_euclid(i64::from(SHARDS)) as i16;
+            let candidates: Vec<i16> = (0..SHARDS)
+                .map(|i| (start + i) % SHARDS)
+                .filter(|s| !session.held.contains(s))
+                .collect();
+            let taken: Vec<i16> = sqlx::query_scalar(
+                "SELECT s FROM unnest($1::int2[]) AS s \
+                 WHERE pg_try_advisory_lock($2 + s) LIMIT $3",
+            )
+            .bind(&candidates)
+            .bind(SHARD_LOCKS)
+            .bind((share - held) as i64)
+            .fetch_all(&mut session.conn)
+            .await?;
+            if taken.is_empty() {
+                return Ok(());
+            }
+            // Shards another relay may still have records in flight for.
+            let fences: Vec<(i16, f64)> = sqlx::query_as(
+                "SELECT shard, EXTRACT(EPOCH FROM in_flight_until - clock_timestamp())::float8 \
+                 FROM outbox_relay_shards WHERE shard = ANY($1) \
+                 AND in_flight_until > clock_timestamp() AND holder IS DISTINCT FROM $2",
+            )
+            .bind(&taken)
+            .bind(self.holder)
+            .fetch_all(&mut session.conn)
+            .await?;
+            let now = Instant::now();
+            for (shard, seconds) in &fences {
+                let wait = Duration::try_from_secs_f64(*seconds).unwrap_or_default();
+                session.fenced.insert(*shard, now + wait);
+            }
+            session.held.extend(taken.iter().copied());
+            if !fences.is_empty() {
+                tracing::warn!(
+                    fenced = ?fences,
+                    "outbox relay took shards whose previous relay may have records in flight; \
+                     publishing them once those are settled"
+                );
+            }
+            tracing::info!(relays, taken = ?taken, held = session.held.len(), "outbox relay took shards");
+        }
+        Ok(())
+    }
+
+    /// Gives up every shard: lifts their fence when nothing of this relay
+    /// can be in flight any more (`settled`), then ends the session, which
+    /// releases the locks.
+    async fn release(&self, settled: bool) {
+        let mut state = self.state.lock().await;
+        let Some(mut session) = state.session.take() else {
+            return;
+        };
+        if settled && !session.held.is_empty() {
+            let held: Vec<i16> = session.held.iter().copied().collect();
+            let lifted = sqlx::query(
+                "UPDATE outbox_relay_shards SET in_flight_until = NULL \
+                 WHERE shard = ANY($1) AND holder = $2",
+            )
+            .bind(&held)
+            .bind(self.holder)
+            .execute(&mut session.conn)
+            .await;
+            if let Err(error) = lifted {
+                tracing::warn!(%error, "outbox relay could not lift its shards' fence; they wait for it to pass");
+            }
+        }
+        if let Err(error) = session.conn.close().await {
+            tracing::debug!(%error, "closing the relay's session");
         }
     }
 
     /// Sends the rows `chain` of one key, in order: pipelined while they go
     /// to the same topic, waiting for the acknowledgements before a row for
-    /// another topic, and nothing more after the first failure. Returns the
-    /// outcome of every row sent, in chain order.
-    async fn send_chain(&self, rows: &[OutboxRow], chain: &[usize]) -> Vec<(usize, Sent)> {
+    /// another topic, and nothing more after the first failure (bar a row
+    /// that can never be published, which is quarantined and passed over).
+    /// Hands nothing over once the pass is [`SEND_WINDOW`] old. Returns the
+    /// outcome of every row tried, in chain order.
+    async fn send_chain(
+        &self,
+        rows: &[OutboxRow],
+        chain: &[usize],
+        started: Instant,
+    ) -> Vec<(usize, Sent)> {
         let mut outcomes = Vec::with_capacity(chain.len());
         let mut in_flight: Vec<(usize, Delivery)> = Vec::new();
         let mut topic_in_flight: Option<&str> = None;
         for &i in chain {
-            let (id, kind, key, payload, headers, _) = &rows[i];
-            // Written by a newer version, or damaged: stop here rather than
-            // skip it and publish later rows of its key out of order.
+            if started.elapsed() > SEND_WINDOW {
+                break;
+            }
+            let (id, kind, key, payload, headers, _, _) = &rows[i];
+            // Written by a newer version, or damaged: it can never be
+            // published by this one.
             let Some(kind) = OutboxKind::parse(kind) else {
                 let error = format!("outbox row {id} has unknown kind {kind:?}");
                 outcomes.push((
                     i,
                     Sent::Failed {
                         error,
-                        too_large: false,
+                        verdict: Verdict::Unpublishable,
                     },
                 ));
-                break;
+                continue;
             };
             let Some(headers) = decode_headers(headers) else {
                 let error = format!("outbox row {id} has unreadable headers");
@@ -375,10 +857,10 @@ impl Relay {
                     i,
                     Sent::Failed {
                         error,
-                        too_large: false,
+                        verdict: Verdict::Unpublishable,
                     },
                 ));
-                break;
+                continue;
             };
             let topic = self.topics.outbound(kind);
             if topic_in_flight.is_some_and(|t| t != topic)
@@ -408,22 +890,26 @@ impl Relay {
         outcomes
     }
 
-    /// Publishes until `shutdown`, then makes a last pass and flushes the
-    /// producer, both before the deadline that `deadline` yields once
-    /// `shutdown` fired.
+    /// Publishes until `shutdown`, then finishes the pass in hand, makes a
+    /// last pass and flushes the producer, all before the deadline that
+    /// `deadline` yields once `shutdown` fired; then gives its shards up.
     pub async fn run_until_stopped(
         self,
         shutdown: CancellationToken,
         deadline: tokio::sync::oneshot::Receiver<Instant>,
     ) {
+        type Pass<'a> = Pin<Box<dyn Future<Output = Result<usize, RelayError>> + Send + 'a>>;
         let mut backoff = Backoff::default();
+        // The pass in hand is kept, not dropped, when shutdown comes: its
+        // records are in flight and its shards' right must outlive them.
+        let mut in_hand: Option<Pass<'_>> = None;
         loop {
-            // A pass waiting on an unreachable broker or database is dropped
-            // at shutdown: its transaction rolls back, its rows stay unsent.
+            let pass = in_hand.get_or_insert_with(|| Box::pin(self.publish_pending()));
             let pass = tokio::select! {
-                pass = self.publish_pending() => pass,
+                pass = pass => pass,
                 _ = shutdown.cancelled() => break,
             };
+            in_hand = None;
             let more = match pass {
                 Ok(n) => {
                     if backoff.failures > 0 {
@@ -432,6 +918,7 @@ impl Relay {
                     backoff.reset();
                     n > 0 && self.more_waiting.load(Ordering::Relaxed)
                 }
+                // Only the database fails a pass.
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "outbox relay failed; backing off");
@@ -456,8 +943,12 @@ impl Relay {
         let deadline = deadline
             .await
             .unwrap_or_else(|_| Instant::now() + Duration::from_secs(1));
-        // What the worker committed last is published now, not at restart.
-        let last_pass = async {
+        // The pass in hand, then what the worker committed last, published
+        // now rather than at restart.
+        let last_passes = async {
+            if let Some(pass) = in_hand {
+                let _ = pass.await;
+            }
             while let Ok(n) = self.publish_pending().await {
                 if n == 0 {
                     break;
@@ -466,7 +957,7 @@ impl Relay {
         };
         let flush_reserve = Duration::from_millis(500);
         let pass_deadline = deadline.checked_sub(flush_reserve).unwrap_or(deadline);
-        if tokio::time::timeout_at(pass_deadline.into(), last_pass)
+        if tokio::time::timeout_at(pass_deadline.into(), last_passes)
             .await
             .is_err()
         {
@@ -478,11 +969,40 @@ impl Relay {
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
         // flush blocks its thread; block_in_place lets the runtime move other work away.
-        if let Err(error) = tokio::task::block_in_place(|| self.publisher.flush(remaining)) {
-            tracing::warn!(%error, "producer flush did not complete");
+        let settled = match tokio::task::block_in_place(|| self.publisher.flush(remaining)) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "producer flush did not complete; the shards stay fenced for the others \
+                     until these records' delivery timeout has passed"
+                );
+                false
+            }
+        };
+        let grace = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(200));
+        if tokio::time::timeout(grace, self.release(settled))
+            .await
+            .is_err()
+        {
+            tracing::warn!("outbox relay could not give its shards up in time; its session ends with the process");
         }
         tracing::info!("outbox relay stopped");
     }
+}
+
+/// A holder id for `outbox_relay_shards`, distinct for every relay of every
+/// process: the pid, the time and a count of the relays of this process.
+fn holder_id() -> i64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let count = RELAYS_STARTED.fetch_add(1, Ordering::Relaxed);
+    let mixed = (u64::from(std::process::id()) << 32) ^ (u64::from(nanos) << 8) ^ count;
+    // Positive, so that its remainder picks a shard.
+    (mixed & (i64::MAX as u64)) as i64
 }
 
 /// Waits for the deliveries in flight, in order, and records their outcomes;
@@ -502,19 +1022,35 @@ async fn settle(in_flight: &mut Vec<(usize, Delivery)>, outcomes: &mut Vec<(usiz
 }
 
 fn failed(error: &KafkaError) -> Sent {
-    Sent::Failed {
-        error: error.to_string(),
-        too_large: too_large(error),
-    }
+    let verdict = verdict(error);
+    let error = match verdict {
+        Verdict::TooLarge => format!("refused by the broker as too large: {error}"),
+        Verdict::Refused => format!("refused by the broker: {error}"),
+        Verdict::Transient | Verdict::Unpublishable => error.to_string(),
+    };
+    Sent::Failed { error, verdict }
 }
 
-/// Whether the producer or the broker refused a record for its size.
-fn too_large(error: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize)
-    )
+/// What a producer or broker error means for the record (see [`Verdict`]).
+fn verdict(error: &KafkaError) -> Verdict {
+    match error.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge,
+        ) => Verdict::TooLarge,
+        Some(
+            RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::InvalidMessage,
+        ) => Verdict::Refused,
+        _ => Verdict::Transient,
+    }
 }
 
 /// Unsent outbox rows and the age of the oldest, in seconds. Looked up by
@@ -548,5 +1084,40 @@ impl Backoff {
 
     pub fn failures(&self) -> u32 {
         self.failures
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_size_is_too_large_a_topic_refused_and_a_timeout_transient() {
+        let e = |code| KafkaError::MessageProduction(code);
+        assert_eq!(
+            verdict(&e(RDKafkaErrorCode::MessageSizeTooLarge)),
+            Verdict::TooLarge
+        );
+        assert_eq!(
+            verdict(&e(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            Verdict::Refused
+        );
+        assert_eq!(
+            verdict(&e(RDKafkaErrorCode::UnknownTopic)),
+            Verdict::Refused
+        );
+        assert_eq!(
+            verdict(&e(RDKafkaErrorCode::MessageTimedOut)),
+            Verdict::Transient
+        );
+        assert_eq!(verdict(&e(RDKafkaErrorCode::QueueFull)), Verdict::Transient);
+        assert_eq!(verdict(&KafkaError::Canceled), Verdict::Transient);
+    }
+
+    #[test]
+    fn holder_ids_differ_and_are_positive() {
+        let (a, b) = (holder_id(), holder_id());
+        assert_ne!(a, b);
+        assert!(a >= 0 && b >= 0);
     }
 }

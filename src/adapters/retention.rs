@@ -7,7 +7,9 @@
 //!   again, so keep them longer than the inbound topics keep messages).
 //! - `outbox`: published rows older than `OUTBOX_RETENTION`. A row still in
 //!   `outbox_pending` is never deleted, whatever its age: only rows below the
-//!   lowest pending id are considered at all.
+//!   lowest pending id are considered at all. A row the relay quarantined is
+//!   no longer pending, so it holds nothing up; its copy in
+//!   `outbox_quarantine` stays until an operator retries or discards it.
 //!
 //! Deletes go a thousand rows per statement, each its own short transaction,
 //! oldest first through an index (`processed_messages_processed_at`, the

@@ -1,4 +1,4 @@
-//! Entrypoints: the command line, `replay-dead-letters`, the logs and traces
+//! Entrypoints: the command line, `replay-dead-letters`, `outbox-quarantine`, the logs and traces
 //! of it all, and the worker loop: `worker` (the consumer loop), `partition`
 //! (a partition's task), `processor` (a batch of Kafka messages through the
 //! service layer), `tracker` (the waiting rule) and `window` (the
@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod partition;
 pub mod processor;
+pub mod quarantine;
 pub mod replay;
 pub mod rewind;
 pub mod telemetry;

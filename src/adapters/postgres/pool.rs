@@ -44,9 +44,8 @@ pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
 ///   lock is held;
 /// - `idle_in_transaction_session_timeout`: a session that leaves a
 ///   transaction open (the worker stuck between two statements) loses it and
-///   its locks. The relay holds its transaction while the broker
-///   acknowledges a pass (up to librdkafka's `message.timeout.ms`, 30 s by
-///   default), so this is well above that.
+///   its locks. The relay never waits for the broker inside a transaction
+///   (its shards' locks are its session's, see `adapters::relay`).
 ///
 /// They go in the startup packet's `options`, set once per connection at no
 /// cost per transaction. A pooler in transaction mode (PgBouncer) refuses

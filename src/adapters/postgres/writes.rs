@@ -147,9 +147,10 @@ pub(super) async fn save_all(
              INSERT INTO outbox (kind, message_key, payload, headers) \
              SELECT x.kind, x.k, x.p, x.h \
              FROM unnest($9::text[], $10::bytea[], $11::bytea[], $12::bytea[]) \
-             WITH ORDINALITY AS x(kind, k, p, h, n) ORDER BY x.n RETURNING id), \
+             WITH ORDINALITY AS x(kind, k, p, h, n) ORDER BY x.n \
+             RETURNING id, outbox_shard(message_key) AS shard), \
          pending AS ( \
-             INSERT INTO outbox_pending (id) SELECT id FROM records) \
+             INSERT INTO outbox_pending (id, shard) SELECT id, shard FROM records) \
          SELECT count(*) FROM versions",
     )
     .bind(&versions.skus)

@@ -6,6 +6,7 @@
 //! build its configuration ([`crate::configuration`]) or its settings.
 
 mod connection;
+mod quarantine;
 mod replay;
 mod rewind;
 mod run;
@@ -16,6 +17,7 @@ mod topics;
 use clap::{Parser, Subcommand, ValueEnum};
 
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
+pub use quarantine::{ChosenRows, QuarantineArgs, QuarantineCommand};
 pub use replay::ReplayArgs;
 pub use rewind::RewindArgs;
 pub use run::{DatabaseArgs, RunArgs};
@@ -66,6 +68,9 @@ pub enum CommandLine {
     /// Publish dead letters again to the topic they came from, chosen by
     /// reason, original topic and time; --dry-run lists them.
     ReplayDeadLetters(Box<ReplayArgs>),
+    /// Outbox rows the relay could not publish (too large, refused by the
+    /// broker): list them, publish them again, or discard them.
+    OutboxQuarantine(Box<QuarantineArgs>),
     /// After a restore of the database: move the consumer group's committed
     /// offsets back to where the restored database left off; --dry-run
     /// lists them. Run it while no worker of the group runs.
