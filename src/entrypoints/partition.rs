@@ -351,6 +351,7 @@ impl Worker {
                     Outcome::Applied => "applied",
                     Outcome::Duplicate => "duplicate",
                     Outcome::DeadLettered(_) => "dead_lettered",
+                    Outcome::Superseded => "superseded",
                     Outcome::Deferred => continue,
                 };
                 metrics
