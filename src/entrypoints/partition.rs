@@ -450,7 +450,22 @@ impl HandOver for PartitionTasks {
     /// runtime's workers that the tasks need.
     fn revoke(&self, partitions: &[(String, i32)]) {
         self.poll_clock.polled();
-        self.stop_revoked(partitions);
+        // The callback may run on a runtime worker thread (whichever thread
+        // polls the consumer). Blocking it as it is would strand the tasks
+        // just woken in that worker's own queue (its LIFO slot, which the
+        // other workers do not steal from) until the wait timed out: every
+        // hand-over would take the whole bound. `block_in_place` hands the
+        // worker's queue to another thread first. Elsewhere (the main
+        // thread's `block_on`, a blocking thread) it just runs the closure;
+        // on a current-thread runtime it would panic, and there the tasks
+        // cannot run during the wait anyway.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.stop_revoked(partitions));
+        } else {
+            self.stop_revoked(partitions);
+        }
         self.poll_clock.polling();
     }
 }

@@ -15,7 +15,9 @@ use crate::common::{
     distinct_ids, http_get, metrics_until, random_hex, sample_sum, unique, Delivered, TestEnv,
     WorkerProcess, DEADLINE, PARTITIONS,
 };
-use crate::{assignment, check, check_eq, spawn, State, RECOVERY_DEADLINE, SERIAL};
+use crate::{
+    assignment, check, check_eq, spawn, State, KAFKA_PROPERTIES, RECOVERY_DEADLINE, SERIAL,
+};
 
 /// The inbound partitions, as `topic/partition`.
 fn inbound_partitions(env: &TestEnv) -> BTreeSet<String> {
@@ -465,5 +467,143 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
     )
     .await;
     drop(second);
+    env.finish().await;
+}
+
+/// Issue 22 finding 3: a rebalance with idle partitions hands over in well
+/// under a second of the worker's own time. The first instance holds every
+/// partition, with nothing to do; the second joins. What the join may take
+/// is Tansu's (about half of `session.timeout.ms`, 1 s here) and the group
+/// protocol's; a revocation that waited out its bound (5 s: the tasks woken
+/// in the callback stranded on the blocked thread) showed as 6 s and more.
+/// The bound asserted, 4 s, leaves CI its slack and still fails that.
+#[tokio::test]
+async fn an_idle_hand_over_takes_well_under_the_revocation_bound() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let mut first = spawn(&env, &[]);
+    let all = inbound_partitions(&env);
+    env.eventually(
+        "the first instance holds every partition",
+        DEADLINE,
+        || async { Ok::<_, String>((assignment(&first) == all).then_some(())) },
+    )
+    .await;
+    // A message through each inbound topic, so that every partition task
+    // that exists is idle, not new.
+    let (sku, batch) = (unique("sku"), unique("batch"));
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+
+    let started = std::time::Instant::now();
+    let second = spawn(&env, &[]);
+    wait_shared(&env, &[&first, &second]).await;
+    let took = started.elapsed();
+    env.note(&format!("the hand-over to a second instance took {took:?}"));
+    check!(
+        env,
+        took < Duration::from_secs(4),
+        "the second instance got its partitions {took:?} after it started"
+    );
+    let waited = first.log_lines_after(0, "did not stop in time for the hand-over");
+    check!(
+        env,
+        waited.is_empty(),
+        "the first instance waited out its bound: {waited:#?}"
+    );
+    first.assert_running();
+    drop(second);
+    env.finish().await;
+}
+
+/// Two instances with the librdkafka `properties` of instance 0 and 1
+/// (through `KAFKA_PROPERTIES`), a stream of orders, and a rolling restart:
+/// each instance in turn stopped (SIGTERM) and started again with the same
+/// properties, each join finished before the next stop (a member that
+/// leaves before its join completes wedges a Tansu group). Every order is
+/// allocated once, as the model says.
+async fn rolling_restart(env: &TestEnv, properties: [String; 2]) {
+    const SKUS: usize = 8;
+    let props = |i: usize| [("KAFKA_PROPERTIES", properties[i].as_str())];
+    let mut first = env.spawn_worker_with(&props(0));
+    let stock = create_stock(env, SKUS, 1000).await;
+    let mut second = env.spawn_worker_with(&props(1));
+    wait_shared(env, &[&first, &second]).await;
+    let orders = orders_for(&stock, 240);
+    let pacer = Pacer::default();
+    let producing = produce_orders(env, &orders, 8, Duration::from_millis(150), &pacer);
+    let restarting = async {
+        let status = first.terminate(Duration::from_secs(30)).await;
+        check!(
+            env,
+            status.success(),
+            "first instance exit status: {status}"
+        );
+        env.note(&format!(
+            "first stopped with {} orders produced",
+            pacer.produced()
+        ));
+        first = env.spawn_worker_with(&props(0));
+        wait_shared(env, &[&first, &second]).await;
+        env.note(&format!(
+            "first back with {} orders produced",
+            pacer.produced()
+        ));
+        let status = second.terminate(Duration::from_secs(30)).await;
+        check!(
+            env,
+            status.success(),
+            "second instance exit status: {status}"
+        );
+        second = env.spawn_worker_with(&props(1));
+        wait_shared(env, &[&first, &second]).await;
+        env.note(&format!(
+            "second back with {} orders produced",
+            pacer.produced()
+        ));
+    };
+    tokio::join!(producing, restarting);
+    let expected = single_batch_model(&stock, &orders);
+    assert_allocated_once(
+        env,
+        &expected,
+        (SKUS + orders.len()) as i64,
+        RECOVERY_DEADLINE,
+    )
+    .await;
+    first.assert_running();
+    second.assert_running();
+}
+
+/// Issue 24 item 4: cooperative-sticky assignment (incremental assign and
+/// unassign, done by rdkafka's rebalance handling; the worker's callbacks
+/// see only the partitions that move) across a rolling restart.
+#[tokio::test]
+async fn cooperative_sticky_assignment_loses_nothing_across_a_rolling_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let properties = format!("{KAFKA_PROPERTIES},partition.assignment.strategy=cooperative-sticky");
+    rolling_restart(&env, [properties.clone(), properties]).await;
+    env.finish().await;
+}
+
+/// Issue 24 item 4: static membership (`group.instance.id`, one per
+/// instance, the same after its restart) across a rolling restart. Ignored
+/// here: the Tansu broker of these tests never settles such a group (the
+/// first member is revoked when the second joins and is never assigned
+/// again; the second is assigned and revoked every 6 s; docs/design.md,
+/// "Group membership"). Run it against Kafka with `--ignored`.
+#[tokio::test]
+#[ignore = "Tansu never settles a group with static members (docs/design.md, Group membership)"]
+async fn static_membership_loses_nothing_across_a_rolling_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let id = |i: usize| {
+        format!(
+            "{KAFKA_PROPERTIES},group.instance.id=worker-{i}-{}",
+            env.suffix
+        )
+    };
+    rolling_restart(&env, [id(0), id(1)]).await;
     env.finish().await;
 }
