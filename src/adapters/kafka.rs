@@ -120,6 +120,16 @@ impl KafkaSettings {
         })
     }
 
+    /// An admin client, for reading the inbound topics' settings at start.
+    pub fn admin(
+        &self,
+    ) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, KafkaError>
+    {
+        let mut config = self.base();
+        self.apply_properties(&mut config);
+        config.create()
+    }
+
     /// An idempotent producer: retries never duplicate or reorder within a
     /// partition, which the per-SKU order of events relies on.
     pub fn producer(&self) -> Result<FutureProducer<WorkerContext>, KafkaError> {
@@ -616,18 +626,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lag_counts_from_the_stored_position_not_the_committed_offset() {
-        // Kept up: everything stored, the commit 250 messages behind.
-        assert_eq!(position_lag(&partition(1000, 1000, 750)), Some(0));
-        assert_eq!(position_lag(&partition(1000, 990, 750)), Some(10));
-    }
-
-    #[test]
-    fn a_position_past_a_stale_end_is_caught_up() {
-        assert_eq!(position_lag(&partition(1000, 1005, 750)), Some(0));
-    }
-
     /// Issue 22 finding 10: the commit in the rebalance callback is bounded.
     /// A "broker" that accepts connections and never answers: the group's
     /// coordinator is never found, and rdkafka's `commit_consumer_state(Sync)`
@@ -663,6 +661,18 @@ mod tests {
         // librdkafka's own timeouts (about 45 s here): not what is tested.
         std::mem::forget(consumer);
         drop(silent);
+    }
+
+    #[test]
+    fn lag_counts_from_the_stored_position_not_the_committed_offset() {
+        // Kept up: everything stored, the commit 250 messages behind.
+        assert_eq!(position_lag(&partition(1000, 1000, 750)), Some(0));
+        assert_eq!(position_lag(&partition(1000, 990, 750)), Some(10));
+    }
+
+    #[test]
+    fn a_position_past_a_stale_end_is_caught_up() {
+        assert_eq!(position_lag(&partition(1000, 1005, 750)), Some(0));
     }
 
     #[test]

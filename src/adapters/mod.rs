@@ -12,3 +12,4 @@ pub mod postgres;
 pub mod relay;
 pub mod retention;
 pub mod topic_reader;
+pub mod topic_retention;
