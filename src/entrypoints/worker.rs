@@ -17,12 +17,12 @@
 //! its batch and its offsets are committed before the partition goes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -220,9 +220,27 @@ impl Worker {
                 this.unhandled_references.fetch_add(1, Ordering::Relaxed);
             }
             let key = (message.topic.clone(), message.partition);
-            if partitions.get(&key).is_some_and(|s| s.sender.is_closed()) {
-                // Its task stopped at a hand-over: a new one starts afresh.
+            if let Some(slot) = partitions.get(&key).filter(|s| s.sender.is_closed()) {
+                // Its task ended, and not at a hand-over (those slots are
+                // gone above): it failed (a panic). What it held (its batch,
+                // queue and waiting messages) and what is kept aside for it
+                // are read again from the last offset it stored, not
+                // skipped by a fresh task storing offsets past them.
+                let resume = slot.resume.load(Ordering::Relaxed);
+                let dropped = slot.overflow.len() + 1;
                 partitions.remove(&key);
+                if key.0 == this.processor.topics().batch_created {
+                    this.unhandled_references
+                        .fetch_sub(dropped, Ordering::Relaxed);
+                }
+                tracing::error!(
+                    topic = key.0,
+                    partition = key.1,
+                    resume,
+                    "partition task ended unexpectedly; its partition is read again from the last offset it stored"
+                );
+                this.rewind_partition(&key.0, key.1, resume);
+                continue;
             }
             let slot = partitions.entry(key.clone()).or_insert_with(|| {
                 // Room for two batches: one being handled, the next filling.
@@ -234,14 +252,22 @@ impl Worker {
                 let token = shutdown.child_token();
                 let done = tasks.register(key.clone(), token.clone());
                 let (topic, partition) = key.clone();
+                // Where to read again should the task fail: the first
+                // message it is given, then each offset it stores.
+                let resume = Arc::new(AtomicI64::new(message.offset));
+                let stored = Arc::clone(&resume);
                 tracker.spawn(async move {
-                    worker.run_partition(topic, partition, rx, token).await;
+                    worker
+                        .run_partition(topic, partition, rx, token, stored)
+                        .await;
                     drop(done);
                 });
                 Slot {
                     sender: tx,
                     overflow: VecDeque::new(),
                     paused: false,
+                    holding: Arc::default(),
+                    resume,
                 }
             });
             slot.overflow.push_back(message);
@@ -343,6 +369,25 @@ impl Worker {
                 .with_label_values(&[topic.as_str(), partition.as_str()])
                 .set(since.map_or(0.0, |o| o.elapsed().as_secs_f64()));
         }
+    }
+
+    /// Reads a partition again from `offset`, fetching it (resumed) from
+    /// there: what librdkafka fetched of it before is discarded.
+    fn rewind_partition(&self, topic: &str, partition: i32, offset: i64) {
+        match self.consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
+            Ok(()) => tracing::info!(topic, partition, offset, "partition read again from offset"),
+            // Revoked meanwhile: its next owner starts from the last commit,
+            // which is not past `offset`.
+            Err(error) => {
+                tracing::warn!(%error, topic, partition, offset, "cannot seek the partition back")
+            }
+        }
+        self.pause_partition(topic, partition, false);
     }
 
     /// Pauses (or resumes) fetching one partition. Messages of it already
