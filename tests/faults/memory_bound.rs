@@ -13,8 +13,11 @@ use crate::common::orders::{create_stock, orders_for, produce_orders, Pacer};
 use crate::common::{unique, TestEnv, DEADLINE};
 use crate::{check, spawn, SERIAL};
 
-/// One product's row locked while about 40 MiB of orders for it arrive
-/// (each padded to 800 kB with a field the worker ignores), more than the
+/// Padded orders for the locked product: 40 MiB, more than the bound.
+const PADDED: i64 = 40;
+
+/// One product's row locked while 40 MiB of orders for it arrive (each
+/// padded with a field the worker ignores to count 1 MiB), more than the
 /// whole 32 MiB bound. Its partition's queue took all of the bound, and
 /// every other partition stopped with it; with a share per partition, the
 /// orders of the other partitions are answered during the lock.
@@ -44,17 +47,49 @@ async fn a_partition_stuck_on_a_lock_cannot_hold_the_whole_memory_bound() {
     );
 
     let session = env.lock_products(std::slice::from_ref(&locked)).await;
-    let pad = "x".repeat(800_000);
-    for i in 0..50 {
-        let value = serde_json::json!({
+    let mark = worker.log_text().len();
+    // Each padded order counts exactly 1 MiB against the bound (its value,
+    // its key and 256 bytes for the rest), so that 32 of them leave none of
+    // it: not even room for a small order.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .set("message.max.bytes", "4000000")
+        .create()
+        .expect("producer");
+    let topic = env.topics.allocation_required.clone();
+    for i in 0..PADDED {
+        let mut value = serde_json::json!({
             "orderid": format!("big-{i}-{}", env.suffix),
             "sku": locked,
             "qty": 1,
-            "pad": pad,
-        });
-        env.produce_json(&env.topics.allocation_required, Some(&locked), &value, &[])
-            .await;
+            "pad": "",
+        })
+        .to_string();
+        let room = (1 << 20) - 256 - locked.len() - value.len();
+        value = value.replace(r#""pad":"""#, &format!(r#""pad":"{}""#, "x".repeat(room)));
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&locked).payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing a padded order: {e}"));
     }
+    // The other partitions' orders only once the locked partition has
+    // taken what it may of the bound and is paused (its queue holds 64
+    // messages, more than are sent: only the memory bound pauses it).
+    let ar = env.topics.allocation_required.clone();
+    let paused = format!("partition={} pause=true", partition_of[&locked]);
+    env.eventually(
+        "the locked partition paused by the memory bound",
+        DEADLINE,
+        || {
+            let lines = worker.log_lines_after(mark, "partition fetch paused/resumed");
+            let found = lines.iter().any(|l| l.contains(&ar) && l.contains(&paused));
+            async move { Ok::<_, String>(found.then_some(())) }
+        },
+    )
+    .await;
     let locked_at = Instant::now();
     let free_orders = orders_for(&free, 40);
     produce_orders(&env, &free_orders, 40, Duration::ZERO, &Pacer::default()).await;
@@ -81,7 +116,7 @@ async fn a_partition_stuck_on_a_lock_cannot_hold_the_whole_memory_bound() {
             sqlx::query_scalar("SELECT count(*) FROM allocations WHERE orderid LIKE 'big-%'")
                 .fetch_one(&env.db)
                 .await?;
-        Ok::<_, sqlx::Error>((n == 50).then_some(()))
+        Ok::<_, sqlx::Error>((n == PADDED).then_some(()))
     })
     .await;
     drop(worker);
