@@ -71,6 +71,12 @@ pub struct Conditions {
     /// topic, from statistics reported after the latest assignment; `None`
     /// while there are none.
     pub unread_references: Option<Vec<i64>>,
+    /// Unread messages of each partition of the reference-bringing topic
+    /// that other members of the group hold (or nobody does): from the
+    /// group's committed offsets to each partition's end, read from the
+    /// broker every few seconds; `None` while not known. Empty when this
+    /// member holds every partition.
+    pub group_unread_references: Option<Vec<i64>>,
     /// Most messages of one batch: unread below this counts as caught up
     /// (watermarks reported by a broker may lag by a batch).
     pub batch: usize,
@@ -83,14 +89,22 @@ impl Conditions {
     /// The clock runs while the database is reachable, the consumer is
     /// connected, and the worker has caught up with the topic that brings
     /// references (nothing fetched and unhandled, at most a batch unread on
-    /// each of its assigned partitions), or while waiting messages fill their
-    /// share of memory (reading on would need them given up).
+    /// each of its assigned partitions, and the group's committed offsets
+    /// at most a batch short of the end of the partitions other members
+    /// hold), or while waiting messages fill their share of memory (reading
+    /// on would need them given up).
     pub fn usable(&self) -> bool {
-        let caught_up = self.unhandled_references == 0
-            && self
-                .unread_references
+        let within = |unread: &Option<Vec<i64>>| {
+            unread
                 .as_ref()
-                .is_some_and(|u| u.iter().all(|n| *n <= self.batch as i64));
+                .is_some_and(|u| u.iter().all(|n| *n <= self.batch as i64))
+        };
+        // The whole group, not this member alone: a reference may come
+        // through a partition another member holds, and that member may be
+        // restarting or behind.
+        let caught_up = self.unhandled_references == 0
+            && within(&self.unread_references)
+            && within(&self.group_unread_references);
         self.database_reachable
             && self.consumer_connected
             && (caught_up || self.waiting_memory_full)
@@ -123,6 +137,7 @@ mod tests {
             consumer_connected: true,
             unhandled_references: 0,
             unread_references: Some(vec![0, 3]),
+            group_unread_references: Some(vec![2]),
             batch: 10,
             waiting_memory_full: false,
         };
@@ -146,5 +161,26 @@ mod tests {
         assert!(!c.usable());
         c.unread_references = Some(vec![]);
         assert!(c.usable(), "no partition of the topic assigned here");
+    }
+
+    /// Issue 22 finding 2: a member holding no partition of the topic (or
+    /// caught up on its own) does not count the window while another
+    /// member's partitions are behind.
+    #[test]
+    fn usable_needs_the_whole_group_caught_up() {
+        let mut c = Conditions {
+            database_reachable: true,
+            consumer_connected: true,
+            unhandled_references: 0,
+            unread_references: Some(vec![]),
+            group_unread_references: Some(vec![0, 40]),
+            batch: 10,
+            waiting_memory_full: false,
+        };
+        assert!(!c.usable(), "another member is 40 behind");
+        c.group_unread_references = None;
+        assert!(!c.usable(), "the group's position is not known");
+        c.group_unread_references = Some(vec![0, 10]);
+        assert!(c.usable());
     }
 }

@@ -58,6 +58,10 @@ pub struct Worker {
     pub(super) waiting_bytes: AtomicUsize,
     /// Waiting messages and the wall-clock arrival of the oldest, by partition.
     waiting: std::sync::Mutex<WaitingByPartition>,
+    /// Unread messages of the reference topic's partitions this member does
+    /// not hold, by the group's committed offsets, and when that was read
+    /// (see [`Self::read_group_position`]).
+    group_unread: std::sync::Mutex<Option<(Instant, Vec<i64>)>>,
 }
 
 /// Waiting messages and the wall-clock arrival of the oldest, by topic and
@@ -80,6 +84,7 @@ impl Worker {
             unhandled_references: AtomicUsize::new(0),
             waiting_bytes: AtomicUsize::new(0),
             waiting: std::sync::Mutex::new(HashMap::new()),
+            group_unread: std::sync::Mutex::new(None),
             poll_clock: Arc::default(),
         }
     }
@@ -100,10 +105,30 @@ impl Worker {
 
     /// Runs the unknown-reference window's clock while its conditions hold
     /// ([`Conditions::usable`]), checked a few times a second.
-    async fn watch_window(&self, shutdown: CancellationToken) {
+    async fn watch_window(self: Arc<Self>, shutdown: CancellationToken) {
         let reading = self.consumer.context().reading();
         let mut was_usable = None;
+        let mut group_read: Option<Instant> = None;
+        let mut group_reading: Option<tokio::task::JoinHandle<()>> = None;
         loop {
+            // The group's position, every few seconds, off the async
+            // threads (librdkafka's calls block), one read at a time.
+            if group_reading.as_ref().is_none_or(|r| r.is_finished())
+                && group_read.is_none_or(|at| at.elapsed() >= GROUP_POSITION_EVERY)
+            {
+                group_read = Some(Instant::now());
+                let worker = Arc::clone(&self);
+                group_reading = Some(tokio::task::spawn_blocking(move || {
+                    worker.read_group_position();
+                }));
+            }
+            let group_unread = self
+                .group_unread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() <= STATISTICS_FRESH)
+                .map(|(_, unread)| unread.clone());
             let conditions = Conditions {
                 database_reachable: self.processor.store_reachable(),
                 // Not `consumer_running`: it stays false after a transient
@@ -113,6 +138,7 @@ impl Worker {
                 unhandled_references: self.unhandled_references.load(Ordering::Relaxed),
                 unread_references: reading
                     .unread(&self.processor.topics().batch_created, STATISTICS_FRESH),
+                group_unread_references: group_unread,
                 batch: self.settings.max_batch_messages.max(1),
                 waiting_memory_full: self.waiting_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES / 2,
             };
@@ -129,6 +155,60 @@ impl Worker {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Reads, for the partitions of the reference topic this member does
+    /// not hold, how far the group has committed and where each ends, and
+    /// keeps the difference for the window (contract §5: the window counts
+    /// while the whole group has caught up). Blocking. What cannot be read
+    /// leaves the last reading to age out (then the clock stops).
+    ///
+    /// The committed offset trails what the holder applied by up to the
+    /// auto-commit interval (5 s), so under a steady stream of references
+    /// on another member the clock may pause that long: the safe side. And
+    /// a broker's end may trail the true end by a batch (Tansu's
+    /// ListOffsets), which the window's one-batch slack absorbs.
+    fn read_group_position(&self) {
+        let topic = &self.processor.topics().batch_created;
+        let timeout = Duration::from_secs(2);
+        let read = || -> Result<Vec<i64>, rdkafka::error::KafkaError> {
+            let held = self.consumer.assignment()?;
+            let metadata = self.consumer.fetch_metadata(Some(topic), timeout)?;
+            let mut others = TopicPartitionList::new();
+            for t in metadata.topics().iter().filter(|t| t.name() == topic) {
+                for p in t.partitions() {
+                    if held.find_partition(topic, p.id()).is_none() {
+                        others.add_partition(topic, p.id());
+                    }
+                }
+            }
+            if others.count() == 0 {
+                return Ok(Vec::new());
+            }
+            let committed = self.consumer.committed_offsets(others, timeout)?;
+            let mut unread = Vec::with_capacity(committed.count());
+            for e in committed.elements() {
+                let (low, high) = self
+                    .consumer
+                    .fetch_watermarks(topic, e.partition(), timeout)?;
+                let from = match e.offset() {
+                    Offset::Offset(o) => o,
+                    // Never committed: the group starts at the beginning.
+                    _ => low,
+                };
+                unread.push((high - from).max(0));
+            }
+            Ok(unread)
+        };
+        match read() {
+            Ok(unread) => {
+                *self.group_unread.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((Instant::now(), unread));
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot read the group's position on the reference topic")
             }
         }
     }
@@ -414,6 +494,9 @@ impl Worker {
 /// binds; it keeps a run of megabyte messages from taking the memory of a
 /// whole batch each.
 pub(super) const QUEUED_BYTES: usize = 32 * 1024 * 1024;
+
+/// How often the group's position on the reference topic is read.
+const GROUP_POSITION_EVERY: Duration = Duration::from_secs(1);
 
 /// Statistics older than this say nothing of whether the worker has caught
 /// up (librdkafka reports every second; see adapters::kafka).

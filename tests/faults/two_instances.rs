@@ -607,3 +607,117 @@ async fn static_membership_loses_nothing_across_a_rolling_restart() {
     rolling_restart(&env, [id(0), id(1)]).await;
     env.finish().await;
 }
+
+/// Issue 22 finding 2: with several instances, a late reference is not
+/// dead-lettered while another instance holds it unread. Two instances
+/// share the partitions; the second is frozen (SIGSTOP, for less than the
+/// session timeout, so the group does not move). A batch is then produced
+/// to a partition of the batch topic the second holds, and an order for it
+/// to a partition of the order topic the first holds. The first is caught
+/// up on its own batch partitions, and its window used to run: the order
+/// was dead-lettered `unknown-sku` after the 2 s window. Now it counts only
+/// while the whole group has caught up: for three windows nothing is
+/// dead-lettered, and once the second runs again the order is allocated.
+#[tokio::test]
+async fn a_late_reference_held_by_a_frozen_instance_is_not_dead_lettered() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let _serial = SERIAL.lock().await;
+    const WINDOW: Duration = Duration::from_secs(2);
+    let env = TestEnv::new().await;
+    let extra = [
+        (
+            "KAFKA_PROPERTIES",
+            "session.timeout.ms=12000,heartbeat.interval.ms=1000",
+        ),
+        ("UNKNOWN_REFERENCE_TIMEOUT", "2s"),
+    ];
+    let first = env.spawn_worker_with(&extra);
+    let mut second = env.spawn_worker_with(&extra);
+    let shared = wait_shared(&env, &[&first, &second]).await;
+    let pick = |held: &BTreeSet<String>, topic: &str| -> Option<i32> {
+        held.iter()
+            .find_map(|p| p.strip_prefix(&format!("{topic}/"))?.parse().ok())
+    };
+    let (bc, ar) = (
+        env.topics.batch_created.clone(),
+        env.topics.allocation_required.clone(),
+    );
+    let (Some(batch_partition), Some(order_partition)) =
+        (pick(&shared[1], &bc), pick(&shared[0], &ar))
+    else {
+        panic!("no batch partition on the second or no order partition on the first: {shared:?}");
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .create()
+        .expect("producer");
+    let (sku, batch, orderid) = (unique("sku"), unique("batch"), unique("order"));
+
+    let stop = |signal: &str, pid: i32| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    };
+    stop("-STOP", second.pid());
+    let frozen_at = std::time::Instant::now();
+    let value = json!({"ref": batch, "sku": sku, "qty": 10}).to_string();
+    producer
+        .send(
+            FutureRecord::to(&bc)
+                .partition(batch_partition)
+                .key(&sku)
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing the batch: {e}"));
+    let value = json!({"orderid": orderid, "sku": sku, "qty": 1}).to_string();
+    producer
+        .send(
+            FutureRecord::to(&ar)
+                .partition(order_partition)
+                .key(&sku)
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing the order: {e}"));
+    // Three windows with the batch unread by the frozen instance: the order
+    // waits, nothing is dead-lettered (polled until then).
+    let mut letters = Vec::new();
+    while frozen_at.elapsed() < 3 * WINDOW + Duration::from_secs(1) {
+        letters = env.records_on(&env.topics.dead_letter);
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop("-CONT", second.pid());
+    check!(
+        env,
+        letters.is_empty(),
+        "dead-lettered while the reference sat unread on the frozen instance: {:?}",
+        letters.iter().map(|r| r.summary()).collect::<Vec<_>>()
+    );
+    env.wait_for_count(
+        "the order allocated once the second instance runs again",
+        &env.topics.allocated,
+        1,
+        DEADLINE,
+        |r| r.field("orderid") == orderid,
+    )
+    .await;
+    check!(
+        env,
+        env.records_on(&env.topics.dead_letter).is_empty(),
+        "a dead letter after all"
+    );
+    second.assert_running();
+    drop(first);
+    drop(second);
+    env.finish().await;
+}
