@@ -104,7 +104,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     // Idempotency records must outlive what the broker can redeliver
     // (adapters::topic_retention); checked before anything else starts.
     let admin = settings.kafka.admin().map_err(kafka_config_error)?;
-    topic_retention::check(
+    let retention_warnings = topic_retention::check(
         &admin,
         &settings.topics.inbound(),
         settings.retention.idempotency,
@@ -119,6 +119,9 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         revision = crate::REVISION,
         "allocation-worker starting"
     );
+    for warning in retention_warnings {
+        tracing::warn!("{warning}");
+    }
     let pool = lazy_pool(
         worker_connect_options(settings.database.options.clone()),
         settings.database.max_connections,

@@ -107,12 +107,12 @@ pub fn judge(
 }
 
 /// Checks `idempotency` against every topic of `topics`, with `admin`.
-/// Logs the warnings; `Err` refuses the start.
+/// `Err` refuses the start; otherwise the warnings to log.
 pub async fn check(
     admin: &AdminClient<DefaultClientContext>,
     topics: &[&str],
     idempotency: Duration,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
     let specifiers: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
@@ -144,10 +144,7 @@ pub async fn check(
     };
     // A refusal first, alone: a bad setting is one line and nothing else.
     let warnings = judged.into_iter().collect::<Result<Vec<_>, _>>()?;
-    for warning in warnings.into_iter().flatten() {
-        tracing::warn!("{warning}");
-    }
-    Ok(())
+    Ok(warnings.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
