@@ -50,6 +50,7 @@ impl Worker {
         mut queue: mpsc::Receiver<Held>,
         shutdown: CancellationToken,
         resume: Arc<AtomicI64>,
+        in_task: Arc<AtomicUsize>,
     ) {
         let mut tracker: Tracker<MessageKey, Waiter> = Tracker::new();
         let mut stored: Option<i64> = None;
@@ -109,6 +110,7 @@ impl Worker {
                 let handled = self
                     .handle_new(&topic, partition, &mut batch, &mut tracker, &shutdown)
                     .await;
+                in_task.fetch_sub(fetched, Ordering::Relaxed);
                 if brings_references {
                     self.unhandled_references
                         .fetch_sub(fetched, Ordering::Relaxed);
@@ -139,6 +141,7 @@ impl Worker {
         while queue.try_recv().is_ok() {
             queued += 1;
         }
+        in_task.fetch_sub(queued, Ordering::Relaxed);
         if brings_references {
             self.unhandled_references
                 .fetch_sub(queued, Ordering::Relaxed);
@@ -531,6 +534,10 @@ pub(super) struct Slot {
     /// The offset to read the partition again from, should its task fail:
     /// the last it stored, else the first it was given.
     pub(super) resume: Arc<AtomicI64>,
+    /// Messages handed to its task and not yet handled by it: what a task
+    /// that fails takes with it, which the unhandled-references count must
+    /// forget.
+    pub(super) in_task: Arc<AtomicUsize>,
 }
 
 impl Slot {
@@ -560,6 +567,7 @@ impl Slot {
                 return;
             };
             self.holding.fetch_add(size as usize, Ordering::Relaxed);
+            self.in_task.fetch_add(1, Ordering::Relaxed);
             room.send(Held {
                 message,
                 _permit: permit,

@@ -249,6 +249,8 @@ impl Worker {
         // sees its main queue polled (`max.poll.interval.ms`).
         let mut unblock = tokio::time::interval(Duration::from_millis(20));
         unblock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed_check = tokio::time::interval(Duration::from_millis(500));
+        failed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let any_paused = partitions.values().any(|s| s.paused);
             this.poll_clock.polling();
@@ -265,20 +267,24 @@ impl Worker {
                     }
                     continue;
                 }
+                // A task that failed is noticed here too, not only when
+                // its partition's next message comes (which may be never).
+                _ = failed_check.tick() => {
+                    this.forget_revoked(&tasks, &mut partitions);
+                    let failed: Vec<(String, i32)> = partitions
+                        .iter()
+                        .filter(|(_, s)| s.sender.is_closed())
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in failed {
+                        this.restart_failed(&mut partitions, &key);
+                    }
+                    continue;
+                }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
             };
             this.poll_clock.polled();
-            // Partitions handed over meanwhile: their tasks have stopped;
-            // what was kept aside for them is dropped (their next owner
-            // reads it again).
-            for key in tasks.take_revoked() {
-                if let Some(slot) = partitions.remove(&key) {
-                    if key.0 == this.processor.topics().batch_created {
-                        this.unhandled_references
-                            .fetch_sub(slot.overflow.len(), Ordering::Relaxed);
-                    }
-                }
-            }
+            this.forget_revoked(&tasks, &mut partitions);
             let message = match received {
                 Ok(message) => {
                     errors.reset();
@@ -300,26 +306,12 @@ impl Worker {
                 this.unhandled_references.fetch_add(1, Ordering::Relaxed);
             }
             let key = (message.topic.clone(), message.partition);
-            if let Some(slot) = partitions.get(&key).filter(|s| s.sender.is_closed()) {
-                // Its task ended, and not at a hand-over (those slots are
-                // gone above): it failed (a panic). What it held (its batch,
-                // queue and waiting messages) and what is kept aside for it
-                // are read again from the last offset it stored, not
-                // skipped by a fresh task storing offsets past them.
-                let resume = slot.resume.load(Ordering::Relaxed);
-                let dropped = slot.overflow.len() + 1;
-                partitions.remove(&key);
+            if partitions.get(&key).is_some_and(|s| s.sender.is_closed()) {
+                // This message is read again too, after the seek.
                 if key.0 == this.processor.topics().batch_created {
-                    this.unhandled_references
-                        .fetch_sub(dropped, Ordering::Relaxed);
+                    this.unhandled_references.fetch_sub(1, Ordering::Relaxed);
                 }
-                tracing::error!(
-                    topic = key.0,
-                    partition = key.1,
-                    resume,
-                    "partition task ended unexpectedly; its partition is read again from the last offset it stored"
-                );
-                this.rewind_partition(&key.0, key.1, resume);
+                this.restart_failed(&mut partitions, &key);
                 continue;
             }
             let slot = partitions.entry(key.clone()).or_insert_with(|| {
@@ -336,9 +328,11 @@ impl Worker {
                 // message it is given, then each offset it stores.
                 let resume = Arc::new(AtomicI64::new(message.offset));
                 let stored = Arc::clone(&resume);
+                let in_task = Arc::new(AtomicUsize::new(0));
+                let handled = Arc::clone(&in_task);
                 tracker.spawn(async move {
                     worker
-                        .run_partition(topic, partition, rx, token, stored)
+                        .run_partition(topic, partition, rx, token, stored, handled)
                         .await;
                     drop(done);
                 });
@@ -348,6 +342,7 @@ impl Worker {
                     paused: false,
                     holding: Arc::default(),
                     resume,
+                    in_task,
                 }
             });
             slot.overflow.push_back(message);
@@ -449,6 +444,48 @@ impl Worker {
                 .with_label_values(&[topic.as_str(), partition.as_str()])
                 .set(since.map_or(0.0, |o| o.elapsed().as_secs_f64()));
         }
+    }
+
+    /// Partitions handed over meanwhile: their tasks have stopped; what was
+    /// kept aside for them is dropped (their next owner reads it again).
+    fn forget_revoked(
+        &self,
+        tasks: &PartitionTasks,
+        partitions: &mut HashMap<(String, i32), Slot>,
+    ) {
+        for key in tasks.take_revoked() {
+            if let Some(slot) = partitions.remove(&key) {
+                if key.0 == self.processor.topics().batch_created {
+                    self.unhandled_references
+                        .fetch_sub(slot.overflow.len(), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A partition whose task ended, and not at a hand-over (those slots are
+    /// gone, see [`Self::forget_revoked`]): it failed (a panic). What it
+    /// held (its batch, queue and waiting messages) and what is kept aside
+    /// for it are read again from the last offset it stored, not skipped by
+    /// a fresh task storing offsets past them.
+    fn restart_failed(&self, partitions: &mut HashMap<(String, i32), Slot>, key: &(String, i32)) {
+        let Some(slot) = partitions.remove(key) else {
+            return;
+        };
+        let resume = slot.resume.load(Ordering::Relaxed);
+        if key.0 == self.processor.topics().batch_created {
+            // Kept aside, and what the task took with it.
+            let dropped = slot.overflow.len() + slot.in_task.load(Ordering::Relaxed);
+            self.unhandled_references
+                .fetch_sub(dropped, Ordering::Relaxed);
+        }
+        tracing::error!(
+            topic = key.0,
+            partition = key.1,
+            resume,
+            "partition task ended unexpectedly; its partition is read again from the last offset it stored"
+        );
+        self.rewind_partition(&key.0, key.1, resume);
     }
 
     /// Reads a partition again from `offset`, fetching it (resumed) from

@@ -50,3 +50,45 @@ async fn a_partition_task_that_panics_restarts_from_its_last_stored_offset() {
     drop(worker);
     env.finish().await;
 }
+
+/// The task of a batch-created partition panics once. What it held counted
+/// as references not handled yet, which stops the unknown-reference window
+/// until they are: a failed task must not leave them counted for ever. An
+/// order for a SKU that never comes is still dead-lettered after its 1 s
+/// window, and the batches are all stored.
+#[tokio::test]
+async fn after_a_reference_task_panics_the_window_still_closes() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let panic_at = format!("{}:2", env.topics.batch_created);
+    let worker = spawn(
+        &env,
+        &[
+            ("ALLOCATION_WORKER_TEST_PANIC_AT", panic_at.as_str()),
+            ("MAX_BATCH_MESSAGES", "2"),
+            ("UNKNOWN_REFERENCE_TIMEOUT", "1s"),
+        ],
+    );
+    let stock = create_stock(&env, 12, 10).await;
+    check!(
+        env,
+        !worker
+            .log_lines_after(0, "partition task ended unexpectedly")
+            .is_empty(),
+        "the test hook's panic did not happen"
+    );
+    let _ = stock;
+    let orderid = crate::common::unique("order");
+    env.allocation_required(&orderid, &crate::common::unique("never"), 1, &[])
+        .await;
+    env.wait_for_count(
+        "the order for a SKU that never comes dead-lettered",
+        &env.topics.dead_letter,
+        1,
+        DEADLINE,
+        |r| r.field("orderid") == orderid,
+    )
+    .await;
+    drop(worker);
+    env.finish().await;
+}
