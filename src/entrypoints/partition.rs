@@ -52,7 +52,12 @@ impl Worker {
         resume: Arc<AtomicI64>,
         in_task: Arc<AtomicUsize>,
     ) {
-        let mut tracker: Tracker<MessageKey, Waiter> = Tracker::new();
+        // Gives back the bytes its waiting messages hold of the bound even
+        // if the task fails (a panic) rather than ending.
+        let mut tracker = WaitingTracker {
+            tracker: Tracker::new(),
+            waiting_bytes: &self.waiting_bytes,
+        };
         let mut stored: Option<i64> = None;
         let max = self.settings.max_batch_messages.max(1);
         let brings_references = topic == self.processor.topics().batch_created;
@@ -403,6 +408,34 @@ impl Worker {
             // consumes again from the last commit and skips what we applied.
             tracing::debug!(%error, topic, partition, next, "offset not stored");
         }
+    }
+}
+
+/// A partition task's tracker, which gives back the bytes its waiting
+/// messages still hold when it is dropped, by the end of the task or by its
+/// failure.
+struct WaitingTracker<'a> {
+    tracker: Tracker<MessageKey, Waiter>,
+    waiting_bytes: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl std::ops::Deref for WaitingTracker<'_> {
+    type Target = Tracker<MessageKey, Waiter>;
+    fn deref(&self) -> &Self::Target {
+        &self.tracker
+    }
+}
+
+impl std::ops::DerefMut for WaitingTracker<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tracker
+    }
+}
+
+impl Drop for WaitingTracker<'_> {
+    fn drop(&mut self) {
+        let left: usize = self.tracker.waiting().map(|(_, w)| w.held.size).sum();
+        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
     }
 }
 
