@@ -18,6 +18,7 @@ use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
 use crate::adapters::retention::Retention;
+use crate::adapters::topic_retention;
 use crate::configuration::{ConfigError, DatabaseSettings, RunSettings};
 use crate::entrypoints::processor::Processor;
 use crate::entrypoints::worker::Worker;
@@ -102,6 +103,16 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .consumer(Arc::clone(&metrics), Arc::clone(&consumer_assigned))
         .map_err(kafka_config_error)?;
     let producer = settings.kafka.producer().map_err(kafka_config_error)?;
+    // Idempotency records must outlive what the broker can redeliver
+    // (adapters::topic_retention); checked before anything else starts.
+    let admin = settings.kafka.admin().map_err(kafka_config_error)?;
+    let retention_warnings = topic_retention::check(
+        &admin,
+        &settings.topics.inbound(),
+        settings.retention.idempotency,
+    )
+    .await?;
+    drop(admin);
     // The first line of the log says which build this is; not before the
     // clients accepted the settings: a bad setting is one line and nothing
     // else.
@@ -110,6 +121,9 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         revision = crate::REVISION,
         "allocation-worker starting"
     );
+    for warning in retention_warnings {
+        tracing::warn!("{warning}");
+    }
     let pool = lazy_pool(
         worker_connect_options(settings.database.options.clone()),
         settings.database.max_connections,

@@ -382,3 +382,60 @@ fn a_bad_duration_is_a_setting_error() {
         "--shutdown-timeout",
     );
 }
+
+/// Issue 22 finding 8: `IDEMPOTENCY_RETENTION` not longer than what the
+/// inbound topics can redeliver (their `retention.ms` plus `segment.ms`,
+/// read from the broker) is refused at start: one line naming it, exit 2.
+/// Topics of 1 h retention and 1 h segments redeliver for up to 2 h.
+#[tokio::test]
+async fn idempotency_retention_not_longer_than_the_topics_can_redeliver_is_refused() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let bootstrap = common::containers::shared_bootstrap_servers();
+    let suffix = common::random_hex(10);
+    let names: Vec<String> = [
+        "erp.batch-created",
+        "erp.batch-quantity-changed",
+        "erp.allocation-required",
+    ]
+    .iter()
+    .map(|t| format!("{t}.{suffix}"))
+    .collect();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("admin client");
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|t| {
+            NewTopic::new(t, 1, TopicReplication::Fixed(1))
+                .set("retention.ms", "3600000")
+                .set("segment.ms", "3600000")
+        })
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(20)));
+    for created in admin
+        .create_topics(&topics, &options)
+        .await
+        .expect("create topics")
+    {
+        created.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+    let vars = |retention: &'static str| {
+        vec![
+            DB,
+            ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+            ("TOPIC_BATCH_CREATED", names[0].as_str()),
+            ("TOPIC_BATCH_QUANTITY_CHANGED", names[1].as_str()),
+            ("TOPIC_ALLOCATION_REQUIRED", names[2].as_str()),
+            ("IDEMPOTENCY_RETENTION", retention),
+            ("RUST_LOG", "warn"),
+        ]
+    };
+    // Nothing else runs on this test's runtime: the binary is waited for
+    // in place.
+    let output = worker(&["run"], &vars("2h"));
+    assert_config_error(&output, "IDEMPOTENCY_RETENTION");
+}

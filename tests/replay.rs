@@ -423,6 +423,178 @@ async fn selects_letters_by_original_topic_and_time() {
     env.finish().await;
 }
 
+/// `allocation_messages_consumed_total` of `topic`, by outcome, as the
+/// worker reports it now (0 for an outcome it does not report).
+async fn consumed(addr: std::net::SocketAddr, topic: &str, outcome: &str) -> f64 {
+    let text = http_get(addr, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default();
+    let labels = format!(r#"outcome="{outcome}",topic="{topic}""#);
+    sample(&text, "allocation_messages_consumed_total", &labels).unwrap_or(0.0)
+}
+
+/// Waits until the worker has finished `n` messages of `topic`, whatever
+/// became of them.
+async fn wait_consumed(env: &TestEnv, addr: std::net::SocketAddr, topic: &str, n: f64) {
+    let topic = topic.to_owned();
+    env.eventually(
+        &format!("{n} messages of {topic} finished"),
+        DEADLINE,
+        || {
+            let topic = topic.clone();
+            async move {
+                let mut done = 0.0;
+                for outcome in ["applied", "duplicate", "dead_lettered", "superseded"] {
+                    done += consumed(addr, &topic, outcome).await;
+                }
+                Ok::<_, String>((done >= n).then_some(()))
+            }
+        },
+    )
+    .await;
+}
+
+/// A dead letter made by hand, as the worker writes them.
+fn letter_headers<'a>(
+    reason: &'a str,
+    topic: &'a str,
+    partition: &'a str,
+    offset: &'a str,
+) -> [(&'a str, &'a str); 5] {
+    [
+        ("dlq.reason", reason),
+        ("dlq.error", "made by the test"),
+        ("dlq.original.topic", topic),
+        ("dlq.original.partition", partition),
+        ("dlq.original.offset", offset),
+    ]
+}
+
+/// At-least-once publishing can put one dead letter in the dead-letter topic
+/// twice. Both copies are replayed (nothing tells them apart but their
+/// position); the message is applied once, the other copy recognised by the
+/// `ce_id` derived from the original message.
+#[tokio::test]
+async fn a_letter_in_the_dead_letter_topic_twice_is_applied_once() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker();
+    let (ar, dlq) = (
+        env.topics.allocation_required.clone(),
+        env.topics.dead_letter.clone(),
+    );
+    let (sku, batch, orderid) = (unique("sku"), unique("batch"), unique("order"));
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+
+    // The same letter twice, of a message without a ce_id: its original
+    // position identifies it.
+    let value = serde_json::json!({"orderid": orderid, "sku": sku, "qty": 2}).to_string();
+    let headers = letter_headers("unknown-sku", &ar, "0", "7");
+    for _ in 0..2 {
+        env.produce_raw(&dlq, Some(&sku), value.as_bytes(), &headers)
+            .await;
+    }
+    let lines = succeeded(&replay(&env, &[]).await);
+    check!(
+        env,
+        lines.last().is_some_and(|l| l.starts_with("sent 2 of 2 ")),
+        "last line: {lines:?}"
+    );
+    wait_consumed(&env, worker.http_addr, &ar, 2.0).await;
+    let applied = consumed(worker.http_addr, &ar, "applied").await;
+    let duplicate = consumed(worker.http_addr, &ar, "duplicate").await;
+    check_eq!(
+        env,
+        (applied, duplicate),
+        (1.0, 1.0),
+        "(applied, duplicate) of the two copies"
+    );
+    let replays = read_all(&env, &ar).await;
+    check_eq!(env, replays.len(), 2, "{replays:?}");
+    check_eq!(
+        env,
+        replays[0].header("ce_id"),
+        replays[1].header("ce_id"),
+        "one ce_id for both copies"
+    );
+    check_eq!(
+        env,
+        replays[0].header("replay.original-position"),
+        Some(format!("{ar}/0/7")),
+        "{:?}",
+        replays[0]
+    );
+
+    drop(worker);
+    env.finish().await;
+}
+
+/// A quantity change dead-lettered (its batch came late), then a later
+/// change applied: replaying the first must not overwrite the second. The
+/// replay is recognised as older than the change applied since, by the
+/// position it was first read at, and counted as superseded.
+#[tokio::test]
+async fn a_replayed_quantity_change_never_overwrites_a_later_one() {
+    let env = TestEnv::new().await;
+    let worker = env.spawn_worker_with(&[("UNKNOWN_REFERENCE_TIMEOUT", "1s")]);
+    let (bqc, dlq) = (
+        env.topics.batch_quantity_changed.clone(),
+        env.topics.dead_letter.clone(),
+    );
+    let (sku, batch) = (unique("sku"), unique("batch"));
+    // Keyed by batch like the ERP: every change lands on one partition.
+    let change = |qty: i64| serde_json::json!({"ref": batch, "qty": qty}).to_string();
+    let first = env
+        .produce_raw(&bqc, Some(&batch), change(50).as_bytes(), &[])
+        .await;
+    env.wait_for_count("the change to 50 dead-lettered", &dlq, 1, DEADLINE, |r| {
+        r.header("dlq.reason").as_deref() == Some("unknown-batch")
+    })
+    .await;
+    env.batch_created(&batch, &sku, 100, None).await;
+    env.wait_purchased(&batch, 100, DEADLINE).await;
+    let second = env
+        .produce_raw(&bqc, Some(&batch), change(30).as_bytes(), &[])
+        .await;
+    check_eq!(env, first.partition, second.partition, "one partition");
+    env.wait_purchased(&batch, 30, DEADLINE).await;
+
+    let lines = succeeded(&replay(&env, &["--reason", "unknown-batch"]).await);
+    check!(
+        env,
+        lines.last().is_some_and(|l| l.starts_with("sent 1 of 1 ")),
+        "last line: {lines:?}"
+    );
+    // The dead letter, the change to 30, and the replay.
+    wait_consumed(&env, worker.http_addr, &bqc, 3.0).await;
+    check_eq!(
+        env,
+        env.purchased(&batch).await,
+        Some(30),
+        "the later change stands"
+    );
+    check_eq!(
+        env,
+        consumed(worker.http_addr, &bqc, "superseded").await,
+        1.0,
+        "the replay counted as superseded"
+    );
+
+    // Replayed again: recognised by its ce_id, applied nothing either.
+    succeeded(&replay(&env, &["--reason", "unknown-batch"]).await);
+    wait_consumed(&env, worker.http_addr, &bqc, 4.0).await;
+    check_eq!(
+        env,
+        env.purchased(&batch).await,
+        Some(30),
+        "after two replays"
+    );
+
+    drop(worker);
+    env.finish().await;
+}
+
 /// A bad setting is one line naming it, exit code 2, before anything is read.
 #[test]
 fn bad_settings_are_one_line_and_exit_2() {

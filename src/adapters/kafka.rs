@@ -5,11 +5,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
@@ -116,6 +118,16 @@ impl KafkaSettings {
             reading: Arc::default(),
             hand_over: OnceLock::new(),
         })
+    }
+
+    /// An admin client, for reading the inbound topics' settings at start.
+    pub fn admin(
+        &self,
+    ) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, KafkaError>
+    {
+        let mut config = self.base();
+        self.apply_properties(&mut config);
+        config.create()
     }
 
     /// An idempotent producer: retries never duplicate or reorder within a
@@ -352,7 +364,10 @@ impl ConsumerContext for WorkerContext {
         if let Err(error) = consumer.resume(tpl) {
             tracing::debug!(%error, "resuming revoked partitions");
         }
-        match consumer.commit_consumer_state(CommitMode::Sync) {
+        // Bounded: this runs inside the consumer's poll, and a commit to a
+        // coordinator that does not answer would otherwise hold the member
+        // (and the whole group's rebalance) for as long as it does not.
+        match commit_stored_within(consumer, REVOKE_COMMIT_BOUND) {
             Ok(()) => {
                 tracing::info!(partitions = ?partition_names(tpl), "offsets committed before the partitions are released")
             }
@@ -365,11 +380,24 @@ impl ConsumerContext for WorkerContext {
 
     fn post_rebalance(
         &self,
-        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
         if let Some(assigned) = &self.assigned {
-            assigned.store(matches!(rebalance, Rebalance::Assign(_)), Ordering::Relaxed);
+            // Under cooperative assignment a revocation takes some of the
+            // partitions, not necessarily all: the member is still assigned
+            // while it holds any.
+            let still = match rebalance {
+                Rebalance::Assign(_) => true,
+                Rebalance::Revoke(_) => {
+                    matches!(
+                        consumer.rebalance_protocol(),
+                        RebalanceProtocol::Cooperative
+                    ) && consumer.assignment().is_ok_and(|a| a.count() > 0)
+                }
+                Rebalance::Error(_) => false,
+            };
+            assigned.store(still, Ordering::Relaxed);
         }
         self.reading.rebalanced();
         match rebalance {
@@ -391,6 +419,62 @@ impl ConsumerContext for WorkerContext {
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
+    }
+}
+
+/// The longest the rebalance callback waits for the commit of the revoked
+/// partitions' offsets. Past it the partitions are released all the same:
+/// what was stored and not committed is consumed again by the next owner and
+/// found processed (contract §6.2).
+pub const REVOKE_COMMIT_BOUND: Duration = Duration::from_secs(5);
+
+/// Commits the offsets stored for the consumer's current assignment and
+/// waits at most `bound` for the coordinator's answer. rdkafka's
+/// `commit_consumer_state(Sync)` has no bound: it waits as long as the
+/// coordinator is unknown or silent. The commit is sent through a queue of
+/// our own, polled with a timeout; a commit still in flight at the bound
+/// goes on in librdkafka, its answer dropped with the queue.
+pub fn commit_stored_within<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    bound: Duration,
+) -> Result<(), KafkaError> {
+    use rdkafka::bindings as rd;
+    use rdkafka::types::RDKafkaErrorCode;
+    let no_error = rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR;
+    let rk = consumer.client().native_ptr();
+    let timeout_ms = i32::try_from(bound.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `rk` is the consumer's live handle for the whole call. The
+    // queue is ours: created, polled and destroyed here; librdkafka keeps its
+    // own reference while a commit is in flight. A null offsets list means
+    // the current assignment's stored offsets. The event, when one comes, is
+    // destroyed once its error is read.
+    unsafe {
+        let queue = rd::rd_kafka_queue_new(rk);
+        if queue.is_null() {
+            return Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::Fail));
+        }
+        let err =
+            rd::rd_kafka_commit_queue(rk, std::ptr::null(), queue, None, std::ptr::null_mut());
+        let result = if err != no_error {
+            Err(KafkaError::ConsumerCommit(err.into()))
+        } else {
+            let event = rd::rd_kafka_queue_poll(queue, timeout_ms);
+            if event.is_null() {
+                Err(KafkaError::ConsumerCommit(
+                    RDKafkaErrorCode::OperationTimedOut,
+                ))
+            } else {
+                let err = rd::rd_kafka_event_error(event);
+                rd::rd_kafka_event_destroy(event);
+                if err == no_error {
+                    Ok(())
+                } else {
+                    Err(KafkaError::ConsumerCommit(err.into()))
+                }
+            }
+        };
+        rd::rd_kafka_queue_destroy(queue);
+        result
     }
 }
 
@@ -540,6 +624,43 @@ mod tests {
             consumer_lag: lag(committed),
             ..Partition::default()
         }
+    }
+
+    /// Issue 22 finding 10: the commit in the rebalance callback is bounded.
+    /// A "broker" that accepts connections and never answers: the group's
+    /// coordinator is never found, and rdkafka's `commit_consumer_state(Sync)`
+    /// would wait as long as that lasts.
+    #[test]
+    fn the_commit_before_a_hand_over_is_bounded_when_the_broker_is_silent() {
+        use rdkafka::{Offset, TopicPartitionList};
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a local port");
+        let address = silent.local_addr().expect("its address").to_string();
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &address)
+            .set("group.id", "silent-broker")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set_log_level(RDKafkaLogLevel::Emerg)
+            .create()
+            .expect("a consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("t", 0, Offset::Offset(0))
+            .expect("a partition");
+        consumer.assign(&tpl).expect("assigned");
+        let mut stored = TopicPartitionList::new();
+        stored
+            .add_partition_offset("t", 0, Offset::Offset(5))
+            .expect("an offset");
+        consumer.store_offsets(&stored).expect("stored");
+        let started = std::time::Instant::now();
+        let committed = commit_stored_within(&consumer, Duration::from_secs(1));
+        let took = started.elapsed();
+        assert!(committed.is_err(), "a silent broker acknowledged a commit");
+        assert!(took < Duration::from_secs(3), "the commit took {took:?}");
+        // Closing a consumer whose coordinator was never found waits out
+        // librdkafka's own timeouts (about 45 s here): not what is tested.
+        std::mem::forget(consumer);
+        drop(silent);
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Metrics {
         let messages_consumed = IntCounterVec::new(
             Opts::new(
                 "allocation_messages_consumed_total",
-                "Inbound messages finished, by topic and outcome (applied, duplicate, dead_lettered).",
+                "Inbound messages finished, by topic and outcome (applied, duplicate, dead_lettered, superseded).",
             ),
             &["topic", "outcome"],
         )?;
@@ -297,7 +297,7 @@ impl Metrics {
     /// Creates the consumed-message series of `topics` at 0 (see `new`).
     pub fn init_topics(&self, topics: &[&str]) {
         for topic in topics {
-            for outcome in ["applied", "duplicate", "dead_lettered"] {
+            for outcome in ["applied", "duplicate", "dead_lettered", "superseded"] {
                 self.messages_consumed.with_label_values(&[topic, outcome]);
             }
         }

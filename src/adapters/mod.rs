@@ -14,3 +14,4 @@ pub mod quarantine;
 pub mod relay;
 pub mod retention;
 pub mod topic_reader;
+pub mod topic_retention;

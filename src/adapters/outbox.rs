@@ -172,6 +172,22 @@ pub fn wire_headers<'a>(
     wire
 }
 
+/// The header a replayed message carries (set by `replay-dead-letters`):
+/// where it was first read, `topic/partition/offset`.
+pub const REPLAY_ORIGINAL_POSITION_HEADER: &str = "replay.original-position";
+
+/// Where a message stands in the order of its partition: its own offset, or,
+/// for a replay back to the partition it was first read from, the offset it
+/// was first read at (its `replay.original-position`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// True for a replay: it may be older than what was applied since.
+    pub replayed: bool,
+}
+
 /// An inbound Kafka message as the worker keeps it: owned, Kafka-type free.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundMessage {
@@ -190,6 +206,30 @@ impl InboundMessage {
             .iter()
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// Where the message stands in its partition's order (see
+    /// [`OrderPosition`]). A `replay.original-position` that does not parse,
+    /// or names another topic or partition, is ignored: the message then
+    /// counts as read where it is.
+    pub fn order_position(&self) -> OrderPosition {
+        let original = self
+            .header(REPLAY_ORIGINAL_POSITION_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| {
+                let (rest, offset) = v.trim().rsplit_once('/')?;
+                let (topic, partition) = rest.rsplit_once('/')?;
+                let partition: i32 = partition.parse().ok()?;
+                let offset: i64 = offset.parse().ok()?;
+                (topic == self.topic && partition == self.partition && offset >= 0)
+                    .then_some(offset)
+            });
+        OrderPosition {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: original.unwrap_or(self.offset),
+            replayed: original.is_some(),
+        }
     }
 
     /// `ce_id` when the producer set one (so a re-publish is recognised),

@@ -16,7 +16,7 @@
 //! [`Processor`]: crate::entrypoints::processor::Processor
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +33,7 @@ use crate::adapters::outbox::InboundMessage;
 use crate::adapters::relay::Backoff;
 use crate::entrypoints::tracker::Tracker;
 use crate::entrypoints::worker::{Worker, QUEUED_BYTES};
-use crate::service_layer::batch::{MessageKey, Outcome, Plan};
+use crate::service_layer::batch::{DeadLetterReason, MessageKey, Outcome, Plan};
 
 impl Worker {
     /// One partition, in order: whatever has queued up (up to the batch
@@ -49,8 +49,15 @@ impl Worker {
         partition: i32,
         mut queue: mpsc::Receiver<Held>,
         shutdown: CancellationToken,
+        resume: Arc<AtomicI64>,
+        in_task: Arc<AtomicUsize>,
     ) {
-        let mut tracker: Tracker<MessageKey, Waiter> = Tracker::new();
+        // Gives back the bytes its waiting messages hold of the bound even
+        // if the task fails (a panic) rather than ending.
+        let mut tracker = WaitingTracker {
+            tracker: Tracker::new(),
+            waiting_bytes: &self.waiting_bytes,
+        };
         let mut stored: Option<i64> = None;
         let max = self.settings.max_batch_messages.max(1);
         let brings_references = topic == self.processor.topics().batch_created;
@@ -102,10 +109,13 @@ impl Worker {
                     retry.back_off();
                 }
             } else if !batch.is_empty() {
+                #[cfg(debug_assertions)]
+                test_hooks::panic_once(&topic, &batch);
                 let fetched = batch.len();
                 let handled = self
                     .handle_new(&topic, partition, &mut batch, &mut tracker, &shutdown)
                     .await;
+                in_task.fetch_sub(fetched, Ordering::Relaxed);
                 if brings_references {
                     self.unhandled_references
                         .fetch_sub(fetched, Ordering::Relaxed);
@@ -124,6 +134,7 @@ impl Worker {
                 if stored.is_none_or(|s| offset > s) {
                     self.store_offset(&topic, partition, offset);
                     stored = Some(offset);
+                    resume.store(offset, Ordering::Relaxed);
                 }
             }
             self.set_waiting(&topic, partition, &tracker);
@@ -135,6 +146,7 @@ impl Worker {
         while queue.try_recv().is_ok() {
             queued += 1;
         }
+        in_task.fetch_sub(queued, Ordering::Relaxed);
         if brings_references {
             self.unhandled_references
                 .fetch_sub(queued, Ordering::Relaxed);
@@ -160,7 +172,19 @@ impl Worker {
         let since = Instant::now();
         let mut ready: Vec<Waiter> = Vec::with_capacity(batch.len());
         for held in batch.drain(..) {
-            let plan = self.processor.plan(&held.message);
+            let plan = if held.oversized() {
+                let bytes = held.message.payload.as_ref().map_or(0, Vec::len)
+                    + held.message.key.as_ref().map_or(0, Vec::len);
+                Plan::DeadLetter(
+                    DeadLetterReason::InvalidMessage,
+                    format!(
+                        "the message is too large: {bytes} bytes of key and value, more than \
+                         the {PARTITION_BYTES} bytes a partition may hold in the worker's memory"
+                    ),
+                )
+            } else {
+                self.processor.plan(&held.message)
+            };
             let offset = held.message.offset;
             let size = held.size;
             let waiter = Waiter {
@@ -411,6 +435,7 @@ impl Worker {
                     Outcome::Applied => "applied",
                     Outcome::Duplicate => "duplicate",
                     Outcome::DeadLettered(_) => "dead_lettered",
+                    Outcome::Superseded => "superseded",
                     Outcome::Deferred => continue,
                 };
                 metrics
@@ -443,6 +468,34 @@ impl Worker {
             // consumes again from the last commit and skips what we applied.
             tracing::debug!(%error, topic, partition, next, "offset not stored");
         }
+    }
+}
+
+/// A partition task's tracker, which gives back the bytes its waiting
+/// messages still hold when it is dropped, by the end of the task or by its
+/// failure.
+struct WaitingTracker<'a> {
+    tracker: Tracker<MessageKey, Waiter>,
+    waiting_bytes: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl std::ops::Deref for WaitingTracker<'_> {
+    type Target = Tracker<MessageKey, Waiter>;
+    fn deref(&self) -> &Self::Target {
+        &self.tracker
+    }
+}
+
+impl std::ops::DerefMut for WaitingTracker<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tracker
+    }
+}
+
+impl Drop for WaitingTracker<'_> {
+    fn drop(&mut self) {
+        let left: usize = self.tracker.waiting().map(|(_, w)| w.held.size).sum();
+        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
     }
 }
 
@@ -509,7 +562,22 @@ impl HandOver for PartitionTasks {
     /// runtime's workers that the tasks need.
     fn revoke(&self, partitions: &[(String, i32)]) {
         self.poll_clock.polled();
-        self.stop_revoked(partitions);
+        // The callback may run on a runtime worker thread (whichever thread
+        // polls the consumer). Blocking it as it is would strand the tasks
+        // just woken in that worker's own queue (its LIFO slot, which the
+        // other workers do not steal from) until the wait timed out: every
+        // hand-over would take the whole bound. `block_in_place` hands the
+        // worker's queue to another thread first. Elsewhere (the main
+        // thread's `block_on`, a blocking thread) it just runs the closure;
+        // on a current-thread runtime it would panic, and there the tasks
+        // cannot run during the wait anyway.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread {
+            tokio::task::block_in_place(|| self.stop_revoked(partitions));
+        } else {
+            self.stop_revoked(partitions);
+        }
         self.poll_clock.polling();
     }
 }
@@ -554,42 +622,88 @@ pub(super) struct Slot {
     /// bound reached), in offset order; the partition is paused meanwhile.
     pub(super) overflow: VecDeque<InboundMessage>,
     pub(super) paused: bool,
+    /// Bytes its task holds now, of the memory bound.
+    pub(super) holding: Arc<AtomicUsize>,
+    /// The offset to read the partition again from, should its task fail:
+    /// the last it stored, else the first it was given.
+    pub(super) resume: Arc<AtomicI64>,
+    /// Messages handed to its task and not yet handled by it: what a task
+    /// that fails takes with it, which the unhandled-references count must
+    /// forget.
+    pub(super) in_task: Arc<AtomicUsize>,
 }
 
 impl Slot {
     /// Moves what is kept aside into the task's queue, in order, while
-    /// there is room there and in the memory bound.
+    /// there is room there, in the partition's share ([`PARTITION_BYTES`])
+    /// and in the memory bound. A partition that holds nothing may always
+    /// take its next message, bound or not: the bound can then never stop
+    /// every partition at once (a few stuck on locks or waiting messages
+    /// holding all of it), at the cost of one message per partition beyond
+    /// it.
     pub(super) fn forward(&mut self, budget: &Arc<Semaphore>) {
         while let Some(message) = self.overflow.front() {
             let Ok(room) = self.sender.try_reserve() else {
                 return;
             };
             let size = held_size(message);
-            let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(size) else {
+            let holding = self.holding.load(Ordering::Relaxed);
+            if holding > 0 && holding + size as usize > PARTITION_BYTES {
                 return;
+            }
+            let permit = match Arc::clone(budget).try_acquire_many_owned(size) {
+                Ok(permit) => Some(permit),
+                Err(_) if holding == 0 => None,
+                Err(_) => return,
             };
             let Some(message) = self.overflow.pop_front() else {
                 return;
             };
+            self.holding.fetch_add(size as usize, Ordering::Relaxed);
+            self.in_task.fetch_add(1, Ordering::Relaxed);
             room.send(Held {
                 message,
                 _permit: permit,
                 size: size as usize,
+                holding: Arc::clone(&self.holding),
             });
         }
     }
 }
 
+/// Most bytes of QUEUED_BYTES one partition may hold (but for its first
+/// message, see [`Slot::forward`]): a partition stuck on a lock, or with
+/// many waiting messages, leaves the rest of the bound to the others. A
+/// message larger than this is dead-lettered (`invalid-message`).
+pub(super) const PARTITION_BYTES: usize = QUEUED_BYTES / 4;
+
 /// A message on its way through a partition, holding its share of QUEUED_BYTES.
 pub(super) struct Held {
     message: InboundMessage,
-    _permit: OwnedSemaphorePermit,
+    /// `None` for a partition's only message, taken beyond the bound.
+    _permit: Option<OwnedSemaphorePermit>,
     /// Bytes it holds of QUEUED_BYTES.
     size: usize,
+    /// What its partition holds, given back when it is dropped.
+    holding: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.holding.fetch_sub(self.size, Ordering::Relaxed);
+    }
+}
+
+impl Held {
+    /// Larger than a partition may hold: it is dead-lettered, unread.
+    fn oversized(&self) -> bool {
+        self.size > PARTITION_BYTES
+    }
 }
 
 /// What a message counts against QUEUED_BYTES: its key, value and headers,
-/// plus a little for the rest; never more than the whole budget.
+/// plus a little for the rest; never more than a partition's share and one
+/// byte (an oversized message is dead-lettered, not kept).
 fn held_size(message: &InboundMessage) -> u32 {
     let bytes = 256
         + message.key.as_ref().map_or(0, Vec::len)
@@ -599,7 +713,7 @@ fn held_size(message: &InboundMessage) -> u32 {
             .iter()
             .map(|(n, v)| n.len() + v.as_ref().map_or(0, Vec::len))
             .sum::<usize>();
-    u32::try_from(bytes.min(QUEUED_BYTES)).unwrap_or(u32::MAX)
+    u32::try_from(bytes.min(PARTITION_BYTES + 1)).unwrap_or(u32::MAX)
 }
 
 /// A message of a partition with what was learnt of it when it was read.
@@ -720,5 +834,39 @@ mod timeout_tests {
         assert!(!streak.record(&timed_out()));
         assert!(!streak.record(&timed_out()));
         assert!(streak.record(&timed_out()));
+    }
+}
+
+/// Faults only tests cause, in debug builds only (never in a release image).
+#[cfg(debug_assertions)]
+mod test_hooks {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::Held;
+
+    /// `ALLOCATION_WORKER_TEST_PANIC_AT=topic:offset`: the first batch of
+    /// any partition of `topic` holding a message at `offset` panics its
+    /// partition's task, once per process (tests/faults, a task that ends
+    /// unexpectedly).
+    pub(super) fn panic_once(topic: &str, batch: &[Held]) {
+        static DONE: AtomicBool = AtomicBool::new(false);
+        if DONE.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(at) = std::env::var("ALLOCATION_WORKER_TEST_PANIC_AT") else {
+            return;
+        };
+        let Some((t, offset)) = at.rsplit_once(':') else {
+            return;
+        };
+        let Ok(offset) = offset.parse::<i64>() else {
+            return;
+        };
+        if t == topic
+            && batch.iter().any(|h| h.message.offset == offset)
+            && !DONE.swap(true, Ordering::Relaxed)
+        {
+            panic!("test hook: partition task of {topic} panics at offset {offset}");
+        }
     }
 }

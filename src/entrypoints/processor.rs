@@ -206,6 +206,18 @@ impl Processor {
                     .inc();
             }
         }
+        for ((m, _), outcome) in batch.iter().zip(&outcomes) {
+            if *outcome == Outcome::Superseded {
+                let position = m.order_position();
+                tracing::info!(
+                    topic = %m.topic,
+                    partition = m.partition,
+                    offset = m.offset,
+                    first_read_at = position.offset,
+                    "replayed quantity change not applied: a later change to its batch was applied since"
+                );
+            }
+        }
         if outcomes
             .iter()
             .any(|o| matches!(o, Outcome::Applied | Outcome::DeadLettered(_)))

@@ -17,11 +17,16 @@
 //!   dead-lettered again during the replay is never replayed in the same run.
 //!   Each selected letter goes to `dlq.original.topic`, partition
 //!   `dlq.original.partition`, with its key, value and headers minus the
-//!   `dlq.*` ones, a `ce_id` derived from its dead-letter position (UUIDv5 of
-//!   `topic/partition/offset`: the worker's idempotency key, so a letter
-//!   replayed twice is applied once) and `replayed-from:
-//!   topic/partition/offset`. Every delivery report is awaited; the last
-//!   line on stdout says how many were sent.
+//!   `dlq.*` ones, a `ce_id` derived from the original message (UUIDv5 of
+//!   its own `ce_id` when it had one, else of its original
+//!   `topic/partition/offset`): the worker's idempotency key, so a letter
+//!   that is in the dead-letter topic twice (publishing is at least once),
+//!   or is replayed twice, is applied once. It also gets `replayed-from:
+//!   topic/partition/offset` (the dead letter) and
+//!   `replay.original-position: topic/partition/offset` (where the message
+//!   was first read, kept across replays), by which the worker never lets a
+//!   replayed quantity change overwrite a later one. Every delivery report
+//!   is awaited; the last line on stdout says how many were sent.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -43,6 +48,12 @@ use crate::configuration::{topic, Connection};
 
 /// The header that names the dead letter a replayed message came from.
 pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
+
+/// The header that says where a replayed message was first read
+/// (`topic/partition/offset`), kept when it is dead-lettered and replayed
+/// again. The worker compares it with the last quantity change it applied to
+/// the batch (contract §7).
+pub use crate::adapters::outbox::REPLAY_ORIGINAL_POSITION_HEADER;
 
 /// Namespace of the replayed messages' `ce_id`s (UUIDv5), distinct from the
 /// one of the events the worker publishes.
@@ -141,13 +152,44 @@ impl Letter {
         }
     }
 
-    /// The `ce_id` of this letter's replay: the same on every replay.
+    /// The `ce_id` of this letter's replay, derived from the original
+    /// message: its own `ce_id` when it had one, else its original
+    /// `topic/partition/offset`; the same for every copy of the letter and
+    /// on every replay. Not the original `ce_id` itself: the worker recorded
+    /// that one as handled when it dead-lettered the message. A letter that
+    /// names no origin falls back to its own position.
     pub fn replay_ce_id(&self, dead_letter_topic: &str) -> String {
-        Uuid::new_v5(
-            &REPLAY_CE_ID_NAMESPACE,
-            self.position(dead_letter_topic).as_bytes(),
-        )
-        .to_string()
+        let name = match (self.original_ce_id(), self.original_position()) {
+            (Some(id), _) => format!("ce_id:{id}"),
+            (None, Some(position)) => position,
+            (None, None) => self.position(dead_letter_topic),
+        };
+        Uuid::new_v5(&REPLAY_CE_ID_NAMESPACE, name.as_bytes()).to_string()
+    }
+
+    /// The original message's `ce_id`, when it had a usable one (as the
+    /// worker reads it: clean text, not blank).
+    fn original_ce_id(&self) -> Option<String> {
+        let (_, value) = self.headers.iter().find(|(n, _)| n == "ce_id")?;
+        let id = std::str::from_utf8(value.as_deref()?).ok()?;
+        (!id.trim().is_empty() && !id.contains('\0') && id.len() <= 1024).then(|| id.to_owned())
+    }
+
+    /// `topic/partition/offset` the dead-lettered message was read at.
+    fn original_position(&self) -> Option<String> {
+        let offset: i64 = self.header("dlq.original.offset")?.trim().parse().ok()?;
+        Some(format!(
+            "{}/{}/{offset}",
+            self.original_topic()?,
+            self.original_partition()?
+        ))
+    }
+
+    /// Where the message was first read: carried over from an earlier
+    /// replay, else the letter's original position.
+    fn first_position(&self) -> Option<String> {
+        self.header(REPLAY_ORIGINAL_POSITION_HEADER)
+            .or_else(|| self.original_position())
     }
 
     /// `topic/partition/offset` of the dead letter.
@@ -156,14 +198,18 @@ impl Letter {
     }
 
     /// The headers of the replayed message: the letter's without `dlq.*`,
-    /// and without the `ce_id` and `replayed-from` of an earlier life, then
-    /// the new `ce_id` and `replayed-from`.
+    /// and without the `ce_id`, `replayed-from` and original position of an
+    /// earlier life, then the new `ce_id`, `replayed-from` and the first
+    /// original position.
     pub fn replay_headers(&self, dead_letter_topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
         let mut headers: Vec<(String, Option<Vec<u8>>)> = self
             .headers
             .iter()
             .filter(|(name, _)| {
-                !name.starts_with("dlq.") && name != "ce_id" && name != REPLAYED_FROM_HEADER
+                !name.starts_with("dlq.")
+                    && name != "ce_id"
+                    && name != REPLAYED_FROM_HEADER
+                    && name != REPLAY_ORIGINAL_POSITION_HEADER
             })
             .cloned()
             .collect();
@@ -175,6 +221,12 @@ impl Letter {
             REPLAYED_FROM_HEADER.to_owned(),
             Some(self.position(dead_letter_topic).into_bytes()),
         ));
+        if let Some(first) = self.first_position() {
+            headers.push((
+                REPLAY_ORIGINAL_POSITION_HEADER.to_owned(),
+                Some(first.into_bytes()),
+            ));
+        }
         headers
     }
 
@@ -493,7 +545,19 @@ mod tests {
         let l = letter(DEAD, 0);
         let headers = l.replay_headers("allocation.dead-letter");
         let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["traceparent", "ce_id", "replayed-from"]);
+        assert_eq!(
+            names,
+            [
+                "traceparent",
+                "ce_id",
+                "replayed-from",
+                "replay.original-position"
+            ]
+        );
+        assert_eq!(
+            headers[3].1.as_deref(),
+            Some(b"erp.allocation-required/1/40".as_slice())
+        );
         assert_eq!(
             headers[2].1.as_deref(),
             Some(b"allocation.dead-letter/2/17".as_slice())
@@ -501,7 +565,59 @@ mod tests {
         let id = l.replay_ce_id("allocation.dead-letter");
         assert_eq!(headers[1].1.as_deref(), Some(id.as_bytes()));
         assert_eq!(id, letter(DEAD, 99).replay_ce_id("allocation.dead-letter"));
-        assert_ne!(id, l.replay_ce_id("other.dead-letter"));
+        assert_ne!(id, "erp-1", "the original ce_id is recorded as handled");
+    }
+
+    #[test]
+    fn the_replay_ce_id_comes_from_the_original_message_not_the_letter() {
+        let l = letter(DEAD, 0);
+        let mut copy = letter(DEAD, 0);
+        copy.partition = 0;
+        copy.offset = 99;
+        // Another copy of the same letter, elsewhere in the dead-letter topic.
+        assert_eq!(
+            l.replay_ce_id("allocation.dead-letter"),
+            copy.replay_ce_id("allocation.dead-letter")
+        );
+        // Without a ce_id: the original position decides.
+        let no_id: Vec<(&str, &str)> = DEAD
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n != "ce_id")
+            .collect();
+        let (a, mut b) = (letter(&no_id, 0), letter(&no_id, 0));
+        b.offset = 3;
+        assert_eq!(a.replay_ce_id("d"), b.replay_ce_id("d"));
+        let mut moved = no_id.clone();
+        moved.retain(|(n, _)| *n != "dlq.original.offset");
+        moved.push(("dlq.original.offset", "41"));
+        assert_ne!(a.replay_ce_id("d"), letter(&moved, 0).replay_ce_id("d"));
+        // A replay dead-lettered again gets a new ce_id (the first is
+        // recorded as handled) and keeps its first original position.
+        let again: Vec<(String, Option<Vec<u8>>)> = l.replay_headers("d");
+        let mut second = letter(&[], 0);
+        second.headers = again;
+        for (n, v) in [
+            ("dlq.reason", "unknown-sku"),
+            ("dlq.original.topic", "erp.allocation-required"),
+            ("dlq.original.partition", "1"),
+            ("dlq.original.offset", "77"),
+        ] {
+            second
+                .headers
+                .push((n.to_owned(), Some(v.as_bytes().to_vec())));
+        }
+        assert_ne!(second.replay_ce_id("d"), l.replay_ce_id("d"));
+        let headers = second.replay_headers("d");
+        let first: Vec<_> = headers
+            .iter()
+            .filter(|(n, _)| n == REPLAY_ORIGINAL_POSITION_HEADER)
+            .collect();
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            first[0].1.as_deref(),
+            Some(b"erp.allocation-required/1/40".as_slice())
+        );
         assert_eq!(l.original_partition(), Some(1));
     }
 

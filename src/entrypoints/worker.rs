@@ -17,12 +17,12 @@
 //! its batch and its offsets are committed before the partition goes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::TopicPartitionList;
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -111,7 +111,7 @@ impl Worker {
 
     /// Runs the unknown-reference window's clock while its conditions hold
     /// ([`Conditions::usable`]), checked a few times a second.
-    async fn watch_window(&self, shutdown: CancellationToken) {
+    async fn watch_window(self: Arc<Self>, shutdown: CancellationToken) {
         let reading = self.consumer.context().reading();
         let mut was_usable = None;
         // The group's progress on the reference-bringing topic: asked of the
@@ -214,8 +214,12 @@ impl Worker {
         // sees its main queue polled (`max.poll.interval.ms`).
         let mut unblock = tokio::time::interval(Duration::from_millis(20));
         unblock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed_check = tokio::time::interval(Duration::from_millis(500));
+        failed_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error: Option<Instant> = None;
         loop {
             let any_paused = partitions.values().any(|s| s.paused);
+            let clear_errors_at = last_error.map(|at| at + ERROR_CLEARED_AFTER);
             this.poll_clock.polling();
             let received = tokio::select! {
                 biased;
@@ -234,35 +238,43 @@ impl Worker {
                 // runs again once a poll has gone this long without one,
                 // not only when a message comes, which on idle topics could
                 // be never. Membership of the group is judged apart
-                // (`consumer_assigned`).
-                _ = tokio::time::sleep(ERROR_CLEARED_AFTER),
-                    if !this.consumer_running.load(Ordering::Relaxed) =>
+                // (`consumer_assigned`). A deadline, not a sleep: the loop
+                // goes round at every tick of the checks below.
+                _ = tokio::time::sleep_until(clear_errors_at.unwrap_or_else(Instant::now)),
+                    if clear_errors_at.is_some() =>
                 {
                     this.consumer_running.store(true, Ordering::Relaxed);
+                    last_error = None;
+                    continue;
+                }
+                // A task that failed is noticed here too, not only when
+                // its partition's next message comes (which may be never).
+                _ = failed_check.tick() => {
+                    this.forget_revoked(&tasks, &mut partitions);
+                    let failed: Vec<(String, i32)> = partitions
+                        .iter()
+                        .filter(|(_, s)| s.sender.is_closed())
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for key in failed {
+                        this.restart_failed(&mut partitions, &key);
+                    }
                     continue;
                 }
                 received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
             };
             this.poll_clock.polled();
-            // Partitions handed over meanwhile: their tasks have stopped;
-            // what was kept aside for them is dropped (their next owner
-            // reads it again).
-            for key in tasks.take_revoked() {
-                if let Some(slot) = partitions.remove(&key) {
-                    if key.0 == this.processor.topics().batch_created {
-                        this.unhandled_references
-                            .fetch_sub(slot.overflow.len(), Ordering::Relaxed);
-                    }
-                }
-            }
+            this.forget_revoked(&tasks, &mut partitions);
             let message = match received {
                 Ok(message) => {
                     errors.reset();
                     this.consumer_running.store(true, Ordering::Relaxed);
+                    last_error = None;
                     message
                 }
                 Err(error) => {
                     this.consumer_running.store(false, Ordering::Relaxed);
+                    last_error = Some(Instant::now());
                     this.processor.metrics().consumer_error(&error);
                     let delay = errors.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "consumer error");
@@ -277,8 +289,12 @@ impl Worker {
             }
             let key = (message.topic.clone(), message.partition);
             if partitions.get(&key).is_some_and(|s| s.sender.is_closed()) {
-                // Its task stopped at a hand-over: a new one starts afresh.
-                partitions.remove(&key);
+                // This message is read again too, after the seek.
+                if key.0 == this.processor.topics().batch_created {
+                    this.unhandled_references.fetch_sub(1, Ordering::Relaxed);
+                }
+                this.restart_failed(&mut partitions, &key);
+                continue;
             }
             let slot = partitions.entry(key.clone()).or_insert_with(|| {
                 // Room for two batches: one being handled, the next filling.
@@ -290,14 +306,25 @@ impl Worker {
                 let token = shutdown.child_token();
                 let done = tasks.register(key.clone(), token.clone());
                 let (topic, partition) = key.clone();
+                // Where to read again should the task fail: the first
+                // message it is given, then each offset it stores.
+                let resume = Arc::new(AtomicI64::new(message.offset));
+                let stored = Arc::clone(&resume);
+                let in_task = Arc::new(AtomicUsize::new(0));
+                let handled = Arc::clone(&in_task);
                 tracker.spawn(async move {
-                    worker.run_partition(topic, partition, rx, token).await;
+                    worker
+                        .run_partition(topic, partition, rx, token, stored, handled)
+                        .await;
                     drop(done);
                 });
                 Slot {
                     sender: tx,
                     overflow: VecDeque::new(),
                     paused: false,
+                    holding: Arc::default(),
+                    resume,
+                    in_task,
                 }
             });
             slot.overflow.push_back(message);
@@ -399,6 +426,67 @@ impl Worker {
                 .with_label_values(&[topic.as_str(), partition.as_str()])
                 .set(since.map_or(0.0, |o| o.elapsed().as_secs_f64()));
         }
+    }
+
+    /// Partitions handed over meanwhile: their tasks have stopped; what was
+    /// kept aside for them is dropped (their next owner reads it again).
+    fn forget_revoked(
+        &self,
+        tasks: &PartitionTasks,
+        partitions: &mut HashMap<(String, i32), Slot>,
+    ) {
+        for key in tasks.take_revoked() {
+            if let Some(slot) = partitions.remove(&key) {
+                if key.0 == self.processor.topics().batch_created {
+                    self.unhandled_references
+                        .fetch_sub(slot.overflow.len(), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// A partition whose task ended, and not at a hand-over (those slots are
+    /// gone, see [`Self::forget_revoked`]): it failed (a panic). What it
+    /// held (its batch, queue and waiting messages) and what is kept aside
+    /// for it are read again from the last offset it stored, not skipped by
+    /// a fresh task storing offsets past them.
+    fn restart_failed(&self, partitions: &mut HashMap<(String, i32), Slot>, key: &(String, i32)) {
+        let Some(slot) = partitions.remove(key) else {
+            return;
+        };
+        let resume = slot.resume.load(Ordering::Relaxed);
+        if key.0 == self.processor.topics().batch_created {
+            // Kept aside, and what the task took with it.
+            let dropped = slot.overflow.len() + slot.in_task.load(Ordering::Relaxed);
+            self.unhandled_references
+                .fetch_sub(dropped, Ordering::Relaxed);
+        }
+        tracing::error!(
+            topic = key.0,
+            partition = key.1,
+            resume,
+            "partition task ended unexpectedly; its partition is read again from the last offset it stored"
+        );
+        self.rewind_partition(&key.0, key.1, resume);
+    }
+
+    /// Reads a partition again from `offset`, fetching it (resumed) from
+    /// there: what librdkafka fetched of it before is discarded.
+    fn rewind_partition(&self, topic: &str, partition: i32, offset: i64) {
+        match self.consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        ) {
+            Ok(()) => tracing::info!(topic, partition, offset, "partition read again from offset"),
+            // Revoked meanwhile: its next owner starts from the last commit,
+            // which is not past `offset`.
+            Err(error) => {
+                tracing::warn!(%error, topic, partition, offset, "cannot seek the partition back")
+            }
+        }
+        self.pause_partition(topic, partition, false);
     }
 
     /// Pauses (or resumes) fetching one partition. Messages of it already

@@ -86,6 +86,10 @@ pub enum Outcome {
     DeadLettered(DeadLetterReason),
     /// Names a SKU or batch not known yet; try again later.
     Deferred,
+    /// A replayed quantity change older than the last change applied to its
+    /// batch from its partition: not applied, its idempotency key recorded
+    /// (contract §7).
+    Superseded,
 }
 
 /// What is known of a message before any transaction: a command to handle,
@@ -372,9 +376,25 @@ async fn attempt_in<S: Store>(
                     Rejection::DeadLetter(*reason, error.clone())
                 }
                 (Plan::Handle(command), None) => {
+                    let quantity_change = match command {
+                        Command::ChangeBatchQuantity(c) => Some(&c.reference),
+                        _ => None,
+                    };
+                    if let Some(reference) = quantity_change {
+                        if uow.superseded(*message, reference).await? {
+                            uow.start_message(contexts[i].clone());
+                            uow.finish_message();
+                            claimed.insert(key);
+                            outcomes.push(Outcome::Superseded);
+                            continue;
+                        }
+                    }
                     uow.start_message(contexts[i].clone());
                     match messagebus::handle(command.clone(), &mut uow).await {
                         Ok(()) => {
+                            if let Some(reference) = quantity_change {
+                                uow.quantity_changed(*message, reference);
+                            }
                             uow.finish_message();
                             claimed.insert(key);
                             outcomes.push(Outcome::Applied);

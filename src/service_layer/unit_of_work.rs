@@ -175,6 +175,25 @@ pub trait BatchUnitOfWork: UnitOfWork {
         let _ = position;
     }
 
+    /// Whether `message`, a quantity change to batch `reference`, is a
+    /// replay older than the last change applied to that batch from the same
+    /// partition: it must then not be applied, or it would overwrite a later
+    /// change (contract §7). A store that keeps no positions says no.
+    fn superseded(
+        &mut self,
+        message: &Self::Message,
+        reference: &BatchRef,
+    ) -> impl Future<Output = Result<bool, RepositoryError>> + Send {
+        let _ = (message, reference);
+        async { Ok(false) }
+    }
+
+    /// `message`, a quantity change to `reference`, was applied: its
+    /// position is stored with the batch's changes (see [`Self::superseded`]).
+    fn quantity_changed(&mut self, message: &Self::Message, reference: &BatchRef) {
+        let _ = (message, reference);
+    }
+
     /// Stores everything queued, then commits. A `Conflict` means the caller
     /// must retry the batch from the start in a new unit of work.
     fn commit(self) -> impl Future<Output = Result<(), RepositoryError>> + Send;

@@ -13,8 +13,10 @@
 //!   while messages wait for their references;
 //! - `two_instances.rs`: two instances in one group, their rebalances and
 //!   hand-overs, and their concurrent decisions on one product;
+//! - `memory_bound.rs`: the memory bound under a stuck partition and a huge message;
 //! - `slow_partition.rs`: a product row locked for longer than the poll interval;
-//! - `shutdown.rs`: SIGTERM mid-stream with a message stuck.
+//! - `shutdown.rs`: SIGTERM mid-stream with a message stuck;
+//! - `task_failure.rs`: a partition task that panics.
 //!
 //! The outage tests freeze or stop services of their own (a private Tansu
 //! broker, a private PostgreSQL cluster), never the shared ones that other
@@ -30,9 +32,11 @@ mod common;
 
 mod broker_outage;
 mod database_outage;
+mod memory_bound;
 mod redelivery;
 mod shutdown;
 mod slow_partition;
+mod task_failure;
 mod two_instances;
 mod unknown_references;
 

@@ -15,7 +15,9 @@ use crate::common::{
     distinct_ids, http_get, metrics_until, random_hex, sample_sum, unique, Delivered, TestEnv,
     WorkerProcess, DEADLINE, PARTITIONS,
 };
-use crate::{assignment, check, check_eq, spawn, State, RECOVERY_DEADLINE, SERIAL};
+use crate::{
+    assignment, check, check_eq, spawn, State, KAFKA_PROPERTIES, RECOVERY_DEADLINE, SERIAL,
+};
 
 /// The inbound partitions, as `topic/partition`.
 fn inbound_partitions(env: &TestEnv) -> BTreeSet<String> {
@@ -464,6 +466,258 @@ async fn a_hand_over_mid_batch_and_with_waiting_messages_applies_nothing_twice()
         || async { Ok::<_, String>((assignment(&second) == all).then_some(())) },
     )
     .await;
+    drop(second);
+    env.finish().await;
+}
+
+/// Issue 22 finding 3: a rebalance with idle partitions hands over in well
+/// under a second of the worker's own time. The first instance holds every
+/// partition, with nothing to do; the second joins. What the join may take
+/// is Tansu's (about half of `session.timeout.ms`, 1 s here) and the group
+/// protocol's; a revocation that waited out its bound (5 s: the tasks woken
+/// in the callback stranded on the blocked thread) showed as 6 s and more.
+/// The bound asserted, 4 s, leaves CI its slack and still fails that.
+#[tokio::test]
+async fn an_idle_hand_over_takes_well_under_the_revocation_bound() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let mut first = spawn(&env, &[]);
+    let all = inbound_partitions(&env);
+    env.eventually(
+        "the first instance holds every partition",
+        DEADLINE,
+        || async { Ok::<_, String>((assignment(&first) == all).then_some(())) },
+    )
+    .await;
+    // A message through each inbound topic, so that every partition task
+    // that exists is idle, not new.
+    let (sku, batch) = (unique("sku"), unique("batch"));
+    env.batch_created(&batch, &sku, 10, None).await;
+    env.wait_batch(&batch).await;
+
+    let started = std::time::Instant::now();
+    let second = spawn(&env, &[]);
+    wait_shared(&env, &[&first, &second]).await;
+    let took = started.elapsed();
+    env.note(&format!("the hand-over to a second instance took {took:?}"));
+    check!(
+        env,
+        took < Duration::from_secs(4),
+        "the second instance got its partitions {took:?} after it started"
+    );
+    let waited = first.log_lines_after(0, "did not stop in time for the hand-over");
+    check!(
+        env,
+        waited.is_empty(),
+        "the first instance waited out its bound: {waited:#?}"
+    );
+    first.assert_running();
+    drop(second);
+    env.finish().await;
+}
+
+/// Two instances with the librdkafka `properties` of instance 0 and 1
+/// (through `KAFKA_PROPERTIES`), a stream of orders, and a rolling restart:
+/// each instance in turn stopped (SIGTERM) and started again with the same
+/// properties, each join finished before the next stop (a member that
+/// leaves before its join completes wedges a Tansu group). Every order is
+/// allocated once, as the model says.
+async fn rolling_restart(env: &TestEnv, properties: [String; 2]) {
+    const SKUS: usize = 8;
+    let props = |i: usize| [("KAFKA_PROPERTIES", properties[i].as_str())];
+    let mut first = env.spawn_worker_with(&props(0));
+    let stock = create_stock(env, SKUS, 1000).await;
+    let mut second = env.spawn_worker_with(&props(1));
+    wait_shared(env, &[&first, &second]).await;
+    let orders = orders_for(&stock, 240);
+    let pacer = Pacer::default();
+    let producing = produce_orders(env, &orders, 8, Duration::from_millis(150), &pacer);
+    let restarting = async {
+        let status = first.terminate(Duration::from_secs(30)).await;
+        check!(
+            env,
+            status.success(),
+            "first instance exit status: {status}"
+        );
+        env.note(&format!(
+            "first stopped with {} orders produced",
+            pacer.produced()
+        ));
+        first = env.spawn_worker_with(&props(0));
+        wait_shared(env, &[&first, &second]).await;
+        env.note(&format!(
+            "first back with {} orders produced",
+            pacer.produced()
+        ));
+        let status = second.terminate(Duration::from_secs(30)).await;
+        check!(
+            env,
+            status.success(),
+            "second instance exit status: {status}"
+        );
+        second = env.spawn_worker_with(&props(1));
+        wait_shared(env, &[&first, &second]).await;
+        env.note(&format!(
+            "second back with {} orders produced",
+            pacer.produced()
+        ));
+    };
+    tokio::join!(producing, restarting);
+    let expected = single_batch_model(&stock, &orders);
+    assert_allocated_once(
+        env,
+        &expected,
+        (SKUS + orders.len()) as i64,
+        RECOVERY_DEADLINE,
+    )
+    .await;
+    first.assert_running();
+    second.assert_running();
+}
+
+/// Issue 24 item 4: cooperative-sticky assignment (incremental assign and
+/// unassign, done by rdkafka's rebalance handling; the worker's callbacks
+/// see only the partitions that move) across a rolling restart.
+#[tokio::test]
+async fn cooperative_sticky_assignment_loses_nothing_across_a_rolling_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let properties = format!("{KAFKA_PROPERTIES},partition.assignment.strategy=cooperative-sticky");
+    rolling_restart(&env, [properties.clone(), properties]).await;
+    env.finish().await;
+}
+
+/// Issue 24 item 4: static membership (`group.instance.id`, one per
+/// instance, the same after its restart) across a rolling restart. Ignored
+/// here: the Tansu broker of these tests never settles such a group (the
+/// first member is revoked when the second joins and is never assigned
+/// again; the second is assigned and revoked every 6 s; docs/design.md,
+/// "Group membership"). Run it against Kafka with `--ignored`.
+#[tokio::test]
+#[ignore = "Tansu never settles a group with static members (docs/design.md, Group membership)"]
+async fn static_membership_loses_nothing_across_a_rolling_restart() {
+    let _serial = SERIAL.lock().await;
+    let env = TestEnv::new().await;
+    let id = |i: usize| {
+        format!(
+            "{KAFKA_PROPERTIES},group.instance.id=worker-{i}-{}",
+            env.suffix
+        )
+    };
+    rolling_restart(&env, [id(0), id(1)]).await;
+    env.finish().await;
+}
+
+/// Issue 22 finding 2: with several instances, a late reference is not
+/// dead-lettered while another instance holds it unread. Two instances
+/// share the partitions; the second is frozen (SIGSTOP, for less than the
+/// session timeout, so the group does not move). A batch is then produced
+/// to a partition of the batch topic the second holds, and an order for it
+/// to a partition of the order topic the first holds. The first is caught
+/// up on its own batch partitions, and its window used to run: the order
+/// was dead-lettered `unknown-sku` after the 2 s window. Now it counts only
+/// while the whole group has caught up: for three windows nothing is
+/// dead-lettered, and once the second runs again the order is allocated.
+#[tokio::test]
+async fn a_late_reference_held_by_a_frozen_instance_is_not_dead_lettered() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let _serial = SERIAL.lock().await;
+    const WINDOW: Duration = Duration::from_secs(2);
+    let env = TestEnv::new().await;
+    let extra = [
+        (
+            "KAFKA_PROPERTIES",
+            "session.timeout.ms=12000,heartbeat.interval.ms=1000",
+        ),
+        ("UNKNOWN_REFERENCE_TIMEOUT", "2s"),
+    ];
+    let first = env.spawn_worker_with(&extra);
+    let mut second = env.spawn_worker_with(&extra);
+    let shared = wait_shared(&env, &[&first, &second]).await;
+    let pick = |held: &BTreeSet<String>, topic: &str| -> Option<i32> {
+        held.iter()
+            .find_map(|p| p.strip_prefix(&format!("{topic}/"))?.parse().ok())
+    };
+    let (bc, ar) = (
+        env.topics.batch_created.clone(),
+        env.topics.allocation_required.clone(),
+    );
+    let (Some(batch_partition), Some(order_partition)) =
+        (pick(&shared[1], &bc), pick(&shared[0], &ar))
+    else {
+        panic!("no batch partition on the second or no order partition on the first: {shared:?}");
+    };
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap_servers)
+        .create()
+        .expect("producer");
+    let (sku, batch, orderid) = (unique("sku"), unique("batch"), unique("order"));
+
+    let stop = |signal: &str, pid: i32| {
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {pid}");
+    };
+    stop("-STOP", second.pid());
+    let frozen_at = std::time::Instant::now();
+    let value = json!({"ref": batch, "sku": sku, "qty": 10}).to_string();
+    producer
+        .send(
+            FutureRecord::to(&bc)
+                .partition(batch_partition)
+                .key(&sku)
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing the batch: {e}"));
+    let value = json!({"orderid": orderid, "sku": sku, "qty": 1}).to_string();
+    producer
+        .send(
+            FutureRecord::to(&ar)
+                .partition(order_partition)
+                .key(&sku)
+                .payload(&value),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("producing the order: {e}"));
+    // Three windows with the batch unread by the frozen instance: the order
+    // waits, nothing is dead-lettered (polled until then).
+    let mut letters = Vec::new();
+    while frozen_at.elapsed() < 3 * WINDOW + Duration::from_secs(1) {
+        letters = env.records_on(&env.topics.dead_letter);
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop("-CONT", second.pid());
+    check!(
+        env,
+        letters.is_empty(),
+        "dead-lettered while the reference sat unread on the frozen instance: {:?}",
+        letters.iter().map(|r| r.summary()).collect::<Vec<_>>()
+    );
+    env.wait_for_count(
+        "the order allocated once the second instance runs again",
+        &env.topics.allocated,
+        1,
+        DEADLINE,
+        |r| r.field("orderid") == orderid,
+    )
+    .await;
+    check!(
+        env,
+        env.records_on(&env.topics.dead_letter).is_empty(),
+        "a dead letter after all"
+    );
+    second.assert_running();
+    drop(first);
     drop(second);
     env.finish().await;
 }

@@ -5,7 +5,7 @@
 //! the batch processor ([`PgStore`]), on a kept connection and within the
 //! partitions' share of the pool.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPool;
@@ -39,7 +39,17 @@ pub struct PgUnitOfWork<'c> {
     processed: Vec<String>,
     /// Written with the batch (`partition_positions`), if recorded.
     position: Option<ReadPosition>,
+    /// Quantity-change positions (see [`BatchUnitOfWork::superseded`]):
+    /// read from `batch_quantity_positions`, by batch, topic and partition
+    /// (`None`: no row)...
+    positions_read: HashMap<PositionKey, Option<i64>>,
+    /// ...and those of the changes applied in this unit of work, written
+    /// with them.
+    positions_applied: HashMap<PositionKey, i64>,
 }
+
+/// A batch, and the topic and partition a change to it came from.
+type PositionKey = (BatchRef, String, i32);
 
 impl<'c> PgUnitOfWork<'c> {
     /// Begins on `conn`: the pool, or a connection in hand (see
@@ -60,6 +70,8 @@ impl<'c> PgUnitOfWork<'c> {
             outbox: Vec::new(),
             processed: Vec::new(),
             position: None,
+            positions_read: HashMap::new(),
+            positions_applied: HashMap::new(),
         })
     }
 }
@@ -270,6 +282,52 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
         self.products.reset();
         self.outbox.clear();
         self.processed.clear();
+        self.positions_applied.clear();
+    }
+
+    /// Only a replay can be older than what was applied: a change read where
+    /// it was published comes after every change of its partition applied
+    /// before it, and simply applies (which also keeps a topic that was
+    /// recreated, its offsets starting again, from looking old).
+    async fn superseded(
+        &mut self,
+        message: &InboundMessage,
+        reference: &BatchRef,
+    ) -> Result<bool, RepositoryError> {
+        let position = message.order_position();
+        if !position.replayed {
+            return Ok(false);
+        }
+        let key = (reference.clone(), position.topic, position.partition);
+        let last = match self.positions_applied.get(&key) {
+            Some(offset) => Some(*offset),
+            None => match self.positions_read.get(&key) {
+                Some(read) => *read,
+                None => {
+                    let read: Option<i64> = sqlx::query_scalar(
+                        "SELECT applied_offset FROM batch_quantity_positions \
+                         WHERE batch_ref = $1 AND topic = $2 AND partition = $3",
+                    )
+                    .bind(key.0.as_str())
+                    .bind(&key.1)
+                    .bind(key.2)
+                    .fetch_optional(&mut *self.products.tx)
+                    .await
+                    .map_err(classify)?;
+                    self.positions_read.insert(key, read);
+                    read
+                }
+            },
+        };
+        Ok(last.is_some_and(|last| last > position.offset))
+    }
+
+    fn quantity_changed(&mut self, message: &InboundMessage, reference: &BatchRef) {
+        let position = message.order_position();
+        self.positions_applied.insert(
+            (reference.clone(), position.topic, position.partition),
+            position.offset,
+        );
     }
 
     fn dead_letter(
@@ -301,6 +359,31 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
         .await?;
         if let Some(position) = &self.position {
             writes::save_position(&mut self.products.tx, position).await?;
+        }
+        if !self.positions_applied.is_empty() {
+            let mut refs = Vec::with_capacity(self.positions_applied.len());
+            let mut topics = Vec::with_capacity(refs.capacity());
+            let mut partitions = Vec::with_capacity(refs.capacity());
+            let mut offsets = Vec::with_capacity(refs.capacity());
+            for ((reference, topic, partition), offset) in &self.positions_applied {
+                refs.push(reference.as_str());
+                topics.push(topic.as_str());
+                partitions.push(*partition);
+                offsets.push(*offset);
+            }
+            sqlx::query(
+                "INSERT INTO batch_quantity_positions (batch_ref, topic, partition, applied_offset) \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) \
+                 ON CONFLICT (batch_ref, topic, partition) \
+                 DO UPDATE SET applied_offset = EXCLUDED.applied_offset",
+            )
+            .bind(&refs)
+            .bind(&topics)
+            .bind(&partitions)
+            .bind(&offsets)
+            .execute(&mut *self.products.tx)
+            .await
+            .map_err(classify)?;
         }
         tracing::debug!(saved = ?started.elapsed(), outbox_rows = self.outbox.len(), "batch writes");
         let PgProductRepository {
