@@ -126,8 +126,10 @@ pub async fn check(
             .iter()
             .zip(&results)
             .map(|(topic, result)| {
+                // Not logged here: this runs before the log's first line,
+                // which names the build (what it finds comes back as
+                // warnings, logged after that line).
                 let redelivery = redelivery_of(result);
-                tracing::debug!(topic, ?redelivery, "inbound topic retention");
                 judge(topic, &redelivery, idempotency)
             })
             .collect(),
