@@ -555,6 +555,9 @@ struct CpuMeter {
     postmaster: Option<u32>,
     broker: Option<u32>,
     db_name: String,
+    /// `BENCH_BROKER_DATABASE`: the database a broker with PostgreSQL
+    /// storage keeps its log in (scripts/long-run-broker.sh prints it).
+    broker_db: Option<String>,
     tck: f64,
     state: Mutex<MeterState>,
 }
@@ -576,17 +579,23 @@ impl CpuMeter {
             postmaster,
             broker,
             db_name: db_name.to_owned(),
+            broker_db: std::env::var("BENCH_BROKER_DATABASE")
+                .ok()
+                .filter(|d| !d.is_empty()),
             tck: clk_tck(),
             state: Mutex::new(MeterState::default()),
         }
     }
 
-    /// The PostgreSQL processes of this run (see the type's comment).
-    fn postgres_pids(&self) -> Vec<u32> {
+    /// The PostgreSQL processes of this run (see the type's comment), as
+    /// (class, pid): 1 for PostgreSQL, 2 for the backends of a broker that
+    /// stores its log in PostgreSQL (`BENCH_BROKER_DATABASE`), which are the
+    /// broker's cost.
+    fn postgres_pids(&self) -> Vec<(u8, u32)> {
         let Some(postmaster) = self.postmaster else {
             return Vec::new();
         };
-        let mut pids = vec![postmaster];
+        let mut pids = vec![(1, postmaster)];
         let Ok(dir) = std::fs::read_dir("/proc") else {
             return pids;
         };
@@ -610,10 +619,11 @@ impl CpuMeter {
             }
             let title = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let title = String::from_utf8_lossy(&title).replace('\0', " ");
-            let ours = title.split_whitespace().any(|t| t == self.db_name)
-                || PG_SHARED.iter().any(|k| title.contains(k));
-            if ours {
-                pids.push(pid);
+            let names = |db: &str| title.split_whitespace().any(|t| t == db);
+            if names(&self.db_name) || PG_SHARED.iter().any(|k| title.contains(k)) {
+                pids.push((1, pid));
+            } else if self.broker_db.as_deref().is_some_and(names) {
+                pids.push((2, pid));
             }
         }
         pids
@@ -626,8 +636,8 @@ impl CpuMeter {
         if let Some(b) = self.broker {
             seen.push(((2, b), cpu_seconds(b, self.tck)));
         }
-        for pid in self.postgres_pids() {
-            seen.push(((1, pid), cpu_seconds(pid, self.tck)));
+        for (class, pid) in self.postgres_pids() {
+            seen.push(((class, pid), cpu_seconds(pid, self.tck)));
         }
         let mut state = self.state.lock().unwrap();
         let started = state.started;
@@ -656,11 +666,14 @@ impl CpuMeter {
     fn describe(&self) -> String {
         let pid = |p: Option<u32>| p.map_or("not found".to_owned(), |p| format!("pid {p}"));
         format!(
-            "CPU measured separately: worker pid {}, PostgreSQL postmaster {} (with its processes for database {}), broker {}",
+            "CPU measured separately: worker pid {}, PostgreSQL postmaster {} (with its processes for database {}), broker {}{}",
             self.worker,
             pid(self.postmaster),
             self.db_name,
-            pid(self.broker)
+            pid(self.broker),
+            self.broker_db
+                .as_ref()
+                .map_or(String::new(), |d| format!(" (with PostgreSQL's backends for database {d})"))
         )
     }
 }
