@@ -1374,6 +1374,20 @@ async fn soak(bench: &mut Bench, args: &Args, rate: u64, bootstrap: &str, pid: u
         fit(&|r| r.cpu.broker),
         fit(&|r| r.p99)
     );
+    if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+        println!(
+            "first report -> last: RSS {:.1} -> {:.1} MiB; CPU ms per 1000 msgs worker+postgres \
+             {:.1} -> {:.1}, broker {:.1} -> {:.1}; p99 {:.1} -> {:.1} ms",
+            a.rss_mib,
+            b.rss_mib,
+            a.cpu.worker + a.cpu.postgres,
+            b.cpu.worker + b.cpu.postgres,
+            a.cpu.broker,
+            b.cpu.broker,
+            a.p99,
+            b.p99
+        );
+    }
     let rss_max = rows.iter().map(|r| r.rss_mib).fold(0.0, f64::max);
     let rss_ok = hwm_mib <= args.rss_limit_mib;
     println!(
