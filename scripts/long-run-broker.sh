@@ -31,14 +31,16 @@
 # Tansu's is copied into this repository.
 #
 # Environment: TANSU_PORT (9094), TANSU_DATABASE (tansu_long_run, created on
-# the server of scripts/services.sh, owned by its role `allocation`).
+# the server of scripts/services.sh, owned by its role `allocation`),
+# TANSU_BIN (a tansu 0.6.0 built with the postgres feature already; default
+# .run/tansu-pg/bin/tansu, built if missing).
 
 LRB_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LRB_RUN="$LRB_ROOT/.run"
 LRB_PORT="${TANSU_PORT:-9094}"
 LRB_DB="${TANSU_DATABASE:-tansu_long_run}"
 LRB_VERSION=0.6.0
-LRB_BIN="$LRB_RUN/tansu-pg/bin/tansu"
+LRB_BIN="${TANSU_BIN:-$LRB_RUN/tansu-pg/bin/tansu}"
 LRB_PIDFILE="$LRB_RUN/tansu-pg.pid"
 LRB_LOG="$LRB_RUN/tansu-pg.log"
 
