@@ -118,6 +118,10 @@ _lrb_up() (
     mkdir -p "$LRB_RUN"
 
     if ! [ -x "$LRB_BIN" ] || [ "$("$LRB_BIN" --version 2>/dev/null)" != "tansu $LRB_VERSION" ]; then
+        if [ -n "${TANSU_BIN:-}" ]; then
+            _lrb_log "ERROR: TANSU_BIN=$TANSU_BIN is not tansu $LRB_VERSION"
+            exit 1
+        fi
         _lrb_log "building Tansu $LRB_VERSION with PostgreSQL storage from crates.io (about 8 minutes; log: .run/tansu-pg-install.log)"
         CARGO_TARGET_DIR="${TANSU_CARGO_TARGET_DIR:-$LRB_RUN/tansu-pg-target}" \
             cargo install tansu --version "$LRB_VERSION" --locked \
