@@ -27,8 +27,9 @@
 # from cargo's registry after the install, to PostgreSQL types: the types are
 # those the engine binds (src/pg.rs: ids INT4 except a producer's INT8,
 # offsets INT8, attributes and producer epochs INT2, timestamps TIMESTAMPTZ,
-# a topic's uuid UUID, a group's e_tag UUID and detail JSON). Nothing of
-# Tansu's is copied into this repository.
+# a topic's uuid UUID, a group's e_tag UUID and detail JSON), plus the
+# column `record.transaction_id` that the engine's own fetch statement reads
+# (see _lrb_schema). Nothing of Tansu's is copied into this repository.
 #
 # Environment: TANSU_PORT (9094), TANSU_DATABASE (tansu_long_run, created on
 # the server of scripts/services.sh, owned by its role `allocation`),
@@ -107,6 +108,14 @@ _lrb_schema() {
             override["consumer_group_detail.e_tag"] = "uuid"
             override["consumer_group_detail.detail"] = "json"
         }'
+    # The one statement of the PostgreSQL engine of its own
+    # (src/pg/record_fetch.sql) reads `record.transaction_id <
+    # pg_snapshot_xmin(pg_current_snapshot())`: a record is served once the
+    # transaction that wrote it is older than every running one, so a fetch
+    # never skips an offset a slower producer has yet to commit. So the
+    # column is the writer's transaction id, an xid8, set by default (the
+    # engine writes records by COPY without it).
+    echo "alter table record add column if not exists transaction_id xid8 not null default pg_current_xact_id();"
 }
 
 _lrb_up() (
@@ -156,7 +165,7 @@ _lrb_up() (
         _lrb_log "creating database $LRB_DB"
         psql "$admin_url" -Xqc "create database $LRB_DB" >&2
     fi
-    _lrb_schema "$ddl" | psql "$url" -Xq -v ON_ERROR_STOP=1 >&2
+    _lrb_schema "$ddl" | PGOPTIONS="-c client_min_messages=warning" psql "$url" -Xq -v ON_ERROR_STOP=1 >&2
 
     if ! _lrb_port_open; then
         _lrb_log "starting Tansu with PostgreSQL storage on 127.0.0.1:$LRB_PORT (log: .run/tansu-pg.log)"
