@@ -1474,17 +1474,30 @@ async fn run() -> Res<bool> {
     }
     let suffix = random_hex();
     let mode = if args.small { "small" } else { "full" };
-    eprintln!(
-        "bench ({mode}, seed {}): {} SKUs x 3 batches, {} allocations, {} quantity changes; \
-         latency run {} s at {} msg/s; worker {}",
-        args.seed,
-        sizes.skus,
-        sizes.allocations,
-        sizes.changes,
-        sizes.latency_secs,
-        sizes.latency_rate,
-        bin.display()
-    );
+    if let Some(rate) = args.soak_rate {
+        eprintln!(
+            "bench (soak, seed {}): {} SKUs of the steady stream at {rate} msg/s for {} s, \
+             history {} lines per product; worker {}",
+            args.seed,
+            args.products.unwrap_or(2_000),
+            args.soak_duration.as_secs(),
+            args.history,
+            bin.display()
+        );
+    } else {
+        eprintln!(
+            "bench ({mode}, seed {}): {} SKUs x 3 batches, {} allocations, {} quantity changes; \
+             history {} lines per product; latency run {} s at {} msg/s; worker {}",
+            args.seed,
+            sizes.skus,
+            sizes.allocations,
+            sizes.changes,
+            args.history,
+            sizes.latency_secs,
+            sizes.latency_rate,
+            bin.display()
+        );
+    }
 
     // Database.
     let db_name = format!("aw_bench_{suffix}");
