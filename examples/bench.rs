@@ -121,6 +121,36 @@ struct Args {
     /// published outbox rows dated an hour ago, so that a retention shorter
     /// than that has rows to delete all through the phases.
     backlog: i64,
+    /// `--products N`: catalogue width, the SKUs the standard workload (or
+    /// the soak's stream) spreads over.
+    products: Option<usize>,
+    /// `--history N`: before the timed phases, every product gets N
+    /// allocation lines, made by the worker from AllocationRequired messages.
+    history: u64,
+    /// `--soak-rate R`: instead of the phases, a steady R msg/s of the
+    /// generator's steady stream for `--soak-duration`.
+    soak_rate: Option<u64>,
+    soak_duration: Duration,
+    /// Seconds between two soak reports (60; shorter only for smoke runs).
+    soak_report_secs: u64,
+    /// The soak fails when the worker's peak RSS exceeds this.
+    rss_limit_mib: f64,
+}
+
+/// `90`, `90s`, `30m`, `2h`.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" | "min" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 fn parse_args() -> Res<Args> {
@@ -132,6 +162,12 @@ fn parse_args() -> Res<Args> {
         latency_secs: None,
         retention: None,
         backlog: 0,
+        products: None,
+        history: 0,
+        soak_rate: None,
+        soak_duration: Duration::from_secs(30 * 60),
+        soak_report_secs: 60,
+        rss_limit_mib: 64.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -174,9 +210,52 @@ fn parse_args() -> Res<Args> {
                     .filter(|&n| n >= 0)
                     .ok_or("--backlog needs a row count")?
             }
+            "--products" => {
+                args.products = Some(
+                    it.next()
+                        .and_then(|s| s.parse().ok())
+                        .filter(|&n| n > 0)
+                        .ok_or("--products needs a positive integer")?,
+                )
+            }
+            "--history" => {
+                args.history = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("--history needs a line count per product")?
+            }
+            "--soak-rate" => {
+                args.soak_rate = Some(
+                    it.next()
+                        .and_then(|s| s.parse().ok())
+                        .filter(|&r| r > 0)
+                        .ok_or("--soak-rate needs a positive integer (msg/s)")?,
+                )
+            }
+            "--soak-duration" => {
+                args.soak_duration = it
+                    .next()
+                    .as_deref()
+                    .and_then(parse_duration)
+                    .ok_or("--soak-duration needs a duration such as 90s, 30m or 2h")?
+            }
+            "--soak-report-secs" => {
+                args.soak_report_secs = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&r| r > 0)
+                    .ok_or("--soak-report-secs needs a positive integer")?
+            }
+            "--rss-limit-mib" => {
+                args.rss_limit_mib = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&r: &f64| r > 0.0)
+                    .ok_or("--rss-limit-mib needs a positive number")?
+            }
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--small] [--seed N] [--keep] [--latency-rate MSG_PER_S] [--latency-secs S] [--retention DURATION] [--backlog ROWS]"
+                    "usage: bench [--small] [--seed N] [--keep] [--latency-rate MSG_PER_S] [--latency-secs S] [--retention DURATION] [--backlog ROWS] [--products N] [--history LINES_PER_PRODUCT] [--soak-rate MSG_PER_S [--soak-duration 30m] [--soak-report-secs 60] [--rss-limit-mib 64]]"
                 );
                 std::process::exit(0);
             }
@@ -198,18 +277,34 @@ struct Msg {
     key: String,
     value: Vec<u8>,
     orderid: Option<String>,
+    /// The order line (orderid and SKU, see [`line_key`]): an order of the
+    /// steady stream has several lines under one orderid.
+    line: Option<String>,
+}
+
+/// What names one order line in the inbound message and in its decision.
+fn line_key(orderid: &str, sku: &str) -> String {
+    format!("{orderid}\u{1}{sku}")
 }
 
 impl From<GeneratedMessage> for Msg {
     fn from(m: GeneratedMessage) -> Self {
-        let orderid = serde_json::from_slice::<serde_json::Value>(&m.value)
-            .ok()
-            .and_then(|v| v.get("orderid")?.as_str().map(str::to_owned));
+        let v = serde_json::from_slice::<serde_json::Value>(&m.value).ok();
+        let field = |name: &str| {
+            v.as_ref()
+                .and_then(|v| v.get(name)?.as_str().map(str::to_owned))
+        };
+        let orderid = field("orderid");
+        let line = orderid
+            .as_deref()
+            .zip(field("sku"))
+            .map(|(o, s)| line_key(o, &s));
         Msg {
             kind: m.topic_kind,
             key: m.key,
             value: m.value,
             orderid,
+            line,
         }
     }
 }
@@ -343,6 +438,256 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+// ------------------------------------------------------- CPU of each process
+
+/// CPU seconds (utime + stime) of the worker, of PostgreSQL and of the
+/// broker, each measured on its own, so that a figure says which one limits.
+#[derive(Clone, Copy, Default, Debug)]
+struct Cpu {
+    worker: f64,
+    postgres: f64,
+    broker: f64,
+}
+
+impl std::ops::Sub for Cpu {
+    type Output = Cpu;
+    fn sub(self, o: Cpu) -> Cpu {
+        Cpu {
+            worker: self.worker - o.worker,
+            postgres: self.postgres - o.postgres,
+            broker: self.broker - o.broker,
+        }
+    }
+}
+
+impl std::ops::Add for Cpu {
+    type Output = Cpu;
+    fn add(self, o: Cpu) -> Cpu {
+        Cpu {
+            worker: self.worker + o.worker,
+            postgres: self.postgres + o.postgres,
+            broker: self.broker + o.broker,
+        }
+    }
+}
+
+impl Cpu {
+    /// Milliseconds of CPU per 1,000 messages of each process.
+    fn per_1000(self, messages: usize) -> Cpu {
+        let k = 1e6 / messages.max(1) as f64;
+        Cpu {
+            worker: self.worker * k,
+            postgres: self.postgres * k,
+            broker: self.broker * k,
+        }
+    }
+}
+
+/// The pid listening on TCP `port` on this machine: its listening socket's
+/// inode from /proc/net/tcp{,6}, then the process holding that inode.
+/// PostgreSQL's backends close the postmaster's listening sockets when they
+/// fork, so for PostgreSQL's port this is the postmaster.
+fn listener_pid(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (field 10); 0A = LISTEN.
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let local_port = f[1]
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The port of a `host:port` (the first of a comma-separated list) or of a
+/// URL's authority.
+fn port_of(address: &str, default: u16) -> u16 {
+    let first = address.split(',').next().unwrap_or("");
+    let authority = first.split_once("://").map_or(first, |(_, r)| r);
+    let authority = authority.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, r)| r);
+    host_port
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Samples the CPU of the worker, PostgreSQL and the broker.
+///
+/// PostgreSQL is the postmaster (the process listening on the database's
+/// port) and those of its children that work for this run: the backends
+/// and autovacuum workers of the bench's database (their process title
+/// names it) and the shared writers (checkpointer, background writer,
+/// walwriter). Backends of other databases on the same server (other
+/// people's tests) are left out. A process is followed from one sample to
+/// the next by pid, so a short-lived one (an autovacuum worker) counts for
+/// what it used between the samples it was seen in; a background thread
+/// samples every 500 ms, so little is lost.
+struct CpuMeter {
+    worker: u32,
+    postmaster: Option<u32>,
+    broker: Option<u32>,
+    db_name: String,
+    /// `BENCH_BROKER_DATABASE`: the database a broker with PostgreSQL
+    /// storage keeps its log in (scripts/long-run-broker.sh prints it).
+    broker_db: Option<String>,
+    tck: f64,
+    state: Mutex<MeterState>,
+}
+
+#[derive(Default)]
+struct MeterState {
+    /// Last CPU seen per (process class, pid).
+    last: HashMap<(u8, u32), f64>,
+    totals: Cpu,
+    started: bool,
+}
+
+const PG_SHARED: [&str; 3] = ["checkpointer", "background writer", "walwriter"];
+
+impl CpuMeter {
+    fn new(worker: u32, postmaster: Option<u32>, broker: Option<u32>, db_name: &str) -> Self {
+        CpuMeter {
+            worker,
+            postmaster,
+            broker,
+            db_name: db_name.to_owned(),
+            broker_db: std::env::var("BENCH_BROKER_DATABASE")
+                .ok()
+                .filter(|d| !d.is_empty()),
+            tck: clk_tck(),
+            state: Mutex::new(MeterState::default()),
+        }
+    }
+
+    /// The PostgreSQL processes of this run (see the type's comment), as
+    /// (class, pid): 1 for PostgreSQL, 2 for the backends of a broker that
+    /// stores its log in PostgreSQL (`BENCH_BROKER_DATABASE`), which are the
+    /// broker's cost.
+    fn postgres_pids(&self) -> Vec<(u8, u32)> {
+        let Some(postmaster) = self.postmaster else {
+            return Vec::new();
+        };
+        let mut pids = vec![(1, postmaster)];
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return pids;
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            // f[0] is field 3 (state), f[1] field 4 (ppid).
+            let ppid = after
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid != Some(postmaster) {
+                continue;
+            }
+            let title = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let title = String::from_utf8_lossy(&title).replace('\0', " ");
+            let names = |db: &str| title.split_whitespace().any(|t| t == db);
+            if names(&self.db_name) || PG_SHARED.iter().any(|k| title.contains(k)) {
+                pids.push((1, pid));
+            } else if self.broker_db.as_deref().is_some_and(names) {
+                pids.push((2, pid));
+            }
+        }
+        pids
+    }
+
+    /// Samples every process now; returns the totals since the first sample.
+    fn sample(&self) -> Cpu {
+        let mut seen: Vec<((u8, u32), f64)> =
+            vec![((0, self.worker), cpu_seconds(self.worker, self.tck))];
+        if let Some(b) = self.broker {
+            seen.push(((2, b), cpu_seconds(b, self.tck)));
+        }
+        for (class, pid) in self.postgres_pids() {
+            seen.push(((class, pid), cpu_seconds(pid, self.tck)));
+        }
+        let mut state = self.state.lock().unwrap();
+        let started = state.started;
+        let mut last = HashMap::with_capacity(seen.len());
+        for (key, cpu) in seen {
+            // A process first seen after the first sample started after it:
+            // all its CPU is this run's.
+            let before = match state.last.get(&key) {
+                Some(&c) => c,
+                None if started => 0.0,
+                None => cpu,
+            };
+            let delta = (cpu - before).max(0.0);
+            match key.0 {
+                0 => state.totals.worker += delta,
+                1 => state.totals.postgres += delta,
+                _ => state.totals.broker += delta,
+            }
+            last.insert(key, cpu);
+        }
+        state.last = last;
+        state.started = true;
+        state.totals
+    }
+
+    fn describe(&self) -> String {
+        let pid = |p: Option<u32>| p.map_or("not found".to_owned(), |p| format!("pid {p}"));
+        format!(
+            "CPU measured separately: worker pid {}, PostgreSQL postmaster {} (with its processes for database {}), broker {}{}",
+            self.worker,
+            pid(self.postmaster),
+            self.db_name,
+            pid(self.broker),
+            self.broker_db
+                .as_ref()
+                .map_or(String::new(), |d| format!(" (with PostgreSQL's backends for database {d})"))
+        )
+    }
+}
+
+/// Samples `meter` every 500 ms until `stop`.
+fn start_meter(meter: Arc<CpuMeter>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            meter.sample();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    })
+}
+
 /// The status of `GET http://{addr}{path}`, `None` when nobody answers
 /// within 2 s.
 async fn http_status(addr: &str, path: &str) -> Option<u16> {
@@ -438,12 +783,13 @@ async fn idempotency_rows_removed(http_addr: &str) -> Res<i64> {
 
 // ------------------------------------------------------------------ witness
 
-/// First outbound event (Allocated or OutOfStock) per latency-run orderid:
-/// its Kafka timestamp in ms.
+/// First outbound event (Allocated or OutOfStock) per order line
+/// ([`line_key`]) of the latency run or the soak: its Kafka timestamp in ms.
 type Seen = Arc<Mutex<HashMap<String, i64>>>;
 
 fn start_witness(
     bootstrap: &str,
+    default_wait_ms: &str,
     topics: &[&str],
     prefix: String,
     stop: Arc<AtomicBool>,
@@ -455,7 +801,7 @@ fn start_witness(
         .set("enable.partition.eof", "false")
         .set(
             "fetch.wait.max.ms",
-            std::env::var("BENCH_WITNESS_WAIT_MS").unwrap_or("10".into()),
+            std::env::var("BENCH_WITNESS_WAIT_MS").unwrap_or(default_wait_ms.into()),
         )
         .create()?;
     let mut tpl = TopicPartitionList::new();
@@ -494,8 +840,12 @@ fn start_witness(
             if !is_decision {
                 continue;
             }
+            let sku = v.get("sku").and_then(|s| s.as_str()).unwrap_or("");
             let ts = m.timestamp().to_millis().unwrap_or(0);
-            out.lock().unwrap().entry(orderid.to_owned()).or_insert(ts);
+            out.lock()
+                .unwrap()
+                .entry(line_key(orderid, sku))
+                .or_insert(ts);
         }
     });
     Ok((seen, handle))
@@ -507,8 +857,7 @@ struct Bench {
     topics: Topics,
     producer: FutureProducer,
     db: PgPool,
-    pid: u32,
-    tck: f64,
+    meter: Arc<CpuMeter>,
     produced: usize,
     seq: u64,
     suffix: String,
@@ -524,7 +873,7 @@ struct PhaseResult {
     name: &'static str,
     messages: usize,
     secs: f64,
-    cpu: f64,
+    cpu: Cpu,
 }
 
 impl Bench {
@@ -569,6 +918,12 @@ impl Bench {
     /// Polls until every produced message is processed and every outbox row
     /// sent; prints progress every 2 s.
     async fn wait_done(&self, what: &str, timeout: Duration) -> Res<()> {
+        self.wait_done_every(what, timeout, Duration::from_secs(2))
+            .await
+    }
+
+    /// [`Self::wait_done`], printing progress every `every`.
+    async fn wait_done_every(&self, what: &str, timeout: Duration, every: Duration) -> Res<()> {
         let started = Instant::now();
         let mut last_print = Instant::now();
         loop {
@@ -592,7 +947,7 @@ impl Bench {
                     self.produced
                 ));
             }
-            if last_print.elapsed() >= Duration::from_secs(2) {
+            if last_print.elapsed() >= every {
                 eprintln!(
                     "  [{what}] +{:.0}s processed {processed}/{}, unsent outbox rows {unsent}",
                     started.elapsed().as_secs_f64(),
@@ -602,8 +957,10 @@ impl Bench {
             }
             // The durations come from the database's timestamps, not from
             // when this poll notices the end, so it can be sparse: counting
-            // every 50 ms took a few per cent of a core from PostgreSQL.
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // every 50 ms took a few per cent of a core from PostgreSQL. With
+            // a long history the count itself costs, so poll less often.
+            let pause = if self.produced > 200_000 { 1000 } else { 250 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
 
@@ -620,9 +977,106 @@ impl Bench {
         Ok(t.timestamp_micros())
     }
 
+    /// `--history N`: every product of `skus` gets a warehouse batch of
+    /// exactly N units, then N one-unit AllocationRequired, produced in bulk
+    /// and processed by the worker, so that each product carries N
+    /// allocation lines made as production makes them. The batch is then
+    /// full, so the timed phases allocate from their own batches as they do
+    /// on a fresh database: only the history behind each product differs.
+    /// Messages of one SKU share a partition, so each batch is created
+    /// before its lines arrive.
+    async fn history(&mut self, skus: &[String], per_product: u64) -> Res<PhaseResult> {
+        let width = skus.len() as u64;
+        let total = width * per_product;
+        eprintln!(
+            "history: {per_product} allocation lines for each of {width} products \
+             ({total} AllocationRequired), through the worker"
+        );
+        let cpu0 = self.meter.sample();
+        let t0 = now_micros();
+        let mut ds = Vec::with_capacity(skus.len());
+        for (i, sku) in skus.iter().enumerate() {
+            let value = serde_json::json!({
+                "ref": format!("hist-batch-{i:05}"),
+                "sku": sku,
+                "qty": per_product,
+                "eta": null,
+            });
+            ds.push(self.send(&Msg {
+                kind: InboundKind::BatchCreated,
+                key: sku.clone(),
+                value: serde_json::to_vec(&value)?,
+                orderid: None,
+                line: None,
+            })?);
+        }
+        Self::await_deliveries(ds).await?;
+        // Two chunks in flight: the producer keeps busy while the previous
+        // chunk's acknowledgements are awaited, and the bench's memory stays
+        // bounded whatever N is.
+        const CHUNK: u64 = 20_000;
+        let mut in_flight: Option<Vec<rdkafka::producer::DeliveryFuture>> = None;
+        let mut next_print = Instant::now() + Duration::from_secs(10);
+        let mut n = 0;
+        while n < total {
+            let end = (n + CHUNK).min(total);
+            let mut ds = Vec::with_capacity((end - n) as usize);
+            for j in n..end {
+                let i = (j % width) as usize;
+                let sku = &skus[i];
+                let value = serde_json::json!({
+                    "orderid": format!("hist-{i:05}-{:06}", j / width),
+                    "sku": sku,
+                    "qty": 1,
+                });
+                ds.push(self.send(&Msg {
+                    kind: InboundKind::AllocationRequired,
+                    key: sku.clone(),
+                    value: serde_json::to_vec(&value)?,
+                    orderid: None,
+                    line: None,
+                })?);
+            }
+            if let Some(previous) = in_flight.replace(ds) {
+                Self::await_deliveries(previous).await?;
+            }
+            n = end;
+            if Instant::now() >= next_print {
+                eprintln!("  [history] produced {n}/{total}");
+                next_print = Instant::now() + Duration::from_secs(10);
+            }
+        }
+        if let Some(last) = in_flight {
+            Self::await_deliveries(last).await?;
+        }
+        // The worker slows as history grows (the point of measuring it), so
+        // the deadline allows 100 msg/s.
+        let timeout = Duration::from_secs(600 + total / 100);
+        self.wait_done_every("history", timeout, Duration::from_secs(10))
+            .await?;
+        let t1 = self.last_activity().await?;
+        let r = PhaseResult {
+            name: "history",
+            messages: (total + width) as usize,
+            secs: (t1 - t0).max(1) as f64 / 1e6,
+            cpu: self.meter.sample() - cpu0,
+        };
+        let k = r.cpu.per_1000(r.messages);
+        eprintln!(
+            "history: {} msgs in {:.1}s = {:.0} msg/s; CPU ms per 1000 msgs: worker {:.1}, PostgreSQL {:.1}, broker {:.1}",
+            r.messages,
+            r.secs,
+            r.messages as f64 / r.secs,
+            k.worker,
+            k.postgres,
+            k.broker
+        );
+        Ok(r)
+    }
+
     async fn phase(&mut self, name: &'static str, msgs: &[Msg]) -> Res<PhaseResult> {
         eprintln!("phase {name}: producing {} messages", msgs.len());
-        let cpu0 = cpu_seconds(self.pid, self.tck);
+        let cpu0 = self.meter.sample();
         let t0 = now_micros();
         let mut deliveries = Vec::with_capacity(msgs.len());
         for m in msgs {
@@ -632,7 +1086,7 @@ impl Bench {
         let timeout = Duration::from_secs(120 + msgs.len() as u64 / 20);
         self.wait_done(name, timeout).await?;
         let t1 = self.last_activity().await?;
-        let cpu = cpu_seconds(self.pid, self.tck) - cpu0;
+        let cpu = self.meter.sample() - cpu0;
         let secs = (t1 - t0).max(1) as f64 / 1e6;
         let r = PhaseResult {
             name,
@@ -640,13 +1094,15 @@ impl Bench {
             secs,
             cpu,
         };
+        let k = r.cpu.per_1000(r.messages);
         eprintln!(
-            "phase {name}: {} msgs in {:.2}s = {:.0} msg/s, CPU {:.2}s ({:.3} s per 1000 msgs)",
+            "phase {name}: {} msgs in {:.2}s = {:.0} msg/s; CPU ms per 1000 msgs: worker {:.1}, PostgreSQL {:.1}, broker {:.1}",
             r.messages,
             r.secs,
             r.messages as f64 / r.secs,
-            r.cpu,
-            r.cpu * 1000.0 / r.messages as f64
+            k.worker,
+            k.postgres,
+            k.broker
         );
         Ok(r)
     }
@@ -658,6 +1114,333 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Sets the flag when dropped, so that a sampling thread stops however the
+/// run ends.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The SKUs a stock's batches are of, in order.
+fn skus_of(stock: &[Msg]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    stock
+        .iter()
+        .filter(|m| m.kind == InboundKind::BatchCreated && seen.insert(m.key.clone()))
+        .map(|m| m.key.clone())
+        .collect()
+}
+
+/// The slope of the least-squares line through `(x, y)`; NaN with fewer
+/// than two distinct x.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx > 0.0 {
+        sxy / sxx
+    } else {
+        f64::NAN
+    }
+}
+
+/// One report of the soak.
+struct SoakRow {
+    /// End of the window, hours since the soak began.
+    at_h: f64,
+    rate: f64,
+    latencies: usize,
+    p50: f64,
+    p99: f64,
+    rss_mib: f64,
+    /// CPU ms per 1,000 messages processed in the window.
+    cpu: Cpu,
+}
+
+/// The soak: the generator's steady stream (stock, then order lines with
+/// restocks, quantity drops and a few out-of-stock bulk orders) over
+/// `--products` SKUs (2,000 by default), offered at `rate` msg/s for
+/// `--soak-duration`. Every `--soak-report-secs` (60) it prints the window's
+/// processed msg/s, the p50/p99 of the order lines sent in it (outbound
+/// Kafka timestamp − inbound produce; a line is counted once its decision is
+/// read, so a line sent in the last 5 s of a window counts in the next),
+/// the worker's RSS, and CPU per 1,000 messages of the worker, PostgreSQL
+/// and the broker. At the end: the slope per hour of a least-squares fit of
+/// RSS, CPU per message and p99, and whether the worker's peak RSS stayed
+/// under `--rss-limit-mib`.
+async fn soak(bench: &mut Bench, args: &Args, rate: u64, bootstrap: &str, pid: u32) -> Res<bool> {
+    let products = args.products.unwrap_or(2_000);
+    let mut workload = Workload::new(WorkloadSettings::steady(args.seed, products as u32));
+    let stock_len = workload.settings().stock_len() as usize;
+    let stock = take(&mut workload, stock_len);
+    if args.history > 0 {
+        bench.history(&skus_of(&stock), args.history).await?;
+    }
+    eprintln!("soak: publishing the stock of {products} products ({stock_len} batches)");
+    let mut ds = Vec::with_capacity(stock.len());
+    for m in &stock {
+        ds.push(bench.send(m)?);
+    }
+    Bench::await_deliveries(ds).await?;
+    bench
+        .wait_done(
+            "soak stock",
+            Duration::from_secs(600 + stock_len as u64 / 100),
+        )
+        .await?;
+
+    // The witness reads the decisions all through the soak. Their Kafka
+    // timestamps are set when the worker publishes them, so a long fetch
+    // wait (500 ms, light on the broker) delays the reading, not the figure.
+    let stop_witness = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let (seen, witness) = start_witness(
+        bootstrap,
+        "500",
+        &[
+            &bench.topics.allocated,
+            &bench.topics.out_of_stock,
+            &bench.topics.deallocated,
+        ],
+        format!("order-S{}-", args.seed),
+        stop_witness.0.clone(),
+    )?;
+
+    let duration = args.soak_duration;
+    let every = Duration::from_secs(args.soak_report_secs);
+    let total_due = (duration.as_secs_f64() * rate as f64) as u64;
+    eprintln!(
+        "soak: {rate} msg/s offered for {}s over {products} products, a report every {}s",
+        duration.as_secs(),
+        every.as_secs()
+    );
+    println!("CPU: milliseconds of CPU per 1,000 messages processed in the window, each process on its own");
+    println!(
+        "{:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8}",
+        "minute", "msg/s", "lines", "p50 ms", "p99 ms", "RSS MiB", "worker", "postgres", "broker"
+    );
+    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut pending = Vec::new();
+    let mut sent_at: HashMap<String, i64> = HashMap::new();
+    let mut rows: Vec<SoakRow> = Vec::new();
+    let mut lost = 0usize;
+    let t0 = Instant::now();
+    let mut window_start = t0;
+    let mut window_wall: DateTime<Utc> = Utc::now();
+    let mut cpu_prev = bench.meter.sample();
+    let mut next_report = t0 + every;
+    let mut sent = 0u64;
+    loop {
+        let now = Instant::now();
+        let elapsed = now - t0;
+        let due = ((elapsed.as_secs_f64() * rate as f64) as u64).min(total_due);
+        while sent < due {
+            let m = Msg::from(workload.next().ok_or("the steady stream ended")?);
+            if let Some(line) = &m.line {
+                sent_at.insert(line.clone(), now_micros());
+            }
+            pending.push(bench.send(&m)?);
+            sent += 1;
+        }
+        if pending.len() >= 500 {
+            let batch = std::mem::take(&mut pending);
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                if let Err(e) = Bench::await_deliveries(batch).await {
+                    eprintln!("soak: {e}");
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        if now >= next_report {
+            let wall = Utc::now();
+            let processed: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM processed_messages \
+                 WHERE processed_at >= $1 AND processed_at < $2",
+            )
+            .bind(window_wall)
+            .bind(wall)
+            .fetch_one(&bench.db)
+            .await?;
+            let cpu_now = bench.meter.sample();
+            let cpu = (cpu_now - cpu_prev).per_1000(processed as usize);
+            cpu_prev = cpu_now;
+            let cutoff = now_micros() - 5_000_000;
+            let mut lat = Vec::new();
+            {
+                let mut seen = seen.lock().unwrap();
+                sent_at.retain(|line, at| {
+                    if *at >= cutoff {
+                        return true;
+                    }
+                    if let Some(ts) = seen.remove(line) {
+                        lat.push((ts * 1000 - *at) as f64 / 1000.0);
+                        false
+                    } else if *at < cutoff - 300_000_000 {
+                        // No decision read within 5 minutes.
+                        lost += 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+                // Decisions nobody waits for (a line allocated again after a
+                // quantity drop) are let go after 5 minutes.
+                let old = now_micros() / 1000 - 300_000;
+                seen.retain(|_, ts| *ts >= old);
+            }
+            lat.sort_by(f64::total_cmp);
+            let row = SoakRow {
+                at_h: (now - t0).as_secs_f64() / 3600.0,
+                rate: processed as f64 / (now - window_start).as_secs_f64(),
+                latencies: lat.len(),
+                p50: percentile(&lat, 50.0),
+                p99: percentile(&lat, 99.0),
+                rss_mib: vm_kib(pid, "VmRSS:") as f64 / 1024.0,
+                cpu,
+            };
+            println!(
+                "{:>8.1} {:>8.0} {:>8} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>9.1} {:>8.1}",
+                row.at_h * 60.0,
+                row.rate,
+                row.latencies,
+                row.p50,
+                row.p99,
+                row.rss_mib,
+                row.cpu.worker,
+                row.cpu.postgres,
+                row.cpu.broker
+            );
+            rows.push(row);
+            window_start = now;
+            window_wall = wall;
+            next_report += every;
+        }
+        if elapsed >= duration && next_report > t0 + duration {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Bench::await_deliveries(pending).await?;
+    bench
+        .wait_done("soak end", Duration::from_secs(600))
+        .await?;
+    // The decisions of the last lines: read them before judging what was lost.
+    let wait_from = Instant::now();
+    loop {
+        {
+            let mut seen = seen.lock().unwrap();
+            sent_at.retain(|line, _| seen.remove(line).is_none());
+        }
+        if sent_at.is_empty() || wait_from.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lost += sent_at.len();
+    drop(stop_witness);
+    let _ = witness.join();
+
+    let hwm_mib = vm_kib(pid, "VmHWM:") as f64 / 1024.0;
+    let fit = |f: &dyn Fn(&SoakRow) -> f64| {
+        let points: Vec<(f64, f64)> = rows
+            .iter()
+            .map(|r| (r.at_h, f(r)))
+            .filter(|p| p.1.is_finite())
+            .collect();
+        slope(&points)
+    };
+    println!();
+    println!(
+        "== soak: {rate} msg/s offered for {}s over {products} products (seed {}, history {} lines per product) ==",
+        duration.as_secs(),
+        args.seed,
+        args.history
+    );
+    println!(
+        "slope per hour of the linear fit over {} reports: RSS {:+.2} MiB/h; CPU ms per 1000 msgs: \
+         worker {:+.2}/h, postgres {:+.2}/h, worker+postgres {:+.2}/h, broker {:+.2}/h; p99 {:+.2} ms/h",
+        rows.len(),
+        fit(&|r| r.rss_mib),
+        fit(&|r| r.cpu.worker),
+        fit(&|r| r.cpu.postgres),
+        fit(&|r| r.cpu.worker + r.cpu.postgres),
+        fit(&|r| r.cpu.broker),
+        fit(&|r| r.p99)
+    );
+    if let (Some(a), Some(b)) = (rows.first(), rows.last()) {
+        println!(
+            "first report -> last: RSS {:.1} -> {:.1} MiB; CPU ms per 1000 msgs worker+postgres \
+             {:.1} -> {:.1}, broker {:.1} -> {:.1}; p99 {:.1} -> {:.1} ms",
+            a.rss_mib,
+            b.rss_mib,
+            a.cpu.worker + a.cpu.postgres,
+            b.cpu.worker + b.cpu.postgres,
+            a.cpu.broker,
+            b.cpu.broker,
+            a.p99,
+            b.p99
+        );
+    }
+    let rss_max = rows.iter().map(|r| r.rss_mib).fold(0.0, f64::max);
+    let rss_ok = hwm_mib <= args.rss_limit_mib;
+    println!(
+        "worker RSS: highest report {rss_max:.1} MiB, peak (VmHWM) {hwm_mib:.1} MiB: {} the limit of {} MiB",
+        if rss_ok { "under" } else { "OVER" },
+        args.rss_limit_mib
+    );
+
+    let mut problems = Vec::new();
+    if !rss_ok {
+        problems.push(format!(
+            "peak RSS {hwm_mib:.1} MiB over {} MiB",
+            args.rss_limit_mib
+        ));
+    }
+    let failed = failures.load(Ordering::Relaxed);
+    if failed > 0 {
+        problems.push(format!("{failed} groups of deliveries failed"));
+    }
+    if lost > 0 {
+        problems.push(format!("{lost} order lines without a decision read"));
+    }
+    let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM processed_messages")
+        .fetch_one(&bench.db)
+        .await?;
+    if processed as usize != bench.produced {
+        problems.push(format!(
+            "processed_messages {processed} != produced {}",
+            bench.produced
+        ));
+    }
+    let over: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT b.id FROM batches b JOIN allocations a ON a.batch_id = b.id \
+         GROUP BY b.id HAVING SUM(a.qty) > max(b.purchased_quantity)) o",
+    )
+    .fetch_one(&bench.db)
+    .await?;
+    if over > 0 {
+        problems.push(format!("{over} over-allocated batches"));
+    }
+    println!(
+        "end state: produced {} (incl. 1 warm-up), processed {processed}",
+        bench.produced
+    );
+    if problems.is_empty() {
+        println!("soak: OK");
+        Ok(true)
+    } else {
+        for p in &problems {
+            println!("soak: FAIL: {p}");
+        }
+        Ok(false)
+    }
 }
 
 #[tokio::main]
@@ -677,6 +1460,9 @@ async fn run() -> Res<bool> {
     let mut sizes = if args.small { SMALL } else { FULL };
     sizes.latency_rate = args.latency_rate.unwrap_or(sizes.latency_rate);
     sizes.latency_secs = args.latency_secs.unwrap_or(sizes.latency_secs);
+    if let Some(products) = args.products {
+        sizes.skus = products;
+    }
     let database_url = required_env("DATABASE_URL")?;
     let bootstrap = required_env("KAFKA_BOOTSTRAP_SERVERS")?;
     let bin = worker_bin();
@@ -688,17 +1474,30 @@ async fn run() -> Res<bool> {
     }
     let suffix = random_hex();
     let mode = if args.small { "small" } else { "full" };
-    eprintln!(
-        "bench ({mode}, seed {}): {} SKUs x 3 batches, {} allocations, {} quantity changes; \
-         latency run {} s at {} msg/s; worker {}",
-        args.seed,
-        sizes.skus,
-        sizes.allocations,
-        sizes.changes,
-        sizes.latency_secs,
-        sizes.latency_rate,
-        bin.display()
-    );
+    if let Some(rate) = args.soak_rate {
+        eprintln!(
+            "bench (soak, seed {}): {} SKUs of the steady stream at {rate} msg/s for {} s, \
+             history {} lines per product; worker {}",
+            args.seed,
+            args.products.unwrap_or(2_000),
+            args.soak_duration.as_secs(),
+            args.history,
+            bin.display()
+        );
+    } else {
+        eprintln!(
+            "bench ({mode}, seed {}): {} SKUs x 3 batches, {} allocations, {} quantity changes; \
+             history {} lines per product; latency run {} s at {} msg/s; worker {}",
+            args.seed,
+            sizes.skus,
+            sizes.allocations,
+            sizes.changes,
+            args.history,
+            sizes.latency_secs,
+            sizes.latency_rate,
+            bin.display()
+        );
+    }
 
     // Database.
     let db_name = format!("aw_bench_{suffix}");
@@ -884,12 +1683,20 @@ async fn drive(
         .set("message.timeout.ms", "30000")
         .create()?;
     let lat_prefix = format!("lat-{suffix}-");
+    let meter = Arc::new(CpuMeter::new(
+        pid,
+        listener_pid(port_of(worker_db_url, 5432)),
+        listener_pid(port_of(bootstrap, 9092)),
+        &format!("aw_bench_{suffix}"),
+    ));
+    eprintln!("{}", meter.describe());
+    let stop_meter = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let meter_thread = start_meter(meter.clone(), stop_meter.0.clone());
     let mut bench = Bench {
         topics: Topics::new(suffix),
         producer,
         db,
-        pid,
-        tck: clk_tck(),
+        meter: meter.clone(),
         produced: 0,
         seq: 0,
         suffix: suffix.to_owned(),
@@ -917,6 +1724,13 @@ async fn drive(
         started.elapsed().as_secs_f64()
     );
 
+    if let Some(rate) = args.soak_rate {
+        let ok = soak(&mut bench, args, rate, bootstrap, pid).await;
+        stop_meter.0.store(true, Ordering::Relaxed);
+        let _ = meter_thread.join();
+        return ok;
+    }
+
     // The standard workload, then the latency run's: one seeded stream.
     let n_lat = (sizes.latency_secs * sizes.latency_rate) as usize;
     let mut phases = Phase::benchmark(sizes.allocations as u64, sizes.changes as u64);
@@ -938,6 +1752,11 @@ async fn drive(
     let change_msgs = take(&mut workload, sizes.changes);
     let lat_stock_msgs = take(&mut workload, stock_len);
     let lat_msgs = take(&mut workload, n_lat);
+    let history = if args.history > 0 {
+        Some(bench.history(&skus_of(&stock_msgs), args.history).await?)
+    } else {
+        None
+    };
     let phases = vec![
         bench.phase("stock", &stock_msgs).await?,
         bench.phase("allocations", &alloc_msgs).await?,
@@ -966,7 +1785,7 @@ async fn drive(
     );
     let mut sent_at: HashMap<String, i64> = HashMap::with_capacity(n_lat);
     let mut ds = Vec::with_capacity(n_lat);
-    let cpu_lat0 = cpu_seconds(pid, bench.tck);
+    let cpu_lat0 = bench.meter.sample();
     let t0 = tokio::time::Instant::now();
     let interval = Duration::from_secs_f64(1.0 / sizes.latency_rate as f64);
     for (i, m) in lat_msgs.iter().enumerate() {
@@ -974,7 +1793,7 @@ async fn drive(
         if tokio::time::Instant::now() < due {
             tokio::time::sleep_until(due).await;
         }
-        sent_at.insert(m.orderid.clone().unwrap(), now_micros());
+        sent_at.insert(m.line.clone().unwrap(), now_micros());
         ds.push(bench.send(m)?);
         if i > 0 && i % sizes.latency_rate as usize == 0 {
             eprintln!("  [latency] {i}/{n_lat} sent");
@@ -991,7 +1810,7 @@ async fn drive(
         "latency run: everything processed and published at +{:.1}s",
         t0.elapsed().as_secs_f64()
     );
-    let cpu_lat = cpu_seconds(pid, bench.tck) - cpu_lat0;
+    let cpu_lat = bench.meter.sample() - cpu_lat0;
     // The outbound events are read back only now: a consumer reading them
     // during the run would load the broker on this shared machine (Tansu
     // spends about a third of a core serving 1,000 events a second to a
@@ -999,6 +1818,7 @@ async fn drive(
     let stop_witness = Arc::new(AtomicBool::new(false));
     let (seen, witness) = start_witness(
         bootstrap,
+        "10",
         &[&topics.allocated, &topics.out_of_stock, &topics.deallocated],
         lat_prefix.clone(),
         stop_witness.clone(),
@@ -1014,7 +1834,9 @@ async fn drive(
     // Resources, read before the worker is stopped.
     let hwm_kib = vm_kib(pid, "VmHWM:");
     let rss_kib = vm_kib(pid, "VmRSS:");
-    let cpu_total = cpu_seconds(pid, bench.tck);
+    let cpu_total = bench.meter.sample();
+    stop_meter.0.store(true, Ordering::Relaxed);
+    let _ = meter_thread.join();
 
     let mut lat_pub: Vec<f64> = Vec::with_capacity(n_lat);
     for (orderid, sent) in &sent_at {
@@ -1076,17 +1898,19 @@ async fn drive(
         ));
     }
     // The read model, which the HTTP endpoint serves; one line per order here.
-    let allocated: HashMap<String, String> =
-        sqlx::query_as::<_, (String, String)>("SELECT orderid, batchref FROM allocations_view")
-            .fetch_all(&bench.db)
-            .await?
-            .into_iter()
-            .collect();
+    let allocated: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
+        "SELECT orderid, batchref FROM allocations_view WHERE orderid NOT LIKE 'hist-%'",
+    )
+    .fetch_all(&bench.db)
+    .await?
+    .into_iter()
+    .collect();
     // The last decision about each line, in outbox (= decision) order.
     let events: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "SELECT kind, p->>'orderid', p->>'batchref' \
          FROM (SELECT id, kind, convert_from(payload, 'UTF8')::json AS p FROM outbox \
-               WHERE kind NOT IN ('DeadLetter', 'BenchBacklog')) e ORDER BY id",
+               WHERE kind NOT IN ('DeadLetter', 'BenchBacklog')) e \
+         WHERE p->>'orderid' NOT LIKE 'hist-%' ORDER BY id",
     )
     .fetch_all(&bench.db)
     .await?;
@@ -1135,40 +1959,44 @@ async fn drive(
     // Report.
     let total_msgs: usize = phases.iter().map(|p| p.messages).sum();
     let total_secs: f64 = phases.iter().map(|p| p.secs).sum();
-    let total_cpu: f64 = phases.iter().map(|p| p.cpu).sum();
+    let total_cpu = phases.iter().fold(Cpu::default(), |a, p| a + p.cpu);
     let mode = if args.small { "small" } else { "full" };
     println!();
     println!(
-        "== allocation-worker benchmark ({mode}, seed {}) ==",
-        args.seed
+        "== allocation-worker benchmark ({mode}, seed {}, {} products, history {} lines per product) ==",
+        args.seed, sizes.skus, args.history
     );
+    println!("CPU: milliseconds of CPU per 1,000 messages, of each process on its own");
     println!(
-        "{:<18} {:>8} {:>9} {:>10} {:>12}",
-        "phase", "msgs", "secs", "msg/s", "CPU s/1000"
+        "{:<18} {:>8} {:>9} {:>10} {:>8} {:>9} {:>8} {:>10}",
+        "phase", "msgs", "secs", "msg/s", "worker", "postgres", "broker", "wrk+pg"
     );
-    for p in &phases {
+    let row = |name: &str, messages: usize, secs: f64, cpu: Cpu| {
+        let k = cpu.per_1000(messages);
         println!(
-            "{:<18} {:>8} {:>9.2} {:>10.0} {:>12.3}",
-            p.name,
-            p.messages,
-            p.secs,
-            p.messages as f64 / p.secs,
-            p.cpu * 1000.0 / p.messages as f64
+            "{:<18} {:>8} {:>9.2} {:>10.0} {:>8.1} {:>9.1} {:>8.1} {:>10.1}",
+            name,
+            messages,
+            secs,
+            messages as f64 / secs,
+            k.worker,
+            k.postgres,
+            k.broker,
+            k.worker + k.postgres
         );
+    };
+    if let Some(h) = &history {
+        row("(history)", h.messages, h.secs, h.cpu);
     }
-    println!(
-        "{:<18} {:>8} {:>9.2} {:>10.0} {:>12.3}",
-        "overall",
-        total_msgs,
-        total_secs,
-        total_msgs as f64 / total_secs,
-        total_cpu * 1000.0 / total_msgs as f64
-    );
+    for p in &phases {
+        row(p.name, p.messages, p.secs, p.cpu);
+    }
+    row("overall", total_msgs, total_secs, total_cpu);
+    let k = cpu_lat.per_1000(n_lat);
     println!(
         "latency run: {n_lat} AllocationRequired offered at {} msg/s over {offered_secs:.1}s; \
-         CPU {:.3} s/1000 msgs",
-        sizes.latency_rate,
-        cpu_lat * 1000.0 / n_lat as f64
+         CPU ms per 1000 msgs: worker {:.1}, postgres {:.1}, broker {:.1}",
+        sizes.latency_rate, k.worker, k.postgres, k.broker
     );
     println!(
         "  end-to-end (outbound Kafka timestamp - inbound produce), ms: p50 {:.1}  p99 {:.1}  max {:.1}",
@@ -1177,10 +2005,13 @@ async fn drive(
         lat_pub.last().copied().unwrap_or(f64::NAN)
     );
     println!(
-        "worker: peak RSS (VmHWM) {:.1} MiB, RSS at end {:.1} MiB, CPU total {:.2} s",
+        "worker: peak RSS (VmHWM) {:.1} MiB, RSS at end {:.1} MiB; CPU s over the whole run: \
+         worker {:.2}, postgres {:.2}, broker {:.2}",
         hwm_kib as f64 / 1024.0,
         rss_kib as f64 / 1024.0,
-        cpu_total
+        cpu_total.worker,
+        cpu_total.postgres,
+        cpu_total.broker
     );
     println!(
         "end state: produced {} (incl. 1 warm-up), processed {processed}, outbound events: \

@@ -8,7 +8,10 @@
 # Starts PostgreSQL and Tansu if needed (scripts/services.sh), builds the
 # release binary (or uses WORKER_BIN if set), then runs examples/bench.rs,
 # which starts `allocation-worker run` on a fresh database and fresh topics.
-# Other arguments go to the example (--seed N, --keep).
+# Other arguments go to the example (--seed N, --keep, --products N,
+# --history N, --soak-rate R --soak-duration D; see BENCHMARKS.md). For a
+# soak, start a broker that holds a long run first:
+#   eval "$(scripts/long-run-broker.sh)" && scripts/bench.sh --soak-rate 1000 --soak-duration 30m
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Explicit `up`: a bare `source` would hand our arguments to services.sh.
