@@ -39,6 +39,9 @@ METRICS = [
     "allocation_db_pool_connections",
     "allocation_db_pool_max_connections",
     "allocation_db_pool_waiting",
+    # The relay's quarantine and the aggregate's statement timeouts.
+    "allocation_outbox_quarantined_events",
+    "allocation_db_statement_timeouts_total",
 ]
 VARIABLES = {
     "$__rate_interval": "1m",
