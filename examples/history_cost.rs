@@ -68,15 +68,7 @@ fn args() -> Result<Args, Failure> {
 }
 
 fn topics() -> Topics {
-    Topics {
-        batch_created: "erp.batch-created".into(),
-        batch_quantity_changed: "erp.batch-quantity-changed".into(),
-        allocation_required: "erp.allocation-required".into(),
-        allocated: "allocation.allocated".into(),
-        deallocated: "allocation.deallocated".into(),
-        out_of_stock: "allocation.out-of-stock".into(),
-        dead_letter: "allocation.dead-letter".into(),
-    }
+    Topics::default()
 }
 
 fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {

@@ -28,15 +28,7 @@ use sqlx::{Connection, PgPool};
 use tokio::sync::Notify;
 
 fn topics() -> Topics {
-    Topics {
-        batch_created: "erp.batch-created".into(),
-        batch_quantity_changed: "erp.batch-quantity-changed".into(),
-        allocation_required: "erp.allocation-required".into(),
-        allocated: "allocation.allocated".into(),
-        deallocated: "allocation.deallocated".into(),
-        out_of_stock: "allocation.out-of-stock".into(),
-        dead_letter: "allocation.dead-letter".into(),
-    }
+    Topics::default()
 }
 
 /// A new, migrated database on the server of DATABASE_URL, and the options

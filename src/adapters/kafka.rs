@@ -21,7 +21,8 @@ use super::inbound::InboundKind;
 use super::metrics::Metrics;
 use super::outbox::{InboundMessage, OutboxKind};
 
-/// Every topic name the worker uses (contract §3–5), defaults in the CLI.
+/// Every topic name the worker uses (contract §3–5), defaults in the CLI
+/// and in [`Topics::default`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     pub batch_created: String,
@@ -31,6 +32,23 @@ pub struct Topics {
     pub deallocated: String,
     pub out_of_stock: String,
     pub dead_letter: String,
+}
+
+/// The contract's default names (§3–5), as the CLI's flags default to; for
+/// the code that runs the processor without the CLI (tests, the cost
+/// example).
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            batch_created: "erp.batch-created".into(),
+            batch_quantity_changed: "erp.batch-quantity-changed".into(),
+            allocation_required: "erp.allocation-required".into(),
+            allocated: "allocation.allocated".into(),
+            deallocated: "allocation.deallocated".into(),
+            out_of_stock: "allocation.out-of-stock".into(),
+            dead_letter: "allocation.dead-letter".into(),
+        }
+    }
 }
 
 impl Topics {

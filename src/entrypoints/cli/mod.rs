@@ -88,3 +88,34 @@ pub fn one_line(error: &clap::Error) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags' default topic names are the contract's, as
+    /// `Topics::default` has them for the code that runs without the CLI.
+    #[test]
+    fn the_default_topics_are_the_contracts() {
+        let cli = Cli::try_parse_from([
+            "allocation-worker",
+            "run",
+            "--database-url",
+            "postgres://u@localhost/db",
+            "--kafka-bootstrap-servers",
+            "localhost:9092",
+        ]);
+        let Ok(Cli {
+            command: CommandLine::Run(args),
+            ..
+        }) = cli
+        else {
+            panic!("run with only the required flags parses: {cli:?}");
+        };
+        let settings = args.settings().map_err(|e| e.to_string());
+        assert_eq!(
+            settings.map(|s| s.topics),
+            Ok(crate::adapters::kafka::Topics::default())
+        );
+    }
+}
