@@ -107,7 +107,12 @@ impl FailingPartitions {
 
     /// The partition's batch committed, or its task stopped.
     pub fn recovered(&self, topic: &str, partition: i32) {
-        self.lock().remove(&(topic.to_owned(), partition));
+        let mut failing = self.lock();
+        // Called after every batch; nearly always there is nothing to
+        // remove, and no key need be made.
+        if !failing.is_empty() {
+            failing.remove(&(topic.to_owned(), partition));
+        }
     }
 
     /// The partition failing the longest, if it has failed for at least

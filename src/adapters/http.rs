@@ -107,7 +107,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 /// applied, and the consumer is running as a member of its group (an
 /// assignment, possibly empty, is held).
 async fn readiness(state: &HttpState) -> (bool, String) {
-    let schema = database_ready(state).await;
+    let schema = database_ready(&state.pool).await;
     let ready = if schema != Schema::Current {
         (false, format!("{}\n", schema.reason()))
     } else if !state.consumer_running.load(Ordering::Relaxed) {
@@ -137,17 +137,14 @@ async fn readiness(state: &HttpState) -> (bool, String) {
 
 /// The schema check alone: the database answers with every migration this
 /// binary needs.
-async fn database_ready(state: &HttpState) -> Schema {
-    tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.pool))
+async fn database_ready(pool: &PgPool) -> Schema {
+    tokio::time::timeout(DB_PROBE_TIMEOUT, schema(pool))
         .await
         .unwrap_or_else(|_| Schema::Unreachable("timed out".into()))
 }
 
 async fn read_model_readyz(State(state): State<HttpState>) -> Response {
-    let schema = tokio::time::timeout(DB_PROBE_TIMEOUT, schema(&state.read_pool))
-        .await
-        .unwrap_or_else(|_| Schema::Unreachable("timed out".into()));
-    match schema {
+    match database_ready(&state.read_pool).await {
         Schema::Current => (StatusCode::OK, "ready\n").into_response(),
         other => (
             StatusCode::SERVICE_UNAVAILABLE,

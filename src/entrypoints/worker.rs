@@ -151,9 +151,9 @@ impl Worker {
             let conditions = Conditions {
                 group_unread_references,
                 database_reachable: self.processor.store_reachable(),
-                // Not `consumer_running`: it stays false after a transient
-                // error until a message arrives, which on idle topics could
-                // be never. The group being up shows in the statistics.
+                // Not `consumer_running`: it stays false for a while after
+                // a transient error (ERROR_CLEARED_AFTER). The group being
+                // up shows in the statistics.
                 consumer_connected: self.consumer.context().is_assigned(),
                 unhandled_references: self.unhandled_references.load(Ordering::Relaxed),
                 unread_references: reading
