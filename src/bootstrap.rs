@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::http::{self, HttpState};
+use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
 use crate::adapters::relay::{Backoff, Relay};
@@ -219,9 +220,14 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
 
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
-    let worker = Worker::new(processor, consumer, settings.worker, consumer_running)
-        .with_poll_clock(poll_clock)
-        .with_failing_partitions(failing);
+    let worker = Worker::new(
+        processor,
+        KafkaConsumer::new(consumer),
+        settings.worker,
+        consumer_running,
+    )
+    .with_poll_clock(poll_clock)
+    .with_failing_partitions(failing);
     let result = worker.run_until_stopped(shutdown).await;
     retention_stop.cancel();
     if let Err(error) = retention_task.await {

@@ -10,13 +10,17 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
-    BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+    StreamConsumer,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
 
+use super::consumer::{HandOver, InboundConsumer};
+use super::group_progress::group_unread;
 use super::inbound::InboundKind;
 use super::metrics::Metrics;
 use super::outbox::{InboundMessage, OutboxKind};
@@ -187,14 +191,6 @@ pub struct WorkerContext {
     hand_over: OnceLock<Arc<dyn HandOver>>,
 }
 
-/// What the consumer's owner does with partitions about to be revoked, in
-/// the rebalance callback, before their offsets are committed and they are
-/// released: stop working on them and store the offsets of what is done.
-/// It blocks the consumer's poll, so it must be bounded.
-pub trait HandOver: Send + Sync {
-    fn revoke(&self, partitions: &[(String, i32)]);
-}
-
 impl WorkerContext {
     /// How far the consumer has read, from its statistics.
     pub fn reading(&self) -> Arc<Reading> {
@@ -212,6 +208,103 @@ impl WorkerContext {
         self.assigned
             .as_ref()
             .is_some_and(|a| a.load(Ordering::Relaxed))
+    }
+}
+
+/// The production consumer: librdkafka's, with the worker's context.
+pub struct KafkaConsumer {
+    consumer: Arc<StreamConsumer<WorkerContext>>,
+}
+
+impl KafkaConsumer {
+    pub fn new(consumer: StreamConsumer<WorkerContext>) -> Self {
+        Self {
+            consumer: Arc::new(consumer),
+        }
+    }
+}
+
+/// The bound on each request of [`InboundConsumer::group_unread`].
+const GROUP_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl InboundConsumer for KafkaConsumer {
+    fn subscribe(&self, topics: &[&str]) -> Result<(), KafkaError> {
+        self.consumer.subscribe(topics)
+    }
+
+    async fn recv(&self) -> Result<InboundMessage, KafkaError> {
+        // Copied at once: a borrowed message must not outlive the poll.
+        self.consumer.recv().await.map(|m| to_inbound(&m))
+    }
+
+    fn set_hand_over(&self, hand_over: Arc<dyn HandOver>) {
+        self.consumer.context().set_hand_over(hand_over);
+    }
+
+    fn pause(&self, topic: &str, partition: i32, pause: bool) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        }
+    }
+
+    fn seek(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
+        self.consumer.seek(
+            topic,
+            partition,
+            Offset::Offset(offset),
+            Duration::from_secs(5),
+        )
+    }
+
+    fn store_offset(&self, topic: &str, partition: i32, next: i64) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        self.consumer.store_offsets(&tpl)
+    }
+
+    fn is_assigned(&self) -> bool {
+        self.consumer.context().is_assigned()
+    }
+
+    fn unread(&self, topic: &str, fresh: Duration) -> Option<Vec<i64>> {
+        self.consumer.context().reading().unread(topic, fresh)
+    }
+
+    async fn group_unread(&self, topic: &str) -> Result<i64, KafkaError> {
+        // The client's calls block: off the runtime's threads.
+        let consumer = Arc::clone(&self.consumer);
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            group_unread(&*consumer, &topic, GROUP_PROGRESS_TIMEOUT)
+        })
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!(%error, "the group's progress could not be asked");
+            Err(KafkaError::Canceled)
+        })
+    }
+
+    async fn close(self: Arc<Self>) {
+        // librdkafka's commit and close block, for ever while the broker is
+        // unreachable: off the async threads (the caller bounds the wait).
+        let consumer = Arc::clone(&self.consumer);
+        drop(self);
+        let closing = tokio::task::spawn_blocking(move || {
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => tracing::info!("offsets committed"),
+                // NoOffset: nothing was stored since the last commit.
+                Err(error) => tracing::info!(%error, "final offset commit"),
+            }
+            consumer.unsubscribe();
+            drop(consumer);
+        });
+        if let Err(error) = closing.await {
+            tracing::warn!(%error, "closing the consumer failed");
+        }
     }
 }
 

@@ -20,22 +20,21 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::adapters::consumer::{HandOver, HandOverFuture, InboundConsumer};
 use crate::adapters::health::PollClock;
-use crate::adapters::kafka::HandOver;
 use crate::adapters::outbox::InboundMessage;
 use crate::adapters::relay::Backoff;
+use crate::entrypoints::processor::WorkerStore;
 use crate::entrypoints::tracker::Tracker;
 use crate::entrypoints::worker::{Worker, QUEUED_BYTES};
 use crate::service_layer::batch::{DeadLetterReason, MessageKey, Outcome, Plan};
 
-impl Worker {
+impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     /// One partition, in order: whatever has queued up (up to the batch
     /// size) is handled in one transaction. A message naming a SKU or batch
     /// not known yet waits, and so does every later message naming one of
@@ -383,8 +382,9 @@ impl Worker {
                         tracing::warn!(%error, retry_in = ?delay, "cannot handle messages now; backing off");
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        biased;
                         _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }
@@ -411,7 +411,7 @@ impl Worker {
             size = batch.len(),
         );
         async {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let outcomes = self
                 .process_with_retry(batch, plans, resume_from, shutdown)
                 .await?;
@@ -459,11 +459,7 @@ impl Worker {
     }
 
     fn store_offset(&self, topic: &str, partition: i32, next: i64) {
-        let mut tpl = TopicPartitionList::new();
-        let stored = tpl
-            .add_partition_offset(topic, partition, Offset::Offset(next))
-            .and_then(|()| self.consumer.store_offsets(&tpl));
-        if let Err(error) = stored {
+        if let Err(error) = self.consumer.store_offset(topic, partition, next) {
             // Happens when the partition was revoked meanwhile; its new owner
             // consumes again from the last commit and skips what we applied.
             tracing::debug!(%error, topic, partition, next, "offset not stored");
@@ -521,8 +517,17 @@ pub(super) struct PartitionTasks {
 
 struct TaskControl {
     stop: CancellationToken,
-    /// Disconnected when the task has ended.
+    /// Disconnected when the task has ended, for a blocking wait.
     done: std::sync::mpsc::Receiver<()>,
+    /// Closed when the task has ended, for an async one.
+    ended: tokio::sync::watch::Receiver<()>,
+}
+
+/// What a partition's task holds until it ends: dropping it tells both
+/// kinds of waiter ([`HandOver::revoke`], [`HandOver::revoke_async`]).
+pub(super) struct TaskDone {
+    _blocking: std::sync::mpsc::Sender<()>,
+    _awaited: tokio::sync::watch::Sender<()>,
 }
 
 impl PartitionTasks {
@@ -536,15 +541,15 @@ impl PartitionTasks {
 
     /// Registers a partition's task; the task drops what is returned when it
     /// ends.
-    pub(super) fn register(
-        &self,
-        key: (String, i32),
-        stop: CancellationToken,
-    ) -> std::sync::mpsc::Sender<()> {
+    pub(super) fn register(&self, key: (String, i32), stop: CancellationToken) -> TaskDone {
         let (done_tx, done) = std::sync::mpsc::channel();
+        let (ended_tx, ended) = tokio::sync::watch::channel(());
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.insert(key, TaskControl { stop, done });
-        done_tx
+        tasks.insert(key, TaskControl { stop, done, ended });
+        TaskDone {
+            _blocking: done_tx,
+            _awaited: ended_tx,
+        }
     }
 
     pub(super) fn take_revoked(&self) -> Vec<(String, i32)> {
@@ -580,22 +585,36 @@ impl HandOver for PartitionTasks {
         }
         self.poll_clock.polling();
     }
+
+    /// [`Self::revoke`], awaiting the tasks instead of blocking, with the
+    /// same bound (in tokio's time).
+    fn revoke_async<'a>(&'a self, partitions: &'a [(String, i32)]) -> HandOverFuture<'a> {
+        Box::pin(async move {
+            self.poll_clock.polled();
+            let stopping = self.stop(partitions);
+            let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(2);
+            for ((topic, partition), mut control) in stopping {
+                // `changed` fails once the task's end drops the sender.
+                let ended = async { while control.ended.changed().await.is_ok() {} };
+                if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        "partition task did not stop in time for the hand-over"
+                    );
+                }
+            }
+            self.forget(partitions);
+            self.poll_clock.polling();
+        })
+    }
 }
 
 impl PartitionTasks {
     /// Stops the tasks of `partitions` and waits for them, a few seconds at
     /// most (see [`HandOver::revoke`]).
     fn stop_revoked(&self, partitions: &[(String, i32)]) {
-        let stopping: Vec<((String, i32), TaskControl)> = {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-            partitions
-                .iter()
-                .filter_map(|p| tasks.remove(p).map(|c| (p.clone(), c)))
-                .collect()
-        };
-        for (_, control) in &stopping {
-            control.stop.cancel();
-        }
+        let stopping = self.stop(partitions);
         let deadline = std::time::Instant::now() + STOP_GRACE + Duration::from_secs(2);
         for ((topic, partition), control) in stopping {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -608,6 +627,26 @@ impl PartitionTasks {
                 );
             }
         }
+        self.forget(partitions);
+    }
+
+    /// Tells the tasks of `partitions` to stop; returns them, to wait for.
+    fn stop(&self, partitions: &[(String, i32)]) -> Vec<((String, i32), TaskControl)> {
+        let stopping: Vec<((String, i32), TaskControl)> = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            partitions
+                .iter()
+                .filter_map(|p| tasks.remove(p).map(|c| (p.clone(), c)))
+                .collect()
+        };
+        for (_, control) in &stopping {
+            control.stop.cancel();
+        }
+        stopping
+    }
+
+    /// Leaves `partitions` for the consumer loop to forget.
+    fn forget(&self, partitions: &[(String, i32)]) {
         self.revoked
             .lock()
             .unwrap_or_else(|e| e.into_inner())

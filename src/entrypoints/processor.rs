@@ -20,14 +20,14 @@ use crate::adapters::outbox::{InboundMessage, MessageContext};
 use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::entrypoints::telemetry;
 use crate::service_layer::batch::{self, DeadLetterReason, Handled, Outcome, Plan, ReadPosition};
-use crate::service_layer::RepositoryError;
+use crate::service_layer::{RepositoryError, Store};
 
 /// Handles batches of messages, one transaction per batch. It keeps
 /// connections out of the pool between batches ([`PgStore`]): call
 /// [`Self::close_connections`], or drop it, before closing the pool, which
 /// waits for them.
-pub struct Processor {
-    store: PgStore,
+pub struct Processor<S = PgStore> {
+    store: S,
     topics: Topics,
     /// Rung after each commit, so the relay publishes without waiting to poll.
     relay_wake: Arc<Notify>,
@@ -41,15 +41,44 @@ pub struct Processor {
     store_reachable: AtomicBool,
 }
 
-impl Processor {
+/// The store a [`Processor`] runs on: PostgreSQL ([`PgStore`]) in
+/// production, an in-memory one in the engine's simulation.
+pub trait WorkerStore:
+    Store<Message = InboundMessage, Context = MessageContext> + Send + Sync + 'static
+{
+    /// Hands back what the store keeps between batches, and keeps nothing
+    /// from now on (before the pool is closed, which waits for it).
+    fn close(&self) {}
+}
+
+impl WorkerStore for PgStore {
+    fn close(&self) {
+        PgStore::close(self);
+    }
+}
+
+impl Processor<PgStore> {
     pub fn new(
         pool: PgPool,
         topics: Topics,
         relay_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let store = PgStore::new(pool).with_waiting_gauge(metrics.db_pool_waiting.clone());
+        Self::with_store(store, topics, relay_wake, metrics)
+    }
+}
+
+impl<S: WorkerStore> Processor<S> {
+    /// A processor on any [`WorkerStore`].
+    pub fn with_store(
+        store: S,
+        topics: Topics,
+        relay_wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
-            store: PgStore::new(pool).with_waiting_gauge(metrics.db_pool_waiting.clone()),
+            store,
             topics,
             relay_wake,
             metrics,
@@ -67,9 +96,9 @@ impl Processor {
     }
 
     /// Hands the connections kept between batches back to the pool, and
-    /// keeps none from now on (see [`PgStore::close`]).
+    /// keeps none from now on (see [`WorkerStore::close`]).
     pub fn close_connections(&self) {
-        self.store.close();
+        WorkerStore::close(&self.store);
     }
 
     /// Changes after every commit that applied a BatchCreated.

@@ -4,17 +4,32 @@
 //! never turns a late reference into a dead letter. Pure: the caller says
 //! what time it is and whether the time counts.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: simulated (paused) in the engine's simulation, the
+// monotonic clock otherwise.
+use tokio::time::Instant;
 
 /// Usable time: how long the conditions held, in total, since the clock
 /// was made. A message waits until the clock has advanced by the window
 /// since it was first read.
+///
+/// The caller observes the conditions a few times a second
+/// ([`Self::set_usable`] at each look), and time counts only in steps it
+/// observed: at most [`MAX_STEP`] between two looks. A process that was
+/// stopped (SIGSTOP, a VM paused) or starved of CPU for longer did not see
+/// its inputs meanwhile: were the gap counted, a member that was frozen past
+/// the window would wake to find every waiting message's window closed, and
+/// dead-letter late references the group had not read yet.
 #[derive(Debug)]
 pub struct UsableClock {
     counted: Duration,
-    /// Since when the time counts, while it does.
+    /// When the conditions were last seen to hold, while they do.
     since: Option<Instant>,
 }
+
+/// The most time one observation counts (the caller looks every 250 ms).
+pub const MAX_STEP: Duration = Duration::from_secs(1);
 
 impl UsableClock {
     /// A clock that does not run yet.
@@ -25,16 +40,14 @@ impl UsableClock {
         }
     }
 
-    /// Whether time counts from `now` on.
+    /// The conditions as seen at `now`: the time since the last look counts
+    /// (up to [`MAX_STEP`]) if they held then; from `now` on, it counts if
+    /// `usable`.
     pub fn set_usable(&mut self, usable: bool, now: Instant) {
-        match (self.since, usable) {
-            (None, true) => self.since = Some(now),
-            (Some(since), false) => {
-                self.counted += now.saturating_duration_since(since);
-                self.since = None;
-            }
-            _ => {}
+        if let Some(since) = self.since {
+            self.counted += now.saturating_duration_since(since).min(MAX_STEP);
         }
+        self.since = usable.then_some(now);
     }
 
     pub fn is_usable(&self) -> bool {
@@ -44,9 +57,9 @@ impl UsableClock {
     /// Usable time up to `now`.
     pub fn read(&self, now: Instant) -> Duration {
         self.counted
-            + self
-                .since
-                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s))
+            + self.since.map_or(Duration::ZERO, |s| {
+                now.saturating_duration_since(s).min(MAX_STEP)
+            })
     }
 }
 
@@ -108,19 +121,40 @@ impl Conditions {
 mod tests {
     use super::*;
 
+    /// Looks every 250 ms from `from` to `to` (seconds after `t0`).
+    fn look(c: &mut UsableClock, t0: Instant, from: u64, to: u64, usable: bool) {
+        for quarter in from * 4..to * 4 {
+            c.set_usable(usable, t0 + Duration::from_millis(quarter * 250));
+        }
+    }
+
     #[test]
     fn counts_only_usable_time() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut c = UsableClock::new();
         assert_eq!(c.read(t0 + s(5)), s(0));
-        c.set_usable(true, t0 + s(5));
-        assert_eq!(c.read(t0 + s(7)), s(2));
-        c.set_usable(true, t0 + s(8));
-        c.set_usable(false, t0 + s(10));
-        assert_eq!(c.read(t0 + s(60)), s(5));
-        c.set_usable(true, t0 + s(60));
+        look(&mut c, t0, 5, 10, true);
+        assert_eq!(c.read(t0 + s(10)), Duration::from_millis(5000));
+        look(&mut c, t0, 10, 60, false);
+        assert_eq!(c.read(t0 + s(60)), s(5), "nothing counts while unusable");
+        look(&mut c, t0, 60, 61, true);
         assert_eq!(c.read(t0 + s(61)), s(6));
+    }
+
+    #[test]
+    fn a_process_stopped_past_the_window_does_not_count_the_gap() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut c = UsableClock::new();
+        look(&mut c, t0, 0, 2, true);
+        // SIGSTOP at 2 s, SIGCONT at 120 s: nothing looked in between.
+        assert!(c.read(t0 + s(120)) <= s(2) + MAX_STEP);
+        c.set_usable(false, t0 + s(120));
+        assert!(
+            c.read(t0 + s(120)) <= s(2) + MAX_STEP,
+            "the stopped time is not usable time"
+        );
     }
 
     #[test]

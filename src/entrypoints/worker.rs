@@ -16,24 +16,23 @@
 //! idempotency key. On revocation, a partition's task finishes or abandons
 //! its batch and its offsets are committed before the partition goes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::adapters::group_progress::group_unread;
+use crate::adapters::consumer::{HandOver, InboundConsumer};
 use crate::adapters::health::{FailingPartitions, PollClock};
-use crate::adapters::kafka::{to_inbound, HandOver, WorkerContext};
+use crate::adapters::kafka::KafkaConsumer;
+use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::adapters::relay::Backoff;
 use crate::entrypoints::partition::{PartitionTasks, Slot, Waiter};
-use crate::entrypoints::processor::Processor;
+use crate::entrypoints::processor::{Processor, WorkerStore};
 use crate::entrypoints::tracker::Tracker;
 use crate::entrypoints::window::{Conditions, UsableClock};
 use crate::service_layer::batch::MessageKey;
@@ -42,10 +41,12 @@ pub use crate::configuration::WorkerSettings;
 
 /// The consumer loop around a [`Processor`]. Its partitions' tasks are
 /// methods of it too (in [`crate::entrypoints::partition`]), which share the
-/// fields marked `pub(super)`.
-pub struct Worker {
-    pub(super) processor: Processor,
-    pub(super) consumer: Arc<StreamConsumer<WorkerContext>>,
+/// fields marked `pub(super)`. It runs on Kafka and PostgreSQL in
+/// production, and on the simulation's fakes in tests (the seams:
+/// [`InboundConsumer`], [`WorkerStore`], tokio's clock).
+pub struct Worker<C = KafkaConsumer, S = PgStore> {
+    pub(super) processor: Processor<S>,
+    pub(super) consumer: Arc<C>,
     pub(super) settings: WorkerSettings,
     /// Read by `/readyz`: true while the loop runs and the consumer is healthy.
     consumer_running: Arc<AtomicBool>,
@@ -53,7 +54,8 @@ pub struct Worker {
     poll_clock: Arc<PollClock>,
     /// Read by `/readyz`: partitions whose batch keeps failing.
     pub(super) failing: Arc<FailingPartitions>,
-    /// The unknown-reference window's clock: usable time only.
+    /// The unknown-reference window's clock: usable time only, in tokio's
+    /// time (simulated in the simulation).
     clock: std::sync::Mutex<UsableClock>,
     /// Messages of the batch-created topic fetched and not yet handled.
     pub(super) unhandled_references: AtomicUsize,
@@ -67,10 +69,10 @@ pub struct Worker {
 /// partition.
 type WaitingByPartition = HashMap<(String, i32), (usize, Option<Instant>)>;
 
-impl Worker {
+impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     pub fn new(
-        processor: Processor,
-        consumer: StreamConsumer<WorkerContext>,
+        processor: Processor<S>,
+        consumer: C,
         settings: WorkerSettings,
         consumer_running: Arc<AtomicBool>,
     ) -> Self {
@@ -106,17 +108,16 @@ impl Worker {
         self.clock
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .read(std::time::Instant::now())
+            .read(Instant::now())
     }
 
     /// Runs the unknown-reference window's clock while its conditions hold
     /// ([`Conditions::usable`]), checked a few times a second.
     async fn watch_window(self: Arc<Self>, shutdown: CancellationToken) {
-        let reading = self.consumer.context().reading();
         let mut was_usable = None;
         // The group's progress on the reference-bringing topic: asked of the
-        // broker every GROUP_PROGRESS_EVERY, off the runtime (the client's
-        // calls block), one question at a time.
+        // broker every GROUP_PROGRESS_EVERY, one question at a time, while
+        // the clock goes on being set from the last answer.
         let mut group: Option<(i64, Instant)> = None;
         let mut asking: Option<tokio::task::JoinHandle<Result<i64, rdkafka::error::KafkaError>>> =
             None;
@@ -141,9 +142,9 @@ impl Worker {
                 asked_at = Some(Instant::now());
                 let consumer = Arc::clone(&self.consumer);
                 let topic = self.processor.topics().batch_created.clone();
-                asking = Some(tokio::task::spawn_blocking(move || {
-                    group_unread(&*consumer, &topic, GROUP_PROGRESS_TIMEOUT)
-                }));
+                asking = Some(tokio::spawn(
+                    async move { consumer.group_unread(&topic).await },
+                ));
             }
             let group_unread_references = group
                 .filter(|(_, at)| at.elapsed() <= STATISTICS_FRESH)
@@ -154,9 +155,10 @@ impl Worker {
                 // Not `consumer_running`: it stays false for a while after
                 // a transient error (ERROR_CLEARED_AFTER). The group being
                 // up shows in the statistics.
-                consumer_connected: self.consumer.context().is_assigned(),
+                consumer_connected: self.consumer.is_assigned(),
                 unhandled_references: self.unhandled_references.load(Ordering::Relaxed),
-                unread_references: reading
+                unread_references: self
+                    .consumer
                     .unread(&self.processor.topics().batch_created, STATISTICS_FRESH),
                 batch: self.settings.max_batch_messages.max(1),
                 waiting_memory_full: self.waiting_bytes.load(Ordering::Relaxed) >= QUEUED_BYTES / 2,
@@ -165,15 +167,21 @@ impl Worker {
             self.clock
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .set_usable(usable, std::time::Instant::now());
+                .set_usable(usable, Instant::now());
             if was_usable != Some(usable) {
                 tracing::debug!(usable, ?conditions, "unknown-reference window clock");
                 was_usable = Some(usable);
             }
             self.report_waiting_age();
             tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    if let Some(asking) = asking {
+                        asking.abort();
+                    }
+                    return;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                _ = shutdown.cancelled() => return,
             }
         }
     }
@@ -202,9 +210,10 @@ impl Worker {
         let tracker = TaskTracker::new();
         let tasks = Arc::new(PartitionTasks::new(Arc::clone(&this.poll_clock)));
         this.consumer
-            .context()
             .set_hand_over(Arc::clone(&tasks) as Arc<dyn HandOver>);
-        let mut partitions: HashMap<(String, i32), Slot> = HashMap::new();
+        // Ordered: the loop's pauses and resumes go in the same order every
+        // run, which the simulation's replays rely on.
+        let mut partitions: BTreeMap<(String, i32), Slot> = BTreeMap::new();
         let budget = Arc::new(Semaphore::new(QUEUED_BYTES));
         let mut errors = Backoff::default();
         // The loop never waits for a partition: a partition whose queue is
@@ -261,7 +270,7 @@ impl Worker {
                     }
                     continue;
                 }
-                received = this.consumer.recv() => received.map(|m| to_inbound(&m)),
+                received = this.consumer.recv() => received,
             };
             this.poll_clock.polled();
             this.forget_revoked(&tasks, &mut partitions);
@@ -279,8 +288,9 @@ impl Worker {
                     let delay = errors.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "consumer error");
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
+                        biased;
                         _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
                     }
                 }
             };
@@ -358,20 +368,11 @@ impl Worker {
         // A task still running holds the worker: hand its connections back,
         // or closing the pool would wait for them.
         this.processor.close_connections();
-        // librdkafka's commit and close block, for ever while the broker is
-        // unreachable: keep them off the async threads and under a deadline.
+        // Committing and leaving can wait for ever on a broker that does
+        // not answer: under a deadline.
         let consumer = Arc::clone(&this.consumer);
         drop(this);
-        let closing = tokio::task::spawn_blocking(move || {
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(()) => tracing::info!("offsets committed"),
-                // NoOffset: nothing was stored since the last commit.
-                Err(error) => tracing::info!(%error, "final offset commit"),
-            }
-            consumer.unsubscribe();
-            drop(consumer);
-        });
-        if tokio::time::timeout_at(started + budget * 3 / 4, closing)
+        if tokio::time::timeout_at(started + budget * 3 / 4, consumer.close())
             .await
             .is_err()
         {
@@ -433,7 +434,7 @@ impl Worker {
     fn forget_revoked(
         &self,
         tasks: &PartitionTasks,
-        partitions: &mut HashMap<(String, i32), Slot>,
+        partitions: &mut BTreeMap<(String, i32), Slot>,
     ) {
         for key in tasks.take_revoked() {
             if let Some(slot) = partitions.remove(&key) {
@@ -450,7 +451,7 @@ impl Worker {
     /// held (its batch, queue and waiting messages) and what is kept aside
     /// for it are read again from the last offset it stored, not skipped by
     /// a fresh task storing offsets past them.
-    fn restart_failed(&self, partitions: &mut HashMap<(String, i32), Slot>, key: &(String, i32)) {
+    fn restart_failed(&self, partitions: &mut BTreeMap<(String, i32), Slot>, key: &(String, i32)) {
         let Some(slot) = partitions.remove(key) else {
             return;
         };
@@ -473,12 +474,7 @@ impl Worker {
     /// Reads a partition again from `offset`, fetching it (resumed) from
     /// there: what librdkafka fetched of it before is discarded.
     fn rewind_partition(&self, topic: &str, partition: i32, offset: i64) {
-        match self.consumer.seek(
-            topic,
-            partition,
-            Offset::Offset(offset),
-            Duration::from_secs(5),
-        ) {
+        match self.consumer.seek(topic, partition, offset) {
             Ok(()) => tracing::info!(topic, partition, offset, "partition read again from offset"),
             // Revoked meanwhile: its next owner starts from the last commit,
             // which is not past `offset`.
@@ -493,14 +489,7 @@ impl Worker {
     /// fetched still arrive and are kept aside in its slot; librdkafka
     /// resumes from the one after the last handed over.
     fn pause_partition(&self, topic: &str, partition: i32, pause: bool) {
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(topic, partition);
-        let done = if pause {
-            self.consumer.pause(&tpl)
-        } else {
-            self.consumer.resume(&tpl)
-        };
-        match done {
+        match self.consumer.pause(topic, partition, pause) {
             Ok(()) => tracing::debug!(topic, partition, pause, "partition fetch paused/resumed"),
             // Revoked meanwhile: its next owner fetches it.
             Err(error) => tracing::debug!(%error, topic, partition, pause, "cannot pause/resume"),
@@ -521,9 +510,8 @@ const STATISTICS_FRESH: Duration = Duration::from_secs(10);
 
 /// How often the group's progress on the reference-bringing topic is asked
 /// of the broker (a metadata request, an offset fetch and a watermark
-/// request per partition), and the bound on each request.
+/// request per partition).
 const GROUP_PROGRESS_EVERY: Duration = Duration::from_secs(1);
-const GROUP_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a poll must go without an error before a consumer that had one
 /// counts as running again (see the consumer loop). Above the error

@@ -215,10 +215,8 @@ impl Rejection {
 /// contenders instead of letting them collide again in lock step.
 pub const CONFLICT_RETRIES: u32 = 100;
 
-async fn pause_after_conflict(conflicts: u32) {
-    let jitter = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::from(d.subsec_nanos() % 1000));
+async fn pause_after_conflict<S: Store>(store: &S, conflicts: u32) {
+    let jitter = store.conflict_jitter() % 1000;
     let micros = (200 * u64::from(conflicts.min(25))) + jitter;
     tokio::time::sleep(Duration::from_micros(micros)).await;
 }
@@ -272,7 +270,7 @@ pub fn process<'a, S: Store>(
                     conflicts += 1;
                     on_conflict();
                     tracing::debug!(%why, conflicts, "concurrent change; retrying");
-                    pause_after_conflict(conflicts).await;
+                    pause_after_conflict(store, conflicts).await;
                 }
                 handled => return handled,
             }

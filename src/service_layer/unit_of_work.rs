@@ -227,4 +227,14 @@ pub trait Store: Sync {
     /// Hands back what the attempt held, once its unit of work is over:
     /// `committed`, or abandoned.
     fn end_session(&self, session: Self::Session<'_>, committed: bool);
+
+    /// A random number of microseconds (below 1,000 is used) added to the
+    /// pause after a conflict, so that two instances that collided do not
+    /// collide again in step. The clock's nanoseconds by default; the
+    /// engine's simulation draws it from its seed, so that a run replays.
+    fn conflict_jitter(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()))
+    }
 }
