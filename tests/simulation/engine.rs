@@ -290,6 +290,8 @@ struct World {
     running: Vec<Instance>,
     /// Killed or stopped: kept so that nothing of theirs is dropped early.
     gone: Vec<Instance>,
+    /// The unknown-reference window.
+    window: Duration,
 }
 
 impl World {
@@ -313,7 +315,7 @@ impl World {
         let processor =
             Processor::with_store(store, self.topics.clone(), Arc::new(Notify::new()), metrics);
         let settings = WorkerSettings {
-            unknown_reference_timeout: WINDOW,
+            unknown_reference_timeout: self.window,
             shutdown_timeout: Duration::from_secs(10),
             max_batch_messages: self.max_batch,
             transaction_timeout: Duration::from_secs(5),
@@ -411,6 +413,7 @@ async fn simulate(seed: u64) -> Result<Outcome, Failure> {
         next_id: 0,
         running: Vec::new(),
         gone: Vec::new(),
+        window: WINDOW,
     };
     // tokio's timers tick in whole milliseconds from an origin a fraction of
     // a millisecond (real time, different every run) before the paused
@@ -904,4 +907,155 @@ impl Outcome {
             self.rebalances.1
         )
     }
+}
+
+// ------------------------------------------------------------ conformance
+
+/// One message of a script: its topic (by kind), value, partition key and
+/// `ce_id`.
+#[derive(Debug, Clone)]
+pub struct ScriptMessage {
+    pub kind: ScriptTopic,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub ce_id: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum ScriptTopic {
+    BatchCreated,
+    QuantityChanged,
+    AllocationRequired,
+}
+
+/// What a run of the engine decided, as a subscriber sees it: per SKU and
+/// outbound event kind, the events in order (`orderid qty [batchref]`); the
+/// dead letters by the `ce_id` of their message; the allocations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub events: BTreeMap<(String, String), Vec<String>>,
+    pub dead_letters: BTreeMap<String, String>,
+    pub allocations: BTreeSet<(String, String, String)>,
+}
+
+impl Observed {
+    pub fn event(&mut self, sku: &str, kind: &str, line: String) {
+        self.events
+            .entry((sku.to_owned(), kind.to_owned()))
+            .or_default()
+            .push(line);
+    }
+}
+
+/// Runs `phases` on the fakes: one instance, no faults, each phase's
+/// messages produced at once and processed before the next phase, with
+/// `partitions` partitions a topic and the unknown-reference window
+/// `window`.
+pub fn run_script(phases: &[Vec<ScriptMessage>], partitions: i32, window: Duration) -> Observed {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        crate::log::init();
+        let rng = Arc::new(Mutex::new(StdRng::seed_from_u64(0)));
+        let topics = Topics::default();
+        let broker = Arc::new(Broker::new(
+            &topics.inbound(),
+            partitions,
+            GroupSettings {
+                session_timeout: Duration::from_secs(6),
+                auto_commit_every: Duration::from_secs(5),
+            },
+            Arc::clone(&rng),
+        ));
+        let db = Arc::new(SimDb::new(Arc::clone(&rng)));
+        let mut world = World {
+            topics: topics.clone(),
+            broker: Arc::clone(&broker),
+            db: Arc::clone(&db),
+            scenario_faults: StoreFaults::default(),
+            consumer_errors: 0,
+            max_batch: 100,
+            next_id: 0,
+            running: Vec::new(),
+            gone: Vec::new(),
+            window,
+        };
+        world.start();
+        for phase in phases {
+            for m in phase {
+                let topic = match m.kind {
+                    ScriptTopic::BatchCreated => &topics.batch_created,
+                    ScriptTopic::QuantityChanged => &topics.batch_quantity_changed,
+                    ScriptTopic::AllocationRequired => &topics.allocation_required,
+                };
+                broker.produce(
+                    topic,
+                    partition_of(&m.key, partitions),
+                    Some(m.key.clone().into_bytes()),
+                    Some(m.value.clone()),
+                    vec![("ce_id".into(), Some(m.ce_id.clone().into_bytes()))],
+                );
+            }
+            let keys: BTreeSet<String> =
+                phase.iter().map(|m| format!("ce_id:{}", m.ce_id)).collect();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !keys
+                .iter()
+                .all(|k| db.state.lock().unwrap().processed.contains(k))
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "the script's phase was not processed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        for instance in world.running.drain(..) {
+            instance.stop.cancel();
+            let _ = instance.task.await;
+        }
+        let state = db.state.lock().unwrap();
+        let mut observed = Observed::default();
+        for commit in &state.commits {
+            for record in &commit.messages {
+                match record {
+                    Recorded::Applied { events, .. } => {
+                        for event in events {
+                            let (sku, kind, line) = match event {
+                                Event::Allocated(e) => (
+                                    &e.sku,
+                                    "allocated",
+                                    format!("{} {} {}", e.orderid, e.qty, e.batchref),
+                                ),
+                                Event::Deallocated(e) => {
+                                    (&e.sku, "deallocated", format!("{} {}", e.orderid, e.qty))
+                                }
+                                Event::OutOfStock(e) => {
+                                    (&e.sku, "out-of-stock", format!("{} {}", e.orderid, e.qty))
+                                }
+                            };
+                            observed.event(sku.as_str(), kind, line);
+                        }
+                    }
+                    Recorded::DeadLettered { key, reason } => {
+                        let ce_id = key.strip_prefix("ce_id:").unwrap_or(key).to_owned();
+                        observed
+                            .dead_letters
+                            .insert(ce_id, reason.as_str().to_owned());
+                    }
+                }
+            }
+        }
+        for (orderid, sku, batch) in allocations(&state.products) {
+            observed.allocations.insert((
+                orderid.as_str().to_owned(),
+                sku.as_str().to_owned(),
+                batch.as_str().to_owned(),
+            ));
+        }
+        observed
+    })
 }

@@ -7,7 +7,15 @@
 //! CI otherwise), from `SIMULATION_FIRST_SEED` (0); `SIMULATION_SEED=S`
 //! runs only seed S. A failing seed's message gives the command that
 //! replays it. `scripts/simulate-engine.sh --seeds N` runs many.
+//!
+//! The simulations need no service. `conformance` runs the same scripts on
+//! the fakes and on the real binary, broker and PostgreSQL, so it needs the
+//! services of `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`.
 
+// The end-to-end harness, for the conformance test.
+#[path = "../common/mod.rs"]
+mod common;
+mod conformance;
 mod engine;
 mod engine_fakes;
 mod log;
