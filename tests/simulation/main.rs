@@ -33,7 +33,7 @@ impl fmt::Display for Failure {
 }
 
 /// Seeds per simulation when `SIMULATION_SEEDS` is not set.
-const DEFAULT_SEEDS: u64 = 200;
+const DEFAULT_SEEDS: u64 = 2000;
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;

@@ -46,6 +46,10 @@ pub struct GroupSettings {
 
 pub struct Broker {
     state: Mutex<BrokerState>,
+    /// Rung at every message produced: idle members fetch at once.
+    produced: tokio::sync::Notify,
+    /// The longest hand-over so far (revocation to commit), for the checks.
+    longest_hand_over: Mutex<Duration>,
     settings: GroupSettings,
     /// Every choice of the fakes, in the order the single thread makes them.
     rng: Arc<Mutex<StdRng>>,
@@ -81,6 +85,8 @@ impl Broker {
         }
         Self {
             state: Mutex::new(state),
+            produced: tokio::sync::Notify::new(),
+            longest_hand_over: Mutex::new(Duration::ZERO),
             settings,
             rng,
         }
@@ -109,7 +115,13 @@ impl Broker {
             payload,
             headers,
         });
+        drop(state);
+        self.produced.notify_waiters();
         offset
+    }
+
+    pub fn longest_hand_over(&self) -> Duration {
+        *self.longest_hand_over.lock().unwrap()
     }
 
     pub fn committed(&self) -> BTreeMap<Partition, i64> {
@@ -300,6 +312,8 @@ impl SimConsumer {
 
     /// The hand-over of `partitions`, then their commit, then they go.
     async fn revoke(self: Arc<Self>, partitions: Vec<Partition>) {
+        let started = Instant::now();
+        let stops = self.life.stops();
         if let Some(hand_over) = self.hand_over.get() {
             hand_over.revoke_async(&partitions).await;
         }
@@ -319,6 +333,12 @@ impl SimConsumer {
         };
         if !stored.is_empty() {
             let _ = self.broker.commit(self.id, &stored);
+        }
+        // Only a hand-over that ran: a frozen member's wait is the freeze's.
+        if self.life.stops() == stops {
+            let took = started.elapsed();
+            let mut longest = self.broker.longest_hand_over.lock().unwrap();
+            *longest = (*longest).max(took);
         }
     }
 
@@ -433,8 +453,15 @@ impl InboundConsumer for SimConsumerHandle {
             if let Some(message) = this.next_message() {
                 return Ok(message);
             }
-            let idle = Duration::from_millis(this.broker.rng.lock().unwrap().random_range(5..50));
-            tokio::time::sleep(idle).await;
+            // Idle: until something is produced, or a fetch interval
+            // passes (the group may have moved, a commit may be due).
+            let produced = this.broker.produced.notified();
+            let idle = Duration::from_millis(this.broker.rng.lock().unwrap().random_range(50..150));
+            tokio::select! {
+                biased;
+                _ = produced => {}
+                _ = tokio::time::sleep(idle) => {}
+            }
         }
     }
 

@@ -20,6 +20,8 @@ pub struct Life {
     /// Since when it has not been running; its group evicts it once this is
     /// older than the session timeout.
     down_since: Mutex<Option<Instant>>,
+    /// How many times it stopped running.
+    stops: std::sync::atomic::AtomicU64,
 }
 
 impl Life {
@@ -27,6 +29,7 @@ impl Life {
         Self {
             state: watch::Sender::new(State::Running),
             down_since: Mutex::new(None),
+            stops: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -37,6 +40,8 @@ impl Life {
             _ => {
                 if down.is_none() {
                     *down = Some(Instant::now());
+                    self.stops
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }
@@ -45,6 +50,11 @@ impl Life {
 
     pub fn state(&self) -> State {
         *self.state.borrow()
+    }
+
+    /// How many times it stopped running (frozen or dead) so far.
+    pub fn stops(&self) -> u64 {
+        self.stops.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn down_since(&self) -> Option<Instant> {
