@@ -13,6 +13,8 @@
 //!   while messages wait for their references;
 //! - `two_instances.rs`: two instances in one group, their rebalances and
 //!   hand-overs, and their concurrent decisions on one product;
+//! - `three_instances.rs`: three instances in one group, one killed and
+//!   restarted, one frozen past the session timeout, mid-stream;
 //! - `memory_bound.rs`: the memory bound under a stuck partition and a huge message;
 //! - `slow_partition.rs`: a product row locked for longer than the poll interval;
 //! - `shutdown.rs`: SIGTERM mid-stream with a message stuck;
@@ -37,6 +39,7 @@ mod redelivery;
 mod shutdown;
 mod slow_partition;
 mod task_failure;
+mod three_instances;
 mod two_instances;
 mod unknown_references;
 

@@ -30,7 +30,10 @@ fn inbound_partitions(env: &TestEnv) -> BTreeSet<String> {
 
 /// Waits until every worker holds some inbound partitions and together they
 /// hold each exactly once; returns each worker's set.
-async fn wait_shared(env: &TestEnv, workers: &[&WorkerProcess]) -> Vec<BTreeSet<String>> {
+pub(crate) async fn wait_shared(
+    env: &TestEnv,
+    workers: &[&WorkerProcess],
+) -> Vec<BTreeSet<String>> {
     let all = inbound_partitions(env);
     env.eventually(
         &format!(
