@@ -592,6 +592,11 @@ impl HandOver for PartitionTasks {
         Box::pin(async move {
             self.poll_clock.polled();
             let stopping = self.stop(partitions);
+            // Forgotten before the wait, not after as in `revoke`: here the
+            // consumer loop goes on meanwhile, and must not take a task that
+            // ends for the hand-over for one that failed (and seek its
+            // partition back). What it keeps for them is dropped either way.
+            self.forget(partitions);
             let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(2);
             for ((topic, partition), mut control) in stopping {
                 // `changed` fails once the task's end drops the sender.
@@ -604,7 +609,6 @@ impl HandOver for PartitionTasks {
                     );
                 }
             }
-            self.forget(partitions);
             self.poll_clock.polling();
         })
     }
