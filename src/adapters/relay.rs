@@ -1139,10 +1139,17 @@ impl<S: RelayStore> Relay<S> {
                 continue;
             };
             let topic = self.topics.outbound(kind);
-            if topic_in_flight.is_some_and(|t| t != topic)
-                && !settle(&mut in_flight, &mut outcomes).await
-            {
-                break;
+            if topic_in_flight.is_some_and(|t| t != topic) {
+                if !settle(&mut in_flight, &mut outcomes).await {
+                    break;
+                }
+                // Waiting for those acknowledgements can take up to the
+                // delivery timeout: the window is checked again, or this
+                // record could still be in flight after the fence written
+                // for the pass (found by the simulation, seed 6130).
+                if started.elapsed() > SEND_WINDOW {
+                    break;
+                }
             }
             let record = OutboundRecord {
                 topic,
