@@ -39,6 +39,10 @@
 //!   are retried for ever: an outage must lose nothing. What
 //!   `allocation-worker outbox-quarantine` does with a quarantined row is in
 //!   [`super::quarantine`].
+//! - **One relay, two stores.** Every statement the relay runs is a method
+//!   of [`RelayStore`]: [`PgRelayStore`] in production, an in-memory store
+//!   in the seeded simulation (tests/simulation), which runs this same
+//!   `Relay` under a paused clock (docs/design.md, "Simulation: the relay").
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::relay_fakes::{Broker, BrokerFault, FakeProducer, MemStore, Rng, MAX_MESSAGE_BYTES};
 
-/// Seeds per run: 1,000 take about 11 s in a debug build.
+/// Seeds per run: 1,000 take about 8 s in a debug build.
 const DEFAULT_SEEDS: u64 = 1000;
 
 /// How long a row appended away from any fault may take to reach the broker
