@@ -54,6 +54,8 @@ pub struct Run {
     pub rows: usize,
     pub written: usize,
     pub simulated: Duration,
+    /// Rows held to [`QUIET_BOUND`] while another SKU had a bad row.
+    pub quiet_rows: usize,
     /// Fault kinds injected, and quarantine causes seen, for coverage.
     pub kinds: BTreeSet<&'static str>,
 }
@@ -388,7 +390,14 @@ async fn simulate(seed: u64) -> Result<Run, String> {
         kinds.insert(cause);
     }
     let mut failures = std::mem::take(&mut sim.failures);
-    failures.extend(check(&sim, &appended, &written, &quarantined));
+    let mut quiet_rows = 0;
+    failures.extend(check(
+        &sim,
+        &appended,
+        &written,
+        &quarantined,
+        &mut quiet_rows,
+    ));
     let mut hasher = DefaultHasher::new();
     written.hash(&mut hasher);
     quarantined.keys().collect::<Vec<_>>().hash(&mut hasher);
@@ -398,6 +407,7 @@ async fn simulate(seed: u64) -> Result<Run, String> {
         rows: appended.len(),
         written: written.len(),
         simulated: sim.now(),
+        quiet_rows,
         kinds,
     };
     if failures.is_empty() {
@@ -432,6 +442,7 @@ fn check(
     appended: &BTreeMap<i64, (usize, Duration, bool)>,
     written: &[super::relay_fakes::Written],
     quarantined: &BTreeMap<i64, allocation_worker::adapters::relay::Quarantine>,
+    quiet_rows: &mut usize,
 ) -> Vec<String> {
     let mut failures = Vec::new();
     let pending = sim.store.pending();
@@ -519,6 +530,9 @@ fn check(
         if !quiet {
             continue;
         }
+        if !bad_skus.is_empty() {
+            *quiet_rows += 1;
+        }
         if let Some(at) = first_at.get(id) {
             if at.saturating_sub(*t) > QUIET_BOUND {
                 failures.push(format!(
@@ -558,7 +572,7 @@ fn relay_keeps_each_sku_in_order_through_faults_for_every_seed() {
     let seeds = seeds();
     let mut failed = Vec::new();
     let mut kinds = BTreeSet::new();
-    let (mut rows, mut written, mut simulated) = (0, 0, Duration::ZERO);
+    let (mut rows, mut written, mut simulated, mut quiet) = (0, 0, Duration::ZERO, 0);
     for &seed in &seeds {
         match run(seed) {
             Ok(run) => {
@@ -566,13 +580,14 @@ fn relay_keeps_each_sku_in_order_through_faults_for_every_seed() {
                 rows += run.rows;
                 written += run.written;
                 simulated += run.simulated;
+                quiet += run.quiet_rows;
             }
             Err(message) => failed.push((seed, message)),
         }
     }
     eprintln!(
         "relay simulation: {} seeds, {} failed, {rows} rows, {written} records written, \
-         {:.0} s simulated in {:.1} s",
+         {quiet} rows held to {QUIET_BOUND:?} beside a bad row, {:.0} s simulated in {:.1} s",
         seeds.len(),
         failed.len(),
         simulated.as_secs_f64(),
@@ -601,6 +616,10 @@ fn relay_keeps_each_sku_in_order_through_faults_for_every_seed() {
         ] {
             assert!(kinds.contains(kind), "no seed had {kind}: {kinds:?}");
         }
+        assert!(
+            quiet > 0,
+            "no row was held to {QUIET_BOUND:?} beside a bad row"
+        );
     }
 }
 
