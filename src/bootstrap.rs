@@ -238,7 +238,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         Ok(deadline) => *deadline,
         Err(_) => tokio::time::Instant::now() + settings_shutdown_timeout,
     };
-    let _ = relay_deadline.send(deadline.into_std());
+    let _ = relay_deadline.send(deadline);
     relay_stop.cancel();
     if let Err(error) = relay_task.await {
         tracing::error!(%error, "outbox relay task failed");

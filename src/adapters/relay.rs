@@ -39,13 +39,17 @@
 //!   are retried for ever: an outage must lose nothing. What
 //!   `allocation-worker outbox-quarantine` does with a quarantined row is in
 //!   [`super::quarantine`].
+//! - **One relay, two stores.** Every statement the relay runs is a method
+//!   of [`RelayStore`]: [`PgRelayStore`] in production, an in-memory store
+//!   in the seeded simulation (tests/simulation), which runs this same
+//!   `Relay` under a paused clock (docs/design.md, "Simulation: the relay").
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -53,6 +57,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 use tokio::sync::Notify;
+// tokio's clock, not std's: a simulation pauses and advances it (tests/simulation).
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::kafka::{Topics, WorkerContext};
@@ -209,7 +215,7 @@ enum Verdict {
 
 /// One pending row: id, kind, message key, value, encoded headers, shard,
 /// and how many rows the pass would have taken without its byte bound.
-type OutboxRow = (
+pub type OutboxRow = (
     i64,
     String,
     Option<Vec<u8>>,
@@ -219,16 +225,17 @@ type OutboxRow = (
     i64,
 );
 
-/// The relay's session: its own connection, which holds the advisory locks.
-struct Session {
-    conn: PgConnection,
+/// The relay's session: its own connection (the store's session), which
+/// holds the advisory locks.
+struct Session<C> {
+    conn: C,
     /// Holds [`RELAY_LOCK`] shared: counted among the relays.
     member: bool,
     /// The shards whose lock this session holds.
     held: BTreeSet<i16>,
     /// Shards taken over while the previous holder's records may still be
     /// in flight: not published before the instant given.
-    fenced: HashMap<i16, Instant>,
+    fenced: BTreeMap<i16, Instant>,
     balanced_at: Option<Instant>,
 }
 
@@ -243,25 +250,408 @@ struct KeyState {
     refusals: u32,
 }
 
-#[derive(Default)]
-struct State {
-    session: Option<Session>,
+struct State<C> {
+    session: Option<Session<C>>,
     /// Keys that failed and have not succeeded since. Only failing keys are
-    /// here, and each leaves at its next success or quarantine.
+    /// here, and each leaves at its next success or quarantine. Only looked
+    /// up, never iterated: its order decides nothing.
     keys: HashMap<Option<Vec<u8>>, KeyState>,
 }
 
-/// A row to quarantine: its id, the attempts made, and why.
-struct Quarantine {
-    id: i64,
-    attempts: u32,
-    error: String,
+impl<C> Default for State<C> {
+    fn default() -> Self {
+        Self {
+            session: None,
+            keys: HashMap::new(),
+        }
+    }
 }
 
-pub struct Relay {
-    /// Where the relay's own connection goes (the pool's options); the pool
-    /// itself is never used for the relay, whose locks live in its session.
+/// A row to quarantine: its id, the attempts made, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantine {
+    pub id: i64,
+    pub attempts: u32,
+    pub error: String,
+}
+
+/// Every database operation of the relay, on its session: PostgreSQL in
+/// production ([`PgRelayStore`]), an in-memory store in the simulation
+/// (tests/simulation), so that the relay's logic runs unchanged on both.
+/// A session holds the advisory locks taken on it until it ends: dropped,
+/// closed, or ended by the server. Every method fails only when the
+/// database does.
+pub trait RelayStore: Send + Sync + 'static {
+    /// The relay's own connection.
+    type Session: Send + 'static;
+
+    /// Opens a session whose idle sessions the server ends after `idle`.
+    fn connect(
+        &self,
+        idle: Duration,
+    ) -> impl Future<Output = Result<Self::Session, RelayError>> + Send;
+
+    /// Takes [`RELAY_LOCK`] shared, without waiting: `false` while an
+    /// earlier version's relay holds it exclusively.
+    fn join_relays(
+        &self,
+        session: &mut Self::Session,
+    ) -> impl Future<Output = Result<bool, RelayError>> + Send;
+
+    /// How many sessions hold [`RELAY_LOCK`] (the relays running), and how
+    /// many rows are quarantined.
+    fn census(
+        &self,
+        session: &mut Self::Session,
+    ) -> impl Future<Output = Result<(i64, i64), RelayError>> + Send;
+
+    /// Takes the locks of up to `limit` of `candidates`, in their order,
+    /// without waiting; returns the shards taken.
+    fn try_lock_shards(
+        &self,
+        session: &mut Self::Session,
+        candidates: &[i16],
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<i16>, RelayError>> + Send;
+
+    /// Releases the locks of `shards`.
+    fn unlock_shards(
+        &self,
+        session: &mut Self::Session,
+        shards: &[i16],
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// The fences of `shards` written by another holder than `holder` and
+    /// not passed yet: per shard, how long until they pass.
+    fn fences(
+        &self,
+        session: &mut Self::Session,
+        shards: &[i16],
+        holder: i64,
+    ) -> impl Future<Output = Result<Vec<(i16, Duration)>, RelayError>> + Send;
+
+    /// The first pending rows of `shards` in id order (at most `limit`, and
+    /// `max_bytes` of values beyond the first), and, before they are
+    /// returned, the fence of their shards: `holder`'s records may be in
+    /// flight for `lease` from now.
+    fn take_pending(
+        &self,
+        session: &mut Self::Session,
+        shards: &[i16],
+        limit: i64,
+        max_bytes: i64,
+        holder: i64,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Vec<OutboxRow>, RelayError>> + Send;
+
+    /// At once: `sent` and the quarantined rows leave the pending ones,
+    /// `quarantine` is copied aside, and `holder`'s fence of `shards` is
+    /// lifted.
+    fn mark(
+        &self,
+        session: &mut Self::Session,
+        sent: &[i64],
+        quarantine: &[Quarantine],
+        shards: &[i16],
+        holder: i64,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// Drops row `id`'s value, adding `header` to its headers.
+    fn omit_value(
+        &self,
+        session: &mut Self::Session,
+        id: i64,
+        header: &[u8],
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// Lifts `holder`'s fence of `shards`.
+    fn lift_fences(
+        &self,
+        session: &mut Self::Session,
+        shards: &[i16],
+        holder: i64,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+
+    /// Ends the session, which releases its locks.
+    fn close(&self, session: Self::Session) -> impl Future<Output = ()> + Send;
+}
+
+/// The relay's database in production: its own connection on the pool's
+/// options (the worker's session settings), outside the pool, whose
+/// connections never hold the relay's locks.
+pub struct PgRelayStore {
     pool: PgPool,
+}
+
+impl PgRelayStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+impl RelayStore for PgRelayStore {
+    type Session = PgConnection;
+
+    /// The relay's own connection, on the pool's options (the worker's
+    /// session settings), outside the pool: its locks must not go back to
+    /// the pool with it.
+    async fn connect(&self, idle: Duration) -> Result<PgConnection, RelayError> {
+        let options = self.pool.connect_options();
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
+            .await
+            .map_err(|_| {
+                RelayError::Database(RepositoryError::Unavailable(
+                    "connecting the relay's session timed out".into(),
+                ))
+            })??;
+        // Not in the startup options: PostgreSQL before 14 does not know the
+        // setting and would refuse the connection; there it is left unset.
+        let millis = idle.as_millis().to_string();
+        if let Err(error) = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
+            .bind(&millis)
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(%error, "the relay's session has no idle_session_timeout");
+        }
+        Ok(conn)
+    }
+
+    async fn join_relays(&self, session: &mut PgConnection) -> Result<bool, RelayError> {
+        Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(session)
+            .await?)
+    }
+
+    async fn census(&self, session: &mut PgConnection) -> Result<(i64, i64), RelayError> {
+        Ok(sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_locks \
+                     WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND classid::int8 = $1 AND objid::int8 = $2), \
+                    (SELECT count(*) FROM outbox_quarantine)",
+        )
+        .bind(RELAY_LOCK >> 32)
+        .bind(RELAY_LOCK & 0xffff_ffff)
+        .fetch_one(session)
+        .await?)
+    }
+
+    async fn try_lock_shards(
+        &self,
+        session: &mut PgConnection,
+        candidates: &[i16],
+        limit: usize,
+    ) -> Result<Vec<i16>, RelayError> {
+        // The scan stops at the limit: no lock is taken beyond it.
+        Ok(sqlx::query_scalar(
+            "SELECT s FROM unnest($1::int2[]) AS s \
+             WHERE pg_try_advisory_lock($2 + s) LIMIT $3",
+        )
+        .bind(candidates)
+        .bind(SHARD_LOCKS)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(session)
+        .await?)
+    }
+
+    async fn unlock_shards(
+        &self,
+        session: &mut PgConnection,
+        shards: &[i16],
+    ) -> Result<(), RelayError> {
+        sqlx::query("SELECT pg_advisory_unlock($1 + s) FROM unnest($2::int2[]) AS s")
+            .bind(SHARD_LOCKS)
+            .bind(shards)
+            .execute(session)
+            .await?;
+        Ok(())
+    }
+
+    async fn fences(
+        &self,
+        session: &mut PgConnection,
+        shards: &[i16],
+        holder: i64,
+    ) -> Result<Vec<(i16, Duration)>, RelayError> {
+        let fences: Vec<(i16, f64)> = sqlx::query_as(
+            "SELECT shard, EXTRACT(EPOCH FROM in_flight_until - clock_timestamp())::float8 \
+             FROM outbox_relay_shards WHERE shard = ANY($1) \
+             AND in_flight_until > clock_timestamp() AND holder IS DISTINCT FROM $2",
+        )
+        .bind(shards)
+        .bind(holder)
+        .fetch_all(session)
+        .await?;
+        Ok(fences
+            .into_iter()
+            .map(|(shard, seconds)| {
+                (
+                    shard,
+                    Duration::try_from_secs_f64(seconds).unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
+    async fn take_pending(
+        &self,
+        session: &mut PgConnection,
+        shards: &[i16],
+        limit: i64,
+        max_bytes: i64,
+        holder: i64,
+        lease: Duration,
+    ) -> Result<Vec<OutboxRow>, RelayError> {
+        Ok(sqlx::query_as(
+            "WITH pending AS ( \
+                 SELECT id FROM ( \
+                     SELECT l.id FROM unnest($1::int2[]) AS s(shard) \
+                     CROSS JOIN LATERAL ( \
+                         SELECT p.id FROM outbox_pending p WHERE p.shard = s.shard \
+                         ORDER BY p.id LIMIT $2) l \
+                     UNION ALL \
+                     SELECT o.id FROM outbox o \
+                     WHERE o.id = ANY(ARRAY( \
+                         SELECT id FROM outbox_pending WHERE shard IS NULL ORDER BY id LIMIT $2)) \
+                     AND outbox_shard(o.message_key) = ANY($1)) ids \
+                 ORDER BY id LIMIT $2), \
+             taken AS ( \
+                 SELECT id, kind, message_key, payload, headers, shard, total FROM ( \
+                     SELECT o.id, o.kind, o.message_key, o.payload, o.headers, \
+                            outbox_shard(o.message_key) AS shard, \
+                            sum(COALESCE(octet_length(o.payload), 0)) OVER (ORDER BY o.id) AS upto, \
+                            count(*) OVER () AS total \
+                     FROM outbox o WHERE o.id = ANY(ARRAY(SELECT id FROM pending))) r \
+                 WHERE upto - COALESCE(octet_length(payload), 0) < $3), \
+             fence AS ( \
+                 UPDATE outbox_relay_shards \
+                 SET holder = $4, in_flight_until = clock_timestamp() + make_interval(secs => $5) \
+                 WHERE shard IN (SELECT shard FROM taken) \
+                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off') \
+             SELECT id, kind, message_key, payload, headers, shard, total FROM taken ORDER BY id",
+        )
+        .bind(shards)
+        .bind(limit)
+        .bind(max_bytes)
+        .bind(holder)
+        .bind(lease.as_secs_f64())
+        .fetch_all(session)
+        .await?)
+    }
+
+    async fn mark(
+        &self,
+        session: &mut PgConnection,
+        sent: &[i64],
+        quarantine: &[Quarantine],
+        shards: &[i16],
+        holder: i64,
+    ) -> Result<(), RelayError> {
+        // One statement: the acknowledged ids leave outbox_pending (the rows
+        // themselves are never rewritten, migration 20261128000005), the
+        // quarantined rows are copied aside and leave it too, and the fence
+        // of this pass's shards is lifted: everything it handed over is
+        // settled. outbox_relay.marked_at is when marks are written, by
+        // whichever relay finds its one row free (the relays never queue for
+        // it: it only tells people when the relay last marked). None of
+        // it waits for the disk: a mark lost in a crash publishes its row
+        // again with the same ce_id, which at-least-once allows; a lost
+        // quarantine tries the row again. set_config(…, true) is SET LOCAL.
+        let (ids, attempts, errors): (Vec<i64>, Vec<i32>, Vec<String>) = quarantine
+            .iter()
+            .map(|q| {
+                (
+                    q.id,
+                    i32::try_from(q.attempts).unwrap_or(i32::MAX),
+                    q.error.clone(),
+                )
+            })
+            .fold(
+                (vec![], vec![], vec![]),
+                |(mut a, mut b, mut c), (x, y, z)| {
+                    a.push(x);
+                    b.push(y);
+                    c.push(z);
+                    (a, b, c)
+                },
+            );
+        sqlx::query(
+            "WITH quarantined AS ( \
+                 INSERT INTO outbox_quarantine \
+                     (id, kind, message_key, payload, headers, created_at, attempts, error) \
+                 SELECT o.id, o.kind, o.message_key, o.payload, o.headers, o.created_at, \
+                        q.attempts, q.error \
+                 FROM unnest($2::int8[], $3::int4[], $4::text[]) AS q(id, attempts, error) \
+                 JOIN outbox o ON o.id = q.id \
+                 ON CONFLICT (id) DO NOTHING), \
+             marked AS ( \
+                 DELETE FROM outbox_pending WHERE id = ANY($1::int8[] || $2::int8[]) \
+                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'), \
+             lifted AS ( \
+                 UPDATE outbox_relay_shards SET in_flight_until = NULL \
+                 WHERE shard = ANY($5) AND holder = $6) \
+             UPDATE outbox_relay SET marked_at = GREATEST(marked_at, statement_timestamp()) \
+             WHERE cardinality($1::int8[]) > 0 \
+             AND only_row IN (SELECT only_row FROM outbox_relay FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(sent)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&errors)
+        .bind(shards)
+        .bind(holder)
+        .execute(session)
+        .await?;
+        Ok(())
+    }
+
+    async fn omit_value(
+        &self,
+        session: &mut PgConnection,
+        id: i64,
+        header: &[u8],
+    ) -> Result<(), RelayError> {
+        sqlx::query(
+            "UPDATE outbox SET payload = NULL, headers = headers || $2 \
+             WHERE id = $1 AND payload IS NOT NULL",
+        )
+        .bind(id)
+        .bind(header)
+        .execute(session)
+        .await?;
+        Ok(())
+    }
+
+    async fn lift_fences(
+        &self,
+        session: &mut PgConnection,
+        shards: &[i16],
+        holder: i64,
+    ) -> Result<(), RelayError> {
+        sqlx::query(
+            "UPDATE outbox_relay_shards SET in_flight_until = NULL \
+             WHERE shard = ANY($1) AND holder = $2",
+        )
+        .bind(shards)
+        .bind(holder)
+        .execute(session)
+        .await?;
+        Ok(())
+    }
+
+    async fn close(&self, session: PgConnection) {
+        if let Err(error) = session.close().await {
+            tracing::debug!(%error, "closing the relay's session");
+        }
+    }
+}
+
+pub struct Relay<S: RelayStore = PgRelayStore> {
+    /// The relay's database (PostgreSQL in production); its locks live in
+    /// the relay's session, never in a pooled connection.
+    store: S,
     publisher: Box<dyn Publisher>,
     topics: Topics,
     /// Rung by the worker after each commit, so events leave without waiting
@@ -278,10 +668,10 @@ pub struct Relay {
     idle_session_timeout: Duration,
     /// A tokio mutex: a pass holds it across its awaits, and passes never
     /// run at once (the loop makes them one after the other).
-    state: tokio::sync::Mutex<State>,
+    state: tokio::sync::Mutex<State<S::Session>>,
 }
 
-impl Relay {
+impl Relay<PgRelayStore> {
     pub fn new(
         pool: PgPool,
         producer: FutureProducer<WorkerContext>,
@@ -300,8 +690,22 @@ impl Relay {
         wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        Relay::with_store(PgRelayStore::new(pool), publisher, topics, wake, metrics)
+    }
+}
+
+impl<S: RelayStore> Relay<S> {
+    /// A relay on the database `store` (the in-memory one of the simulation,
+    /// say), publishing through `publisher`.
+    pub fn with_store(
+        store: S,
+        publisher: Box<dyn Publisher>,
+        topics: Topics,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
-            pool,
+            store,
             publisher,
             topics,
             wake,
@@ -314,6 +718,15 @@ impl Relay {
             idle_session_timeout: IDLE_SESSION_TIMEOUT,
             state: tokio::sync::Mutex::new(State::default()),
         }
+    }
+
+    /// This relay's id in the fence table instead of one made from the pid,
+    /// the wall clock and a count (see [`holder_id`]): the simulation draws
+    /// it from its seed, since the id also picks where the relay's shard
+    /// rotation starts, and a run must be the same for the same seed.
+    pub fn with_holder(mut self, holder: i64) -> Self {
+        self.holder = holder;
+        self
     }
 
     /// How long this relay's records count as in flight for the others
@@ -347,7 +760,7 @@ impl Relay {
         pass
     }
 
-    async fn pass(&self, state: &mut State) -> Result<usize, RelayError> {
+    async fn pass(&self, state: &mut State<S::Session>) -> Result<usize, RelayError> {
         let started = Instant::now();
         if state.session.is_none() {
             state.session = Some(self.connect().await?);
@@ -384,41 +797,17 @@ impl Relay {
         // shards about to be published: until when their records may be in
         // flight. It is written before any is handed over, and only when
         // there are rows (a pass with none writes nothing).
-        let rows: Vec<OutboxRow> = sqlx::query_as(
-            "WITH pending AS ( \
-                 SELECT id FROM ( \
-                     SELECT l.id FROM unnest($1::int2[]) AS s(shard) \
-                     CROSS JOIN LATERAL ( \
-                         SELECT p.id FROM outbox_pending p WHERE p.shard = s.shard \
-                         ORDER BY p.id LIMIT $2) l \
-                     UNION ALL \
-                     SELECT o.id FROM outbox o \
-                     WHERE o.id = ANY(ARRAY( \
-                         SELECT id FROM outbox_pending WHERE shard IS NULL ORDER BY id LIMIT $2)) \
-                     AND outbox_shard(o.message_key) = ANY($1)) ids \
-                 ORDER BY id LIMIT $2), \
-             taken AS ( \
-                 SELECT id, kind, message_key, payload, headers, shard, total FROM ( \
-                     SELECT o.id, o.kind, o.message_key, o.payload, o.headers, \
-                            outbox_shard(o.message_key) AS shard, \
-                            sum(COALESCE(octet_length(o.payload), 0)) OVER (ORDER BY o.id) AS upto, \
-                            count(*) OVER () AS total \
-                     FROM outbox o WHERE o.id = ANY(ARRAY(SELECT id FROM pending))) r \
-                 WHERE upto - COALESCE(octet_length(payload), 0) < $3), \
-             fence AS ( \
-                 UPDATE outbox_relay_shards \
-                 SET holder = $4, in_flight_until = clock_timestamp() + make_interval(secs => $5) \
-                 WHERE shard IN (SELECT shard FROM taken) \
-                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off') \
-             SELECT id, kind, message_key, payload, headers, shard, total FROM taken ORDER BY id",
-        )
-        .bind(&ready)
-        .bind(self.batch_size)
-        .bind(MAX_PASS_BYTES)
-        .bind(self.holder)
-        .bind(self.lease.as_secs_f64())
-        .fetch_all(&mut session.conn)
-        .await?;
+        let rows = self
+            .store
+            .take_pending(
+                &mut session.conn,
+                &ready,
+                self.batch_size,
+                MAX_PASS_BYTES,
+                self.holder,
+                self.lease,
+            )
+            .await?;
         if rows.is_empty() {
             self.more_waiting.store(false, Ordering::Relaxed);
             return Ok(0);
@@ -557,61 +946,10 @@ impl Relay {
         sent.sort_unstable();
         let acknowledged = started.elapsed();
 
-        // One statement: the acknowledged ids leave outbox_pending (the rows
-        // themselves are never rewritten, migration 20261128000005), the
-        // quarantined rows are copied aside and leave it too, and the fence
-        // of this pass's shards is lifted: everything it handed over is
-        // settled. outbox_relay.marked_at is when marks are written, by
-        // whichever relay finds its one row free (the relays never queue for
-        // it: it only tells people when the relay last marked). None of
-        // it waits for the disk: a mark lost in a crash publishes its row
-        // again with the same ce_id, which at-least-once allows; a lost
-        // quarantine tries the row again. set_config(…, true) is SET LOCAL.
-        let (ids, attempts, errors): (Vec<i64>, Vec<i32>, Vec<String>) = quarantine
-            .iter()
-            .map(|q| {
-                (
-                    q.id,
-                    i32::try_from(q.attempts).unwrap_or(i32::MAX),
-                    q.error.clone(),
-                )
-            })
-            .fold(
-                (vec![], vec![], vec![]),
-                |(mut a, mut b, mut c), (x, y, z)| {
-                    a.push(x);
-                    b.push(y);
-                    c.push(z);
-                    (a, b, c)
-                },
-            );
-        sqlx::query(
-            "WITH quarantined AS ( \
-                 INSERT INTO outbox_quarantine \
-                     (id, kind, message_key, payload, headers, created_at, attempts, error) \
-                 SELECT o.id, o.kind, o.message_key, o.payload, o.headers, o.created_at, \
-                        q.attempts, q.error \
-                 FROM unnest($2::int8[], $3::int4[], $4::text[]) AS q(id, attempts, error) \
-                 JOIN outbox o ON o.id = q.id \
-                 ON CONFLICT (id) DO NOTHING), \
-             marked AS ( \
-                 DELETE FROM outbox_pending WHERE id = ANY($1::int8[] || $2::int8[]) \
-                 AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'), \
-             lifted AS ( \
-                 UPDATE outbox_relay_shards SET in_flight_until = NULL \
-                 WHERE shard = ANY($5) AND holder = $6) \
-             UPDATE outbox_relay SET marked_at = GREATEST(marked_at, statement_timestamp()) \
-             WHERE cardinality($1::int8[]) > 0 \
-             AND only_row IN (SELECT only_row FROM outbox_relay FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(&sent)
-        .bind(&ids)
-        .bind(&attempts)
-        .bind(&errors)
-        .bind(&shards)
-        .bind(self.holder)
-        .execute(&mut session.conn)
-        .await?;
+        // One statement (see PgRelayStore::mark).
+        self.store
+            .mark(&mut session.conn, &sent, &quarantine, &shards, self.holder)
+            .await?;
         // A dead letter the broker will never take is sent again without
         // its value (quarantined only if even that is refused).
         for id in omit_values {
@@ -629,14 +967,9 @@ impl Relay {
             };
             let header = encode_headers([(VALUE_OMITTED_HEADER, size.as_bytes())])
                 .map_err(|e| RepositoryError::Unavailable(Box::new(e)))?;
-            sqlx::query(
-                "UPDATE outbox SET payload = NULL, headers = headers || $2 \
-                 WHERE id = $1 AND payload IS NOT NULL",
-            )
-            .bind(id)
-            .bind(header)
-            .execute(&mut session.conn)
-            .await?;
+            self.store
+                .omit_value(&mut session.conn, id, &header)
+                .await?;
         }
         tracing::debug!(
             rows = rows.len(),
@@ -662,33 +995,14 @@ impl Relay {
         Ok(sent.len())
     }
 
-    /// The relay's own connection, on the pool's options (the worker's
-    /// session settings), outside the pool: its locks must not go back to
-    /// the pool with it.
-    async fn connect(&self) -> Result<Session, RelayError> {
-        let options = self.pool.connect_options();
-        let mut conn = tokio::time::timeout(Duration::from_secs(5), options.connect())
-            .await
-            .map_err(|_| {
-                RelayError::Database(RepositoryError::Unavailable(
-                    "connecting the relay's session timed out".into(),
-                ))
-            })??;
-        // Not in the startup options: PostgreSQL before 14 does not know the
-        // setting and would refuse the connection; there it is left unset.
-        let millis = self.idle_session_timeout.as_millis().to_string();
-        if let Err(error) = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
-            .bind(&millis)
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(%error, "the relay's session has no idle_session_timeout");
-        }
+    /// The relay's own session, with no shard yet.
+    async fn connect(&self) -> Result<Session<S::Session>, RelayError> {
+        let conn = self.store.connect(self.idle_session_timeout).await?;
         Ok(Session {
             conn,
             member: false,
             held: BTreeSet::new(),
-            fenced: HashMap::new(),
+            fenced: BTreeMap::new(),
             balanced_at: None,
         })
     }
@@ -696,29 +1010,16 @@ impl Relay {
     /// Counts the relays and takes or gives up shards to hold an even share;
     /// updates the quarantine gauge. Runs between passes, when nothing of
     /// this relay is in flight.
-    async fn balance(&self, session: &mut Session) -> Result<(), RelayError> {
+    async fn balance(&self, session: &mut Session<S::Session>) -> Result<(), RelayError> {
         session.balanced_at = Some(Instant::now());
         if !session.member {
             // Fails while an earlier version's relay is in a pass.
-            session.member = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
-                .bind(RELAY_LOCK)
-                .fetch_one(&mut session.conn)
-                .await?;
+            session.member = self.store.join_relays(&mut session.conn).await?;
             if !session.member {
                 return Ok(());
             }
         }
-        let (relays, quarantined): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM pg_locks \
-                     WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
-                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                     AND classid::int8 = $1 AND objid::int8 = $2), \
-                    (SELECT count(*) FROM outbox_quarantine)",
-        )
-        .bind(RELAY_LOCK >> 32)
-        .bind(RELAY_LOCK & 0xffff_ffff)
-        .fetch_one(&mut session.conn)
-        .await?;
+        let (relays, quarantined) = self.store.census(&mut session.conn).await?;
         self.metrics.outbox_quarantined.set(quarantined);
         let relays = relays.max(1);
         let share = usize::try_from((i64::from(SHARDS) + relays - 1) / relays).unwrap_or(1);
@@ -732,11 +1033,7 @@ impl Relay {
                 .take(held - share)
                 .copied()
                 .collect();
-            sqlx::query("SELECT pg_advisory_unlock($1 + s) FROM unnest($2::int2[]) AS s")
-                .bind(SHARD_LOCKS)
-                .bind(&extra)
-                .execute(&mut session.conn)
-                .await?;
+            self.store.unlock_shards(&mut session.conn, &extra).await?;
             for s in &extra {
                 session.held.remove(s);
                 session.fenced.remove(s);
@@ -751,32 +1048,21 @@ impl Relay {
                 .map(|i| (start + i) % SHARDS)
                 .filter(|s| !session.held.contains(s))
                 .collect();
-            let taken: Vec<i16> = sqlx::query_scalar(
-                "SELECT s FROM unnest($1::int2[]) AS s \
-                 WHERE pg_try_advisory_lock($2 + s) LIMIT $3",
-            )
-            .bind(&candidates)
-            .bind(SHARD_LOCKS)
-            .bind((share - held) as i64)
-            .fetch_all(&mut session.conn)
-            .await?;
+            let taken = self
+                .store
+                .try_lock_shards(&mut session.conn, &candidates, share - held)
+                .await?;
             if taken.is_empty() {
                 return Ok(());
             }
             // Shards another relay may still have records in flight for.
-            let fences: Vec<(i16, f64)> = sqlx::query_as(
-                "SELECT shard, EXTRACT(EPOCH FROM in_flight_until - clock_timestamp())::float8 \
-                 FROM outbox_relay_shards WHERE shard = ANY($1) \
-                 AND in_flight_until > clock_timestamp() AND holder IS DISTINCT FROM $2",
-            )
-            .bind(&taken)
-            .bind(self.holder)
-            .fetch_all(&mut session.conn)
-            .await?;
+            let fences = self
+                .store
+                .fences(&mut session.conn, &taken, self.holder)
+                .await?;
             let now = Instant::now();
-            for (shard, seconds) in &fences {
-                let wait = Duration::try_from_secs_f64(*seconds).unwrap_or_default();
-                session.fenced.insert(*shard, now + wait);
+            for (shard, wait) in &fences {
+                session.fenced.insert(*shard, now + *wait);
             }
             session.held.extend(taken.iter().copied());
             if !fences.is_empty() {
@@ -801,21 +1087,15 @@ impl Relay {
         };
         if settled && !session.held.is_empty() {
             let held: Vec<i16> = session.held.iter().copied().collect();
-            let lifted = sqlx::query(
-                "UPDATE outbox_relay_shards SET in_flight_until = NULL \
-                 WHERE shard = ANY($1) AND holder = $2",
-            )
-            .bind(&held)
-            .bind(self.holder)
-            .execute(&mut session.conn)
-            .await;
+            let lifted = self
+                .store
+                .lift_fences(&mut session.conn, &held, self.holder)
+                .await;
             if let Err(error) = lifted {
                 tracing::warn!(%error, "outbox relay could not lift its shards' fence; they wait for it to pass");
             }
         }
-        if let Err(error) = session.conn.close().await {
-            tracing::debug!(%error, "closing the relay's session");
-        }
+        self.store.close(session.conn).await;
     }
 
     /// Sends the rows `chain` of one key, in order: pipelined while they go
@@ -863,10 +1143,17 @@ impl Relay {
                 continue;
             };
             let topic = self.topics.outbound(kind);
-            if topic_in_flight.is_some_and(|t| t != topic)
-                && !settle(&mut in_flight, &mut outcomes).await
-            {
-                break;
+            if topic_in_flight.is_some_and(|t| t != topic) {
+                if !settle(&mut in_flight, &mut outcomes).await {
+                    break;
+                }
+                // Waiting for those acknowledgements can take up to the
+                // delivery timeout: the window is checked again, or this
+                // record could still be in flight after the fence written
+                // for the pass (found by the simulation, seed 6130).
+                if started.elapsed() > SEND_WINDOW {
+                    break;
+                }
             }
             let record = OutboundRecord {
                 topic,
@@ -893,10 +1180,13 @@ impl Relay {
     /// Publishes until `shutdown`, then finishes the pass in hand, makes a
     /// last pass and flushes the producer, all before the deadline that
     /// `deadline` yields once `shutdown` fired; then gives its shards up.
-    pub async fn run_until_stopped(
+    /// The deadline is any instant tokio's clock reads (a std one in
+    /// production and the real-database tests, a tokio one in the
+    /// simulation, whose clock is paused).
+    pub async fn run_until_stopped<D: Into<Instant>>(
         self,
         shutdown: CancellationToken,
-        deadline: tokio::sync::oneshot::Receiver<Instant>,
+        deadline: tokio::sync::oneshot::Receiver<D>,
     ) {
         type Pass<'a> = Pin<Box<dyn Future<Output = Result<usize, RelayError>> + Send + 'a>>;
         let mut backoff = Backoff::default();
@@ -905,7 +1195,12 @@ impl Relay {
         let mut in_hand: Option<Pass<'_>> = None;
         loop {
             let pass = in_hand.get_or_insert_with(|| Box::pin(self.publish_pending()));
+            // Every select here is biased: the order of the branches, not
+            // tokio's random pick (which no seed controls), decides between
+            // two ready at once, so a simulation replays the same run. A
+            // finished pass is taken before a shutdown.
             let pass = tokio::select! {
+                biased;
                 pass = pass => pass,
                 _ = shutdown.cancelled() => break,
             };
@@ -923,8 +1218,9 @@ impl Relay {
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, retry_in = ?delay, "outbox relay failed; backing off");
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        biased;
                         _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
                     false
                 }
@@ -934,15 +1230,16 @@ impl Relay {
             }
             if !more {
                 tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {}
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(self.poll_interval) => {}
-                    _ = shutdown.cancelled() => {}
                 }
             }
         }
         let deadline = deadline
             .await
-            .unwrap_or_else(|_| Instant::now() + Duration::from_secs(1));
+            .map_or_else(|_| Instant::now() + Duration::from_secs(1), Into::into);
         // The pass in hand, then what the worker committed last, published
         // now rather than at restart.
         let last_passes = async {
@@ -957,7 +1254,7 @@ impl Relay {
         };
         let flush_reserve = Duration::from_millis(500);
         let pass_deadline = deadline.checked_sub(flush_reserve).unwrap_or(deadline);
-        if tokio::time::timeout_at(pass_deadline.into(), last_passes)
+        if tokio::time::timeout_at(pass_deadline, last_passes)
             .await
             .is_err()
         {
@@ -968,8 +1265,15 @@ impl Relay {
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
-        // flush blocks its thread; block_in_place lets the runtime move other work away.
-        let settled = match tokio::task::block_in_place(|| self.publisher.flush(remaining)) {
+        // flush blocks its thread; block_in_place lets the runtime move other
+        // work away. It panics on a current-thread runtime (the
+        // simulation's), where there is no other thread to move work to.
+        let flush = || self.publisher.flush(remaining);
+        let flushed = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => flush(),
+            _ => tokio::task::block_in_place(flush),
+        };
+        let settled = match flushed {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!(

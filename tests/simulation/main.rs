@@ -19,6 +19,8 @@ mod conformance;
 mod engine;
 mod engine_fakes;
 mod log;
+mod relay;
+mod relay_fakes;
 
 use std::fmt;
 
