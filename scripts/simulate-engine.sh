@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The engine's deterministic simulation (docs/design.md, "Simulation"), many
-# seeds at once. Needs no service: everything runs on in-memory fakes, on
+# The deterministic simulations of the engine and of the relay
+# (docs/design.md, "Simulation", "Simulation: the relay"), many seeds at once. Needs no service: everything runs on in-memory fakes, on
 # one thread, in simulated time.
 #
-#   scripts/simulate-engine.sh                   the seeds CI runs (2,000)
+#   scripts/simulate-engine.sh                   the seeds CI runs (2,000 engine, 1,000 relay)
 #   scripts/simulate-engine.sh --seeds 100000    more (about 40 s a thousand, debug build)
 #   scripts/simulate-engine.sh --seeds 5000 --from 2000   the next 5,000
 #   scripts/simulate-engine.sh --seed 179        one seed (its failure message gives it)
