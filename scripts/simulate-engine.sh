@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The deterministic simulations of the engine and of the relay
-# (docs/design.md, "Simulation", "Simulation: the relay"), many seeds at once. Needs no service: everything runs on in-memory fakes, on
-# one thread, in simulated time.
+# (docs/design.md, "Simulation", "Simulation: the relay"), many seeds at
+# once. Needs no service: in-memory fakes, one thread, simulated time.
 #
 #   scripts/simulate-engine.sh                   the seeds CI runs (2,000 engine, 1,000 relay)
 #   scripts/simulate-engine.sh --seeds 100000    more (about 40 s a thousand, debug build)
-#   scripts/simulate-engine.sh --seeds 5000 --from 2000   the next 5,000
+#   scripts/simulate-engine.sh --seeds 5000 --from 2000   the engine's next 5,000
 #   scripts/simulate-engine.sh --seed 179        one seed (its failure message gives it)
 #   scripts/simulate-engine.sh --seed 179 --log allocation_worker=debug   with its log
 #   scripts/simulate-engine.sh --release ...     in a release build (faster per seed)
