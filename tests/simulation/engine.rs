@@ -830,8 +830,8 @@ fn check_dead_letter(
         (DeadLetterReason::UnknownSku, Kind::Line { sku }) => {
             if late(outcome.first_batch_at.get(sku)) {
                 return Err(Failure(format!(
-                    "{key} dead-lettered as unknown-sku, but {sku}'s first batch was produced {:?} after it, within the window",
-                    outcome.first_batch_at[sku].saturating_sub(planned.at)
+                    "{key} dead-lettered as unknown-sku, but {sku}'s first batch was produced at {:?} and the line at {:?}: before it, or within the window",
+                    outcome.first_batch_at[sku], planned.at
                 )));
             }
             // Its SKU may exist in the commit order by now: created by a
@@ -844,8 +844,8 @@ fn check_dead_letter(
         (DeadLetterReason::UnknownBatch, Kind::Change { reference }) => {
             if late(outcome.first_ref_at.get(reference)) {
                 return Err(Failure(format!(
-                    "{key} dead-lettered as unknown-batch, but {reference} was produced {:?} after it, within the window",
-                    outcome.first_ref_at[reference].saturating_sub(planned.at)
+                    "{key} dead-lettered as unknown-batch, but {reference} was produced at {:?} and the change at {:?}: before it, or within the window",
+                    outcome.first_ref_at[reference], planned.at
                 )));
             }
             Ok(())
