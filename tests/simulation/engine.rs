@@ -25,7 +25,7 @@ use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Product, Sku}
 use allocation_worker::entrypoints::processor::Processor;
 use allocation_worker::entrypoints::worker::Worker;
 use allocation_worker::service_layer::batch::DeadLetterReason;
-use allocation_worker::service_layer::{ProductRepository, RepositoryError, UnitOfWork};
+use allocation_worker::service_layer::UnitOfWork;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::Notify;
@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::engine_fakes::broker::{Broker, GroupSettings, SimConsumer, SimConsumerHandle};
 use crate::engine_fakes::life::{Life, State};
 use crate::engine_fakes::store::{allocations, Recorded, SimDb, SimStore, StoreFaults};
+use crate::fakes::FakeRepository;
 use crate::{run_seeds, Failure};
 
 /// The window of the contract's default (30 s).
@@ -596,60 +597,19 @@ async fn simulate(seed: u64) -> Result<Outcome, Failure> {
 }
 
 /// The model: the domain applied to the messages one at a time, in the
-/// order their transactions committed.
+/// order their transactions committed, on the unit tests' in-memory
+/// repository.
 #[derive(Default)]
 struct Model {
-    products: Vec<Product>,
-    seen: Vec<Sku>,
+    repository: FakeRepository,
     events: Vec<Event>,
 }
 
-impl ProductRepository for Model {
-    fn add(&mut self, product: Product) {
-        self.seen.push(product.sku().clone());
-        self.products.push(product);
-    }
-
-    async fn get(&mut self, sku: &Sku) -> Result<Option<&mut Product>, RepositoryError> {
-        let i = self.products.iter().position(|p| p.sku() == sku);
-        Ok(self.track(i))
-    }
-
-    async fn get_by_batchref(
-        &mut self,
-        reference: &BatchRef,
-    ) -> Result<Option<&mut Product>, RepositoryError> {
-        let i = self
-            .products
-            .iter()
-            .position(|p| p.batch(reference).is_some());
-        Ok(self.track(i))
-    }
-
-    fn seen(&mut self) -> Vec<&mut Product> {
-        let seen = &self.seen;
-        self.products
-            .iter_mut()
-            .filter(|p| seen.contains(p.sku()))
-            .collect()
-    }
-}
-
-impl Model {
-    fn track(&mut self, i: Option<usize>) -> Option<&mut Product> {
-        let p = &mut self.products[i?];
-        if !self.seen.contains(p.sku()) {
-            self.seen.push(p.sku().clone());
-        }
-        Some(p)
-    }
-}
-
 impl UnitOfWork for Model {
-    type Products = Model;
+    type Products = FakeRepository;
 
-    fn products(&mut self) -> &mut Model {
-        self
+    fn products(&mut self) -> &mut FakeRepository {
+        &mut self.repository
     }
 
     fn publish(&mut self, event: &Event) {
@@ -698,7 +658,7 @@ pub fn check(outcome: &Outcome) -> Result<(), Failure> {
                         .clone()
                         .ok_or_else(|| Failure(format!("{key} is malformed but was applied")))?;
                     model.events.clear();
-                    model.seen.clear();
+                    model.repository.seen.clear();
                     let handled = runtime.block_on(allocation_worker::service_layer::handle(
                         command, &mut model,
                     ));
@@ -747,7 +707,7 @@ pub fn check(outcome: &Outcome) -> Result<(), Failure> {
         }
     }
     // The end state is the model's.
-    for product in &model.products {
+    for product in &model.repository.products {
         let stored = outcome
             .products
             .get(product.sku().as_str())
@@ -857,7 +817,7 @@ fn check_dead_letter(
                 .clone()
                 .ok_or_else(|| Failure(format!("{key}: no command")))?;
             model.events.clear();
-            model.seen.clear();
+            model.repository.seen.clear();
             match runtime.block_on(allocation_worker::service_layer::handle(command, model)) {
                 // A refusal changes nothing, in the model as in the store.
                 Err(_) => Ok(()),

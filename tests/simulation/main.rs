@@ -18,6 +18,9 @@ mod common;
 mod conformance;
 mod engine;
 mod engine_fakes;
+// The unit tests' in-memory repository, for the simulation's model.
+#[path = "../fakes/mod.rs"]
+mod fakes;
 mod log;
 mod relay;
 mod relay_fakes;
