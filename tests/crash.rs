@@ -90,18 +90,19 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use allocation_worker::domain::{BatchRef, Event, OrderId, OrderLine, Product, Sku};
+use allocation_worker::domain::BatchRef;
 use chrono::NaiveDate;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use common::model::{Ev, SequentialModel, Step};
 use common::{tail, Delivered, Record, TestEnv, Topics, WorkerProcess, DEADLINE};
 
 /// Kafka properties of the worker in this test (see the module docs).
@@ -375,82 +376,39 @@ fn generate(rng: &mut StdRng, total: usize) -> Vec<Vec<Msg>> {
 
 // ------------------------------------------------------------------- model
 
-/// An outbound event as published: its type and its JSON value (contract §4).
-type Ev = (&'static str, Value);
-
-fn outbound(event: &Event) -> Ev {
-    match event {
-        Event::Allocated(e) => (
-            "Allocated",
-            json!({"orderid": e.orderid.as_str(), "sku": e.sku.as_str(), "qty": e.qty, "batchref": e.batchref.as_str()}),
-        ),
-        Event::Deallocated(e) => (
-            "Deallocated",
-            json!({"orderid": e.orderid.as_str(), "sku": e.sku.as_str(), "qty": e.qty}),
-        ),
-        Event::OutOfStock(e) => (
-            "OutOfStock",
-            json!({"sku": e.sku.as_str(), "orderid": e.orderid.as_str(), "qty": e.qty}),
-        ),
-    }
-}
-
-/// The expected state: the crate's own `Product` aggregates, driven the way
-/// the message bus drives them, and the events they decided, per SKU.
+/// The expected state (`tests/common/model.rs`): the crate's own `Product`
+/// aggregates, driven the way the message bus drives them, and the events
+/// they decided, per SKU.
 #[derive(Default)]
-struct Model {
-    products: BTreeMap<String, Product>,
-    events: BTreeMap<String, Vec<Ev>>,
+struct Model(SequentialModel);
+
+impl std::ops::Deref for Model {
+    type Target = SequentialModel;
+    fn deref(&self) -> &SequentialModel {
+        &self.0
+    }
 }
 
 impl Model {
     fn apply(&mut self, msg: &Msg) {
-        let sku = msg.sku().to_owned();
-        let product = self
-            .products
-            .entry(sku.clone())
-            .or_insert_with(|| Product::new(Sku::parse(sku.clone()).unwrap()));
-        match msg {
+        let step = match msg {
             Msg::BatchCreated {
                 reference,
                 qty,
                 eta,
                 ..
-            } => product
-                .add_batch(BatchRef::parse(reference.clone()).unwrap(), *qty, *eta)
-                .expect("the generator never reuses a batch reference"),
-            Msg::AllocationRequired { orderid, qty, .. } => {
-                product
-                    .allocate(OrderLine {
-                        orderid: OrderId::parse(orderid.clone()).unwrap(),
-                        sku: Sku::parse(sku.clone()).unwrap(),
-                        qty: *qty,
-                    })
-                    .expect("the generator repeats a line only with its qty");
-            }
-            Msg::BatchQuantityChanged { reference, qty, .. } => {
-                let known = product
-                    .change_batch_quantity(&BatchRef::parse(reference.clone()).unwrap(), *qty);
-                assert!(known, "the generator changes only existing batches");
-            }
-        }
-        // The bus: events first in, first out; a Deallocated line is
-        // allocated again, its event queued behind the others.
-        let mut queue: VecDeque<Event> = product.take_events().into();
-        let decided = self.events.entry(sku).or_default();
-        while let Some(event) = queue.pop_front() {
-            decided.push(outbound(&event));
-            if let Event::Deallocated(d) = &event {
-                product
-                    .allocate(OrderLine {
-                        orderid: d.orderid.clone(),
-                        sku: d.sku.clone(),
-                        qty: d.qty,
-                    })
-                    .expect("a freed line is allocatable");
-                queue.extend(product.take_events());
-            }
-        }
+            } => Step::Batch {
+                reference,
+                qty: *qty,
+                eta: *eta,
+            },
+            Msg::AllocationRequired { orderid, qty, .. } => Step::Order { orderid, qty: *qty },
+            Msg::BatchQuantityChanged { reference, qty, .. } => Step::Change {
+                reference,
+                qty: *qty,
+            },
+        };
+        self.0.apply(msg.sku(), step);
     }
 }
 

@@ -24,6 +24,8 @@
 //! - [`http`]: the worker's HTTP surface and its metrics;
 //! - [`orders`]: a stream of orders over known stock, and the check that
 //!   each was allocated once as the model says;
+//! - [`model`]: the sequential model of a SKU's messages and the events it
+//!   decides, which the crash and three-instance tests compare with;
 //! - [`binary`]: the binary's commands that end by themselves.
 
 #![allow(dead_code)]
@@ -33,6 +35,7 @@ pub mod containers;
 pub mod database;
 pub mod http;
 pub mod kafka;
+pub mod model;
 pub mod orders;
 pub mod private_services;
 

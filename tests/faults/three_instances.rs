@@ -3,17 +3,17 @@
 //! thawed, while a stream of orders flows; what they publish together is
 //! what one sequential model decides.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use allocation_worker::domain::{BatchRef, Event, OrderId, OrderLine, Product, Sku};
 use chrono::NaiveDate;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::common::kafka::committed_offsets;
+use crate::common::model::{Ev, SequentialModel, Step};
 use crate::common::orders::diff;
 use crate::common::{distinct_ids, on, unique, Delivered, Record, TestEnv, DEADLINE, PARTITIONS};
 use crate::two_instances::wait_shared;
@@ -64,82 +64,37 @@ struct Produced {
     msg: Msg,
 }
 
-/// An outbound event: its type and its JSON value (contract §4).
-type Ev = (&'static str, Value);
-
-fn outbound(event: &Event) -> Ev {
-    match event {
-        Event::Allocated(e) => (
-            "Allocated",
-            json!({"orderid": e.orderid.as_str(), "sku": e.sku.as_str(), "qty": e.qty, "batchref": e.batchref.as_str()}),
-        ),
-        Event::Deallocated(e) => (
-            "Deallocated",
-            json!({"orderid": e.orderid.as_str(), "sku": e.sku.as_str(), "qty": e.qty}),
-        ),
-        Event::OutOfStock(e) => (
-            "OutOfStock",
-            json!({"sku": e.sku.as_str(), "orderid": e.orderid.as_str(), "qty": e.qty}),
-        ),
-    }
-}
-
-/// What one worker alone, applying each SKU's messages in order, decides:
-/// the crate's own `Product` driven the way the message bus drives it
-/// (events first in, first out; a deallocated line is allocated again and
-/// its event queues behind the others), as in `tests/crash.rs`.
+/// What one worker alone, applying each SKU's messages in order, decides
+/// (`tests/common/model.rs`, as in `tests/crash.rs`).
 #[derive(Default)]
-struct Model {
-    products: BTreeMap<String, Product>,
-    /// Per SKU, the events in decision order.
-    events: BTreeMap<String, Vec<Ev>>,
+struct Model(SequentialModel);
+
+impl std::ops::Deref for Model {
+    type Target = SequentialModel;
+    fn deref(&self) -> &SequentialModel {
+        &self.0
+    }
 }
 
 impl Model {
     fn apply(&mut self, sku: &str, msg: &Msg) {
-        let sku_of = || Sku::parse(sku.to_owned()).unwrap();
-        let product = self
-            .products
-            .entry(sku.to_owned())
-            .or_insert_with(|| Product::new(sku_of()));
-        match msg {
+        let step = match msg {
             Msg::Batch {
                 reference,
                 qty,
                 eta,
-            } => product
-                .add_batch(BatchRef::parse(reference.clone()).unwrap(), *qty, *eta)
-                .expect("a new batch reference"),
-            Msg::Order { orderid, qty } => {
-                product
-                    .allocate(OrderLine {
-                        orderid: OrderId::parse(orderid.clone()).unwrap(),
-                        sku: sku_of(),
-                        qty: *qty,
-                    })
-                    .expect("a new order line");
-            }
-            Msg::Change { reference, qty } => {
-                let known = product
-                    .change_batch_quantity(&BatchRef::parse(reference.clone()).unwrap(), *qty);
-                assert!(known, "a change of an existing batch");
-            }
-        }
-        let mut queue: VecDeque<Event> = product.take_events().into();
-        let decided = self.events.entry(sku.to_owned()).or_default();
-        while let Some(event) = queue.pop_front() {
-            decided.push(outbound(&event));
-            if let Event::Deallocated(d) = &event {
-                product
-                    .allocate(OrderLine {
-                        orderid: d.orderid.clone(),
-                        sku: d.sku.clone(),
-                        qty: d.qty,
-                    })
-                    .expect("a freed line is allocatable");
-                queue.extend(product.take_events());
-            }
-        }
+            } => Step::Batch {
+                reference,
+                qty: *qty,
+                eta: *eta,
+            },
+            Msg::Order { orderid, qty } => Step::Order { orderid, qty: *qty },
+            Msg::Change { reference, qty } => Step::Change {
+                reference,
+                qty: *qty,
+            },
+        };
+        self.0.apply(sku, step);
     }
 
     /// orderid → (SKU, batch reference, qty) at the end.
