@@ -35,11 +35,17 @@ pub struct ProductCache {
 }
 
 /// Bytes, roughly, that the cached products may take (see [`StoredWeight`]):
-/// about 60,000 products of one batch, or 10,000 of ten.
-pub const CACHE_BYTES: u64 = 16 << 20;
+/// about 16,000 products of one batch, or 3,000 of ten. A miss costs one
+/// indexed read of the product's batches (about 0.1 ms, in the same
+/// statement as the transaction's other misses), so the bound is set by the
+/// worker's memory, not by the catalogue: with 16 MiB here and 65,536
+/// owners below, a catalogue of 20,000 products took the worker's peak RSS
+/// from 37 to about 70 MiB, over the 64 MiB the deployment plans for
+/// (BENCHMARKS.md, "A wide catalogue").
+pub const CACHE_BYTES: u64 = 8 << 20;
 
 /// Batch owners kept: about 100 bytes each.
-pub const CACHED_OWNERS: usize = 65_536;
+pub const CACHED_OWNERS: usize = 32_768;
 
 impl Default for ProductCache {
     fn default() -> Self {
