@@ -6,7 +6,7 @@
 #
 #   .ci/fresh-machine.sh [--dist bookworm|trixie] [--part full|run]
 #
-# (.ci/run runs it for bookworm, `--part full`.)
+# (.ci/run runs it for bookworm, `--part run`.)
 #   run    scripts/run.sh until the worker is ready (/readyz 200) and has
 #          allocated one order line sent through the broker, then stopped
 #   full   the same, then a representative part of scripts/test.sh: the

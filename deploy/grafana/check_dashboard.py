@@ -35,7 +35,7 @@ METRICS = [
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "allocation_kafka_consumer_errors_total",
-    # The database pool (deploy/README.md "Metrics").
+    # The database pool (README.md, "Metrics").
     "allocation_db_pool_connections",
     "allocation_db_pool_max_connections",
     "allocation_db_pool_waiting",
