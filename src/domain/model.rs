@@ -283,6 +283,11 @@ impl Product {
         std::mem::take(&mut self.events)
     }
 
+    /// Changes made since the last [`Self::take_changes`], oldest first.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
     /// Changes made since the last call, oldest first.
     pub fn take_changes(&mut self) -> Vec<Change> {
         std::mem::take(&mut self.changes)

@@ -16,18 +16,23 @@ use std::collections::{HashMap, HashSet};
 use chrono::NaiveDate;
 use sqlx::{PgConnection, Postgres, Transaction};
 
-use crate::domain::{Batch, BatchRef, OrderId, OrderLine, Product, Sku};
+use crate::domain::{Batch, BatchRef, Change, OrderId, OrderLine, Product, Sku};
 use crate::service_layer::{ProductRepository, RepositoryError};
 
 use super::cache::ProductCache;
 use super::pool::{classify, stored_name, stored_qty};
 
-/// A product in a unit of work, kept beside the state it was loaded in, so
-/// that commit writes only the difference.
+/// A product in a unit of work. Commit writes what the product records as
+/// changed ([`Product::take_changes`]), checked against the version it was
+/// loaded at. No copy of the product as loaded is kept: that copy cost a
+/// clone of every batch per transaction, and a product's batches only grow.
+/// A unit of work that must start over ([`PgProductRepository::reset`])
+/// reads its products again instead.
 pub(super) struct Tracked {
     pub(super) product: Product,
-    /// `None` for a product created in this unit of work.
-    pub(super) original: Option<Product>,
+    /// The version it was loaded at; `None` for a product created in this
+    /// unit of work.
+    pub(super) loaded_version: Option<i64>,
     pub(super) batch_ids: HashMap<BatchRef, i64>,
     /// As read (0 for a new product); set anew when the product is written.
     pub(super) revision: i64,
@@ -47,6 +52,9 @@ pub(super) struct Touched {
     version: i64,
     /// Whether the message created it.
     created: bool,
+    /// How many changes it had recorded when the message first got it: the
+    /// message's own are those after.
+    changes_from: usize,
 }
 
 type ProductRow = (String, i64, i64);
@@ -97,11 +105,12 @@ impl<'c> PgProductRepository<'c> {
 impl PgProductRepository<'_> {
     fn touch(&mut self, i: usize, created: bool) {
         if !self.touched.iter().any(|t| t.index == i) {
-            let version = self.seen[i].product.version_number();
+            let product = &self.seen[i].product;
             self.touched.push(Touched {
                 index: i,
-                version,
+                version: product.version_number(),
                 created,
+                changes_from: product.changes().len(),
             });
         }
         self.seen[i].used = true;
@@ -219,7 +228,7 @@ impl PgProductRepository<'_> {
     fn push_loaded(&mut self, product: Product, batch_ids: HashMap<BatchRef, i64>, revision: i64) {
         self.index.insert(product.sku().clone(), self.seen.len());
         self.seen.push(Tracked {
-            original: Some(product.clone()),
+            loaded_version: Some(product.version_number()),
             product,
             batch_ids,
             revision,
@@ -228,14 +237,9 @@ impl PgProductRepository<'_> {
         });
     }
 
-    /// Tells tracked product `i` (and its state as loaded: what is stored
-    /// is true of both) where a line is allocated, as stored.
+    /// Tells tracked product `i` where a line is allocated, as stored.
     fn learn_line(&mut self, i: usize, orderid: &OrderId, at: Option<(&BatchRef, u32)>) {
-        let tracked = &mut self.seen[i];
-        tracked.product.learn_line(orderid.clone(), at);
-        if let Some(original) = tracked.original.as_mut() {
-            original.learn_line(orderid.clone(), at);
-        }
+        self.seen[i].product.learn_line(orderid.clone(), at);
     }
 
     /// Tells the tracked products whether each of `lines` is allocated, and
@@ -338,9 +342,6 @@ impl PgProductRepository<'_> {
                 });
             }
             let tracked = &mut self.seen[i];
-            if let Some(original) = tracked.original.as_mut() {
-                original.learn_earlier_lines(reference, lines.clone());
-            }
             tracked.product.learn_earlier_lines(reference, lines);
             tracked.read_down_to.insert(reference.clone(), earliest);
             most = (most * 4).min(MOST_LINES);
@@ -403,11 +404,29 @@ impl PgProductRepository<'_> {
         Ok(())
     }
 
-    /// Called when a message is done: its new batches become known by reference.
+    /// Called when a message is done: its new batches become known by
+    /// reference. Only the batches the message added are looked at (every
+    /// batch of a product it created), not every batch of the products it
+    /// touched: a product's batches only grow, and this runs per message.
     pub(super) fn end_message(&mut self) {
         for touched in std::mem::take(&mut self.touched) {
             let product = &self.seen[touched.index].product;
-            for batch in product.batches() {
+            let batches = product.batches();
+            let added: Vec<usize> = if touched.created {
+                (0..batches.len()).collect()
+            } else {
+                product
+                    .changes()
+                    .get(touched.changes_from..)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|change| match change {
+                        Change::BatchAdded(i) => Some(*i),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            for batch in added.into_iter().filter_map(|i| batches.get(i)) {
                 if !self.owners.contains_key(batch.reference()) {
                     self.new_owners
                         .insert(batch.reference().clone(), product.sku().clone());
@@ -433,20 +452,14 @@ impl PgProductRepository<'_> {
     }
 
     /// Back to the state as loaded: nothing of this unit of work's messages.
+    /// The products are dropped and read again from the database when next
+    /// asked for: nothing is written before commit, and this transaction
+    /// still holds their rows' locks, so what it reads is what it loaded. A
+    /// start over is rare (a message rejected after it changed a product),
+    /// so it pays the reads rather than every transaction a copy.
     pub(super) fn reset(&mut self) {
-        self.seen.retain(|t| t.original.is_some());
-        for tracked in &mut self.seen {
-            if let Some(original) = &tracked.original {
-                tracked.product = original.clone();
-            }
-            tracked.used = false;
-        }
-        self.index = self
-            .seen
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.product.sku().clone(), i))
-            .collect();
+        self.seen.clear();
+        self.index.clear();
         self.new_owners.clear();
         self.touched.clear();
     }
@@ -458,7 +471,7 @@ impl ProductRepository for PgProductRepository<'_> {
         self.index.insert(product.sku().clone(), i);
         self.seen.push(Tracked {
             product,
-            original: None,
+            loaded_version: None,
             batch_ids: HashMap::new(),
             revision: 0,
             used: false,

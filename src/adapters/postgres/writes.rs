@@ -286,7 +286,7 @@ impl<'a> Writes<'a> {
     fn add(&mut self, position: usize, tracked: &'a Tracked, changes: &'a [Change]) {
         let product = &tracked.product;
         let sku = product.sku().as_str();
-        match &tracked.original {
+        match tracked.loaded_version {
             None => {
                 let revision = fresh_revision();
                 self.new_products.skus.push(sku);
@@ -299,11 +299,11 @@ impl<'a> Writes<'a> {
             }
             // An unchanged product is not written: it stays locked until
             // commit, so a decision such as OutOfStock made on it holds.
-            Some(original) if original.version_number() == product.version_number() => {}
-            Some(original) => {
+            Some(loaded) if loaded == product.version_number() => {}
+            Some(loaded) => {
                 let revision = fresh_revision();
                 self.versions.skus.push(sku);
-                self.versions.loaded.push(original.version_number());
+                self.versions.loaded.push(loaded);
                 self.versions.versions.push(product.version_number());
                 self.versions.revisions.push(revision);
                 self.revisions.push(NewRevision {
