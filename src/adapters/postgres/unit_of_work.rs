@@ -396,15 +396,13 @@ impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
         } = self.products;
         // Batch owners are learnt only once the commit succeeded: an owner
         // carries no revision, so one cached from a transaction that rolled
-        // back could not be told from a true one.
+        // back could not be told from a true one. Only the owners this
+        // transaction looked up or read, and those of the batches it added:
+        // not every batch of every product it used, which cost a clone and a
+        // cache insert per batch per transaction, and a product's batches
+        // only grow. An owner that fell out of the cache is read again, by
+        // reference, when a message names its batch.
         owners.extend(new_owners);
-        for tracked in &seen {
-            for batch in tracked.product.batches() {
-                if !owners.contains_key(batch.reference()) {
-                    owners.insert(batch.reference().clone(), tracked.product.sku().clone());
-                }
-            }
-        }
         // Products go back in the cache before the commit, owners only after
         // it (see ProductCache::put_back and learn_owners).
         // Without the lines they learnt: what is kept between transactions
