@@ -258,8 +258,12 @@ async fn a_reference_that_never_comes_is_dead_lettered_after_the_window() {
 /// is dead-lettered once the worker has caught up and the window has passed.
 #[tokio::test]
 async fn a_first_start_over_a_long_backlog_dead_letters_no_late_reference() {
-    const WINDOW: Duration = Duration::from_secs(2);
-    const FILLER: usize = 1500;
+    // The backlog must take several windows to read, whatever the machine:
+    // one message per transaction, about 2.7 ms each here, so 3,000 filler
+    // batches take about 8 s against a window of 1 s (1,500 against 2 s left
+    // the orders waiting 3.7 s on CI, under the 4 s this test requires).
+    const WINDOW: Duration = Duration::from_secs(1);
+    const FILLER: usize = 3000;
     let env = TestEnv::new().await;
     let sku = unique("sku-late");
     let late_batch = unique("batch-late");
@@ -294,7 +298,7 @@ async fn a_first_start_over_a_long_backlog_dead_letters_no_late_reference() {
     // One message per transaction, so that the backlog takes a while.
     let started = Instant::now();
     let mut worker = env.spawn_worker_with(&[
-        ("UNKNOWN_REFERENCE_TIMEOUT", "2s"),
+        ("UNKNOWN_REFERENCE_TIMEOUT", "1s"),
         ("MAX_BATCH_MESSAGES", "1"),
     ]);
     // The orders are read at once, long before their batch: they wait.
