@@ -47,7 +47,7 @@ case $part in full | run) ;; *) echo "--part: full or run" >&2; exit 2 ;; esac
 
 log() { printf '[fresh-machine %s +%ss] %s\n' "$dist" "$SECONDS" "$*" >&2; }
 container=allocation-worker-fresh-$dist-$$
-test_args=${FRESH_TEST_ARGS:---release --test end_to_end serves_health_metrics_and_the_read_model_over_http}
+test_args=${FRESH_TEST_ARGS:---release --test services end_to_end::serves_health_metrics_and_the_read_model_over_http}
 
 # --- a Docker engine and the base image (shared with scripts/images.sh) -----
 source scripts/docker-base.sh --functions

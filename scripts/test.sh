@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite against local PostgreSQL + Tansu.
-# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test end_to_end -- --nocapture).
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test services end_to_end:: -- --nocapture).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/prerequisites.sh

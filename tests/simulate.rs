@@ -4,8 +4,6 @@
 //! binary publishes exactly that stream, and the summary's totals are what is
 //! on the topics, in its stable line format.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -26,9 +24,9 @@ use allocation_worker::tools::generator::{
 };
 use allocation_worker::tools::watch::{parse_gauges, plain_line, Gauges, Totals};
 
-use common::binary::{output_within, spawn_binary};
-use common::kafka::{create_topics, read_to_end};
-use common::random_hex;
+use testkit::binary::{output_within, spawn_binary};
+use testkit::kafka::{create_topics, read_to_end};
+use testkit::random_hex;
 
 fn stream(settings: WorkloadSettings, n: usize) -> Vec<GeneratedMessage> {
     Workload::new(settings).take(n).collect()
@@ -352,7 +350,7 @@ fn flags_and_formats() {
 
 /// KAFKA_BOOTSTRAP_SERVERS, or a broker container of this test process.
 fn bootstrap_servers() -> String {
-    common::containers::shared_bootstrap_servers()
+    testkit::containers::shared_bootstrap_servers()
 }
 
 /// One record as read back: (topic, key, value, ce_id header).

@@ -69,7 +69,7 @@ pub fn decode(kind: InboundKind, payload: Option<&[u8]>) -> Result<Command, Deco
         // building values tells the two apart.
         // Skimming does not check that strings are UTF-8, so that is checked
         // on its own: invalid UTF-8 after the number is still malformed
-        // (found by tests/decode_props.rs).
+        // (found by tests/unit/decode_props.rs).
         let out_of_range = e.to_string().starts_with("number out of range");
         if out_of_range
             && std::str::from_utf8(payload).is_ok()

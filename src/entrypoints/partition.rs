@@ -889,7 +889,7 @@ mod test_hooks {
 
     /// `ALLOCATION_WORKER_TEST_PANIC_AT=topic:offset`: the first batch of
     /// any partition of `topic` holding a message at `offset` panics its
-    /// partition's task, once per process (tests/faults, a task that ends
+    /// partition's task, once per process (tests/services/faults, a task that ends
     /// unexpectedly).
     pub(super) fn panic_once(topic: &str, batch: &[Held]) {
         static DONE: AtomicBool = AtomicBool::new(false);

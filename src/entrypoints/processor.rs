@@ -5,7 +5,7 @@
 //! a wake-up for the relay after a commit that wrote outbox rows, and one for
 //! the messages waiting on a reference after a commit that created a batch.
 //! It has no Kafka client of its own, so tests drive it directly against a
-//! real database (tests/postgres.rs).
+//! real database (tests/services/postgres.rs).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

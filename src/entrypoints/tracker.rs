@@ -1,6 +1,6 @@
 //! The waiting rules of one partition (the contract's dead-letter section),
 //! kept apart from Kafka, the database and time so that they can be tested
-//! on their own (tests/tracker_props.rs checks them against a model).
+//! on their own (tests/unit/tracker_props.rs checks them against a model).
 //!
 //! Every message of a partition names some keys (a SKU, a batch reference).
 //! A message whose reference is not known yet *waits*; so does every later

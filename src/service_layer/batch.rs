@@ -17,7 +17,7 @@
 //!   reached ends the batch with an error, with nothing of it stored.
 //!
 //! It knows neither Kafka nor PostgreSQL: it runs on any [`Store`], which
-//! is how the unit tests drive it in memory (tests/unit_batch.rs).
+//! is how the unit tests drive it in memory (tests/unit/batch.rs).
 
 use std::collections::HashSet;
 use std::future::Future;

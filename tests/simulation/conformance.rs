@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::common::{on, TestEnv, DEADLINE, PARTITIONS};
 use crate::engine::{run_script, Observed, ScriptMessage, ScriptTopic};
+use testkit::{on, TestEnv, DEADLINE, PARTITIONS};
 
 fn message(kind: ScriptTopic, key: &str, value: serde_json::Value, ce_id: &str) -> ScriptMessage {
     ScriptMessage {
@@ -88,7 +88,7 @@ fn script(tag: &str) -> Vec<Vec<ScriptMessage>> {
 }
 
 /// What the real worker published, read by the harness's witness.
-fn observed_on_kafka(env: &TestEnv, records: &[crate::common::Record]) -> Observed {
+fn observed_on_kafka(env: &TestEnv, records: &[testkit::Record]) -> Observed {
     let mut observed = Observed::default();
     for (topic, kind) in [
         (&env.topics.allocated, "allocated"),

@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine_fakes::broker::{Broker, GroupSettings, SimConsumer, SimConsumerHandle};
 use crate::engine_fakes::life::{Life, State};
 use crate::engine_fakes::store::{allocations, Recorded, SimDb, SimStore, StoreFaults};
-use crate::fakes::FakeRepository;
 use crate::{run_seeds, Failure};
+use testkit::fakes::FakeRepository;
 
 /// The window of the contract's default (30 s).
 const WINDOW: Duration = Duration::from_secs(30);

@@ -12,18 +12,11 @@
 //! the fakes and on the real binary, broker and PostgreSQL, so it needs the
 //! services of `DATABASE_URL` and `KAFKA_BOOTSTRAP_SERVERS`.
 
-// The end-to-end harness, for the conformance test.
-#[path = "../common/mod.rs"]
-mod common;
 mod conformance;
 mod engine;
 mod engine_fakes;
-// The unit tests' in-memory repository, for the simulation's model.
-#[path = "../fakes/mod.rs"]
-mod fakes;
 mod log;
 mod relay;
-mod relay_fakes;
 
 use std::fmt;
 

@@ -1,6 +1,6 @@
 //! The outbox relay, unchanged (`Relay<MemStore>`), under a seeded
 //! deterministic simulation: 1 to 3 relays (as instances) over one
-//! in-memory store and broker (tests/simulation/relay_fakes.rs), rows for a
+//! in-memory store and broker (tests/support/src/relay_fakes.rs), rows for a
 //! few SKUs appended over time, some never publishable, and faults at seeded
 //! times: a relay stopped and restarted, a relay killed (its future dropped
 //! mid-pass), a session ended under a relay, the broker slow, failing or
@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::relay_fakes::{Broker, BrokerFault, FakeProducer, MemStore, Rng, MAX_MESSAGE_BYTES};
+use testkit::relay_fakes::{Broker, BrokerFault, FakeProducer, MemStore, Rng, MAX_MESSAGE_BYTES};
 
 /// Seeds per run: 1,000 take about 8 s in a debug build.
 const DEFAULT_SEEDS: u64 = 1000;
@@ -440,7 +440,7 @@ async fn simulate(seed: u64) -> Result<Run, String> {
 fn check(
     sim: &Sim,
     appended: &BTreeMap<i64, (usize, Duration, bool)>,
-    written: &[super::relay_fakes::Written],
+    written: &[testkit::relay_fakes::Written],
     quarantined: &BTreeMap<i64, allocation_worker::adapters::relay::Quarantine>,
     quiet_rows: &mut usize,
 ) -> Vec<String> {

@@ -1,0 +1,383 @@
+//! The aggregate's storage against a real database (as tests/services/postgres.rs,
+//! one fresh database per test): a product with a long history is loaded
+//! and decided within a small fraction of `statement_timeout`; a statement
+//! that does time out is counted and its batch applies once it can; the
+//! batches' allocated sums stay true whoever writes the lines. Needs
+//! DATABASE_URL (see scripts/services.sh), or a Docker engine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use allocation_worker::adapters::kafka::Topics;
+use allocation_worker::adapters::metrics::Metrics;
+use allocation_worker::adapters::outbox::{InboundMessage, MessageContext};
+use allocation_worker::adapters::postgres::cache::ProductCache;
+use allocation_worker::adapters::postgres::pool::{lazy_pool, MIGRATOR};
+use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
+use allocation_worker::domain::{BatchRef, Event, OrderId, OrderLine, Sku};
+use allocation_worker::entrypoints::processor::Processor;
+use allocation_worker::service_layer::batch::Outcome;
+use allocation_worker::service_layer::{
+    BatchUnitOfWork, ProductRepository, RepositoryError, UnitOfWork,
+};
+use serde_json::json;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, PgPool};
+use tokio::sync::Notify;
+
+fn topics() -> Topics {
+    Topics::default()
+}
+
+/// A new, migrated database on the server of DATABASE_URL, and the options
+/// that reach it.
+async fn fresh_database() -> (PgPool, PgConnectOptions) {
+    let url = testkit::containers::shared_database_url();
+    let name = format!("aw_test_{}", testkit::random_hex(16));
+    testkit::database::create_database(&url, &name).await;
+    let base: PgConnectOptions = url.parse().expect("DATABASE_URL is not a PostgreSQL URL");
+    let options = base.database(&name);
+    let pool = lazy_pool(options.clone(), 10);
+    MIGRATOR.run(&pool).await.expect("migrations must apply");
+    (pool, options)
+}
+
+async fn drop_database(pool: PgPool) {
+    let name = pool
+        .connect_options()
+        .get_database()
+        .expect("test pools name their database")
+        .to_owned();
+    drop(pool);
+    let url = testkit::containers::shared_database_url();
+    testkit::database::drop_database(&url, &name)
+        .await
+        .unwrap_or_else(|e| panic!("drop the test database {name}: {e}"));
+}
+
+fn message(topic: &str, offset: i64, value: serde_json::Value) -> InboundMessage {
+    InboundMessage {
+        topic: topic.into(),
+        partition: 0,
+        offset,
+        key: Some(b"key".to_vec()),
+        payload: Some(value.to_string().into_bytes()),
+        headers: vec![],
+    }
+}
+
+fn processor(pool: &PgPool, metrics: Arc<Metrics>) -> Processor {
+    Processor::new(pool.clone(), topics(), Arc::new(Notify::new()), metrics)
+}
+
+fn context(key: &str) -> MessageContext {
+    MessageContext {
+        idempotency_key: key.into(),
+        traceparent: None,
+        tracestate: None,
+    }
+}
+
+fn oid(n: usize) -> OrderId {
+    OrderId::parse(format!("o{n}")).unwrap()
+}
+
+const LINES: usize = 100_000;
+const PER_TRANSACTION: usize = 10_000;
+
+/// `LINES` lines of 1 in one batch of `LINES + 100`, written by the
+/// worker's own repository and unit of work, `PER_TRANSACTION` a
+/// transaction.
+async fn product_with_a_long_history(pool: &PgPool, sku: &Sku) {
+    let p = processor(pool, Arc::new(Metrics::new().unwrap()));
+    let created = message(
+        &topics().batch_created,
+        0,
+        json!({"ref": "big", "sku": sku.as_str(), "qty": LINES + 100}),
+    );
+    assert_eq!(
+        p.process_one(&created, false).await.unwrap(),
+        Outcome::Applied
+    );
+    for round in 0..LINES / PER_TRANSACTION {
+        let cache = ProductCache::default();
+        let mut uow = PgUnitOfWork::begin(pool, &cache).await.unwrap();
+        uow.load(&[sku], &[], &[]).await.unwrap();
+        let ids: Vec<OrderId> = (round * PER_TRANSACTION..(round + 1) * PER_TRANSACTION)
+            .map(oid)
+            .collect();
+        let lines: Vec<(&Sku, &OrderId)> = ids.iter().map(|o| (sku, o)).collect();
+        uow.load_lines(&lines).await.unwrap();
+        uow.start_message(context(&format!("history-{round}")));
+        let product = uow.products().get(sku).await.unwrap().unwrap();
+        for orderid in ids {
+            let line = OrderLine {
+                orderid,
+                sku: sku.clone(),
+                qty: 1,
+            };
+            assert!(product.allocate(line).unwrap().is_some());
+        }
+        // Not published: the history is the state, not its events.
+        drop(product.take_events());
+        uow.finish_message();
+        uow.commit().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_product_with_100000_lines_is_loaded_and_decided_well_within_the_statement_timeout() {
+    let (pool, options) = fresh_database().await;
+    let sku = Sku::parse("BUSY-LAMP").unwrap();
+    product_with_a_long_history(&pool, &sku).await;
+    let (count, allocated): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM allocations), \
+         (SELECT allocated_quantity FROM batches WHERE reference = 'big')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((count, allocated), (LINES as i64, LINES as i64));
+
+    // Every statement of the check runs under a bound 30 times tighter than
+    // the worker's (30 s), on a cold cache: a load that read the history
+    // would have to fit in it too, and the whole check must take a fraction
+    // of it.
+    let tight = lazy_pool(options.options([("statement_timeout", "1s")]), 2);
+    let cache = ProductCache::default();
+    let started = Instant::now();
+    let mut uow = PgUnitOfWork::begin(&tight, &cache).await.unwrap();
+    let big = BatchRef::parse("big").unwrap();
+    uow.load(&[&sku], &[&big], &["check"]).await.unwrap();
+    let loaded = started.elapsed();
+    uow.start_message(context("check"));
+
+    // A new line, a line allocated long ago again (a duplicate, by key),
+    // and a drop that frees the ten most recent lines.
+    let product = uow
+        .products()
+        .get_for_line(&sku, &oid(LINES))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        product.batches()[0].allocations().is_empty(),
+        "no line loaded"
+    );
+    let chosen = product
+        .allocate(OrderLine {
+            orderid: oid(LINES),
+            sku: sku.clone(),
+            qty: 1,
+        })
+        .unwrap();
+    assert_eq!(chosen, Some(big.clone()));
+    let product = uow
+        .products()
+        .get_for_line(&sku, &oid(7))
+        .await
+        .unwrap()
+        .unwrap();
+    let again = product.allocate(OrderLine {
+        orderid: oid(7),
+        sku: sku.clone(),
+        qty: 1,
+    });
+    assert_eq!(again, Ok(None), "found allocated already, by key");
+    drop(product.take_events());
+    // LINES + 1 allocated; down to LINES - 9 frees ten.
+    let qty = u32::try_from(LINES - 9).unwrap();
+    let product = uow
+        .products()
+        .get_for_quantity_change(&big, qty)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        product.batches()[0].allocations().len() <= 64,
+        "a drop reads the lines it frees, a page at most, not the history: {}",
+        product.batches()[0].allocations().len()
+    );
+    assert!(product.change_quantity(&big, qty).unwrap());
+    let freed: Vec<String> = product
+        .take_events()
+        .into_iter()
+        .map(|e| match e {
+            Event::Deallocated(d) => d.orderid.to_string(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let expected: Vec<String> = (LINES - 9..=LINES).rev().map(|n| format!("o{n}")).collect();
+    assert_eq!(freed, expected, "the most recent first");
+    uow.finish_message();
+    uow.commit().await.unwrap();
+    let decided = started.elapsed();
+    println!(
+        "100,000 lines: locked and loaded in {loaded:?}, decided and committed in {decided:?}"
+    );
+    assert!(
+        decided < Duration::from_secs(3),
+        "a tenth of statement_timeout at most: {decided:?}"
+    );
+    let (count, allocated): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM allocations), \
+         (SELECT allocated_quantity FROM batches WHERE reference = 'big')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((count, allocated), (LINES as i64 - 9, LINES as i64 - 9));
+    drop(tight);
+    drop_database(pool).await;
+}
+
+#[tokio::test]
+async fn a_statement_that_times_out_is_counted_and_its_batch_applies_once_it_can() {
+    let (pool, options) = fresh_database().await;
+    let setup = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let t = topics();
+    let created = message(
+        &t.batch_created,
+        0,
+        json!({"ref": "b1", "sku": "LAMP", "qty": 10}),
+    );
+    assert_eq!(
+        setup.process_one(&created, false).await.unwrap(),
+        Outcome::Applied
+    );
+
+    // A session holds the product's row; the worker's lock waits for it
+    // past a statement_timeout shorter than its lock_timeout.
+    let mut holder = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    let mut held = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE sku = 'LAMP' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+
+    let short = lazy_pool(
+        options.options([("statement_timeout", "300ms"), ("lock_timeout", "10s")]),
+        5,
+    );
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let p = processor(&short, metrics.clone());
+    let allocate = message(
+        &t.allocation_required,
+        1,
+        json!({"orderid": "o1", "sku": "LAMP", "qty": 2}),
+    );
+    for attempt in 1..=2 {
+        let error = p.process_one(&allocate, false).await.unwrap_err();
+        assert!(
+            matches!(error, RepositoryError::TimedOut(_)),
+            "a statement timeout, not an outage: {error}"
+        );
+        assert_eq!(metrics.statement_timeouts.get(), attempt);
+        assert!(!p.store_reachable(), "reported, not ready");
+    }
+    assert!(metrics
+        .render()
+        .unwrap()
+        .contains("allocation_db_statement_timeouts_total 2"));
+
+    held.rollback().await.unwrap();
+    assert_eq!(
+        p.process_one(&allocate, false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert!(p.store_reachable());
+    assert_eq!(metrics.statement_timeouts.get(), 2, "no more");
+    drop(holder);
+    drop(short);
+    drop_database(pool).await;
+}
+
+#[tokio::test]
+async fn a_batch_keeps_its_allocated_sum_whoever_writes_its_lines() {
+    let (pool, _) = fresh_database().await;
+    let p = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let t = topics();
+    let steps = [
+        message(
+            &t.batch_created,
+            0,
+            json!({"ref": "b1", "sku": "LAMP", "qty": 10}),
+        ),
+        message(
+            &t.allocation_required,
+            1,
+            json!({"orderid": "o1", "sku": "LAMP", "qty": 3}),
+        ),
+        message(
+            &t.allocation_required,
+            2,
+            json!({"orderid": "o2", "sku": "LAMP", "qty": 4}),
+        ),
+    ];
+    for m in &steps {
+        assert_eq!(p.process_one(m, false).await.unwrap(), Outcome::Applied);
+    }
+    let sum = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT allocated_quantity FROM batches WHERE reference = 'b1'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(sum().await, 7);
+    // What a previous version, which knows nothing of the column, writes:
+    // rows of allocations, inserted and deleted, and the product's row
+    // moved on (a new version and revision, so no cached copy is used).
+    let moved_on = || async {
+        sqlx::query(
+            "UPDATE products SET version_number = version_number + 1, revision = revision + 1 \
+             WHERE sku = 'LAMP'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+    };
+    sqlx::query(
+        "INSERT INTO allocations (batch_id, orderid, sku, qty) \
+         SELECT id, 'o3', 'LAMP', 2 FROM batches WHERE reference = 'b1'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    moved_on().await;
+    assert_eq!(sum().await, 9);
+    sqlx::query("DELETE FROM allocations WHERE orderid = 'o1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    moved_on().await;
+    assert_eq!(sum().await, 6);
+    sqlx::query("UPDATE allocations SET qty = 1 WHERE orderid = 'o2'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    moved_on().await;
+    assert_eq!(sum().await, 3);
+
+    // And this version decides on it: 7 left, so 8 is out of stock, 7 fits.
+    let more = message(
+        &t.allocation_required,
+        3,
+        json!({"orderid": "o4", "sku": "LAMP", "qty": 8}),
+    );
+    assert_eq!(p.process_one(&more, false).await.unwrap(), Outcome::Applied);
+    let fits = message(
+        &t.allocation_required,
+        4,
+        json!({"orderid": "o5", "sku": "LAMP", "qty": 7}),
+    );
+    assert_eq!(p.process_one(&fits, false).await.unwrap(), Outcome::Applied);
+    let placed: Vec<String> = sqlx::query_scalar("SELECT orderid FROM allocations ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(placed, ["o2", "o3", "o5"]);
+    assert_eq!(sum().await, 10);
+    drop_database(pool).await;
+}
