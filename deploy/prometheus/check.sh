@@ -13,32 +13,15 @@
 #                           what render-alerts.sh makes of alerts.yml; the
 #                           dashboard (../grafana/check_dashboard.py)
 #
-# Installs Debian's `prometheus` package for promtool when it is missing,
-# without letting the package start the server.
+# Installs Debian's `prometheus` package for promtool when it is missing
+# (install-prometheus.sh), without letting the package start the server.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 fail() { printf 'prometheus-check: %s\n' "$*" >&2; exit 1; }
 step() { printf '\n--- %s\n' "$*"; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v promtool >/dev/null 2>&1; then
-    # A policy-rc.d answering 101 keeps the package's maintainer scripts from
-    # starting the server; only ours is removed afterwards.
-    ours=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
-        as_root chmod 755 /usr/sbin/policy-rc.d && ours=1
-    fi
-    status=0
-    as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends prometheus >&2 || status=$?
-    [ -z "$ours" ] || as_root rm -f /usr/sbin/policy-rc.d
-    [ "$status" = 0 ] || fail "could not install Debian's prometheus package for promtool (apt exit $status)"
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-        as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
-    fi
-fi
+bash install-prometheus.sh
 promtool --version 2>&1 | head -n1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
