@@ -42,35 +42,20 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/docker-base.sh --functions
 
-worker_only=
-test_only=
-rebuild=
-binary=
-compose_images=
-for arg in "$@"; do
-    case $arg in
+worker_only= test_only= rebuild= binary= compose_images=
+while [ $# -gt 0 ]; do
+    case $1 in
         --worker-only) worker_only=1 ;;
         --test-images-only) test_only=1 ;;
         --compose-images) compose_images=1 ;;
         --rebuild-stand-ins) rebuild=1 ;;
-        --binary=*) binary=${arg#--binary=} ;;
-        --binary) expect_binary=1; continue ;;
-        *)
-            if [ -n "${expect_binary:-}" ]; then
-                binary=$arg
-            else
-                echo "usage: $0 [--worker-only | --test-images-only] [--compose-images] [--rebuild-stand-ins] [--binary PATH]" >&2
-                exit 2
-            fi
-            ;;
+        --binary=*) binary=${1#--binary=} ;;
+        --binary) [ $# -ge 2 ] || { echo "--binary needs a path" >&2; exit 2; }; binary=$2; shift ;;
+        *) echo "usage: $0 [--worker-only | --test-images-only] [--compose-images] [--rebuild-stand-ins] [--binary PATH]" >&2; exit 2 ;;
     esac
-    expect_binary=
+    shift
 done
-[ -z "${expect_binary:-}" ] || { echo "--binary needs a path" >&2; exit 2; }
-if [ -n "$binary" ] && [ ! -x "$binary" ]; then
-    echo "--binary $binary: not an executable file" >&2
-    exit 2
-fi
+[ -z "$binary" ] || [ -x "$binary" ] || { echo "--binary $binary: not an executable file" >&2; exit 2; }
 bases=${IMAGES_BASES:-auto}
 case $bases in official | local | auto) ;; *) echo "IMAGES_BASES: official, local or auto" >&2; exit 2 ;; esac
 
@@ -86,6 +71,19 @@ have() { docker image inspect "$1" >/dev/null 2>&1; }
 # A stand-in is rebuilt when it is missing, when asked, or when what it was
 # made from changed (its `made-from` label).
 fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{index .Config.Labels "made-from"}}' "$1")" = "$2" ]; }
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+# build TAG [FILE...] -- DOCKERFILE_LINE...: TAG from those lines, in a
+# context that holds the files.
+build() {
+    local tag=$1 context
+    context=$(mktemp -d -p "$scratch")
+    shift
+    while [ "$1" != -- ]; do cp "$1" "$context/"; shift; done
+    shift
+    printf '%s\n' "$@" >"$context/Dockerfile"
+    docker build -q --force-rm -t "$tag" "$context" >/dev/null || { log "ERROR: docker build of $tag failed"; exit 1; }
+}
 
 docker_engine_up
 if [ ! -x "$tansu" ] && [ -n "$test_only$compose_images" ] && ! have allocation-worker-tansu:local; then
@@ -176,12 +174,8 @@ if [ -z "$worker_only" ]; then
             || log "allocation-worker-tansu:local skipped: no Tansu binary (scripts/services.sh up installs it); the worker image needs none"
     elif made_from=$(sha256sum "$tansu" | cut -c1-16) && ! fresh allocation-worker-tansu:local "$made_from"; then
         log "building allocation-worker-tansu:local from $tansu"
-        context=$(mktemp -d)
-        cp "$tansu" "$context/tansu"
-        printf '%s\n' 'FROM scratch' 'COPY tansu /tansu' "LABEL made-from=\"$made_from\"" \
-            'ENTRYPOINT ["/tansu"]' 'CMD ["broker", "--storage-engine", "memory://tansu/"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-tansu:local "$context" >/dev/null
-        rm -rf "$context"
+        build allocation-worker-tansu:local "$tansu" -- 'FROM scratch' 'COPY tansu /tansu' "LABEL made-from=\"$made_from\"" \
+            'ENTRYPOINT ["/tansu"]' 'CMD ["broker", "--storage-engine", "memory://tansu/"]'
     fi
 
     # The entrypoint is part of what the image is made from: a change to it
@@ -218,17 +212,14 @@ SH
     made_from="$base $(sha256sum <<<"$postgres_entrypoint" | cut -c1-16)"
     if ! fresh allocation-worker-postgres:local "$made_from"; then
         log "building allocation-worker-postgres:local"
-        context=$(mktemp -d)
-        printf '%s\n' "$postgres_entrypoint" >"$context/entrypoint.sh"
-        printf '%s\n' "FROM $base" \
+        printf '%s\n' "$postgres_entrypoint" >"$scratch/entrypoint.sh"
+        build allocation-worker-postgres:local "$scratch/entrypoint.sh" -- "FROM $base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh' \
             'RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh' \
             "LABEL made-from=\"$made_from\"" \
             'EXPOSE 5432' 'STOPSIGNAL SIGINT' \
-            'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-postgres:local "$context" >/dev/null
-        rm -rf "$context"
+            'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]'
     fi
 fi
 # --- compose stand-ins ----------------------------------------------------------------
@@ -239,16 +230,13 @@ if [ -n "$compose_images" ]; then
     # promtool).
     if ! fresh allocation-worker-prometheus:local "$base"; then
         log "building allocation-worker-prometheus:local"
-        context=$(mktemp -d)
-        printf '%s\n' "FROM $base" \
+        build allocation-worker-prometheus:local -- "FROM $base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus' \
             "LABEL made-from=\"$base\"" \
             'USER nobody' 'WORKDIR /prometheus' 'EXPOSE 9090' \
             'ENTRYPOINT ["/usr/bin/prometheus"]' \
-            'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-prometheus:local "$context" >/dev/null
-        rm -rf "$context"
+            'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
     fi
     # The Tansu image is `scratch` (no shell), so kafka-init cannot loop over
     # the topics in it; this one has bash, the same Tansu binary, and kcat, a
@@ -261,14 +249,11 @@ if [ -n "$compose_images" ]; then
     made_from="$tools_base $tansu_id"
     if ! fresh allocation-worker-kafka-tools:local "$made_from"; then
         log "building allocation-worker-kafka-tools:local"
-        context=$(mktemp -d)
-        printf '%s\n' "FROM $tools_base" \
+        build allocation-worker-kafka-tools:local -- "FROM $tools_base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'COPY --from=allocation-worker-tansu:local /tansu /usr/local/bin/tansu' \
             "LABEL made-from=\"$made_from\"" \
-            'CMD ["bash"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-kafka-tools:local "$context" >/dev/null
-        rm -rf "$context"
+            'CMD ["bash"]'
     fi
 fi
 # --- the worker -------------------------------------------------------------------
@@ -301,16 +286,12 @@ if [ -n "$binary" ]; then
     log "building allocation-worker:local: the Dockerfile's runtime stage on $stand_ins, with $binary"
     docker build -q --force-rm --target runtime "${build_args[@]}" "${label_args[@]}" -t allocation-worker-runtime:local . >/dev/null \
         || { log "ERROR: docker build --target runtime failed; run it without -q to see why"; exit 1; }
-    context=$(mktemp -d)
-    cp "$binary" "$context/allocation-worker"
     # The last stage of the Dockerfile, with the binary from the context
     # instead of the builder stage.
-    printf '%s\n' 'FROM allocation-worker-runtime:local' \
+    cp "$binary" "$scratch/allocation-worker"
+    build allocation-worker:local "$scratch/allocation-worker" -- 'FROM allocation-worker-runtime:local' \
         'COPY allocation-worker /usr/local/bin/allocation-worker' \
-        "LABEL made-from=\"prebuilt $(sha256sum "$binary" | cut -c1-16) at $revision\"" >"$context/Dockerfile"
-    docker build -q --force-rm -t allocation-worker:local "$context" >/dev/null \
-        || { rm -rf "$context"; log "ERROR: docker build of the image with $binary failed"; exit 1; }
-    rm -rf "$context"
+        "LABEL made-from=\"prebuilt $(sha256sum "$binary" | cut -c1-16) at $revision\""
 else
     log "building allocation-worker:local on $stand_ins"
     docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" "${label_args[@]}" \
