@@ -42,7 +42,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/docker-base.sh --functions
 
-worker_only= test_only= rebuild= binary= compose_images=
+worker_only='' test_only='' rebuild='' binary='' compose_images=''
 while [ $# -gt 0 ]; do
     case $1 in
         --worker-only) worker_only=1 ;;
@@ -170,8 +170,11 @@ toolchain_stand_in() {
 # --- test images --------------------------------------------------------------------
 if [ -z "$worker_only" ]; then
     if [ ! -x "$tansu" ]; then
-        have allocation-worker-tansu:local && log "allocation-worker-tansu:local kept as it is: no Tansu binary to compare it with" \
-            || log "allocation-worker-tansu:local skipped: no Tansu binary (scripts/services.sh up installs it); the worker image needs none"
+        if have allocation-worker-tansu:local; then
+            log "allocation-worker-tansu:local kept as it is: no Tansu binary to compare it with"
+        else
+            log "allocation-worker-tansu:local skipped: no Tansu binary (scripts/services.sh up installs it); the worker image needs none"
+        fi
     elif made_from=$(sha256sum "$tansu" | cut -c1-16) && ! fresh allocation-worker-tansu:local "$made_from"; then
         log "building allocation-worker-tansu:local from $tansu"
         build allocation-worker-tansu:local "$tansu" -- 'FROM scratch' 'COPY tansu /tansu' "LABEL made-from=\"$made_from\"" \
