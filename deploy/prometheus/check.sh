@@ -21,7 +21,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 fail() { printf 'prometheus-check: %s\n' "$*" >&2; exit 1; }
 step() { printf '\n--- %s\n' "$*"; }
 
-bash install-prometheus.sh
+bash install-prometheus.sh promtool
 promtool --version 2>&1 | head -n1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Installs Debian's prometheus package (the server and promtool) when promtool
-# or prometheus is missing, without letting the package start the server:
+# Installs Debian's prometheus package (the server and promtool) when the
+# command given is missing, without letting the package start the server:
+#
+#   bash deploy/prometheus/install-prometheus.sh promtool|prometheus
+#
 # check.sh needs promtool, live-check.sh the server, which it runs itself.
 set -euo pipefail
-command -v promtool >/dev/null && command -v prometheus >/dev/null && exit 0
+! command -v "${1:?promtool or prometheus}" >/dev/null || exit 0
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 echo "installing Debian's prometheus package (promtool, the server)" >&2
 # A policy-rc.d answering 101 keeps the maintainer scripts from starting the

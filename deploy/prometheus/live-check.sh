@@ -46,7 +46,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-bash "$here/install-prometheus.sh"
+bash "$here/install-prometheus.sh" prometheus
 prometheus --version 2>&1 | head -n1 >&2
 
 # Sourced, so DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS land in this shell.
