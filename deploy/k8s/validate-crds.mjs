@@ -1,42 +1,28 @@
-// Validates custom resources against their CRDs' schemas, as shipped by the
-// @kubernetes-models npm packages (generated from the projects' own CRD
-// definitions: KEDA, the Prometheus Operator). Used by check.py:
+// Validates custom resources against their CRDs' schemas, as the
+// @kubernetes-models npm packages ship them (generated from KEDA's and the
+// Prometheus Operator's CRDs; they do not reject unknown fields, the API
+// server prunes them). check.py pipes in a JSON array of [where, object]:
 //
 //   node deploy/k8s/validate-crds.mjs NODE_MODULES_DIR < objects.json
 //
-// objects.json: a JSON array of [where, object]. Prints one line per
-// problem and exits 1 if there is any. These schemas do not reject unknown
-// fields (the API server prunes them): check.py checks what the worker
-// needs of each object's fields.
+// One line per problem on stdout, exit status 1 if any.
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
 const MODELS = {
-  "keda.sh/v1alpha1": ["@kubernetes-models/keda/keda.sh/v1alpha1", ["ScaledObject", "TriggerAuthentication"]],
-  "monitoring.coreos.com/v1": [
-    "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
-    ["ServiceMonitor", "PodMonitor", "PrometheusRule"],
-  ],
+  "keda.sh/v1alpha1": "@kubernetes-models/keda/keda.sh/v1alpha1",
+  "monitoring.coreos.com/v1": "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1",
 };
-
-const modules = process.argv[2];
 const objects = JSON.parse(readFileSync(0, "utf8"));
 let problems = 0;
 for (const [where, object] of objects) {
-  const what = `${where}: ${object.kind}/${object.metadata?.name}`;
-  const [dir, kinds] = MODELS[object.apiVersion] ?? [];
-  if (!kinds?.includes(object.kind)) {
-    console.log(`${what}: no schema for ${object.apiVersion} ${object.kind}`);
-    problems++;
-    continue;
-  }
-  const url = pathToFileURL(join(modules, dir, `${object.kind}.js`)).href;
-  const Model = (await import(url))[object.kind];
   try {
+    const dir = MODELS[object.apiVersion] ?? `(no schema for ${object.apiVersion})`;
+    const Model = (await import(pathToFileURL(join(process.argv[2], dir, `${object.kind}.js`)).href))[object.kind];
     new Model(object).validate();
   } catch (error) {
-    console.log(`${what}: ${error.message}`);
+    console.log(`${where}: ${object.kind}/${object.metadata?.name}: ${error.message}`);
     problems++;
   }
 }

@@ -1,30 +1,17 @@
 #!/usr/bin/env bash
-# Prints alerts.yml with every `runbook_url` built on your runbook base URL
-# instead of the placeholder it ships with:
+# Prints alerts.yml with every `runbook_url` on your runbook base URL (where
+# your people read deploy/README.md, whose "### <AlertName>" sections are the
+# runbooks) instead of the placeholder; each alert links to
+# BASE_URL#<alertname in lower case>. Exit code 2 on a missing or non-http(s)
+# base. With --prometheusrule, the same rules as a Prometheus Operator
+# PrometheusRule object:
 #
-#   bash deploy/prometheus/render-alerts.sh BASE_URL > allocation-worker-alerts.yml
-#   RUNBOOK_BASE_URL=BASE_URL bash deploy/prometheus/render-alerts.sh > ...
+#   bash deploy/prometheus/render-alerts.sh [--prometheusrule] BASE_URL > rules.yml
+#   RUNBOOK_BASE_URL=BASE_URL bash deploy/prometheus/render-alerts.sh > rules.yml
 #
-# BASE_URL is where your people read deploy/README.md (the runbooks are its
-# "### <AlertName>" sections), e.g.
-# https://git.example.com/ops/allocation-worker/-/blob/v0.1.0/deploy/README.md;
-# each alert links to BASE_URL#<alertname in lower case>. Load the output as
-# a rule file instead of alerts.yml. Exit code 2 on a missing or non-http(s)
-# base.
-#
-# With --prometheusrule, the same rules as a Prometheus Operator
-# PrometheusRule object instead:
-#
-#   bash deploy/prometheus/render-alerts.sh --prometheusrule BASE_URL > prometheusrule.yaml
-#
-# deploy/k8s/components/prometheus-operator/prometheusrule.yaml is this
-# output for the placeholder base, regenerated with
-#
-#   bash deploy/prometheus/render-alerts.sh --prometheusrule \
-#       https://github.com/example/allocation-worker/blob/main/deploy/README.md \
-#       > deploy/k8s/components/prometheus-operator/prometheusrule.yaml
-#
-# and prometheus/check.sh fails when the committed file differs from it.
+# deploy/k8s/components/prometheus-operator/prometheusrule.yaml is the
+# --prometheusrule output for the placeholder base (prometheus/check.sh
+# fails when it is not).
 set -euo pipefail
 
 PLACEHOLDER='https://github.com/example/allocation-worker/blob/main/deploy/README.md'
@@ -41,17 +28,9 @@ if [ -z "$base" ]; then
     exit 2
 fi
 case $base in
+    *'#'* | *' '* | *'"'*) echo "render-alerts: RUNBOOK_BASE_URL must not contain '#', spaces or quotes" >&2; exit 2 ;;
     http://* | https://*) ;;
-    *)
-        echo "render-alerts: RUNBOOK_BASE_URL must be an absolute http(s) URL, got '$base'" >&2
-        exit 2
-        ;;
-esac
-case $base in
-    *'#'* | *' '* | *'"'*)
-        echo "render-alerts: RUNBOOK_BASE_URL must not contain '#', spaces or quotes" >&2
-        exit 2
-        ;;
+    *) echo "render-alerts: RUNBOOK_BASE_URL must be an absolute http(s) URL, got '$base'" >&2; exit 2 ;;
 esac
 base=${base%/}
 # Escaped for the replacement side of sed's s|||: \, & and the delimiter |.
