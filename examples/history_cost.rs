@@ -21,9 +21,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use allocation_worker::adapters::inbound::InboundMessage;
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
-use allocation_worker::adapters::outbox::InboundMessage;
 use allocation_worker::adapters::postgres::pool::{lazy_pool, MIGRATOR};
 use allocation_worker::entrypoints::processor::Processor;
 use allocation_worker::service_layer::batch::Outcome;

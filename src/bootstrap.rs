@@ -12,12 +12,13 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::backoff::Backoff;
 use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::http::{self, HttpState};
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
-use crate::adapters::relay::{Backoff, Relay};
+use crate::adapters::relay::Relay;
 use crate::adapters::retention::Retention;
 use crate::adapters::topic_retention;
 use crate::configuration::{ConfigError, DatabaseSettings, RunSettings};

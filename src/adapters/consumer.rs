@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
-use super::outbox::InboundMessage;
+use super::inbound::InboundMessage;
 
 /// A future the consumer's owner returns from a hand-over.
 pub type HandOverFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;

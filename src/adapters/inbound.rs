@@ -1,4 +1,7 @@
-//! Decoding of the ERP's messages (contract §3) into domain commands, at the edge:
+//! The ERP's messages as they arrive: an owned, Kafka-type-free copy of each
+//! ([`InboundMessage`]), what it contributes to the records it causes (its
+//! idempotency key and trace context), where it stands in its partition's
+//! order, and its decoding (contract §3) into domain commands, at the edge:
 //! past this point nothing is bytes or JSON, and every name is valid.
 
 use chrono::NaiveDate;
@@ -6,6 +9,107 @@ use serde::Deserialize;
 
 use crate::domain::commands::{Allocate, ChangeBatchQuantity, CreateBatch};
 use crate::domain::{BatchRef, Command, InvalidName, OrderId, Sku};
+use crate::service_layer::Idempotent;
+
+/// The header a replayed message carries (set by `replay-dead-letters`):
+/// where it was first read, `topic/partition/offset`.
+pub const REPLAY_ORIGINAL_POSITION_HEADER: &str = "replay.original-position";
+
+/// Where a message stands in the order of its partition: its own offset, or,
+/// for a replay back to the partition it was first read from, the offset it
+/// was first read at (its `replay.original-position`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderPosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// True for a replay: it may be older than what was applied since.
+    pub replayed: bool,
+}
+
+/// An inbound Kafka message as the worker keeps it: owned, Kafka-type free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundMessage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// `None` is a header with a null value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl InboundMessage {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// Where the message stands in its partition's order (see
+    /// [`OrderPosition`]). A `replay.original-position` that does not parse,
+    /// or names another topic or partition, is ignored: the message then
+    /// counts as read where it is.
+    pub fn order_position(&self) -> OrderPosition {
+        let original = self
+            .header(REPLAY_ORIGINAL_POSITION_HEADER)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| {
+                let (rest, offset) = v.trim().rsplit_once('/')?;
+                let (topic, partition) = rest.rsplit_once('/')?;
+                let partition: i32 = partition.parse().ok()?;
+                let offset: i64 = offset.parse().ok()?;
+                (topic == self.topic && partition == self.partition && offset >= 0)
+                    .then_some(offset)
+            });
+        OrderPosition {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: original.unwrap_or(self.offset),
+            replayed: original.is_some(),
+        }
+    }
+
+    /// `ce_id` when the producer set one (so a re-publish is recognised),
+    /// otherwise the message's position, which a redelivery shares.
+    pub fn context(&self) -> MessageContext {
+        // A ce_id that is not clean text (invalid UTF-8 would collide once
+        // converted; NUL cannot be stored) identifies nothing: use the position.
+        let ce_id = self
+            .header("ce_id")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|id| !id.trim().is_empty() && !id.contains('\0') && id.len() <= 1024);
+        let idempotency_key = match ce_id {
+            Some(id) => format!("ce_id:{id}"),
+            None => format!("{}/{}/{}", self.topic, self.partition, self.offset),
+        };
+        MessageContext {
+            idempotency_key,
+            traceparent: self.header("traceparent").map(<[u8]>::to_vec),
+            tracestate: self.header("tracestate").map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// What the inbound message contributes to the records it causes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageContext {
+    /// `ce_id` header when present, otherwise `topic/partition/offset`.
+    pub idempotency_key: String,
+    /// W3C trace context, carried to every event the message causes: the
+    /// inbound `traceparent`, or the worker's span of the message when traces
+    /// are exported.
+    pub traceparent: Option<Vec<u8>>,
+    /// W3C `tracestate`, carried with `traceparent`.
+    pub tracestate: Option<Vec<u8>>,
+}
+
+impl Idempotent for MessageContext {
+    fn idempotency_key(&self) -> &str {
+        &self.idempotency_key
+    }
+}
 
 /// The three inbound message types, one per inbound topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -22,8 +22,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::consumer::{HandOver, InboundConsumer};
 use super::group_progress::group_unread;
 use super::inbound::InboundKind;
+use super::inbound::InboundMessage;
 use super::metrics::Metrics;
-use super::outbox::{InboundMessage, OutboxKind};
+use super::outbox::OutboxKind;
 
 /// Every topic name the worker uses (contract §3–5), defaults in the CLI
 /// and in [`Topics::default`].
@@ -616,49 +617,6 @@ fn partition_names(tpl: &rdkafka::TopicPartitionList) -> Vec<String> {
         .collect()
 }
 
-/// What a consumer error means for the partition it came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConsumerErrorKind {
-    /// librdkafka cannot decode a message set: compressed with a codec it was
-    /// built without, corrupt, or failing its CRC. It reports the error again
-    /// at every fetch of that offset: the partition stays at that message
-    /// (nothing after it is skipped) until an operator acts.
-    Undecodable,
-    /// Anything else: a broker unreachable, a rebalance in progress; these
-    /// pass by themselves.
-    Other,
-}
-
-impl ConsumerErrorKind {
-    pub const ALL: [ConsumerErrorKind; 2] =
-        [ConsumerErrorKind::Undecodable, ConsumerErrorKind::Other];
-
-    pub fn of(error: &KafkaError) -> Self {
-        use rdkafka::types::RDKafkaErrorCode as Code;
-        match error {
-            KafkaError::MessageConsumption(code) | KafkaError::MessageConsumptionFatal(code)
-                if matches!(
-                    code,
-                    Code::BadCompression
-                        | Code::BadMessage
-                        | Code::NotImplemented
-                        | Code::InvalidMessage
-                ) =>
-            {
-                ConsumerErrorKind::Undecodable
-            }
-            _ => ConsumerErrorKind::Other,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsumerErrorKind::Undecodable => "undecodable",
-            ConsumerErrorKind::Other => "other",
-        }
-    }
-}
-
 /// An owned, Kafka-type-free copy of a consumed message. Taken at once so
 /// that no borrowed message outlives the poll (a consumer dropped while one is
 /// alive blocks forever).
@@ -716,6 +674,7 @@ fn raw_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> 
 
 #[cfg(test)]
 mod tests {
+    use super::*;
     use rdkafka::statistics::Partition;
 
     fn partition(hi: i64, stored: i64, committed: i64) -> Partition {
@@ -791,34 +750,5 @@ mod tests {
         assert_eq!(position_lag(&partition(1000, -1001, 400)), Some(600));
         assert_eq!(position_lag(&partition(1000, -1001, -1001)), None);
         assert_eq!(position_lag(&partition(-1001, 10, 5)), None);
-    }
-    use super::*;
-    use rdkafka::types::RDKafkaErrorCode as Code;
-
-    #[test]
-    fn a_message_set_librdkafka_cannot_decode_is_told_apart() {
-        for code in [
-            Code::BadCompression,
-            Code::NotImplemented,
-            Code::BadMessage,
-            Code::InvalidMessage,
-        ] {
-            assert_eq!(
-                ConsumerErrorKind::of(&KafkaError::MessageConsumption(code)),
-                ConsumerErrorKind::Undecodable,
-                "{code:?}"
-            );
-        }
-        for error in [
-            KafkaError::MessageConsumption(Code::AllBrokersDown),
-            KafkaError::MessageConsumption(Code::BrokerTransportFailure),
-            KafkaError::PartitionEOF(0),
-        ] {
-            assert_eq!(
-                ConsumerErrorKind::of(&error),
-                ConsumerErrorKind::Other,
-                "{error}"
-            );
-        }
     }
 }

@@ -8,9 +8,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use super::kafka::ConsumerErrorKind;
 use super::outbox::OutboxKind;
-use crate::service_layer::batch::DeadLetterReason;
+use crate::service_layer::DeadLetterReason;
 
 pub struct Metrics {
     registry: Registry,
@@ -227,7 +226,7 @@ impl Metrics {
         for kind in OutboxKind::ALL {
             events_published.with_label_values(&[kind.as_str()]);
         }
-        for table in crate::adapters::retention::TABLES {
+        for table in RETENTION_TABLES {
             retention_removed.with_label_values(&[table]);
         }
         for kind in ConsumerErrorKind::ALL {
@@ -300,6 +299,89 @@ impl Metrics {
             for outcome in ["applied", "duplicate", "dead_lettered", "superseded"] {
                 self.messages_consumed.with_label_values(&[topic, outcome]);
             }
+        }
+    }
+}
+
+/// The tables retention trims (adapters/retention.rs), as named in the
+/// `table` label of its metrics.
+pub const RETENTION_TABLES: [&str; 2] = ["processed_messages", "outbox"];
+
+/// What a consumer error means for the partition it came from: the
+/// `kind` label of `allocation_consumer_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerErrorKind {
+    /// librdkafka cannot decode a message set: compressed with a codec it was
+    /// built without, corrupt, or failing its CRC. It reports the error again
+    /// at every fetch of that offset: the partition stays at that message
+    /// (nothing after it is skipped) until an operator acts.
+    Undecodable,
+    /// Anything else: a broker unreachable, a rebalance in progress; these
+    /// pass by themselves.
+    Other,
+}
+
+impl ConsumerErrorKind {
+    pub const ALL: [ConsumerErrorKind; 2] =
+        [ConsumerErrorKind::Undecodable, ConsumerErrorKind::Other];
+
+    pub fn of(error: &rdkafka::error::KafkaError) -> Self {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match error {
+            rdkafka::error::KafkaError::MessageConsumption(code)
+            | rdkafka::error::KafkaError::MessageConsumptionFatal(code)
+                if matches!(
+                    code,
+                    Code::BadCompression
+                        | Code::BadMessage
+                        | Code::NotImplemented
+                        | Code::InvalidMessage
+                ) =>
+            {
+                ConsumerErrorKind::Undecodable
+            }
+            _ => ConsumerErrorKind::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerErrorKind::Undecodable => "undecodable",
+            ConsumerErrorKind::Other => "other",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn a_message_set_librdkafka_cannot_decode_is_told_apart() {
+        for code in [
+            Code::BadCompression,
+            Code::NotImplemented,
+            Code::BadMessage,
+            Code::InvalidMessage,
+        ] {
+            assert_eq!(
+                ConsumerErrorKind::of(&KafkaError::MessageConsumption(code)),
+                ConsumerErrorKind::Undecodable,
+                "{code:?}"
+            );
+        }
+        for error in [
+            KafkaError::MessageConsumption(Code::AllBrokersDown),
+            KafkaError::MessageConsumption(Code::BrokerTransportFailure),
+            KafkaError::PartitionEOF(0),
+        ] {
+            assert_eq!(
+                ConsumerErrorKind::of(&error),
+                ConsumerErrorKind::Other,
+                "{error}"
+            );
         }
     }
 }

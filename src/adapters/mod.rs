@@ -2,6 +2,7 @@
 //! (repository, unit of work, outbox), Kafka (decoding, consumer, relay),
 //! HTTP (health, metrics, the read model).
 
+pub mod backoff;
 pub mod consumer;
 pub mod group_progress;
 pub mod health;

@@ -9,34 +9,15 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
+use super::inbound::{InboundMessage, MessageContext};
 use crate::domain::Event;
-use crate::service_layer::batch::DeadLetterReason;
-use crate::service_layer::Idempotent;
+use crate::service_layer::DeadLetterReason;
 
 /// `ce_source` of every event this service publishes.
 pub const CE_SOURCE: &str = "allocation-worker";
 
 /// Namespace of the name-based (v5) UUIDs used as `ce_id`.
 const CE_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5c1f_3a8e_0d6b_4f4e_9c1e_2a7b_6d40_a11c);
-
-/// What the inbound message contributes to the records it causes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MessageContext {
-    /// `ce_id` header when present, otherwise `topic/partition/offset`.
-    pub idempotency_key: String,
-    /// W3C trace context, carried to every event the message causes: the
-    /// inbound `traceparent`, or the worker's span of the message when traces
-    /// are exported.
-    pub traceparent: Option<Vec<u8>>,
-    /// W3C `tracestate`, carried with `traceparent`.
-    pub tracestate: Option<Vec<u8>>,
-}
-
-impl Idempotent for MessageContext {
-    fn idempotency_key(&self) -> &str {
-        &self.idempotency_key
-    }
-}
 
 /// Where a row is published; the topic name is looked up at publish time, so a
 /// renamed topic applies to rows not yet sent.
@@ -170,87 +151,6 @@ pub fn wire_headers<'a>(
     wire.push(("content-type", b"application/json".as_slice()));
     wire.extend(rest);
     wire
-}
-
-/// The header a replayed message carries (set by `replay-dead-letters`):
-/// where it was first read, `topic/partition/offset`.
-pub const REPLAY_ORIGINAL_POSITION_HEADER: &str = "replay.original-position";
-
-/// Where a message stands in the order of its partition: its own offset, or,
-/// for a replay back to the partition it was first read from, the offset it
-/// was first read at (its `replay.original-position`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrderPosition {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    /// True for a replay: it may be older than what was applied since.
-    pub replayed: bool,
-}
-
-/// An inbound Kafka message as the worker keeps it: owned, Kafka-type free.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InboundMessage {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    /// `None` is a header with a null value.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-impl InboundMessage {
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    /// Where the message stands in its partition's order (see
-    /// [`OrderPosition`]). A `replay.original-position` that does not parse,
-    /// or names another topic or partition, is ignored: the message then
-    /// counts as read where it is.
-    pub fn order_position(&self) -> OrderPosition {
-        let original = self
-            .header(REPLAY_ORIGINAL_POSITION_HEADER)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| {
-                let (rest, offset) = v.trim().rsplit_once('/')?;
-                let (topic, partition) = rest.rsplit_once('/')?;
-                let partition: i32 = partition.parse().ok()?;
-                let offset: i64 = offset.parse().ok()?;
-                (topic == self.topic && partition == self.partition && offset >= 0)
-                    .then_some(offset)
-            });
-        OrderPosition {
-            topic: self.topic.clone(),
-            partition: self.partition,
-            offset: original.unwrap_or(self.offset),
-            replayed: original.is_some(),
-        }
-    }
-
-    /// `ce_id` when the producer set one (so a re-publish is recognised),
-    /// otherwise the message's position, which a redelivery shares.
-    pub fn context(&self) -> MessageContext {
-        // A ce_id that is not clean text (invalid UTF-8 would collide once
-        // converted; NUL cannot be stored) identifies nothing: use the position.
-        let ce_id = self
-            .header("ce_id")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .filter(|id| !id.trim().is_empty() && !id.contains('\0') && id.len() <= 1024);
-        let idempotency_key = match ce_id {
-            Some(id) => format!("ce_id:{id}"),
-            None => format!("{}/{}/{}", self.topic, self.partition, self.offset),
-        };
-        MessageContext {
-            idempotency_key,
-            traceparent: self.header("traceparent").map(<[u8]>::to_vec),
-            tracestate: self.header("tracestate").map(<[u8]>::to_vec),
-        }
-    }
 }
 
 /// The dead letter of `message`: its key, value and headers as they came,

@@ -61,6 +61,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::backoff::Backoff;
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
 use super::outbox::{
@@ -1207,7 +1208,7 @@ impl<S: RelayStore> Relay<S> {
             in_hand = None;
             let more = match pass {
                 Ok(n) => {
-                    if backoff.failures > 0 {
+                    if backoff.failures() > 0 {
                         tracing::info!("outbox relay recovered");
                     }
                     backoff.reset();
@@ -1367,28 +1368,6 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     )
     .fetch_one(pool)
     .await
-}
-
-/// Exponential back-off from 100 ms to 5 s, for outages of the database or broker.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(6)));
-        self.failures = self.failures.saturating_add(1);
-        delay.min(Duration::from_secs(5))
-    }
-
-    pub fn reset(&mut self) {
-        self.failures = 0;
-    }
-
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
 }
 
 #[cfg(test)]

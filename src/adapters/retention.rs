@@ -24,10 +24,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::metrics::Metrics;
-
-/// The tables retention trims, as named in the metrics' `table` label.
-pub const TABLES: [&str; 2] = ["processed_messages", "outbox"];
+use super::metrics::{Metrics, RETENTION_TABLES as TABLES};
 
 /// Rows per delete statement.
 const BATCH_ROWS: i64 = 1000;

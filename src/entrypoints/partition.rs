@@ -25,14 +25,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::adapters::backoff::Backoff;
 use crate::adapters::consumer::{HandOver, HandOverFuture, InboundConsumer};
 use crate::adapters::health::PollClock;
-use crate::adapters::outbox::InboundMessage;
-use crate::adapters::relay::Backoff;
+use crate::adapters::inbound::InboundMessage;
 use crate::entrypoints::processor::WorkerStore;
 use crate::entrypoints::tracker::Tracker;
 use crate::entrypoints::worker::{Worker, QUEUED_BYTES};
-use crate::service_layer::batch::{DeadLetterReason, MessageKey, Outcome, Plan};
+use crate::service_layer::batch::{MessageKey, Outcome, Plan};
+use crate::service_layer::DeadLetterReason;
 
 impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     /// One partition, in order: whatever has queued up (up to the batch

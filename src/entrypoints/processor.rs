@@ -14,12 +14,13 @@ use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
 use crate::adapters::inbound::{self, DecodeError};
+use crate::adapters::inbound::{InboundMessage, MessageContext};
 use crate::adapters::kafka::Topics;
 use crate::adapters::metrics::Metrics;
-use crate::adapters::outbox::{InboundMessage, MessageContext};
 use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::entrypoints::telemetry;
-use crate::service_layer::batch::{self, DeadLetterReason, Handled, Outcome, Plan, ReadPosition};
+use crate::service_layer::batch::{self, Handled, Outcome, Plan};
+use crate::service_layer::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{RepositoryError, Store};
 
 /// Handles batches of messages, one transaction per batch. It keeps

@@ -53,7 +53,7 @@ pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
 /// (`topic/partition/offset`), kept when it is dead-lettered and replayed
 /// again. The worker compares it with the last quantity change it applied to
 /// the batch (contract §7).
-pub use crate::adapters::outbox::REPLAY_ORIGINAL_POSITION_HEADER;
+pub use crate::adapters::inbound::REPLAY_ORIGINAL_POSITION_HEADER;
 
 /// Namespace of the replayed messages' `ce_id`s (UUIDv5), distinct from the
 /// one of the events the worker publishes.

@@ -32,7 +32,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use super::cli::LogFormat;
-use crate::adapters::outbox::{InboundMessage, MessageContext};
+use crate::adapters::inbound::{InboundMessage, MessageContext};
 
 /// The variable that turns traces on.
 pub const OTLP_ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";

@@ -26,11 +26,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::adapters::backoff::Backoff;
 use crate::adapters::consumer::{HandOver, InboundConsumer};
 use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::postgres::unit_of_work::PgStore;
-use crate::adapters::relay::Backoff;
 use crate::entrypoints::partition::{PartitionTasks, Slot, Waiter};
 use crate::entrypoints::processor::{Processor, WorkerStore};
 use crate::entrypoints::tracker::Tracker;

@@ -28,54 +28,9 @@ use crate::domain::{BatchRef, Command, DomainError, OrderId, Sku};
 
 use super::handlers::HandlerError;
 use super::messagebus;
-use super::unit_of_work::{BatchUnitOfWork, Idempotent, RepositoryError, Store};
-
-/// Why a message was dead-lettered: the `dlq.reason` header (contract §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadLetterReason {
-    MalformedJson,
-    InvalidMessage,
-    UnknownSku,
-    UnknownBatch,
-    DuplicateBatch,
-    DuplicateLine,
-    UnknownTopic,
-}
-
-impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 7] = [
-        DeadLetterReason::MalformedJson,
-        DeadLetterReason::InvalidMessage,
-        DeadLetterReason::UnknownSku,
-        DeadLetterReason::UnknownBatch,
-        DeadLetterReason::DuplicateBatch,
-        DeadLetterReason::DuplicateLine,
-        DeadLetterReason::UnknownTopic,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::MalformedJson => "malformed-json",
-            DeadLetterReason::InvalidMessage => "invalid-message",
-            DeadLetterReason::UnknownSku => "unknown-sku",
-            DeadLetterReason::UnknownBatch => "unknown-batch",
-            DeadLetterReason::DuplicateBatch => "duplicate-batch",
-            DeadLetterReason::DuplicateLine => "duplicate-line",
-            DeadLetterReason::UnknownTopic => "unknown-topic",
-        }
-    }
-}
-
-/// Where a batch's partition is to be read again from if the store is
-/// restored to the state this batch's transaction leaves: every message
-/// before `next_offset` had its effects, or its dead letter, stored before
-/// this batch began. Recorded in the batch's own transaction.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadPosition {
-    pub topic: String,
-    pub partition: i32,
-    pub next_offset: i64,
-}
+use super::unit_of_work::{
+    BatchUnitOfWork, DeadLetterReason, Idempotent, ReadPosition, RepositoryError, Store,
+};
 
 /// What became of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

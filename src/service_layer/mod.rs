@@ -11,5 +11,6 @@ pub mod unit_of_work;
 pub use handlers::HandlerError;
 pub use messagebus::handle;
 pub use unit_of_work::{
-    BatchUnitOfWork, Idempotent, ProductRepository, RepositoryError, Store, UnitOfWork,
+    BatchUnitOfWork, DeadLetterReason, Idempotent, ProductRepository, ReadPosition,
+    RepositoryError, Store, UnitOfWork,
 };

@@ -786,7 +786,7 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_applies_nothing_twice() 
 /// publish) are published by the next worker, in decision order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_rows_left_unsent_are_published_after_a_restart() {
-    use allocation_worker::adapters::outbox::InboundMessage;
+    use allocation_worker::adapters::inbound::InboundMessage;
     use allocation_worker::adapters::postgres::pool::MIGRATOR;
     use allocation_worker::entrypoints::processor::Processor;
     use allocation_worker::service_layer::batch::Outcome;

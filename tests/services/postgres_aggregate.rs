@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use allocation_worker::adapters::inbound::{InboundMessage, MessageContext};
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
-use allocation_worker::adapters::outbox::{InboundMessage, MessageContext};
 use allocation_worker::adapters::postgres::cache::ProductCache;
 use allocation_worker::adapters::postgres::pool::{lazy_pool, MIGRATOR};
 use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;

@@ -24,7 +24,7 @@ use allocation_worker::domain::commands::{Allocate, ChangeBatchQuantity, CreateB
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Product, Sku};
 use allocation_worker::entrypoints::processor::Processor;
 use allocation_worker::entrypoints::worker::Worker;
-use allocation_worker::service_layer::batch::DeadLetterReason;
+use allocation_worker::service_layer::DeadLetterReason;
 use allocation_worker::service_layer::UnitOfWork;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -12,11 +12,9 @@ use std::sync::Mutex;
 use allocation_worker::domain::commands::{Allocate, CreateBatch};
 use allocation_worker::domain::events::Allocated;
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Product, Sku};
-use allocation_worker::service_layer::batch::{
-    process, DeadLetterReason, Handled, Outcome, Plan, CONFLICT_RETRIES,
-};
+use allocation_worker::service_layer::batch::{process, Handled, Outcome, Plan, CONFLICT_RETRIES};
 use allocation_worker::service_layer::{
-    BatchUnitOfWork, Idempotent, RepositoryError, Store, UnitOfWork,
+    BatchUnitOfWork, DeadLetterReason, Idempotent, RepositoryError, Store, UnitOfWork,
 };
 
 use testkit::fakes::FakeRepository;

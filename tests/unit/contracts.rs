@@ -22,14 +22,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use allocation_worker::adapters::inbound::{decode, DecodeError, InboundKind};
+use allocation_worker::adapters::inbound::{InboundMessage, MessageContext};
 use allocation_worker::adapters::outbox::{
-    dead_letter_record, event_record, wire_headers, InboundMessage, MessageContext, OutboxKind,
-    OutboxRecord, CE_SOURCE,
+    dead_letter_record, event_record, wire_headers, OutboxKind, OutboxRecord, CE_SOURCE,
 };
 use allocation_worker::domain::events::{Allocated, Deallocated, OutOfStock};
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Sku};
 use allocation_worker::entrypoints::cli::Cli;
-use allocation_worker::service_layer::batch::DeadLetterReason;
+use allocation_worker::service_layer::DeadLetterReason;
 use clap::CommandFactory;
 use jsonschema::Validator;
 use serde_json::{json, Map, Value};

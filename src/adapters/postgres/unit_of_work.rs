@@ -12,10 +12,11 @@ use sqlx::postgres::PgPool;
 use sqlx::Postgres;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::adapters::outbox::{self, InboundMessage, MessageContext, OutboxRecord};
+use crate::adapters::inbound::{InboundMessage, MessageContext};
+use crate::adapters::outbox::{self, OutboxRecord};
 use crate::domain::{BatchRef, Event, OrderId, Sku};
-use crate::service_layer::batch::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{BatchUnitOfWork, RepositoryError, Store, UnitOfWork};
+use crate::service_layer::{DeadLetterReason, ReadPosition};
 
 use super::cache::{ProductCache, Stored};
 use super::pool::{classify, KeptConnections};

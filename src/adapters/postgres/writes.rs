@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 
 use crate::adapters::outbox::{OutboxColumns, OutboxRecord};
 use crate::domain::{BatchRef, Change, OrderId, OrderLine};
-use crate::service_layer::batch::ReadPosition;
+use crate::service_layer::ReadPosition;
 use crate::service_layer::RepositoryError;
 
 use super::cache::fresh_revision;

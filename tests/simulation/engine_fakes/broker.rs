@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use allocation_worker::adapters::consumer::{HandOver, InboundConsumer};
-use allocation_worker::adapters::outbox::InboundMessage;
+use allocation_worker::adapters::inbound::InboundMessage;
 use rand::rngs::StdRng;
 use rand::Rng;
 use rdkafka::error::KafkaError;

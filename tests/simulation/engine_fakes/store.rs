@@ -22,10 +22,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use allocation_worker::adapters::outbox::{InboundMessage, MessageContext};
+use allocation_worker::adapters::inbound::{InboundMessage, MessageContext};
 use allocation_worker::domain::{BatchRef, Event, OrderId, Product, Sku};
 use allocation_worker::entrypoints::processor::WorkerStore;
-use allocation_worker::service_layer::batch::DeadLetterReason;
+use allocation_worker::service_layer::DeadLetterReason;
 use allocation_worker::service_layer::{
     BatchUnitOfWork, ProductRepository, RepositoryError, Store, UnitOfWork,
 };
