@@ -25,7 +25,7 @@ use allocation_worker::adapters::inbound::InboundMessage;
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::postgres::pool::{lazy_pool, MIGRATOR};
-use allocation_worker::entrypoints::processor::Processor;
+use allocation_worker::engine::processor::Processor;
 use allocation_worker::service_layer::batch::Outcome;
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapters::backoff::Backoff;
 use crate::adapters::health::{FailingPartitions, PollClock};
-use crate::adapters::http::{self, HttpState};
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
@@ -22,8 +21,9 @@ use crate::adapters::relay::Relay;
 use crate::adapters::retention::Retention;
 use crate::adapters::topic_retention;
 use crate::configuration::{ConfigError, DatabaseSettings, RunSettings};
-use crate::entrypoints::processor::Processor;
-use crate::entrypoints::worker::Worker;
+use crate::engine::processor::Processor;
+use crate::engine::worker::Worker;
+use crate::entrypoints::http::{self, HttpState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {

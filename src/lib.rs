@@ -12,12 +12,16 @@
 //!   unit-of-work traits. Imports only `domain`.
 //! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
 //!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
-//!   traits; never imports `configuration`, `entrypoints` or `tools`.
+//!   traits; never imports `configuration`, `engine`, `entrypoints` or `tools`.
 //! - [`configuration`]: the validated settings of every command and the rules
 //!   they are checked by; no clap. Imports only the adapters' settings types.
+//! - [`engine`]: the worker loop, which feeds each partition's messages to
+//!   the batch processor of the service layer, and what it needs to wait
+//!   for late references.
+//! - [`operations`]: the operator's commands besides `run` and `migrate`.
+//! - [`telemetry`]: the logs and traces of every command.
 //! - [`entrypoints`]: the command line, which builds the configuration from
-//!   flags and environment variables, and the worker loop, which feeds each
-//!   partition's messages to the batch processor of the service layer.
+//!   flags and environment variables, and the HTTP server.
 //! - [`bootstrap`]: builds the pieces from the configuration and wires them;
 //!   never imports the command line.
 //! - [`command_error`]: the error of the commands besides `run` and
@@ -40,7 +44,10 @@ pub mod bootstrap;
 pub mod command_error;
 pub mod configuration;
 pub mod domain;
+pub mod engine;
 pub mod entrypoints;
+pub mod operations;
 pub mod service_layer;
+pub mod telemetry;
 #[cfg(feature = "tools")]
 pub mod tools;

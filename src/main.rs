@@ -7,7 +7,8 @@ use clap::Parser;
 
 use allocation_worker::bootstrap;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
-use allocation_worker::entrypoints::{quarantine, replay, rewind, telemetry};
+use allocation_worker::operations::{quarantine, replay, rewind};
+use allocation_worker::telemetry;
 #[cfg(feature = "tools")]
 use allocation_worker::tools::{simulate, watch};
 

@@ -1,12 +1,11 @@
 //! Adapters: the outside world behind the service layer's traits. PostgreSQL
-//! (repository, unit of work, outbox), Kafka (decoding, consumer, relay),
-//! HTTP (health, metrics, the read model).
+//! (repository, unit of work, outbox), Kafka (decoding, consumer, relay), and
+//! what the HTTP server reports (health, metrics).
 
 pub mod backoff;
 pub mod consumer;
 pub mod group_progress;
 pub mod health;
-pub mod http;
 pub mod inbound;
 pub mod kafka;
 pub mod metrics;

@@ -89,7 +89,7 @@ impl Plan {
 /// The waiting rule within one batch, message by message in offset order:
 /// a message naming a key of an earlier deferred (or held back) message of
 /// the batch is held back too, without being tried. Across batches, the
-/// partition's tracker (`entrypoints::tracker`) applies the same rule.
+/// partition's tracker (`engine::tracker`) applies the same rule.
 #[derive(Debug)]
 pub struct BatchGate<K> {
     held: HashSet<K>,

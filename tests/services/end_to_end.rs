@@ -788,7 +788,7 @@ async fn graceful_shutdown_mid_stream_loses_nothing_and_applies_nothing_twice() 
 async fn outbox_rows_left_unsent_are_published_after_a_restart() {
     use allocation_worker::adapters::inbound::InboundMessage;
     use allocation_worker::adapters::postgres::pool::MIGRATOR;
-    use allocation_worker::entrypoints::processor::Processor;
+    use allocation_worker::engine::processor::Processor;
     use allocation_worker::service_layer::batch::Outcome;
 
     let env = TestEnv::new().await;

@@ -16,9 +16,9 @@ use proptest::test_runner::{Config, TestRunner};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 
-use allocation_worker::adapters::http::{router, HttpState};
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::postgres::pool::MIGRATOR;
+use allocation_worker::entrypoints::http::{router, HttpState};
 
 /// The router on a free port, over a migrated database of its own holding
 /// one allocation (`order-1` → `LAMP`/`b1`), dropped at the end.

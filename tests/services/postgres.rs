@@ -14,7 +14,7 @@ use allocation_worker::adapters::postgres::pool::{lazy_pool, worker_connect_opti
 use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
 use allocation_worker::adapters::relay::{Delivery, OutboundRecord, Publisher, Relay};
 use allocation_worker::domain::{BatchRef, OrderId, OrderLine, Sku};
-use allocation_worker::entrypoints::processor::Processor;
+use allocation_worker::engine::processor::Processor;
 use allocation_worker::service_layer::batch::Outcome;
 use allocation_worker::service_layer::DeadLetterReason;
 use allocation_worker::service_layer::{BatchUnitOfWork, ProductRepository, UnitOfWork};

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use allocation_worker::entrypoints::tracker::Tracker;
+use allocation_worker::engine::tracker::Tracker;
 use allocation_worker::service_layer::batch::BatchGate;
 use proptest::prelude::*;
 

@@ -14,7 +14,9 @@ mod run;
 mod tools;
 mod topics;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
 
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
 pub use quarantine::{ChosenRows, QuarantineArgs, QuarantineCommand};
@@ -44,12 +46,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: CommandLine,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use super::DatabaseArgs;
 use crate::adapters::quarantine::Which;
 use crate::configuration::ConfigError;
-use crate::entrypoints::quarantine::{QuarantineAction, QuarantineSettings};
+use crate::operations::quarantine::{QuarantineAction, QuarantineSettings};
 
 #[derive(Debug, Args)]
 pub struct QuarantineArgs {

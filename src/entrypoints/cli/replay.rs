@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::ConnectionArgs;
 use crate::configuration::{time, topic, ConfigError};
-use crate::entrypoints::replay::{ReplaySettings, Selection};
+use crate::operations::replay::{ReplaySettings, Selection};
 use crate::service_layer::DeadLetterReason;
 
 #[derive(Debug, Args)]

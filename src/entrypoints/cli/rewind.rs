@@ -4,7 +4,7 @@ use clap::Args;
 
 use super::{ConnectionArgs, DatabaseArgs};
 use crate::configuration::{non_empty, refuse_guarantee_breakers, ConfigError};
-use crate::entrypoints::rewind::RewindSettings;
+use crate::operations::rewind::RewindSettings;
 
 #[derive(Debug, Args)]
 pub struct RewindArgs {

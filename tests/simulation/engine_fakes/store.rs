@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use allocation_worker::adapters::inbound::{InboundMessage, MessageContext};
 use allocation_worker::domain::{BatchRef, Event, OrderId, Product, Sku};
-use allocation_worker::entrypoints::processor::WorkerStore;
+use allocation_worker::engine::processor::WorkerStore;
 use allocation_worker::service_layer::DeadLetterReason;
 use allocation_worker::service_layer::{
     BatchUnitOfWork, ProductRepository, RepositoryError, Store, UnitOfWork,

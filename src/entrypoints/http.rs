@@ -15,9 +15,9 @@ use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::health::{schema, FailingPartitions, PollClock, Schema};
-use super::metrics::Metrics;
-use super::relay::outbox_backlog;
+use crate::adapters::health::{schema, FailingPartitions, PollClock, Schema};
+use crate::adapters::metrics::Metrics;
+use crate::adapters::relay::outbox_backlog;
 use crate::domain::OrderId;
 
 /// What the endpoints read; cheap to clone.

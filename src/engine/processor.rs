@@ -18,10 +18,10 @@ use crate::adapters::inbound::{InboundMessage, MessageContext};
 use crate::adapters::kafka::Topics;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::unit_of_work::PgStore;
-use crate::entrypoints::telemetry;
 use crate::service_layer::batch::{self, Handled, Outcome, Plan};
 use crate::service_layer::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{RepositoryError, Store};
+use crate::telemetry;
 
 /// Handles batches of messages, one transaction per batch. It keeps
 /// connections out of the pool between batches ([`PgStore`]): call

@@ -1,7 +1,7 @@
 //! A partition's task: the messages of one partition, in order, a batch at a
 //! time through the [`Processor`], with the waiting rule of
-//! [`crate::entrypoints::tracker`] and the unknown-reference window of
-//! [`crate::entrypoints::window`]. The consumer loop ([`Worker`]) feeds each
+//! [`crate::engine::tracker`] and the unknown-reference window of
+//! [`crate::engine::window`]. The consumer loop ([`Worker`]) feeds each
 //! task through a bounded queue (`Slot`) and a memory bound (`Held`);
 //! `PartitionTasks` stops the tasks of revoked partitions before they are
 //! released ([`HandOver`]).
@@ -13,7 +13,7 @@
 //! (`RetrySchedule`), until they apply or their window closes. The task
 //! stores its partition's offset, never past a message not settled.
 //!
-//! [`Processor`]: crate::entrypoints::processor::Processor
+//! [`Processor`]: crate::engine::processor::Processor
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -29,9 +29,9 @@ use crate::adapters::backoff::Backoff;
 use crate::adapters::consumer::{HandOver, HandOverFuture, InboundConsumer};
 use crate::adapters::health::PollClock;
 use crate::adapters::inbound::InboundMessage;
-use crate::entrypoints::processor::WorkerStore;
-use crate::entrypoints::tracker::Tracker;
-use crate::entrypoints::worker::{Worker, QUEUED_BYTES};
+use crate::engine::processor::WorkerStore;
+use crate::engine::tracker::Tracker;
+use crate::engine::worker::{Worker, QUEUED_BYTES};
 use crate::service_layer::batch::{MessageKey, Outcome, Plan};
 use crate::service_layer::DeadLetterReason;
 
@@ -294,7 +294,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     /// the store is unavailable. `None` when shutdown came first: the batch
     /// is not done.
     ///
-    /// [`Processor::process_planned`]: crate::entrypoints::processor::Processor::process_planned
+    /// [`Processor::process_planned`]: crate::engine::processor::Processor::process_planned
     async fn process_with_retry(
         &self,
         batch: &[(&InboundMessage, bool)],

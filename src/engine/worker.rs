@@ -1,5 +1,5 @@
 //! The worker loop: consumes the ERP topics and hands the messages of each
-//! partition to that partition's task ([`crate::entrypoints::partition`]),
+//! partition to that partition's task ([`crate::engine::partition`]),
 //! which runs them through the [`Processor`] in batches, one transaction per
 //! batch, and stores the partition's offset once the effects (or dead
 //! letters) of the messages before it are committed.
@@ -7,10 +7,10 @@
 //! Partitions run concurrently, one task each, in order within a partition;
 //! a partition whose task is full is paused, so the consumer loop never
 //! waits for one. A message naming a SKU or batch not known yet waits (see
-//! [`crate::entrypoints::tracker`]), with the later messages of its partition
+//! [`crate::engine::tracker`]), with the later messages of its partition
 //! that name the same SKU or batch behind it, while the others flow; it is
 //! dead-lettered once its window of usable time
-//! ([`crate::entrypoints::window`]) has passed. This loop runs that window's
+//! ([`crate::engine::window`]) has passed. This loop runs that window's
 //! clock and keeps the waiting gauges. The partition's stored offset never
 //! passes a waiting message, and redelivered messages are recognised by their
 //! idempotency key. On revocation, a partition's task finishes or abandons
@@ -31,16 +31,16 @@ use crate::adapters::consumer::{HandOver, InboundConsumer};
 use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::postgres::unit_of_work::PgStore;
-use crate::entrypoints::partition::{PartitionTasks, Slot, Waiter};
-use crate::entrypoints::processor::{Processor, WorkerStore};
-use crate::entrypoints::tracker::Tracker;
-use crate::entrypoints::window::{Conditions, UsableClock};
+use crate::engine::partition::{PartitionTasks, Slot, Waiter};
+use crate::engine::processor::{Processor, WorkerStore};
+use crate::engine::tracker::Tracker;
+use crate::engine::window::{Conditions, UsableClock};
 use crate::service_layer::batch::MessageKey;
 
 pub use crate::configuration::WorkerSettings;
 
 /// The consumer loop around a [`Processor`]. Its partitions' tasks are
-/// methods of it too (in [`crate::entrypoints::partition`]), which share the
+/// methods of it too (in [`crate::engine::partition`]), which share the
 /// fields marked `pub(super)`. It runs on Kafka and PostgreSQL in
 /// production, and on the simulation's fakes in tests (the seams:
 /// [`InboundConsumer`], [`WorkerStore`], tokio's clock).

@@ -31,7 +31,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use super::cli::LogFormat;
 use crate::adapters::inbound::{InboundMessage, MessageContext};
 
 /// The variable that turns traces on.
@@ -63,6 +62,13 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// How log lines are written: `--log-format` / `LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Installs logging, and traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
