@@ -31,8 +31,8 @@ use crate::adapters::consumer::{HandOver, InboundConsumer};
 use crate::adapters::health::{FailingPartitions, PollClock};
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::postgres::unit_of_work::PgStore;
-use crate::engine::partition::{PartitionTasks, Slot, Waiter};
 use crate::engine::processor::{Processor, WorkerStore};
+use crate::engine::slots::{PartitionTasks, Slot, Waiter, QUEUED_BYTES};
 use crate::engine::tracker::Tracker;
 use crate::engine::window::{Conditions, UsableClock};
 use crate::service_layer::batch::MessageKey;
@@ -41,7 +41,8 @@ pub use crate::configuration::WorkerSettings;
 
 /// The consumer loop around a [`Processor`]. Its partitions' tasks are
 /// methods of it too (in [`crate::engine::partition`]), which share the
-/// fields marked `pub(super)`. It runs on Kafka and PostgreSQL in
+/// fields marked `pub(super)`; what the loop hands each task is in
+/// [`crate::engine::slots`]. It runs on Kafka and PostgreSQL in
 /// production, and on the simulation's fakes in tests (the seams:
 /// [`InboundConsumer`], [`WorkerStore`], tokio's clock).
 pub struct Worker<C = KafkaConsumer, S = PgStore> {
@@ -496,12 +497,6 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         }
     }
 }
-
-/// Bytes of inbound messages the partitions may hold at once, waiting ones
-/// included. With batches of 500 messages of a few hundred bytes this never
-/// binds; it keeps a run of megabyte messages from taking the memory of a
-/// whole batch each.
-pub(super) const QUEUED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Statistics older than this say nothing of whether the worker has caught
 /// up (librdkafka reports every second; see adapters::kafka); nor does an
