@@ -26,7 +26,7 @@ use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::postgres::pool::{lazy_pool, MIGRATOR};
 use allocation_worker::engine::processor::Processor;
-use allocation_worker::service_layer::batch::Outcome;
+use allocation_worker::service_layer::chunk::Outcome;
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};

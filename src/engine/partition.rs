@@ -29,7 +29,7 @@ use crate::engine::processor::WorkerStore;
 use crate::engine::slots::{Held, Waiter, PARTITION_BYTES, STOP_GRACE};
 use crate::engine::tracker::Tracker;
 use crate::engine::worker::Worker;
-use crate::service_layer::batch::{MessageKey, Outcome, Plan};
+use crate::service_layer::chunk::{MessageKey, Outcome, Plan};
 use crate::service_layer::DeadLetterReason;
 
 impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
@@ -205,7 +205,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             ready.iter().map(|w| (&w.held.message, false)).collect();
         let plans: Vec<&Plan> = ready.iter().map(|w| &w.plan).collect();
         let Some(outcomes) = self
-            .handle_batch(
+            .handle_chunk(
                 topic,
                 partition,
                 &items,
@@ -262,7 +262,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             .collect();
         let plans: Vec<&Plan> = due.iter().map(|(_, w)| &w.plan).collect();
         let outcomes = self
-            .handle_batch(
+            .handle_chunk(
                 topic,
                 partition,
                 &items,
@@ -391,7 +391,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
 
     /// `resume_from` is the tracker's safe offset as the batch begins,
     /// recorded with it for a rewind after a restore.
-    async fn handle_batch(
+    async fn handle_chunk(
         &self,
         topic: &str,
         partition: i32,

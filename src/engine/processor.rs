@@ -1,5 +1,5 @@
 //! Kafka messages through the service layer's batch processor
-//! ([`crate::service_layer::batch`]) on PostgreSQL ([`PgStore`]). The
+//! ([`crate::service_layer::chunk`]) on PostgreSQL ([`PgStore`]). The
 //! processor decodes each message into a [`Plan`], gives it its trace span,
 //! and reports what became of a batch: the dead-letter and conflict metrics,
 //! a wake-up for the relay after a commit that wrote outbox rows, and one for
@@ -18,7 +18,7 @@ use crate::adapters::inbound::{InboundMessage, MessageContext};
 use crate::adapters::kafka::Topics;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::unit_of_work::PgStore;
-use crate::service_layer::batch::{self, Handled, Outcome, Plan};
+use crate::service_layer::chunk::{self, Handled, Outcome, Plan};
 use crate::service_layer::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{RepositoryError, Store};
 use crate::telemetry;
@@ -147,7 +147,7 @@ impl<S: WorkerStore> Processor<S> {
     /// Handles `batch` (messages of one partition, in offset order, each
     /// with its `give_up` flag: whether an unknown reference is dead-lettered
     /// rather than `Deferred`) in one transaction; see
-    /// [`batch::process`]. Returns one outcome per message. An `Err` is
+    /// [`chunk::process`]. Returns one outcome per message. An `Err` is
     /// transient (database unreachable, or conflicts that kept recurring):
     /// retry the whole batch after a back-off; nothing of it was stored.
     pub async fn process_batch(
@@ -186,7 +186,7 @@ impl<S: WorkerStore> Processor<S> {
             .zip(contexts.iter_mut())
             .filter_map(|((m, _), context)| telemetry::message_span(m, context))
             .collect();
-        let handled = batch::process(
+        let handled = chunk::process(
             &self.store,
             batch,
             plans,

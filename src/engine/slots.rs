@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::consumer::{HandOver, HandOverFuture};
 use crate::adapters::health::PollClock;
 use crate::adapters::inbound::InboundMessage;
-use crate::service_layer::batch::Plan;
+use crate::service_layer::chunk::Plan;
 
 /// Bytes of inbound messages the partitions may hold at once, waiting ones
 /// included. With batches of 500 messages of a few hundred bytes this never

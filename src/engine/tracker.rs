@@ -15,9 +15,9 @@
 //! messages it handled ([`Tracker::settle`], [`Tracker::defer`]), and takes the
 //! waiting messages to try again, in order, a few at a time
 //! ([`Tracker::retry_batch`]). Within one batch the same rule applies message
-//! by message: [`BatchGate`], kept with the batch processor.
+//! by message: [`ChunkGate`], kept with the batch processor.
 //!
-//! [`BatchGate`]: crate::service_layer::batch::BatchGate
+//! [`ChunkGate`]: crate::service_layer::chunk::ChunkGate
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -89,7 +89,7 @@ impl<K: Eq + Hash + Clone, T> Tracker<K, T> {
     }
 
     /// The first `max` waiting messages, in offset order, to try again in
-    /// one batch (with a [`BatchGate`](crate::service_layer::batch::BatchGate)). They stay waiting, and keep holding
+    /// one batch (with a [`ChunkGate`](crate::service_layer::chunk::ChunkGate)). They stay waiting, and keep holding
     /// their keys, until [`Self::settle`]d.
     pub fn retry_batch(&self, max: usize) -> Vec<(i64, &T)> {
         self.waiting

@@ -35,7 +35,7 @@ use crate::engine::processor::{Processor, WorkerStore};
 use crate::engine::slots::{PartitionTasks, Slot, Waiter, QUEUED_BYTES};
 use crate::engine::tracker::Tracker;
 use crate::engine::window::{Conditions, UsableClock};
-use crate::service_layer::batch::MessageKey;
+use crate::service_layer::chunk::MessageKey;
 
 pub use crate::configuration::WorkerSettings;
 

@@ -6,7 +6,7 @@
 //!
 //! The handlers need only [`UnitOfWork`]. The batch processor, which handles
 //! several messages of a partition in one transaction, needs more of it
-//! ([`BatchUnitOfWork`]: one message at a time, dead letters, commit) and a
+//! ([`ChunkUnitOfWork`]: one message at a time, dead letters, commit) and a
 //! [`Store`] to begin one per attempt. The adapters implement all of them on
 //! PostgreSQL; the unit tests, in memory.
 
@@ -154,12 +154,12 @@ pub trait Idempotent {
 }
 
 /// The unit of work of a batch of messages (one transaction), as the batch
-/// processor ([`crate::service_layer::batch`]) drives it. Between
+/// processor ([`crate::service_layer::chunk`]) drives it. Between
 /// [`Self::start_message`] and [`Self::finish_message`] it is the unit of
 /// work of one message: a message that is refused is taken back alone
 /// ([`Self::reject_message`]), so that the others of the batch still apply.
 /// Nothing is stored until [`Self::commit`]; dropping it abandons everything.
-pub trait BatchUnitOfWork: UnitOfWork {
+pub trait ChunkUnitOfWork: UnitOfWork {
     /// A message as delivered, kept whole in its dead letter.
     type Message: Sync;
     /// What the records a message causes carry of it (its idempotency key,
@@ -247,16 +247,16 @@ pub trait BatchUnitOfWork: UnitOfWork {
 /// Where a batch processor's units of work come from: one per attempt at a
 /// batch.
 pub trait Store: Sync {
-    /// See [`BatchUnitOfWork::Message`].
+    /// See [`ChunkUnitOfWork::Message`].
     type Message: Sync;
-    /// See [`BatchUnitOfWork::Context`].
+    /// See [`ChunkUnitOfWork::Context`].
     type Context: Idempotent + Clone + Send + Sync;
     /// What an attempt holds while its unit of work is open (for the
     /// database: a connection, and a share of the pool).
     type Session<'a>: Send
     where
         Self: 'a;
-    type UnitOfWork<'s>: BatchUnitOfWork<Message = Self::Message, Context = Self::Context>
+    type UnitOfWork<'s>: ChunkUnitOfWork<Message = Self::Message, Context = Self::Context>
     where
         Self: 's;
 

@@ -789,7 +789,7 @@ async fn outbox_rows_left_unsent_are_published_after_a_restart() {
     use allocation_worker::adapters::inbound::InboundMessage;
     use allocation_worker::adapters::postgres::pool::MIGRATOR;
     use allocation_worker::engine::processor::Processor;
-    use allocation_worker::service_layer::batch::Outcome;
+    use allocation_worker::service_layer::chunk::Outcome;
 
     let env = TestEnv::new().await;
     let t = &env.topics;

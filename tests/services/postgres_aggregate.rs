@@ -16,9 +16,9 @@ use allocation_worker::adapters::postgres::pool::{lazy_pool, MIGRATOR};
 use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
 use allocation_worker::domain::{BatchRef, Event, OrderId, OrderLine, Sku};
 use allocation_worker::engine::processor::Processor;
-use allocation_worker::service_layer::batch::Outcome;
+use allocation_worker::service_layer::chunk::Outcome;
 use allocation_worker::service_layer::{
-    BatchUnitOfWork, ProductRepository, RepositoryError, UnitOfWork,
+    ChunkUnitOfWork, ProductRepository, RepositoryError, UnitOfWork,
 };
 use serde_json::json;
 use sqlx::postgres::PgConnectOptions;

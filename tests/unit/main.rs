@@ -4,7 +4,7 @@
 //! against reference models. `cargo test --test unit`.
 
 mod aggregate_props;
-mod batch;
+mod chunk;
 mod contracts;
 mod decode_props;
 mod domain;

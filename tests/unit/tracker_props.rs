@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use allocation_worker::engine::tracker::Tracker;
-use allocation_worker::service_layer::batch::BatchGate;
+use allocation_worker::service_layer::chunk::ChunkGate;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ struct Driver {
 impl Driver {
     /// The processor: one batch, message by message through the gate.
     fn process(&mut self, batch: &[i64]) -> Vec<Outcome> {
-        let mut gate = BatchGate::default();
+        let mut gate = ChunkGate::default();
         batch
             .iter()
             .map(|&o| {

@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use crate::adapters::inbound::{InboundMessage, MessageContext};
 use crate::adapters::outbox::{self, OutboxRecord};
 use crate::domain::{BatchRef, Event, OrderId, Sku};
-use crate::service_layer::{BatchUnitOfWork, RepositoryError, Store, UnitOfWork};
+use crate::service_layer::{ChunkUnitOfWork, RepositoryError, Store, UnitOfWork};
 use crate::service_layer::{DeadLetterReason, ReadPosition};
 
 use super::cache::{ProductCache, Stored};
@@ -24,13 +24,13 @@ use super::repository::PgProductRepository;
 use super::writes;
 
 /// One transaction for a batch of messages. Created by [`PgUnitOfWork::begin`]
-/// (or [`PgStore`]); nothing is stored until [`BatchUnitOfWork::commit`];
+/// (or [`PgStore`]); nothing is stored until [`ChunkUnitOfWork::commit`];
 /// dropping it rolls back.
 ///
-/// Between [`BatchUnitOfWork::start_message`] and
-/// [`BatchUnitOfWork::finish_message`] it is the unit of work of one message:
+/// Between [`ChunkUnitOfWork::start_message`] and
+/// [`ChunkUnitOfWork::finish_message`] it is the unit of work of one message:
 /// events are numbered within the message, and
-/// [`BatchUnitOfWork::reject_message`] takes back what the message queued.
+/// [`ChunkUnitOfWork::reject_message`] takes back what the message queued.
 pub struct PgUnitOfWork<'c> {
     products: PgProductRepository<'c>,
     context: MessageContext,
@@ -40,7 +40,7 @@ pub struct PgUnitOfWork<'c> {
     processed: Vec<String>,
     /// Written with the batch (`partition_positions`), if recorded.
     position: Option<ReadPosition>,
-    /// Quantity-change positions (see [`BatchUnitOfWork::superseded`]):
+    /// Quantity-change positions (see [`ChunkUnitOfWork::superseded`]):
     /// read from `batch_quantity_positions`, by batch, topic and partition
     /// (`None`: no row)...
     positions_read: HashMap<PositionKey, Option<i64>>,
@@ -78,7 +78,7 @@ impl<'c> PgUnitOfWork<'c> {
 }
 
 /// The database to the batch processor
-/// ([`crate::service_layer::batch::process`]): a unit of work per attempt at
+/// ([`crate::service_layer::chunk::process`]): a unit of work per attempt at
 /// a batch, on the connection of an earlier one when one is kept
 /// ([`KeptConnections`]), with the products cache the partitions share.
 pub struct PgStore {
@@ -236,7 +236,7 @@ impl<'c> UnitOfWork for PgUnitOfWork<'c> {
     }
 }
 
-impl<'c> BatchUnitOfWork for PgUnitOfWork<'c> {
+impl<'c> ChunkUnitOfWork for PgUnitOfWork<'c> {
     type Message = InboundMessage;
     type Context = MessageContext;
 

@@ -27,7 +27,7 @@ use allocation_worker::domain::{BatchRef, Event, OrderId, Product, Sku};
 use allocation_worker::engine::processor::WorkerStore;
 use allocation_worker::service_layer::DeadLetterReason;
 use allocation_worker::service_layer::{
-    BatchUnitOfWork, ProductRepository, RepositoryError, Store, UnitOfWork,
+    ChunkUnitOfWork, ProductRepository, RepositoryError, Store, UnitOfWork,
 };
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -309,7 +309,7 @@ impl UnitOfWork for SimUnitOfWork<'_> {
     }
 }
 
-impl BatchUnitOfWork for SimUnitOfWork<'_> {
+impl ChunkUnitOfWork for SimUnitOfWork<'_> {
     type Message = InboundMessage;
     type Context = MessageContext;
 

@@ -1,6 +1,6 @@
 //! The in-memory repository of the unit tests (cosmicpython's
 //! `FakeRepository`), shared by tests/unit/handlers.rs and
-//! tests/unit/batch.rs.
+//! tests/unit/chunk.rs.
 
 use allocation_worker::domain::{BatchRef, Product, Sku};
 use allocation_worker::service_layer::{ProductRepository, RepositoryError};

@@ -1,23 +1,25 @@
-//! The batch processor: the one place where a transaction begins and ends.
-//! A batch is a run of messages of one partition, in offset order; it is
-//! handled in one unit of work, so that the cost of a commit is shared, yet
-//! each message is applied through the message bus as if it had its own:
+//! The chunk processor: the one place where a transaction begins and ends.
+//! A chunk is a run of messages of one partition, in offset order (what the
+//! settings and metrics call a batch, `MAX_BATCH_MESSAGES`; a chunk here, so
+//! that it is never mistaken for the domain's stock `Batch`). It is handled
+//! in one unit of work, so that the cost of a commit is shared, yet each
+//! message is applied through the message bus as if it had its own:
 //!
 //! - a message whose idempotency key was recorded before (or that appears
-//!   twice in the batch) is a `Duplicate` and changes nothing;
+//!   twice in the chunk) is a `Duplicate` and changes nothing;
 //! - a message that is refused is dead-lettered (or, when it names a SKU or
 //!   batch not known yet and its window is still open, `Deferred`) and taken
-//!   back alone; the others of the batch still apply (`Rejection::of` is the
+//!   back alone; the others of the chunk still apply (`Rejection::of` is the
 //!   policy);
-//! - within the batch, a message naming a SKU or batch of an earlier deferred
-//!   message is held back untried ([`BatchGate`]), so that each key's
+//! - within the chunk, a message naming a SKU or batch of an earlier deferred
+//!   message is held back untried ([`ChunkGate`]), so that each key's
 //!   messages apply in partition order (the contract's dead-letter section);
-//! - a conflict with another transaction retries the whole batch in a new
+//! - a conflict with another transaction retries the whole chunk in a new
 //!   unit of work, up to [`CONFLICT_RETRIES`] times; a store that cannot be
-//!   reached ends the batch with an error, with nothing of it stored.
+//!   reached ends the chunk with an error, with nothing of it stored.
 //!
 //! It knows neither Kafka nor PostgreSQL: it runs on any [`Store`], which
-//! is how the unit tests drive it in memory (tests/unit/batch.rs).
+//! is how the unit tests drive it in memory (tests/unit/chunk.rs).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -29,7 +31,7 @@ use crate::domain::{BatchRef, Command, DomainError, OrderId, Sku};
 use super::handlers::HandlerError;
 use super::messagebus;
 use super::unit_of_work::{
-    BatchUnitOfWork, DeadLetterReason, Idempotent, ReadPosition, RepositoryError, Store,
+    ChunkUnitOfWork, DeadLetterReason, Idempotent, ReadPosition, RepositoryError, Store,
 };
 
 /// What became of one message.
@@ -91,11 +93,11 @@ impl Plan {
 /// the batch is held back too, without being tried. Across batches, the
 /// partition's tracker (`engine::tracker`) applies the same rule.
 #[derive(Debug)]
-pub struct BatchGate<K> {
+pub struct ChunkGate<K> {
     held: HashSet<K>,
 }
 
-impl<K: Eq + Hash + Clone> Default for BatchGate<K> {
+impl<K: Eq + Hash + Clone> Default for ChunkGate<K> {
     fn default() -> Self {
         Self {
             held: HashSet::new(),
@@ -103,7 +105,7 @@ impl<K: Eq + Hash + Clone> Default for BatchGate<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> BatchGate<K> {
+impl<K: Eq + Hash + Clone> ChunkGate<K> {
     /// Whether the message must wait without being tried; if so, its keys
     /// are held from now on.
     pub fn blocked(&mut self, keys: &[K]) -> bool {
@@ -196,7 +198,7 @@ pub struct Handled {
 /// held back too, without being tried: `Deferred`.
 ///
 /// `position`, when given, is recorded in the same transaction
-/// ([`BatchUnitOfWork::record_position`]).
+/// ([`ChunkUnitOfWork::record_position`]).
 ///
 /// A conflict retries the whole batch in a new unit of work, after calling
 /// `on_conflict`. An `Err` is transient (store unreachable, or conflicts
@@ -309,7 +311,7 @@ async fn attempt_in<S: Store>(
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut dead_letters = Vec::new();
         let mut claimed: HashSet<&str> = HashSet::with_capacity(batch.len());
-        let mut gate = BatchGate::default();
+        let mut gate = ChunkGate::default();
         for (i, (message, give_up)) in batch.iter().enumerate() {
             let key = keys[i];
             // The same key twice in one batch: the second is a redelivery.
@@ -398,7 +400,7 @@ mod tests {
 
     #[test]
     fn the_gate_holds_keys_transitively() {
-        let mut g = BatchGate::default();
+        let mut g = ChunkGate::default();
         assert!(!g.blocked(&["a"]));
         g.hold(&["a"]);
         assert!(g.blocked(&["a", "b"]));

@@ -1,4 +1,4 @@
-//! Unit tests of the batch processor (`service_layer::batch::process`) with
+//! Unit tests of the batch processor (`service_layer::chunk::process`) with
 //! an in-memory store: one commit per batch, the rejection policy (a refused
 //! message is dead-lettered or deferred while the others of its batch
 //! apply), redeliveries, conflict retries and their limit, and a store that
@@ -12,9 +12,9 @@ use std::sync::Mutex;
 use allocation_worker::domain::commands::{Allocate, CreateBatch};
 use allocation_worker::domain::events::Allocated;
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Product, Sku};
-use allocation_worker::service_layer::batch::{process, Handled, Outcome, Plan, CONFLICT_RETRIES};
+use allocation_worker::service_layer::chunk::{process, Handled, Outcome, Plan, CONFLICT_RETRIES};
 use allocation_worker::service_layer::{
-    BatchUnitOfWork, DeadLetterReason, Idempotent, RepositoryError, Store, UnitOfWork,
+    ChunkUnitOfWork, DeadLetterReason, Idempotent, RepositoryError, Store, UnitOfWork,
 };
 
 use testkit::fakes::FakeRepository;
@@ -182,7 +182,7 @@ impl UnitOfWork for FakeBatchUnitOfWork<'_> {
     }
 }
 
-impl BatchUnitOfWork for FakeBatchUnitOfWork<'_> {
+impl ChunkUnitOfWork for FakeBatchUnitOfWork<'_> {
     type Message = FakeMessage;
     type Context = FakeMessage;
 
