@@ -13,8 +13,11 @@
 //! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
 //!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
 //!   traits; never imports `configuration`, `engine`, `entrypoints` or `tools`.
-//! - [`configuration`]: the validated settings of every command and the rules
-//!   they are checked by; no clap. Imports only the adapters' settings types.
+//! - [`configuration`]: the validated settings of `run` and `migrate`
+//!   (`RunSettings`, `DatabaseSettings`, `WorkerSettings`) and the rules
+//!   every command's settings are checked by; no clap. The settings of an
+//!   adapter (`KafkaSettings`, `RetentionSettings`) and of an operation
+//!   live beside what they set. Imports only the adapters' settings types.
 //! - [`engine`]: the worker loop, which feeds each partition's messages to
 //!   the batch processor of the service layer, and what it needs to wait
 //!   for late references.

@@ -1,7 +1,9 @@
-//! Configuration: the validated settings of every command, and the rules they
-//! are checked by. The command line ([`crate::entrypoints::cli`]) reads flags
-//! and environment variables and builds these; [`crate::bootstrap`] and the
-//! commands take them as they are. Nothing here knows about clap.
+//! Configuration: the validated settings of `run` and `migrate`, and the
+//! rules every command's settings are checked by (an operation's settings,
+//! and an adapter's, live beside what they set). The command line
+//! ([`crate::entrypoints::cli`]) reads flags and environment variables and
+//! builds these; [`crate::bootstrap`] and the commands take them as they
+//! are. Nothing here knows about clap.
 //!
 //! A setting that cannot be used is a [`ConfigError`]: one line naming it,
 //! and exit code 2 (contract §7).
