@@ -24,8 +24,7 @@ use tracing::Instrument;
 
 use crate::adapters::backoff::Backoff;
 use crate::adapters::consumer::InboundConsumer;
-use crate::adapters::inbound::InboundMessage;
-use crate::engine::processor::WorkerStore;
+use crate::engine::processor::{Planned, WorkerStore};
 use crate::engine::slots::{Held, Waiter, PARTITION_BYTES, STOP_GRACE};
 use crate::engine::tracker::Tracker;
 use crate::engine::worker::Worker;
@@ -201,24 +200,14 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         if ready.is_empty() {
             return true;
         }
-        let items: Vec<(&InboundMessage, bool)> =
-            ready.iter().map(|w| (&w.held.message, false)).collect();
-        let plans: Vec<&Plan> = ready.iter().map(|w| &w.plan).collect();
+        let chunk: Vec<Planned<'_>> = ready.iter().map(|w| w.planned(false)).collect();
         let Some(outcomes) = self
-            .handle_chunk(
-                topic,
-                partition,
-                &items,
-                &plans,
-                tracker.safe_offset(),
-                shutdown,
-            )
+            .handle_chunk(topic, partition, &chunk, tracker.safe_offset(), shutdown)
             .await
         else {
             return false;
         };
-        drop(items);
-        drop(plans);
+        drop(chunk);
         // Dropping a message gives its bytes back; waiting ones keep theirs.
         for (waiter, outcome) in ready.into_iter().zip(outcomes) {
             let offset = waiter.held.message.offset;
@@ -256,23 +245,14 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             return Some(0);
         }
         let offsets: Vec<i64> = due.iter().map(|(o, _)| *o).collect();
-        let items: Vec<(&InboundMessage, bool)> = due
+        let chunk: Vec<Planned<'_>> = due
             .iter()
-            .map(|(_, w)| (&w.held.message, now.saturating_sub(w.arrived) >= window))
+            .map(|(_, w)| w.planned(now.saturating_sub(w.arrived) >= window))
             .collect();
-        let plans: Vec<&Plan> = due.iter().map(|(_, w)| &w.plan).collect();
         let outcomes = self
-            .handle_chunk(
-                topic,
-                partition,
-                &items,
-                &plans,
-                tracker.safe_offset(),
-                shutdown,
-            )
+            .handle_chunk(topic, partition, &chunk, tracker.safe_offset(), shutdown)
             .await?;
-        drop(items);
-        drop(plans);
+        drop(chunk);
         drop(due);
         let mut settled = 0;
         for (offset, outcome) in offsets.into_iter().zip(outcomes) {
@@ -294,17 +274,15 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     /// [`Processor::process_planned`]: crate::engine::processor::Processor::process_planned
     async fn process_with_retry(
         &self,
-        batch: &[(&InboundMessage, bool)],
-        plans: &[&Plan],
+        chunk: &[Planned<'_>],
         resume_from: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
-        let done = self
-            .retry_until_done(batch, plans, resume_from, shutdown)
-            .await;
+        let done = self.retry_until_done(chunk, resume_from, shutdown).await;
         // Committed, or the task stops: either way no longer failing.
-        if let Some((first, _)) = batch.first() {
-            self.failing.recovered(&first.topic, first.partition);
+        if let Some(first) = chunk.first() {
+            self.failing
+                .recovered(&first.message.topic, first.message.partition);
         }
         done
     }
@@ -312,8 +290,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     /// [`Self::process_with_retry`] but for keeping [`Worker::failing`].
     async fn retry_until_done(
         &self,
-        batch: &[(&InboundMessage, bool)],
-        plans: &[&Plan],
+        chunk: &[Planned<'_>],
         resume_from: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
@@ -329,7 +306,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             // its messages are found processed when the batch comes again.
             let attempt = tokio::time::timeout(
                 self.settings.transaction_timeout,
-                self.processor.process_planned(batch, plans, resume_from),
+                self.processor.process_planned(chunk, resume_from),
             );
             // Once told to stop (revoked, or shutting down), the batch in
             // hand has a little while to commit; then it is abandoned,
@@ -356,9 +333,12 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                     return Some(outcomes);
                 }
                 Err(error) => {
-                    if let Some((first, _)) = batch.first() {
-                        self.failing
-                            .failed(&first.topic, first.partition, &error.to_string());
+                    if let Some(first) = chunk.first() {
+                        self.failing.failed(
+                            &first.message.topic,
+                            first.message.partition,
+                            &error.to_string(),
+                        );
                     }
                     let delay = backoff.next_delay();
                     if timeouts.record(&error) {
@@ -370,8 +350,8 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                         tracing::error!(
                             %error,
                             timeouts = timeouts.consecutive(),
-                            first_offset = batch.first().map(|(m, _)| m.offset),
-                            size = batch.len(),
+                            first_offset = chunk.first().map(|p| p.message.offset),
+                            size = chunk.len(),
                             retry_in = ?delay,
                             "the batch's transaction keeps running past statement_timeout; \
                              the partition is stuck behind it (see the runbook)"
@@ -395,31 +375,31 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         &self,
         topic: &str,
         partition: i32,
-        batch: &[(&InboundMessage, bool)],
-        plans: &[&Plan],
+        chunk: &[Planned<'_>],
         resume_from: Option<i64>,
         shutdown: &CancellationToken,
     ) -> Option<Vec<Outcome>> {
+        // Named "batch", as the exported traces have always called it.
         let span = tracing::info_span!(
             "batch",
             topic,
             partition,
-            first_offset = batch.first().map(|(m, _)| m.offset),
-            last_offset = batch.last().map(|(m, _)| m.offset),
-            size = batch.len(),
+            first_offset = chunk.first().map(|p| p.message.offset),
+            last_offset = chunk.last().map(|p| p.message.offset),
+            size = chunk.len(),
         );
         async {
             let started = Instant::now();
             let outcomes = self
-                .process_with_retry(batch, plans, resume_from, shutdown)
+                .process_with_retry(chunk, resume_from, shutdown)
                 .await?;
             // Every message of the batch waited for the whole transaction:
             // that is its handling duration.
             let elapsed = started.elapsed().as_secs_f64();
             tracing::debug!(elapsed_ms = elapsed * 1e3, "batch done");
             let metrics = self.processor.metrics();
-            metrics.batch_messages.observe(batch.len() as f64);
-            for ((message, _), outcome) in batch.iter().zip(&outcomes) {
+            metrics.batch_messages.observe(chunk.len() as f64);
+            for (Planned { message, .. }, outcome) in chunk.iter().zip(&outcomes) {
                 let kind = self
                     .processor
                     .topics()

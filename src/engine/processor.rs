@@ -18,10 +18,20 @@ use crate::adapters::inbound::{InboundMessage, MessageContext};
 use crate::adapters::kafka::Topics;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::unit_of_work::PgStore;
-use crate::service_layer::chunk::{self, Handled, Outcome, Plan};
+use crate::service_layer::chunk::{self, Entry, Handled, Outcome, Plan};
 use crate::service_layer::{DeadLetterReason, ReadPosition};
 use crate::service_layer::{RepositoryError, Store};
 use crate::telemetry;
+
+/// A message of a chunk as the engine hands it over: decoded by
+/// [`Processor::plan`], and whether its window has closed (an unknown
+/// reference is then dead-lettered rather than `Deferred`).
+#[derive(Debug, Clone, Copy)]
+pub struct Planned<'a> {
+    pub message: &'a InboundMessage,
+    pub plan: &'a Plan,
+    pub give_up: bool,
+}
 
 /// Handles batches of messages, one transaction per batch. It keeps
 /// connections out of the pool between batches ([`PgStore`]): call
@@ -155,8 +165,16 @@ impl<S: WorkerStore> Processor<S> {
         batch: &[(&InboundMessage, bool)],
     ) -> Result<Vec<Outcome>, RepositoryError> {
         let plans: Vec<Plan> = batch.iter().map(|(m, _)| self.plan(m)).collect();
-        let plans: Vec<&Plan> = plans.iter().collect();
-        self.process_planned(batch, &plans, None).await
+        let chunk: Vec<Planned<'_>> = batch
+            .iter()
+            .zip(&plans)
+            .map(|(&(message, give_up), plan)| Planned {
+                message,
+                plan,
+                give_up,
+            })
+            .collect();
+        self.process_planned(&chunk, None).await
     }
 
     /// [`Self::process_batch`] of messages already decoded by [`Self::plan`]
@@ -166,36 +184,38 @@ impl<S: WorkerStore> Processor<S> {
     /// ([`ReadPosition`]).
     pub async fn process_planned(
         &self,
-        batch: &[(&InboundMessage, bool)],
-        plans: &[&Plan],
+        chunk: &[Planned<'_>],
         resume_from: Option<i64>,
     ) -> Result<Vec<Outcome>, RepositoryError> {
-        let position = match (batch.first(), resume_from) {
-            (Some((first, _)), Some(next_offset)) => Some(ReadPosition {
-                topic: first.topic.clone(),
-                partition: first.partition,
+        let position = match (chunk.first(), resume_from) {
+            (Some(first), Some(next_offset)) => Some(ReadPosition {
+                topic: first.message.topic.clone(),
+                partition: first.message.partition,
                 next_offset,
             }),
             _ => None,
         };
-        let mut contexts: Vec<MessageContext> = batch.iter().map(|(m, _)| m.context()).collect();
+        let mut contexts: Vec<MessageContext> = chunk.iter().map(|p| p.message.context()).collect();
         // One span per message when traces are exported (none otherwise),
         // ended with this call; the events carry its trace context.
-        let spans: Vec<tracing::Span> = batch
+        let spans: Vec<tracing::Span> = chunk
             .iter()
             .zip(contexts.iter_mut())
-            .filter_map(|((m, _), context)| telemetry::message_span(m, context))
+            .filter_map(|(p, context)| telemetry::message_span(p.message, context))
             .collect();
-        let handled = chunk::process(
-            &self.store,
-            batch,
-            plans,
-            &contexts,
-            position.as_ref(),
-            || {
-                self.metrics.concurrency_retries.inc();
-            },
-        )
+        let entries: Vec<Entry<'_, InboundMessage, MessageContext>> = chunk
+            .iter()
+            .zip(contexts)
+            .map(|(p, context)| Entry {
+                message: p.message,
+                plan: p.plan,
+                context,
+                give_up: p.give_up,
+            })
+            .collect();
+        let handled = chunk::process(&self.store, &entries, position.as_ref(), || {
+            self.metrics.concurrency_retries.inc();
+        })
         .await;
         let Handled {
             outcomes,
@@ -221,7 +241,7 @@ impl<S: WorkerStore> Processor<S> {
         }
         for (i, error) in dead_letters {
             if let Outcome::DeadLettered(reason) = outcomes[i] {
-                let m = batch[i].0;
+                let m = chunk[i].message;
                 tracing::warn!(
                     reason = reason.as_str(),
                     error,
@@ -236,7 +256,8 @@ impl<S: WorkerStore> Processor<S> {
                     .inc();
             }
         }
-        for ((m, _), outcome) in batch.iter().zip(&outcomes) {
+        for (p, outcome) in chunk.iter().zip(&outcomes) {
+            let m = p.message;
             if *outcome == Outcome::Superseded {
                 let position = m.order_position();
                 tracing::info!(
@@ -256,8 +277,8 @@ impl<S: WorkerStore> Processor<S> {
         }
         if outcomes
             .iter()
-            .zip(plans)
-            .any(|(o, p)| *o == Outcome::Applied && p.creates_batch())
+            .zip(chunk)
+            .any(|(o, p)| *o == Outcome::Applied && p.plan.creates_batch())
         {
             self.references.send_modify(|n| *n = n.wrapping_add(1));
         }

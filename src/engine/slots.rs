@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::consumer::{HandOver, HandOverFuture};
 use crate::adapters::health::PollClock;
 use crate::adapters::inbound::InboundMessage;
+use crate::engine::processor::Planned;
 use crate::service_layer::chunk::Plan;
 
 /// Bytes of inbound messages the partitions may hold at once, waiting ones
@@ -294,4 +295,15 @@ pub(super) struct Waiter {
     pub(super) arrived: Duration,
     /// Wall-clock time when it was read, for the age gauge.
     pub(super) since: Instant,
+}
+
+impl Waiter {
+    /// It, for the processor; `give_up` when its window has closed.
+    pub(super) fn planned(&self, give_up: bool) -> Planned<'_> {
+        Planned {
+            message: &self.held.message,
+            plan: &self.plan,
+            give_up,
+        }
+    }
 }

@@ -178,6 +178,19 @@ async fn pause_after_conflict<S: Store>(store: &S, conflicts: u32) {
     tokio::time::sleep(Duration::from_micros(micros)).await;
 }
 
+/// One message of a chunk, with what its processing needs.
+#[derive(Debug, Clone)]
+pub struct Entry<'a, M, C> {
+    pub message: &'a M,
+    /// What was learnt of it before any transaction.
+    pub plan: &'a Plan,
+    /// What the records it causes carry of it.
+    pub context: C,
+    /// Its window has closed: an unknown reference is dead-lettered rather
+    /// than `Deferred`.
+    pub give_up: bool,
+}
+
 /// What a committed batch came to.
 #[derive(Debug)]
 pub struct Handled {
@@ -188,10 +201,8 @@ pub struct Handled {
     pub dead_letters: Vec<(usize, String)>,
 }
 
-/// Handles `batch` (messages of one partition, in offset order, each with
-/// its `give_up` flag: whether an unknown reference is dead-lettered rather
-/// than `Deferred`) in one unit of work of `store`, with `plans` and
-/// `contexts` one per message. The messages are applied one after the other
+/// Handles `chunk` (messages of one partition, in offset order) in one unit
+/// of work of `store`. The messages are applied one after the other
 /// through the message bus, as if each had its own transaction: a refused
 /// message is taken back alone, and the others commit. A message naming a
 /// SKU or batch of an earlier message that was deferred (or held back) is
@@ -212,17 +223,15 @@ pub struct Handled {
 #[allow(clippy::manual_async_fn)]
 pub fn process<'a, S: Store>(
     store: &'a S,
-    batch: &'a [(&'a S::Message, bool)],
-    plans: &'a [&'a Plan],
-    contexts: &'a [S::Context],
+    chunk: &'a [Entry<'a, S::Message, S::Context>],
     position: Option<&'a ReadPosition>,
     on_conflict: impl Fn() + Send + Sync + 'a,
 ) -> impl Future<Output = Result<Handled, RepositoryError>> + Send + 'a {
     async move {
-        let keys: Vec<Vec<MessageKey>> = plans.iter().map(|p| p.keys()).collect();
+        let keys: Vec<Vec<MessageKey>> = chunk.iter().map(|e| e.plan.keys()).collect();
         let mut conflicts = 0;
         loop {
-            match attempt(store, batch, plans, &keys, contexts, position).await {
+            match attempt(store, chunk, &keys, position).await {
                 Err(RepositoryError::Conflict(why)) if conflicts < CONFLICT_RETRIES => {
                     conflicts += 1;
                     on_conflict();
@@ -238,49 +247,34 @@ pub fn process<'a, S: Store>(
 /// One unit of work for the whole batch, in a session of its own.
 async fn attempt<S: Store>(
     store: &S,
-    batch: &[(&S::Message, bool)],
-    plans: &[&Plan],
+    chunk: &[Entry<'_, S::Message, S::Context>],
     message_keys: &[Vec<MessageKey>],
-    contexts: &[S::Context],
     position: Option<&ReadPosition>,
 ) -> Result<Handled, RepositoryError> {
     let started = std::time::Instant::now();
     let mut session = store.session().await?;
-    let attempt = attempt_in(
-        store,
-        &mut session,
-        batch,
-        plans,
-        message_keys,
-        contexts,
-        position,
-        started,
-    )
-    .await;
+    let attempt = attempt_in(store, &mut session, chunk, message_keys, position, started).await;
     store.end_session(session, attempt.is_ok());
     attempt
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn attempt_in<S: Store>(
     store: &S,
     session: &mut S::Session<'_>,
-    batch: &[(&S::Message, bool)],
-    plans: &[&Plan],
+    chunk: &[Entry<'_, S::Message, S::Context>],
     message_keys: &[Vec<MessageKey>],
-    contexts: &[S::Context],
     position: Option<&ReadPosition>,
     started: std::time::Instant,
 ) -> Result<Handled, RepositoryError> {
     let mut uow = store.begin(session).await?;
-    let keys: Vec<&str> = contexts.iter().map(|c| c.idempotency_key()).collect();
+    let keys: Vec<&str> = chunk.iter().map(|e| e.context.idempotency_key()).collect();
 
     // Lock and load, in one go, every product the batch names, and learn
     // which messages were processed before.
     let mut skus = Vec::new();
     let mut refs = Vec::new();
-    for plan in plans {
-        match *plan {
+    for entry in chunk {
+        match entry.plan {
             Plan::Handle(Command::CreateBatch(c)) => {
                 skus.push(&c.sku);
                 refs.push(&c.reference);
@@ -293,9 +287,9 @@ async fn attempt_in<S: Store>(
     let done = uow.load(&skus, &refs, &keys).await?;
     // Whether each line to allocate is allocated already, for every line in
     // one go (a product restored from summaries knows none of its lines).
-    let lines: Vec<(&Sku, &OrderId)> = plans
+    let lines: Vec<(&Sku, &OrderId)> = chunk
         .iter()
-        .filter_map(|plan| match plan {
+        .filter_map(|entry| match entry.plan {
             Plan::Handle(Command::Allocate(c)) => Some((&c.sku, &c.orderid)),
             _ => None,
         })
@@ -306,13 +300,13 @@ async fn attempt_in<S: Store>(
     // Rejections depend on the state, so they are decided anew in every
     // attempt; a pass starts over only when a rejected message had
     // changed a product, which the domain never does before refusing.
-    let mut rejected: Vec<Option<Rejection>> = vec![None; batch.len()];
+    let mut rejected: Vec<Option<Rejection>> = vec![None; chunk.len()];
     'pass: loop {
-        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut outcomes = Vec::with_capacity(chunk.len());
         let mut dead_letters = Vec::new();
-        let mut claimed: HashSet<&str> = HashSet::with_capacity(batch.len());
+        let mut claimed: HashSet<&str> = HashSet::with_capacity(chunk.len());
         let mut gate = ChunkGate::default();
-        for (i, (message, give_up)) in batch.iter().enumerate() {
+        for (i, entry) in chunk.iter().enumerate() {
             let key = keys[i];
             // The same key twice in one batch: the second is a redelivery.
             if done.contains(key) || claimed.contains(key) {
@@ -325,7 +319,7 @@ async fn attempt_in<S: Store>(
                 outcomes.push(Outcome::Deferred);
                 continue;
             }
-            let verdict = match (plans[i], &rejected[i]) {
+            let verdict = match (entry.plan, &rejected[i]) {
                 (_, Some(rejection)) => rejection.clone(),
                 (Plan::DeadLetter(reason, error), None) => {
                     Rejection::DeadLetter(*reason, error.clone())
@@ -336,19 +330,19 @@ async fn attempt_in<S: Store>(
                         _ => None,
                     };
                     if let Some(reference) = quantity_change {
-                        if uow.superseded(*message, reference).await? {
-                            uow.start_message(contexts[i].clone());
+                        if uow.superseded(entry.message, reference).await? {
+                            uow.start_message(entry.context.clone());
                             uow.finish_message();
                             claimed.insert(key);
                             outcomes.push(Outcome::Superseded);
                             continue;
                         }
                     }
-                    uow.start_message(contexts[i].clone());
+                    uow.start_message(entry.context.clone());
                     match messagebus::handle(command.clone(), &mut uow).await {
                         Ok(()) => {
                             if let Some(reference) = quantity_change {
-                                uow.quantity_changed(*message, reference);
+                                uow.quantity_changed(entry.message, reference);
                             }
                             uow.finish_message();
                             claimed.insert(key);
@@ -357,7 +351,7 @@ async fn attempt_in<S: Store>(
                         }
                         Err(HandlerError::Repository(e)) => return Err(e),
                         Err(error) => {
-                            let rejection = Rejection::of(&error, *give_up);
+                            let rejection = Rejection::of(&error, entry.give_up);
                             rejected[i] = Some(rejection.clone());
                             if !uow.reject_message() {
                                 uow.reset();
@@ -374,7 +368,7 @@ async fn attempt_in<S: Store>(
                     outcomes.push(Outcome::Deferred);
                 }
                 Rejection::DeadLetter(reason, error) => {
-                    uow.dead_letter(message, &contexts[i], reason, &error);
+                    uow.dead_letter(entry.message, &entry.context, reason, &error);
                     claimed.insert(key);
                     outcomes.push(Outcome::DeadLettered(reason));
                     dead_letters.push((i, error));

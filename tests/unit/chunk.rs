@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use allocation_worker::domain::commands::{Allocate, CreateBatch};
 use allocation_worker::domain::events::Allocated;
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Product, Sku};
-use allocation_worker::service_layer::chunk::{process, Handled, Outcome, Plan, CONFLICT_RETRIES};
+use allocation_worker::service_layer::chunk::{
+    process, Entry, Handled, Outcome, Plan, CONFLICT_RETRIES,
+};
 use allocation_worker::service_layer::{
     ChunkUnitOfWork, DeadLetterReason, Idempotent, RepositoryError, Store, UnitOfWork,
 };
@@ -333,11 +335,20 @@ impl Batch {
 /// Runs `batch` through the processor on `store`; returns what it came to
 /// and how many conflicts it retried.
 async fn run(store: &FakeStore, batch: &Batch) -> (Result<Handled, RepositoryError>, u32) {
-    let items: Vec<(&FakeMessage, bool)> =
-        batch.messages.iter().zip(batch.give_up.clone()).collect();
-    let plans: Vec<&Plan> = batch.plans.iter().collect();
+    let chunk: Vec<Entry<'_, FakeMessage, FakeMessage>> = batch
+        .messages
+        .iter()
+        .zip(&batch.plans)
+        .zip(&batch.give_up)
+        .map(|((message, plan), &give_up)| Entry {
+            message,
+            plan,
+            context: message.clone(),
+            give_up,
+        })
+        .collect();
     let conflicts = AtomicU32::new(0);
-    let handled = process(store, &items, &plans, &batch.messages, None, || {
+    let handled = process(store, &chunk, None, || {
         conflicts.fetch_add(1, Ordering::SeqCst);
     })
     .await;
