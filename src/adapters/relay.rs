@@ -214,17 +214,19 @@ enum Verdict {
     Unpublishable,
 }
 
-/// One pending row: id, kind, message key, value, encoded headers, shard,
-/// and how many rows the pass would have taken without its byte bound.
-pub type OutboxRow = (
-    i64,
-    String,
-    Option<Vec<u8>>,
-    Option<Vec<u8>>,
-    Vec<u8>,
-    i16,
-    i64,
-);
+/// One pending row of the outbox, as a pass takes it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kind: String,
+    pub message_key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    /// Encoded ([`encode_headers`]).
+    pub headers: Vec<u8>,
+    pub shard: i16,
+    /// How many rows the pass would have taken without its byte bound.
+    pub total: i64,
+}
 
 /// The relay's session: its own connection (the store's session), which
 /// holds the advisory locks.
@@ -815,9 +817,9 @@ impl<S: RelayStore> Relay<S> {
         }
         let selected = started.elapsed();
         let full = rows.len() as i64 == self.batch_size
-            || rows.first().is_some_and(|r| r.6 > rows.len() as i64);
+            || rows.first().is_some_and(|r| r.total > rows.len() as i64);
         self.more_waiting.store(full, Ordering::Relaxed);
-        let shards: BTreeSet<i16> = rows.iter().map(|r| r.5).collect();
+        let shards: BTreeSet<i16> = rows.iter().map(|r| r.shard).collect();
         let shards: Vec<i16> = shards.into_iter().collect();
 
         // The rows of each key, in id order; keys in order of first row. A
@@ -829,7 +831,7 @@ impl<S: RelayStore> Relay<S> {
         // it anyway, once per attempt.
         let mut chain_of: HashMap<Option<&[u8]>, Option<(usize, bool)>> = HashMap::new();
         for (i, row) in rows.iter().enumerate() {
-            let key = row.2.as_deref();
+            let key = row.message_key.as_deref();
             let chain = *chain_of.entry(key).or_insert_with(|| {
                 let failing = state.keys.get(&key.map(<[u8]>::to_vec));
                 let waiting = failing.and_then(|k| k.retry_at).is_some_and(|at| at > now);
@@ -861,7 +863,7 @@ impl<S: RelayStore> Relay<S> {
             let Some(&(first, _)) = chain.first() else {
                 continue;
             };
-            let key = rows[first].2.clone();
+            let key = rows[first].message_key.clone();
             // Once a row of the key failed: whether what follows it, already
             // acknowledged, counts as sent (yes when the failed row is
             // quarantined: it will never be published in its place).
@@ -869,7 +871,7 @@ impl<S: RelayStore> Relay<S> {
             let mut failed_again = false;
             for (i, outcome) in chain {
                 let row = &rows[i];
-                let (id, kind) = (row.0, OutboxKind::parse(&row.1));
+                let (id, kind) = (row.id, OutboxKind::parse(&row.kind));
                 match outcome {
                     Sent::Acknowledged => {
                         if after_failure.unwrap_or(true) {
@@ -885,7 +887,7 @@ impl<S: RelayStore> Relay<S> {
                         }
                         let too_large_letter = verdict == Verdict::TooLarge
                             && kind == Some(OutboxKind::DeadLetter)
-                            && row.3.is_some();
+                            && row.payload.is_some();
                         let quarantined = if too_large_letter {
                             // Sent again at once without its value, which
                             // stays readable at dlq.original.* on the
@@ -960,8 +962,8 @@ impl<S: RelayStore> Relay<S> {
             );
             let Some(size) = rows
                 .iter()
-                .find(|r| r.0 == id)
-                .and_then(|r| r.3.as_ref())
+                .find(|r| r.id == id)
+                .and_then(|r| r.payload.as_ref())
                 .map(|p| format!("{} bytes", p.len()))
             else {
                 continue;
@@ -1118,7 +1120,14 @@ impl<S: RelayStore> Relay<S> {
             if started.elapsed() > SEND_WINDOW {
                 break;
             }
-            let (id, kind, key, payload, headers, _, _) = &rows[i];
+            let OutboxRow {
+                id,
+                kind,
+                message_key: key,
+                payload,
+                headers,
+                ..
+            } = &rows[i];
             // Written by a newer version, or damaged: it can never be
             // published by this one.
             let Some(kind) = OutboxKind::parse(kind) else {

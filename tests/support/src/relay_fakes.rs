@@ -362,21 +362,21 @@ impl RelayStore for MemStore {
                 let len = r.payload.as_ref().map_or(0, |p| p.len() as i64);
                 upto += len;
                 if upto - len < max_bytes {
-                    rows.push((
-                        r.id,
-                        r.kind.clone(),
-                        r.key.clone(),
-                        r.payload.clone(),
-                        r.headers.clone(),
-                        r.shard,
+                    rows.push(OutboxRow {
+                        id: r.id,
+                        kind: r.kind.clone(),
+                        message_key: r.key.clone(),
+                        payload: r.payload.clone(),
+                        headers: r.headers.clone(),
+                        shard: r.shard,
                         total,
-                    ));
+                    });
                 }
             }
             let until = Instant::now() + lease;
             for row in &rows {
                 db.fences.insert(
-                    row.5,
+                    row.shard,
                     Fence {
                         holder: Some(holder),
                         until: Some(until),
