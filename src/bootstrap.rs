@@ -4,7 +4,6 @@
 //! relay (publish what was committed, flush), then the database pool.
 
 use std::future::IntoFuture;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use sqlx::migrate::MigrateError;
@@ -13,7 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::backoff::Backoff;
-use crate::adapters::health::{FailingPartitions, PollClock};
+use crate::adapters::health::Health;
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::metrics::Metrics;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
@@ -99,10 +98,10 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let metrics = Arc::new(Metrics::new().map_err(BootstrapError::Metrics)?);
     // Clients first: a bad librdkafka property is a configuration error and
     // must stop the binary before it touches anything.
-    let consumer_assigned = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
     let consumer = settings
         .kafka
-        .consumer(Arc::clone(&metrics), Arc::clone(&consumer_assigned))
+        .consumer(Arc::clone(&metrics), Arc::clone(&health))
         .map_err(kafka_config_error)?;
     let producer = settings.kafka.producer().map_err(kafka_config_error)?;
     // Idempotency records must outlive what the broker can redeliver
@@ -133,8 +132,6 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
 
     // HTTP first, so /healthz answers and /readyz says "not ready" while the
     // database is still being waited for.
-    let consumer_running = Arc::new(AtomicBool::new(false));
-    let poll_clock = Arc::new(PollClock::default());
     let listener = tokio::net::TcpListener::bind(settings.http_addr)
         .await
         .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
@@ -143,20 +140,16 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         .map_err(|e| BootstrapError::Http(settings.http_addr, e))?;
     tracing::info!(addr = %bound, "http listening");
     let http_stop = CancellationToken::new();
-    let failing = Arc::new(FailingPartitions::default());
     let read_pool = lazy_pool(
         worker_connect_options(settings.database.options.clone()),
         settings.read_model_max_connections,
     );
     let http_state = HttpState {
         read_pool: read_pool.clone(),
-        failing: Arc::clone(&failing),
         partition_stall_timeout: settings.partition_stall_timeout,
         pool: pool.clone(),
         metrics: Arc::clone(&metrics),
-        consumer_running: Arc::clone(&consumer_running),
-        consumer_assigned,
-        poll_clock: Arc::clone(&poll_clock),
+        health: Arc::clone(&health),
         health_poll_timeout: settings.health_poll_timeout,
     };
     let (app, read_model) = match settings.read_model_addr {
@@ -225,10 +218,8 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
         processor,
         KafkaConsumer::new(consumer),
         settings.worker,
-        consumer_running,
-    )
-    .with_poll_clock(poll_clock)
-    .with_failing_partitions(failing);
+        health,
+    );
     let result = worker.run_until_stopped(shutdown).await;
     retention_stop.cancel();
     if let Err(error) = retention_task.await {

@@ -1,6 +1,7 @@
-//! What `/healthz` and `/readyz` judge by, beyond "the database answers":
-//! whether the consumer loop still polls, and whether the database has the
-//! schema this binary needs.
+//! What `/healthz` and `/readyz` judge by, beyond "the database answers"
+//! ([`Health`]): whether the consumer runs and holds partitions, whether its
+//! loop still polls, whether a partition keeps failing, and whether the
+//! database has the schema this binary needs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +11,22 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 use super::postgres::pool::MIGRATOR;
+
+/// What the probes judge the worker by, written by the consumer, its loop
+/// and the partitions' tasks: one per worker, shared.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// True while the loop runs and the consumer is healthy.
+    pub consumer_running: AtomicBool,
+    /// True between an assignment and the next revocation. A frozen or
+    /// lost broker shows here (the session times out and the assignment is
+    /// lost) long before it shows as a consumer error.
+    pub consumer_assigned: AtomicBool,
+    /// When the loop last polled the consumer, for `/healthz`.
+    pub poll_clock: PollClock,
+    /// Partitions whose batch keeps failing, for `/readyz`.
+    pub failing: FailingPartitions,
+}
 
 /// When the consumer loop last polled Kafka. The loop calls
 /// [`PollClock::polling`] as it starts waiting for a message and

@@ -3,7 +3,7 @@
 //! the operator passes through (TLS, SASL, timeouts).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::consumer::{HandOver, InboundConsumer};
 use super::group_progress::group_unread;
+use super::health::Health;
 use super::inbound::InboundKind;
 use super::inbound::InboundMessage;
 use super::metrics::Metrics;
@@ -112,12 +113,12 @@ impl KafkaSettings {
     }
 
     /// A consumer that stores offsets only when told to (after the message's
-    /// effects are durable) and auto-commits what was stored. `assigned`
-    /// follows its group membership, for `/readyz`.
+    /// effects are durable) and auto-commits what was stored. Its group
+    /// membership goes to `health` (`consumer_assigned`), for `/readyz`.
     pub fn consumer(
         &self,
         metrics: Arc<Metrics>,
-        assigned: Arc<AtomicBool>,
+        health: Arc<Health>,
     ) -> Result<StreamConsumer<WorkerContext>, KafkaError> {
         let mut config = self.base();
         config
@@ -137,7 +138,7 @@ impl KafkaSettings {
         self.apply_properties(&mut config);
         config.create_with_context(WorkerContext {
             metrics: Some(metrics),
-            assigned: Some(assigned),
+            health: Some(health),
             reading: Arc::default(),
             hand_over: OnceLock::new(),
         })
@@ -171,7 +172,7 @@ impl KafkaSettings {
         self.apply_properties(&mut config);
         config.create_with_context(WorkerContext {
             metrics: None,
-            assigned: None,
+            health: None,
             reading: Arc::default(),
             hand_over: OnceLock::new(),
         })
@@ -182,10 +183,8 @@ impl KafkaSettings {
 /// statistics to the lag metric.
 pub struct WorkerContext {
     metrics: Option<Arc<Metrics>>,
-    /// True between an assignment and the next revocation. A frozen or lost
-    /// broker shows here (the session times out and the assignment is lost)
-    /// long before it shows as a consumer error.
-    assigned: Option<Arc<AtomicBool>>,
+    /// Where its group membership is told (`Health::consumer_assigned`).
+    health: Option<Arc<Health>>,
     /// How far the consumer has read, from its statistics.
     reading: Arc<Reading>,
     /// Told of revoked partitions before they are released.
@@ -206,9 +205,9 @@ impl WorkerContext {
 
     /// True between an assignment and the next revocation.
     pub fn is_assigned(&self) -> bool {
-        self.assigned
+        self.health
             .as_ref()
-            .is_some_and(|a| a.load(Ordering::Relaxed))
+            .is_some_and(|h| h.consumer_assigned.load(Ordering::Relaxed))
     }
 }
 
@@ -495,7 +494,7 @@ impl ConsumerContext for WorkerContext {
         consumer: &rdkafka::consumer::BaseConsumer<Self>,
         rebalance: &Rebalance<'_>,
     ) {
-        if let Some(assigned) = &self.assigned {
+        if let Some(health) = &self.health {
             // Under cooperative assignment a revocation takes some of the
             // partitions, not necessarily all: the member is still assigned
             // while it holds any.
@@ -509,7 +508,7 @@ impl ConsumerContext for WorkerContext {
                 }
                 Rebalance::Error(_) => false,
             };
-            assigned.store(still, Ordering::Relaxed);
+            health.consumer_assigned.store(still, Ordering::Relaxed);
         }
         self.reading.rebalanced();
         match rebalance {

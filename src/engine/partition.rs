@@ -281,13 +281,14 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         let done = self.retry_until_done(chunk, resume_from, shutdown).await;
         // Committed, or the task stops: either way no longer failing.
         if let Some(first) = chunk.first() {
-            self.failing
+            self.health
+                .failing
                 .recovered(&first.message.topic, first.message.partition);
         }
         done
     }
 
-    /// [`Self::process_with_retry`] but for keeping [`Worker::failing`].
+    /// [`Self::process_with_retry`] but for keeping `Health::failing`.
     async fn retry_until_done(
         &self,
         chunk: &[Planned<'_>],
@@ -334,7 +335,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                 }
                 Err(error) => {
                     if let Some(first) = chunk.first() {
-                        self.failing.failed(
+                        self.health.failing.failed(
                             &first.message.topic,
                             first.message.partition,
                             &error.to_string(),

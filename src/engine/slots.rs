@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapters::consumer::{HandOver, HandOverFuture};
-use crate::adapters::health::PollClock;
+use crate::adapters::health::Health;
 use crate::adapters::inbound::InboundMessage;
 use crate::engine::processor::Planned;
 use crate::service_layer::chunk::Plan;
@@ -40,7 +40,7 @@ pub(super) struct PartitionTasks {
     /// The loop's clock for `/healthz`: a revocation runs inside the
     /// consumer's poll but is the loop's own work, which can take seconds
     /// (it waits for the partitions' tasks), so it does not count as polling.
-    poll_clock: Arc<PollClock>,
+    health: Arc<Health>,
 }
 
 struct TaskControl {
@@ -60,9 +60,9 @@ pub(super) struct TaskDone {
 
 impl PartitionTasks {
     /// No tasks yet; revocations are kept off the loop's `clock`.
-    pub(super) fn new(poll_clock: Arc<PollClock>) -> Self {
+    pub(super) fn new(health: Arc<Health>) -> Self {
         Self {
-            poll_clock,
+            health,
             ..Self::default()
         }
     }
@@ -94,7 +94,7 @@ impl HandOver for PartitionTasks {
     /// rebalance callback, on the thread of the consumer loop, not on the
     /// runtime's workers that the tasks need.
     fn revoke(&self, partitions: &[(String, i32)]) {
-        self.poll_clock.polled();
+        self.health.poll_clock.polled();
         // The callback may run on a runtime worker thread (whichever thread
         // polls the consumer). Blocking it as it is would strand the tasks
         // just woken in that worker's own queue (its LIFO slot, which the
@@ -111,14 +111,14 @@ impl HandOver for PartitionTasks {
         } else {
             self.stop_revoked(partitions);
         }
-        self.poll_clock.polling();
+        self.health.poll_clock.polling();
     }
 
     /// [`Self::revoke`], awaiting the tasks instead of blocking, with the
     /// same bound (in tokio's time).
     fn revoke_async<'a>(&'a self, partitions: &'a [(String, i32)]) -> HandOverFuture<'a> {
         Box::pin(async move {
-            self.poll_clock.polled();
+            self.health.poll_clock.polled();
             let stopping = self.stop(partitions);
             // Forgotten before the wait, not after as in `revoke`: here the
             // consumer loop goes on meanwhile, and must not take a task that
@@ -137,7 +137,7 @@ impl HandOver for PartitionTasks {
                     );
                 }
             }
-            self.poll_clock.polling();
+            self.health.poll_clock.polling();
         })
     }
 }

@@ -17,7 +17,7 @@
 //! its batch and its offsets are committed before the partition goes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::adapters::backoff::Backoff;
 use crate::adapters::consumer::{HandOver, InboundConsumer};
-use crate::adapters::health::{FailingPartitions, PollClock};
+use crate::adapters::health::Health;
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::engine::processor::{Processor, WorkerStore};
@@ -49,12 +49,9 @@ pub struct Worker<C = KafkaConsumer, S = PgStore> {
     pub(super) processor: Processor<S>,
     pub(super) consumer: Arc<C>,
     pub(super) settings: WorkerSettings,
-    /// Read by `/readyz`: true while the loop runs and the consumer is healthy.
-    consumer_running: Arc<AtomicBool>,
-    /// Read by `/healthz`: when the loop last polled the consumer.
-    poll_clock: Arc<PollClock>,
-    /// Read by `/readyz`: partitions whose batch keeps failing.
-    pub(super) failing: Arc<FailingPartitions>,
+    /// What the probes read: whether the consumer runs, when the loop last
+    /// polled it, which partitions keep failing.
+    pub(super) health: Arc<Health>,
     /// The unknown-reference window's clock: usable time only, in tokio's
     /// time (simulated in the simulation).
     clock: std::sync::Mutex<UsableClock>,
@@ -75,33 +72,18 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         processor: Processor<S>,
         consumer: C,
         settings: WorkerSettings,
-        consumer_running: Arc<AtomicBool>,
+        health: Arc<Health>,
     ) -> Self {
         Self {
             processor,
             consumer: Arc::new(consumer),
             settings,
-            consumer_running,
+            health,
             clock: std::sync::Mutex::new(UsableClock::new()),
             unhandled_references: AtomicUsize::new(0),
             waiting_bytes: AtomicUsize::new(0),
             waiting: std::sync::Mutex::new(HashMap::new()),
-            poll_clock: Arc::default(),
-            failing: Arc::default(),
         }
-    }
-
-    /// Records the partitions whose batch keeps failing in `failing`, which
-    /// `/readyz` reads.
-    pub fn with_failing_partitions(mut self, failing: Arc<FailingPartitions>) -> Self {
-        self.failing = failing;
-        self
-    }
-
-    /// Records the loop's polls on `clock`, which `/healthz` reads.
-    pub fn with_poll_clock(mut self, clock: Arc<PollClock>) -> Self {
-        self.poll_clock = clock;
-        self
     }
 
     /// Usable time so far (see [`Self::watch_window`]).
@@ -198,7 +180,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         this.consumer
             .subscribe(&this.processor.topics().inbound())?;
         tracing::info!(topics = ?this.processor.topics().inbound(), "consuming");
-        this.consumer_running.store(true, Ordering::Relaxed);
+        this.health.consumer_running.store(true, Ordering::Relaxed);
         this.processor
             .metrics()
             .init_topics(&this.processor.topics().inbound());
@@ -209,7 +191,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             async move { worker.watch_window(stop).await }
         });
         let tracker = TaskTracker::new();
-        let tasks = Arc::new(PartitionTasks::new(Arc::clone(&this.poll_clock)));
+        let tasks = Arc::new(PartitionTasks::new(Arc::clone(&this.health)));
         this.consumer
             .set_hand_over(Arc::clone(&tasks) as Arc<dyn HandOver>);
         // Ordered: the loop's pauses and resumes go in the same order every
@@ -230,7 +212,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         loop {
             let any_paused = partitions.values().any(|s| s.paused);
             let clear_errors_at = last_error.map(|at| at + ERROR_CLEARED_AFTER);
-            this.poll_clock.polling();
+            this.health.poll_clock.polling();
             let received = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -253,7 +235,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                 _ = tokio::time::sleep_until(clear_errors_at.unwrap_or_else(Instant::now)),
                     if clear_errors_at.is_some() =>
                 {
-                    this.consumer_running.store(true, Ordering::Relaxed);
+                    this.health.consumer_running.store(true, Ordering::Relaxed);
                     last_error = None;
                     continue;
                 }
@@ -273,17 +255,17 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                 }
                 received = this.consumer.recv() => received,
             };
-            this.poll_clock.polled();
+            this.health.poll_clock.polled();
             this.forget_revoked(&tasks, &mut partitions);
             let message = match received {
                 Ok(message) => {
                     errors.reset();
-                    this.consumer_running.store(true, Ordering::Relaxed);
+                    this.health.consumer_running.store(true, Ordering::Relaxed);
                     last_error = None;
                     message
                 }
                 Err(error) => {
-                    this.consumer_running.store(false, Ordering::Relaxed);
+                    this.health.consumer_running.store(false, Ordering::Relaxed);
                     last_error = Some(Instant::now());
                     this.processor.metrics().consumer_error(&error);
                     let delay = errors.next_delay();
@@ -347,7 +329,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             }
         }
 
-        this.consumer_running.store(false, Ordering::Relaxed);
+        this.health.consumer_running.store(false, Ordering::Relaxed);
         window_stop.cancel();
         let _ = window.await;
         // From here on, every stage is bounded so that the whole stop takes

@@ -2,7 +2,7 @@
 //! read model at `/allocations/{orderid}`, on one listener, or the read model
 //! on a listener of its own (`READ_MODEL_ADDR`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::adapters::health::{schema, FailingPartitions, PollClock, Schema};
+use crate::adapters::health::{schema, Health, Schema};
 use crate::adapters::metrics::Metrics;
 use crate::adapters::relay::outbox_backlog;
 use crate::domain::OrderId;
@@ -25,17 +25,11 @@ use crate::domain::OrderId;
 pub struct HttpState {
     pub pool: PgPool,
     pub metrics: Arc<Metrics>,
-    /// Set by the worker loop while it consumes.
-    pub consumer_running: Arc<AtomicBool>,
-    /// Set while the consumer holds a group assignment.
-    pub consumer_assigned: Arc<AtomicBool>,
-    /// When the consumer loop last polled, for `/healthz`.
-    pub poll_clock: Arc<PollClock>,
+    /// What the worker tells the probes.
+    pub health: Arc<Health>,
     /// `/healthz` fails when the loop has not polled for this long.
     pub health_poll_timeout: Duration,
-    /// Partitions whose batch keeps failing: `/readyz` fails once one has
-    /// failed for `partition_stall_timeout`.
-    pub failing: Arc<FailingPartitions>,
+    /// `/readyz` fails once a partition's batch has kept failing this long.
     pub partition_stall_timeout: Duration,
     /// The read model's queries: a pool of their own, so that client
     /// traffic never takes the connections the probes and the worker need.
@@ -89,7 +83,7 @@ fn read_model_routes() -> Router<HttpState> {
 /// HEALTH_POLL_TIMEOUT. An outage of PostgreSQL or Kafka is not for this
 /// probe: the loop keeps polling (or waits in the poll) through both.
 async fn healthz(State(state): State<HttpState>) -> Response {
-    match state.poll_clock.away() {
+    match state.health.poll_clock.away() {
         Some(away) if away > state.health_poll_timeout => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -110,14 +104,14 @@ async fn readiness(state: &HttpState) -> (bool, String) {
     let schema = database_ready(&state.pool).await;
     let ready = if schema != Schema::Current {
         (false, format!("{}\n", schema.reason()))
-    } else if !state.consumer_running.load(Ordering::Relaxed) {
+    } else if !state.health.consumer_running.load(Ordering::Relaxed) {
         (false, "consumer not running\n".to_owned())
-    } else if !state.consumer_assigned.load(Ordering::Relaxed) {
+    } else if !state.health.consumer_assigned.load(Ordering::Relaxed) {
         (
             false,
             "consumer not in its group (broker unreachable, or rebalancing)\n".to_owned(),
         )
-    } else if let Some(stalled) = state.failing.stalled(state.partition_stall_timeout) {
+    } else if let Some(stalled) = state.health.failing.stalled(state.partition_stall_timeout) {
         (
             false,
             format!(

@@ -16,6 +16,7 @@ use proptest::test_runner::{Config, TestRunner};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 
+use allocation_worker::adapters::health::Health;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::adapters::postgres::pool::MIGRATOR;
 use allocation_worker::entrypoints::http::{router, HttpState};
@@ -70,13 +71,14 @@ impl Server {
             .expect("a product, its batch and one allocation");
             let state = HttpState {
                 read_pool: pool.clone(),
-                failing: Arc::default(),
                 partition_stall_timeout: std::time::Duration::from_secs(60),
                 pool,
                 metrics: Arc::new(Metrics::new().expect("metrics")),
-                consumer_running: Arc::new(AtomicBool::new(true)),
-                consumer_assigned: Arc::new(AtomicBool::new(true)),
-                poll_clock: Arc::default(),
+                health: Arc::new(Health {
+                    consumer_running: AtomicBool::new(true),
+                    consumer_assigned: AtomicBool::new(true),
+                    ..Health::default()
+                }),
                 health_poll_timeout: std::time::Duration::from_secs(300),
             };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -13,10 +13,10 @@
 //! with what the contract promises (see [`check`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use allocation_worker::adapters::health::Health;
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
 use allocation_worker::configuration::WorkerSettings;
@@ -328,7 +328,7 @@ impl World {
             processor,
             SimConsumerHandle(Arc::new(consumer)),
             settings,
-            Arc::new(AtomicBool::new(false)),
+            Arc::new(Health::default()),
         );
         let stop = CancellationToken::new();
         let token = stop.clone();
