@@ -147,8 +147,6 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
             self.unhandled_references
                 .fetch_sub(queued, Ordering::Relaxed);
         }
-        let left: usize = tracker.waiting().map(|(_, w)| w.held.size).sum();
-        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
         tracker.clear();
         self.set_waiting(&topic, partition, &tracker);
     }
@@ -161,7 +159,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         topic: &str,
         partition: i32,
         batch: &mut Vec<Held>,
-        tracker: &mut Tracker<MessageKey, Waiter>,
+        tracker: &mut WaitingTracker<'_>,
         shutdown: &CancellationToken,
     ) -> bool {
         let arrived = self.usable_time();
@@ -182,7 +180,6 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                 self.processor.plan(&held.message)
             };
             let offset = held.message.offset;
-            let size = held.size;
             let waiter = Waiter {
                 held,
                 plan,
@@ -190,11 +187,8 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
                 since,
             };
             let keys = waiter.plan.keys();
-            match tracker.admit(offset, keys, waiter) {
-                Some(waiter) => ready.push(waiter),
-                None => {
-                    self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
-                }
+            if let Some(waiter) = tracker.admit(offset, keys, waiter) {
+                ready.push(waiter);
             }
         }
         if ready.is_empty() {
@@ -212,8 +206,6 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         for (waiter, outcome) in ready.into_iter().zip(outcomes) {
             let offset = waiter.held.message.offset;
             if outcome == Outcome::Deferred {
-                self.waiting_bytes
-                    .fetch_add(waiter.held.size, Ordering::Relaxed);
                 let keys = waiter.plan.keys();
                 tracker.defer(offset, keys, waiter);
             } else {
@@ -231,7 +223,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         &self,
         topic: &str,
         partition: i32,
-        tracker: &mut Tracker<MessageKey, Waiter>,
+        tracker: &mut WaitingTracker<'_>,
         shutdown: &CancellationToken,
     ) -> Option<usize> {
         let now = self.usable_time();
@@ -257,10 +249,7 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
         let mut settled = 0;
         for (offset, outcome) in offsets.into_iter().zip(outcomes) {
             if outcome != Outcome::Deferred {
-                if let Some(waiter) = tracker.settle(offset) {
-                    self.waiting_bytes
-                        .fetch_sub(waiter.held.size, Ordering::Relaxed);
-                }
+                tracker.settle(offset);
                 settled += 1;
             }
         }
@@ -446,12 +435,49 @@ impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     }
 }
 
-/// A partition task's tracker, which gives back the bytes its waiting
-/// messages still hold when it is dropped, by the end of the task or by its
-/// failure.
+/// A partition task's [`Tracker`], which keeps the count of the bytes its
+/// waiting messages hold of the memory bound (`Worker::waiting_bytes`): a
+/// message counts from when it starts waiting until it settles, and what
+/// still waits when the task ends, or fails, is given back when this is
+/// dropped. Read through `Deref`; changed only through the methods below,
+/// which keep the count.
 struct WaitingTracker<'a> {
     tracker: Tracker<MessageKey, Waiter>,
     waiting_bytes: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl WaitingTracker<'_> {
+    /// [`Tracker::admit`]: a message that must wait starts counting.
+    fn admit(&mut self, offset: i64, keys: Vec<MessageKey>, waiter: Waiter) -> Option<Waiter> {
+        let size = waiter.held.size;
+        let ready = self.tracker.admit(offset, keys, waiter);
+        if ready.is_none() {
+            self.waiting_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        ready
+    }
+
+    /// [`Tracker::defer`]: the message tried and deferred starts counting.
+    fn defer(&mut self, offset: i64, keys: Vec<MessageKey>, waiter: Waiter) {
+        self.waiting_bytes
+            .fetch_add(waiter.held.size, Ordering::Relaxed);
+        self.tracker.defer(offset, keys, waiter);
+    }
+
+    /// [`Tracker::settle`]: a waiting message stops counting.
+    fn settle(&mut self, offset: i64) {
+        if let Some(waiter) = self.tracker.settle(offset) {
+            self.waiting_bytes
+                .fetch_sub(waiter.held.size, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Tracker::clear`]: every waiting message stops counting.
+    fn clear(&mut self) {
+        let left: usize = self.tracker.waiting().map(|(_, w)| w.held.size).sum();
+        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
+        self.tracker.clear();
+    }
 }
 
 impl std::ops::Deref for WaitingTracker<'_> {
@@ -461,16 +487,9 @@ impl std::ops::Deref for WaitingTracker<'_> {
     }
 }
 
-impl std::ops::DerefMut for WaitingTracker<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tracker
-    }
-}
-
 impl Drop for WaitingTracker<'_> {
     fn drop(&mut self) {
-        let left: usize = self.tracker.waiting().map(|(_, w)| w.held.size).sum();
-        self.waiting_bytes.fetch_sub(left, Ordering::Relaxed);
+        self.clear();
     }
 }
 
