@@ -96,11 +96,16 @@ WORKDIR /build
 # rebuild librdkafka and the other crates: build them against empty sources.
 # rust-toolchain.toml first: rustup (in the official image) builds with the
 # toolchain it names, and downloads it if the image has another.
+# The workspace's other members (the test support crate, the developer
+# tools) only by their manifests: cargo loads them with the workspace, and
+# Cargo.lock holds their dependencies, but only the worker is built.
 COPY rust-toolchain.toml Cargo.toml Cargo.lock ./
+COPY tests/support/Cargo.toml ./tests/support/
+COPY tools/Cargo.toml ./tools/
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked \
+ && cargo build --release --locked --bin allocation-worker \
  && rm -rf src
 
 COPY src ./src

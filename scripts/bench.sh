@@ -6,8 +6,9 @@
 #                               exits non-zero if it is wrong
 #
 # Starts PostgreSQL and Tansu if needed (scripts/services.sh), builds the
-# release binary (or uses WORKER_BIN if set), then runs examples/bench.rs,
-# which starts `allocation-worker run` on a fresh database and fresh topics.
+# release binary (or uses WORKER_BIN if set), then runs the developer tools'
+# benchmark (tools/examples/bench.rs, package allocation-tools), which starts
+# `allocation-worker run` on a fresh database and fresh topics.
 # Other arguments go to the example (--seed N, --keep, --products N,
 # --history N, --soak-rate R --soak-duration D; see BENCHMARKS.md). For a
 # soak, start a broker that holds a long run first:
@@ -20,4 +21,4 @@ if [ -z "${WORKER_BIN:-}" ]; then
     cargo build --release --locked --bin allocation-worker
     export WORKER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/allocation-worker"
 fi
-exec cargo run --release --locked --example bench -- "$@"
+exec cargo run --release --locked -p allocation-tools --example bench -- "$@"

@@ -12,7 +12,7 @@
 //!   unit-of-work traits. Imports only `domain`.
 //! - [`adapters`]: PostgreSQL repository and unit of work, the outbox and its
 //!   relay, Kafka decoding, consumer and producer. Implements `service_layer`'s
-//!   traits; never imports `configuration`, `engine`, `entrypoints` or `tools`.
+//!   traits; never imports `configuration`, `engine` or `entrypoints`.
 //! - [`configuration`]: the validated settings of `run` and `migrate`
 //!   (`RunSettings`, `DatabaseSettings`, `WorkerSettings`) and the rules
 //!   every command's settings are checked by; no clap. The settings of an
@@ -29,10 +29,10 @@
 //!   never imports the command line.
 //! - [`command_error`]: the error of the commands besides `run` and
 //!   `migrate`, and its exit code.
-//! - `tools` (the `tools` cargo feature, on by default): `simulate`, `watch`
-//!   and the generator the benchmark shares. Imports `configuration`,
-//!   `adapters` and `command_error`, never `entrypoints`; only the command
-//!   line and `main.rs` import it.
+//!
+//! The developer tools (`simulate`, `watch`, the generator and the
+//! benchmark) are a crate of their own in this workspace, `tools/`
+//! (`allocation-tools`), built on the public items of this one.
 
 /// The crate version this binary was built as.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -52,5 +52,3 @@ pub mod entrypoints;
 pub mod operations;
 pub mod service_layer;
 pub mod telemetry;
-#[cfg(feature = "tools")]
-pub mod tools;

@@ -9,8 +9,6 @@ use allocation_worker::bootstrap;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
 use allocation_worker::operations::{quarantine, replay, rewind};
 use allocation_worker::telemetry;
-#[cfg(feature = "tools")]
-use allocation_worker::tools::{simulate, watch};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -60,24 +58,6 @@ fn main() -> ExitCode {
                 let shutdown = bootstrap::shutdown_on_signals()
                     .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
                 bootstrap::run(settings, shutdown)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
-            }
-            #[cfg(feature = "tools")]
-            CommandLine::Simulate(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                let shutdown = bootstrap::shutdown_on_signals()
-                    .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
-                simulate::run(settings, shutdown)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
-            }
-            #[cfg(feature = "tools")]
-            CommandLine::Watch(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                let shutdown = bootstrap::shutdown_on_signals()
-                    .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
-                watch::run(settings, shutdown)
                     .await
                     .map_err(|e| (e.exit_code(), e.to_string()))
             }

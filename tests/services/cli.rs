@@ -257,7 +257,8 @@ fn help_lists_every_command() {
 }
 
 /// Every duration setting reads a bare number as seconds, as the README's
-/// "`--duration 15`" does, and still takes humantime strings.
+/// "`--duration 15`" does, and still takes humantime strings (the tools'
+/// `simulate` and `watch` flags: tools/tests/simulate.rs).
 #[test]
 fn durations_are_seconds_when_bare_and_humantime_otherwise() {
     use allocation_worker::configuration::duration;
@@ -284,52 +285,6 @@ fn durations_are_seconds_when_bare_and_humantime_otherwise() {
     let parse = |args: &[&str]| {
         Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()))
     };
-    let bootstrap = ["--kafka-bootstrap-servers", "127.0.0.1:1"];
-    let cli = parse(
-        &[
-            &["allocation-worker", "simulate", "--duration", "15"][..],
-            &bootstrap,
-        ]
-        .concat(),
-    );
-    let CommandLine::Simulate(simulate) = cli.command else {
-        panic!("not simulate")
-    };
-    assert_eq!(simulate.duration, Duration::from_secs(15));
-    assert_eq!(simulate.summary.until_idle, None);
-
-    let cli = parse(
-        &[
-            &[
-                "allocation-worker",
-                "watch",
-                "--interval",
-                "2",
-                "--exit-after",
-                "30",
-                "--until-idle",
-                "4",
-            ][..],
-            &bootstrap,
-        ]
-        .concat(),
-    );
-    let CommandLine::Watch(watch) = cli.command else {
-        panic!("not watch")
-    };
-    assert_eq!(
-        (
-            watch.summary.interval,
-            watch.summary.exit_after,
-            watch.summary.until_idle
-        ),
-        (
-            Duration::from_secs(2),
-            Some(Duration::from_secs(30)),
-            Some(Duration::from_secs(4))
-        )
-    );
-
     let cli = parse(&[
         "allocation-worker",
         "run",
@@ -371,10 +326,6 @@ fn durations_are_seconds_when_bare_and_humantime_otherwise() {
 
 #[test]
 fn a_bad_duration_is_a_setting_error() {
-    assert_config_error(
-        &worker(&["simulate", "--duration", "soon"], &[KAFKA]),
-        "--duration",
-    );
     assert_config_error(
         &worker(&["run"], &[DB, KAFKA, ("SHUTDOWN_TIMEOUT", "-3")]),
         "--shutdown-timeout",

@@ -10,8 +10,6 @@ mod quarantine;
 mod replay;
 mod rewind;
 mod run;
-#[cfg(feature = "tools")]
-mod tools;
 mod topics;
 
 use clap::{Parser, Subcommand};
@@ -23,8 +21,6 @@ pub use quarantine::{ChosenRows, QuarantineArgs, QuarantineCommand};
 pub use replay::ReplayArgs;
 pub use rewind::RewindArgs;
 pub use run::{DatabaseArgs, RunArgs};
-#[cfg(feature = "tools")]
-pub use tools::{parse_malformed, MalformedArg, SimulateArgs, SummaryArgs, WatchArgs};
 pub use topics::{InboundTopicArgs, OutboundTopicArgs};
 
 #[derive(Debug, Parser)]
@@ -54,13 +50,6 @@ pub enum CommandLine {
     Run(Box<RunArgs>),
     /// Apply the database migrations and exit.
     Migrate(DatabaseArgs),
-    /// Publish a realistic, seeded stream of ERP messages to the inbound topics.
-    #[cfg(feature = "tools")]
-    Simulate(Box<SimulateArgs>),
-    /// Live summary of what the worker decides: outbound topics, dead letters,
-    /// consumer lag and outbox backlog.
-    #[cfg(feature = "tools")]
-    Watch(Box<WatchArgs>),
     /// Publish dead letters again to the topic they came from, chosen by
     /// reason, original topic and time; --dry-run lists them.
     ReplayDeadLetters(Box<ReplayArgs>),

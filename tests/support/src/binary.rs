@@ -1,14 +1,22 @@
-//! The binary's commands that end by themselves (`migrate`, `simulate`,
-//! `watch`, any command refusing a setting), run with exactly the
-//! environment a test gives: nothing of the test's own leaks in but PATH.
+//! The binaries' commands that end by themselves (`migrate`, any command
+//! refusing a setting, and the tools' `simulate` and `watch`), run with
+//! exactly the environment a test gives: nothing of the test's own leaks in
+//! but PATH.
 
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// `allocation-worker ARGS` with exactly `env` (and PATH); stdout and stderr
 /// piped, stdin closed.
 pub fn spawn_binary(args: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut command = Command::new(super::worker_binary());
+    spawn_program(&super::worker_binary(), args, env)
+}
+
+/// `PROGRAM ARGS` as [`spawn_binary`] runs the worker: for a binary of
+/// another package (the tools' `CARGO_BIN_EXE_allocation-tools`).
+pub fn spawn_program(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut command = Command::new(program);
     command
         .args(args)
         .env_clear()

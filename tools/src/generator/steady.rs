@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::rng::Rng;
 use super::{json_bytes, Body};
-use crate::adapters::inbound::InboundKind;
+use allocation_worker::adapters::inbound::InboundKind;
 
 const PRODUCTS: [&str; 16] = [
     "RED-CHAIR",

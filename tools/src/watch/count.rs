@@ -11,9 +11,9 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::adapters::topic_reader::{partition_ids, reader_settings, ReaderContext};
-use crate::command_error::CommandError;
-use crate::configuration::Connection;
+use allocation_worker::adapters::topic_reader::{partition_ids, reader_settings, ReaderContext};
+use allocation_worker::command_error::CommandError;
+use allocation_worker::configuration::Connection;
 
 /// Records seen on the four watched topics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,5 +1,5 @@
 //! A seeded, deterministic stream of ERP messages (contract §3), for
-//! `allocation-worker simulate` and for benchmarks.
+//! `allocation-tools simulate` and for benchmarks.
 //!
 //! [`Workload`] is a pure iterator: no clock, no I/O, no global state. The same
 //! [`WorkloadSettings`] always give the same [`GeneratedMessage`]s, byte for
@@ -19,12 +19,12 @@
 //!   `ce_id`, same batches, same order lines).
 //! - [`Schedule::Phased`] (`phased.rs`, finite): [`Phase`]s of stock,
 //!   one-line orders and quantity drops, one after the other. **The standard
-//!   benchmark workload** (BENCHMARKS.md, `examples/bench.rs`) is N SKUs × 3
+//!   benchmark workload** (BENCHMARKS.md, `tools/examples/bench.rs`) is N SKUs × 3
 //!   batches, then allocations, then quantity changes:
 //!
 //! ```
 //! use allocation_worker::adapters::inbound::InboundKind;
-//! use allocation_worker::tools::generator::{Workload, WorkloadSettings};
+//! use allocation_tools::generator::{Workload, WorkloadSettings};
 //!
 //! // 200 SKUs × 3 batches, then 20 000 allocations, then 2 000 quantity changes.
 //! let settings = WorkloadSettings::benchmark(42, 200, 20_000, 2_000);
@@ -48,7 +48,7 @@ use chrono::NaiveDate;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::adapters::inbound::InboundKind;
+use allocation_worker::adapters::inbound::InboundKind;
 
 pub use phased::Phase;
 

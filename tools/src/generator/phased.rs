@@ -19,7 +19,7 @@ use serde_json::json;
 
 use super::rng::Rng;
 use super::{json_bytes, Body};
-use crate::adapters::inbound::InboundKind;
+use allocation_worker::adapters::inbound::InboundKind;
 
 /// One phase of a [`Schedule::Phased`](super::Schedule::Phased) workload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,7 +195,7 @@ impl Phased {
 mod tests {
     use super::super::{GeneratedMessage, Workload, WorkloadSettings};
     use super::Phase;
-    use crate::adapters::inbound::InboundKind;
+    use allocation_worker::adapters::inbound::InboundKind;
 
     /// FNV-1a over each message's kind, key, value and orderid (`-` when it
     /// has none), every field closed by a 0xff; and how many there were.

@@ -1,4 +1,4 @@
-//! `allocation-worker simulate`: publishes a realistic, seeded stream of ERP
+//! `allocation-tools simulate`: publishes a realistic, seeded stream of ERP
 //! messages (see [`generator`](super::generator)) to the three inbound topics,
 //! at a steady rate, with an idempotent producer; with `--watch`, shows the
 //! live summary of `watch` alongside.
@@ -21,12 +21,12 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapters::inbound::InboundKind;
-use crate::adapters::kafka::{KafkaSettings, WorkerContext};
-use crate::command_error::CommandError;
-use crate::configuration::Connection;
-use crate::tools::generator::{Workload, WorkloadSettings};
-use crate::tools::watch::{Progress, WatchSettings, Watcher};
+use crate::generator::{Workload, WorkloadSettings};
+use crate::watch::{Progress, WatchSettings, Watcher};
+use allocation_worker::adapters::inbound::InboundKind;
+use allocation_worker::adapters::kafka::{KafkaSettings, WorkerContext};
+use allocation_worker::command_error::CommandError;
+use allocation_worker::configuration::Connection;
 
 /// How long `simulate --watch` goes on after its last message when nothing
 /// new arrives, unless `--until-idle` says otherwise.
@@ -63,7 +63,7 @@ struct Tally {
     first_error: Option<String>,
 }
 
-/// `allocation-worker simulate`.
+/// `allocation-tools simulate`.
 pub async fn run(
     settings: SimulateSettings,
     shutdown: CancellationToken,

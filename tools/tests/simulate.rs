@@ -1,8 +1,9 @@
-//! `simulate` and `watch`: the generated stream is deterministic, decodes as
-//! the ERP's messages (but for the deliberately malformed ones) and hangs
-//! together; and, against the real broker at KAFKA_BOOTSTRAP_SERVERS, the
-//! binary publishes exactly that stream, and the summary's totals are what is
-//! on the topics, in its stable line format.
+//! `allocation-tools simulate` and `watch`: the generated stream is
+//! deterministic, decodes as the ERP's messages (but for the deliberately
+//! malformed ones) and hangs together; and, against the real broker at
+//! KAFKA_BOOTSTRAP_SERVERS, the binary publishes exactly that stream, and the
+//! summary's totals are what is on the topics, in its stable line format.
+//! Only the tools' binary runs here, never the worker's.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -18,13 +19,12 @@ use allocation_worker::adapters::inbound::{decode, InboundKind};
 use allocation_worker::domain::{
     BatchRef, Command as DomainCommand, Event, OrderLine, Product, Sku,
 };
-use allocation_worker::entrypoints::cli::{parse_malformed, MalformedArg};
-use allocation_worker::tools::generator::{
-    GeneratedMessage, Malformed, Workload, WorkloadSettings,
-};
-use allocation_worker::tools::watch::{parse_gauges, plain_line, Gauges, Totals};
 
-use testkit::binary::{output_within, spawn_binary};
+use allocation_tools::cli::{parse_malformed, MalformedArg};
+use allocation_tools::generator::{GeneratedMessage, Malformed, Workload, WorkloadSettings};
+use allocation_tools::watch::{parse_gauges, plain_line, Gauges, Totals};
+
+use testkit::binary::{assert_config_error, output_within, spawn_program};
 use testkit::kafka::{create_topics, read_to_end};
 use testkit::random_hex;
 
@@ -215,21 +215,21 @@ fn decided_events(messages: &[GeneratedMessage]) -> BTreeMap<&'static str, u64> 
     counts
 }
 
-/// A newcomer's first `allocation-worker simulate`, with every default,
+/// A newcomer's first `allocation-tools simulate`, with every default,
 /// shows all three outbound event types.
 #[test]
 fn the_default_minute_yields_allocated_deallocated_and_out_of_stock() {
-    use allocation_worker::entrypoints::cli::{Cli, CommandLine};
+    use allocation_tools::cli::{Cli, Command};
     use clap::Parser;
 
     let cli = Cli::try_parse_from([
-        "allocation-worker",
+        "allocation-tools",
         "simulate",
         "--kafka-bootstrap-servers",
         "127.0.0.1:1",
     ])
     .expect("the defaults parse");
-    let CommandLine::Simulate(args) = cli.command else {
+    let Command::Simulate(args) = cli.command else {
         panic!("not simulate")
     };
     let settings = args.settings().expect("the defaults are valid");
@@ -346,6 +346,64 @@ fn flags_and_formats() {
     assert!(parse_gauges("up 1\n").is_err());
 }
 
+/// The tools' durations read a bare number as seconds, as the README's
+/// "`--duration 15`" does (the rule, `configuration::duration`, is the
+/// worker's: tests/services/cli.rs).
+#[test]
+fn the_tools_durations_are_seconds_when_bare() {
+    use allocation_tools::cli::{Cli, Command};
+    use clap::Parser;
+
+    let parse = |args: &[&str]| {
+        Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {}", e.render()))
+    };
+    let bootstrap = ["--kafka-bootstrap-servers", "127.0.0.1:1"];
+    let cli = parse(
+        &[
+            &["allocation-tools", "simulate", "--duration", "15"][..],
+            &bootstrap,
+        ]
+        .concat(),
+    );
+    let Command::Simulate(simulate) = cli.command else {
+        panic!("not simulate")
+    };
+    assert_eq!(simulate.duration, Duration::from_secs(15));
+    assert_eq!(simulate.summary.until_idle, None);
+
+    let cli = parse(
+        &[
+            &[
+                "allocation-tools",
+                "watch",
+                "--interval",
+                "2",
+                "--exit-after",
+                "30",
+                "--until-idle",
+                "4",
+            ][..],
+            &bootstrap,
+        ]
+        .concat(),
+    );
+    let Command::Watch(watch) = cli.command else {
+        panic!("not watch")
+    };
+    assert_eq!(
+        (
+            watch.summary.interval,
+            watch.summary.exit_after,
+            watch.summary.until_idle
+        ),
+        (
+            Duration::from_secs(2),
+            Some(Duration::from_secs(30)),
+            Some(Duration::from_secs(4))
+        )
+    );
+}
+
 // ------------------------------------------------------------- end to end
 
 /// KAFKA_BOOTSTRAP_SERVERS, or a broker container of this test process.
@@ -375,11 +433,17 @@ fn read_all(bootstrap: &str, topics: &[&str]) -> Vec<Seen> {
     })
 }
 
-/// Runs the binary with `args` and `env` (warnings only on stderr).
+/// Runs `allocation-tools` with `args` and `env` (warnings only on stderr).
+/// Cargo builds this package's binary before its integration tests; nothing
+/// here runs the worker's.
 fn spawn(args: &[&str], env: &[(&str, String)]) -> std::process::Child {
     let mut vars: Vec<(&str, &str)> = vec![("RUST_LOG", "warn")];
     vars.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
-    spawn_binary(args, &vars)
+    spawn_program(
+        std::path::Path::new(env!("CARGO_BIN_EXE_allocation-tools")),
+        args,
+        &vars,
+    )
 }
 
 /// Its output once it ended by itself with success, within `limit`.
@@ -489,6 +553,18 @@ fn fake_metrics(page: &'static str) -> u16 {
 fn closed_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
+}
+
+/// A bad setting stops the tools' binary as it stops the worker's: one
+/// line naming it, exit code 2.
+#[test]
+fn a_bad_duration_is_a_setting_error() {
+    let child = spawn(
+        &["simulate", "--duration", "soon"],
+        &[("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1".into())],
+    );
+    let (output, _) = output_within(child, Duration::from_secs(20));
+    assert_config_error(&output, "--duration");
 }
 
 #[test]

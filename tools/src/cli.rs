@@ -1,15 +1,49 @@
-//! The flags of the developer tools, `simulate` and `watch`, and the
-//! settings they build.
+//! The command line of `allocation-tools`: `simulate` and `watch`, their
+//! flags, and the settings they build. The connection and topic flags are
+//! the worker's own (`allocation_worker::entrypoints::cli`), so a tool takes
+//! the same flags and environment variables as the worker it feeds.
 
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser, Subcommand};
 
-use super::{ConnectionArgs, InboundTopicArgs, OutboundTopicArgs};
-use crate::configuration::{duration, ConfigError, Connection};
-use crate::tools::generator::{Malformed, WorkloadSettings};
-use crate::tools::simulate::{SimulateSettings, DEFAULT_UNTIL_IDLE};
-use crate::tools::watch::WatchSettings;
+use allocation_worker::configuration::{duration, ConfigError, Connection};
+use allocation_worker::entrypoints::cli::{ConnectionArgs, InboundTopicArgs, OutboundTopicArgs};
+use allocation_worker::telemetry::LogFormat;
+
+use crate::generator::{Malformed, WorkloadSettings};
+use crate::simulate::{SimulateSettings, DEFAULT_UNTIL_IDLE};
+use crate::watch::WatchSettings;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "allocation-tools",
+    version,
+    about = "Developer tools of allocation-worker: feed it a simulated ERP and watch what it decides"
+)]
+pub struct Cli {
+    /// Log output: `text` for people, `json` for machines. Filter with RUST_LOG.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish a realistic, seeded stream of ERP messages to the inbound topics.
+    Simulate(Box<SimulateArgs>),
+    /// Live summary of what the worker decides: outbound topics, dead letters,
+    /// consumer lag and outbox backlog.
+    Watch(Box<WatchArgs>),
+}
 
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
@@ -42,7 +76,7 @@ pub struct SimulateArgs {
     #[arg(long, env = "SIMULATE_MALFORMED", default_value = "0", value_parser = parse_malformed, value_name = "FRACTION|COUNT")]
     pub malformed: MalformedArg,
 
-    /// Show the live summary of `allocation-worker watch` while publishing,
+    /// Show the live summary of `allocation-tools watch` while publishing,
     /// and after it until the worker has been idle for --until-idle.
     #[arg(long)]
     pub watch: bool,

@@ -107,7 +107,7 @@ impl Screen {
         }
         let mut lines = vec![
             format!(
-                "allocation-worker watch · {}s · {}",
+                "allocation-tools watch · {}s · {}",
                 elapsed.as_secs(),
                 if last { "stopped" } else { "Ctrl-C to stop" }
             ),

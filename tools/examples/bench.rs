@@ -8,16 +8,16 @@
 //!
 //! ```text
 //! source scripts/services.sh up
-//! cargo build --release
-//! cargo run --release --example bench -- [--small] [--seed N] [--keep]
+//! cargo build --release --bin allocation-worker
+//! cargo run --release -p allocation-tools --example bench -- [--small] [--seed N] [--keep]
 //! ```
 //!
 //! Environment: `DATABASE_URL` (the role needs CREATEDB),
 //! `KAFKA_BOOTSTRAP_SERVERS`, and `WORKER_BIN` (default
 //! `<target>/release/allocation-worker`).
 //!
-//! The workload is the generator's phased form (`src/tools/generator/`,
-//! the `tools` feature), seeded by `--seed`; it is the stream this program
+//! The workload is the generator's phased form (`tools/src/generator/`),
+//! seeded by `--seed`; it is the stream this program
 //! drew with its own splitmix64 before, message for message:
 //!
 //! 1. stock: N SKUs × 3 batches (one warehouse batch without eta, two dated
@@ -61,8 +61,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool};
 
+use allocation_tools::generator::{GeneratedMessage, Phase, Workload, WorkloadSettings};
 use allocation_worker::adapters::inbound::InboundKind;
-use allocation_worker::tools::generator::{GeneratedMessage, Phase, Workload, WorkloadSettings};
 
 const PARTITIONS: i32 = 3;
 /// The worker's extra librdkafka settings. A short session timeout makes the
@@ -393,9 +393,10 @@ fn worker_bin() -> PathBuf {
             return PathBuf::from(bin);
         }
     }
+    // The workspace's target directory: this package is `tools/` in it.
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join("release").join("allocation-worker")
 }
 
@@ -1468,7 +1469,7 @@ async fn run() -> Res<bool> {
     let bin = worker_bin();
     if !bin.is_file() {
         return fail(format!(
-            "worker binary {} not found; run `cargo build --release` or set WORKER_BIN",
+            "worker binary {} not found; run `cargo build --release --bin allocation-worker` or set WORKER_BIN",
             bin.display()
         ));
     }

@@ -1,4 +1,4 @@
-//! `allocation-worker watch`: a live summary of what the worker decides, for a
+//! `allocation-tools watch`: a live summary of what the worker decides, for a
 //! person at a terminal or a log file.
 //!
 //! Three jobs, a file each, run by [`Watcher`] here:
@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::command_error::CommandError;
-use crate::configuration::Connection;
+use allocation_worker::command_error::CommandError;
+use allocation_worker::configuration::Connection;
 
 pub use count::{Progress, Totals};
 pub use draw::{plain_line, Rates};
@@ -231,7 +231,7 @@ impl Watcher {
     }
 }
 
-/// `allocation-worker watch`.
+/// `allocation-tools watch`.
 pub async fn run(settings: WatchSettings, shutdown: CancellationToken) -> Result<(), CommandError> {
     let watcher = Watcher::start(&settings).await?;
     watcher.run(shutdown, None).await;
