@@ -664,8 +664,11 @@ fn raw_headers(message: &BorrowedMessage<'_>) -> Vec<(String, Option<Vec<u8>>)> 
             let name = unsafe { CStr::from_ptr(name) }
                 .to_string_lossy()
                 .into_owned();
-            let value = (!value.is_null())
-                .then(|| unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec());
+            let value = (!value.is_null()).then(|| {
+                // SAFETY: not null (checked above): `size` readable bytes
+                // that outlive this call, as said of the name.
+                unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+            });
             Some((name, value))
         })
         .collect()
