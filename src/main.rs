@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use clap::error::ErrorKind;
 use clap::Parser;
 
-use allocation_worker::bootstrap;
+use allocation_worker::bootstrap::{self, BootstrapError};
+use allocation_worker::command_error::CommandError;
+use allocation_worker::configuration::ConfigError;
 use allocation_worker::entrypoints::cli::{one_line, Cli, CommandLine};
 use allocation_worker::operations::{quarantine, replay, rewind};
 use allocation_worker::telemetry;
@@ -48,36 +50,36 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             CommandLine::Migrate(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                bootstrap::migrate(&settings)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
+                command(args.settings(), |s| async move {
+                    bootstrap::migrate(&s).await.map_err(failure)
+                })
+                .await
             }
             CommandLine::Run(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                let shutdown = bootstrap::shutdown_on_signals()
-                    .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
-                bootstrap::run(settings, shutdown)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
+                command(args.settings(), |s| async move {
+                    let shutdown = bootstrap::shutdown_on_signals()
+                        .map_err(|e| (1, format!("cannot handle signals: {e}")))?;
+                    bootstrap::run(s, shutdown).await.map_err(failure)
+                })
+                .await
             }
             CommandLine::ReplayDeadLetters(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                replay::run(settings)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
+                command(args.settings(), |s| async {
+                    replay::run(s).await.map_err(failure)
+                })
+                .await
             }
             CommandLine::OutboxQuarantine(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                quarantine::run(settings)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
+                command(args.settings(), |s| async {
+                    quarantine::run(s).await.map_err(failure)
+                })
+                .await
             }
             CommandLine::RewindOffsets(args) => {
-                let settings = args.settings().map_err(|e| (2, e.to_string()))?;
-                rewind::run(settings)
-                    .await
-                    .map_err(|e| (e.exit_code(), e.to_string()))
+                command(args.settings(), |s| async {
+                    rewind::run(s).await.map_err(failure)
+                })
+                .await
             }
         }
     });
@@ -97,4 +99,41 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// How a command ended badly: its exit code and its one-line message.
+type Failed = (u8, String);
+
+/// Runs one command: its settings first (a bad one is exit code 2, before
+/// anything is touched), then `run` on them.
+async fn command<S, F>(
+    settings: Result<S, ConfigError>,
+    run: impl FnOnce(S) -> F,
+) -> Result<(), Failed>
+where
+    F: std::future::Future<Output = Result<(), Failed>>,
+{
+    let settings = settings.map_err(|e| (2, e.to_string()))?;
+    run(settings).await
+}
+
+/// The errors the commands end with, each with its exit code.
+trait Failure: std::fmt::Display {
+    fn exit_code(&self) -> u8;
+}
+
+impl Failure for BootstrapError {
+    fn exit_code(&self) -> u8 {
+        BootstrapError::exit_code(self)
+    }
+}
+
+impl Failure for CommandError {
+    fn exit_code(&self) -> u8 {
+        CommandError::exit_code(self)
+    }
+}
+
+fn failure(error: impl Failure) -> Failed {
+    (error.exit_code(), error.to_string())
 }
