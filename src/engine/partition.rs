@@ -1,15 +1,13 @@
-//! A partition's task: the messages of one partition, in order, a batch at a
+//! A partition's task: the messages of one partition, in order, a chunk at a
 //! time through the [`Processor`], with the waiting rule of
 //! [`crate::engine::tracker`] and the unknown-reference window of
-//! [`crate::engine::window`]. The consumer loop ([`Worker`]) feeds each
-//! task through a bounded queue and a memory bound ([`crate::engine::slots`]).
-//!
-//! A batch's transaction is retried after a back-off while the database is
-//! unavailable, until it commits or the task is told to stop. Waiting
-//! messages are tried again, in order and a batch at a time, after a commit
-//! that created a batch, after some of them settled, and on a timer
-//! (`RetrySchedule`), until they apply or their window closes. The task
-//! stores its partition's offset, never past a message not settled.
+//! [`crate::engine::window`] (docs/design.md, "Late references", says when
+//! waiting messages are tried again). The consumer loop ([`Worker`]) feeds
+//! each task through a bounded queue and a memory bound
+//! ([`crate::engine::slots`]). A chunk's transaction is retried after a
+//! back-off while the database is unavailable, until it commits or the task
+//! is told to stop. The task stores its partition's offset, never past a
+//! message not settled.
 //!
 //! [`Processor`]: crate::engine::processor::Processor
 
@@ -33,12 +31,9 @@ use crate::service_layer::DeadLetterReason;
 
 impl<C: InboundConsumer, S: WorkerStore> Worker<C, S> {
     /// One partition, in order: whatever has queued up (up to the batch
-    /// size) is handled in one transaction. A message naming a SKU or batch
-    /// not known yet waits, and so does every later message naming one of
-    /// the keys of a waiting message ([`Tracker`]); the others flow. Waiting
-    /// messages are tried again, in order and a batch at a time, after a
-    /// commit that created a batch, after some of them settled, and on a
-    /// timer, until they apply or their window closes.
+    /// size) is handled in one transaction; late references wait
+    /// ([`Tracker`]) and are tried again until they apply or their window
+    /// closes.
     pub(super) async fn run_partition(
         &self,
         topic: String,

@@ -1,14 +1,10 @@
-//! The waiting rules of one partition (the contract's dead-letter section),
-//! kept apart from Kafka, the database and time so that they can be tested
-//! on their own (tests/unit/tracker_props.rs checks them against a model).
-//!
-//! Every message of a partition names some keys (a SKU, a batch reference).
-//! A message whose reference is not known yet *waits*; so does every later
-//! message of the partition that names one of the keys of a waiting message,
-//! and its own keys then hold back the messages after it. Each key's messages
-//! thus apply in the order of the partition, while messages naming other keys
-//! flow past. The offset that is safe to store never passes a message that is
-//! not settled yet (in hand or waiting), so a crash sees it again.
+//! The waiting rule of one partition (docs/contract.md §5, "Late
+//! references"; docs/design.md, "Late references"), kept apart from Kafka,
+//! the database and time so that it can be tested on its own
+//! (tests/unit/tracker_props.rs checks it against a model). A message's
+//! keys are its SKU and batch references. The offset that is safe to store
+//! never passes a message that is not settled yet (in hand or waiting), so
+//! a crash sees it again.
 //!
 //! The tracker does not run anything: the partition task asks it whether a
 //! new message may go ahead ([`Tracker::admit`]), tells it what became of the

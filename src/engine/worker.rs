@@ -6,15 +6,11 @@
 //!
 //! Partitions run concurrently, one task each, in order within a partition;
 //! a partition whose task is full is paused, so the consumer loop never
-//! waits for one. A message naming a SKU or batch not known yet waits (see
-//! [`crate::engine::tracker`]), with the later messages of its partition
-//! that name the same SKU or batch behind it, while the others flow; it is
-//! dead-lettered once its window of usable time
-//! ([`crate::engine::window`]) has passed. This loop runs that window's
-//! clock and keeps the waiting gauges. The partition's stored offset never
-//! passes a waiting message, and redelivered messages are recognised by their
-//! idempotency key. On revocation, a partition's task finishes or abandons
-//! its batch and its offsets are committed before the partition goes.
+//! waits for one. Late references wait (the rule: docs/contract.md §5; how:
+//! docs/design.md, "Late references"); this loop runs their window's clock
+//! ([`crate::engine::window`]) and keeps the waiting gauges. On revocation,
+//! a partition's task finishes or abandons its batch and its offsets are
+//! committed before the partition goes.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
