@@ -33,9 +33,21 @@
 //! The developer tools (`simulate`, `watch`, the generator and the
 //! benchmark) are a crate of their own in this workspace, `tools/`
 //! (`allocation-tools`), built on the public items of this one.
+//!
+//! # What is public
+//!
+//! The modules are public because three other crates reach into them: the
+//! binary (`src/main.rs`: the command line, `bootstrap`, `operations`,
+//! `telemetry`), the developer tools (`tools/`: the clients, topic readers
+//! and settings they share with the worker), and the test crates (`tests/`:
+//! the engine's simulation drives `engine::worker::Worker` on fakes of the
+//! `adapters::consumer` and `service_layer` traits; the adapter tests drive
+//! `adapters::postgres` and `adapters::relay` directly; the unit tests drive
+//! `domain` and `service_layer`). Within a module an item is `pub` only when
+//! one of them uses it, `pub(crate)` otherwise.
 
 /// The crate version this binary was built as.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The git commit this binary was built from (`git rev-parse --short HEAD`
 /// by build.rs), `ALLOCATION_WORKER_REVISION` when set at build time (Docker

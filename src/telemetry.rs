@@ -34,13 +34,13 @@ use tracing_subscriber::{EnvFilter, Layer};
 use crate::adapters::inbound::{InboundMessage, MessageContext};
 
 /// The variable that turns traces on.
-pub const OTLP_ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub(crate) const OTLP_ENDPOINT_VAR: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 /// Whether spans are exported; read on every batch, so a plain flag.
 static TRACES: AtomicBool = AtomicBool::new(false);
 
 /// True when spans are exported.
-pub fn traces_enabled() -> bool {
+pub(crate) fn traces_enabled() -> bool {
     TRACES.load(Ordering::Relaxed)
 }
 
@@ -237,7 +237,7 @@ impl Extractor for Headers<'_> {
 /// `traceparent` (and `tracestate`) become this span's, so that the events
 /// the message causes carry the trace on to their subscribers. `None`, and
 /// `context` untouched, when traces are off.
-pub fn message_span(
+pub(crate) fn message_span(
     message: &InboundMessage,
     context: &mut MessageContext,
 ) -> Option<tracing::Span> {

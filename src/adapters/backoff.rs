@@ -5,22 +5,22 @@ use std::time::Duration;
 
 /// Exponential back-off from 100 ms to 5 s, for outages of the database or broker.
 #[derive(Debug, Default)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     failures: u32,
 }
 
 impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let delay = Duration::from_millis(100u64.saturating_mul(1 << self.failures.min(6)));
         self.failures = self.failures.saturating_add(1);
         delay.min(Duration::from_secs(5))
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.failures = 0;
     }
 
-    pub fn failures(&self) -> u32 {
+    pub(crate) fn failures(&self) -> u32 {
         self.failures
     }
 }

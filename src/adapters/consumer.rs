@@ -22,7 +22,7 @@ use rdkafka::error::KafkaError;
 use super::inbound::InboundMessage;
 
 /// A future the consumer's owner returns from a hand-over.
-pub type HandOverFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+pub(crate) type HandOverFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// What the consumer's owner does with partitions about to be revoked,
 /// before their offsets are committed and they are released: stop working

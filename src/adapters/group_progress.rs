@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 /// than from commits, which trail it by the auto-commit interval.
 /// Blocking: a metadata request, an offset fetch, and a watermark request
 /// per partition, each bounded by `timeout`.
-pub fn group_unread<C: ConsumerContext>(
+pub(crate) fn group_unread<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
     topic: &str,
     timeout: Duration,

@@ -61,13 +61,13 @@ impl PollClock {
     }
 
     /// The loop is about to wait for the next message.
-    pub fn polling(&self) {
+    pub(crate) fn polling(&self) {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
         self.waiting.store(true, Ordering::Relaxed);
     }
 
     /// The loop got a message (or an error) and goes to hand it on.
-    pub fn polled(&self) {
+    pub(crate) fn polled(&self) {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
         self.waiting.store(false, Ordering::Relaxed);
     }
@@ -75,7 +75,7 @@ impl PollClock {
     /// How long the loop has been away from the consumer: zero while it
     /// waits for a message, `None` before it ever polled (the worker is still
     /// starting: waiting for the database, say).
-    pub fn away(&self) -> Option<Duration> {
+    pub(crate) fn away(&self) -> Option<Duration> {
         let last = self.last_ms.load(Ordering::Relaxed);
         if last == 0 {
             return None;
@@ -100,11 +100,11 @@ pub struct FailingPartitions {
 
 /// A partition that has failed for a while: since how long, and its last error.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stalled {
-    pub topic: String,
-    pub partition: i32,
-    pub for_: Duration,
-    pub error: String,
+pub(crate) struct Stalled {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) for_: Duration,
+    pub(crate) error: String,
 }
 
 impl FailingPartitions {
@@ -114,7 +114,7 @@ impl FailingPartitions {
     }
 
     /// An attempt at a batch of `topic`/`partition` failed with `error`.
-    pub fn failed(&self, topic: &str, partition: i32, error: &str) {
+    pub(crate) fn failed(&self, topic: &str, partition: i32, error: &str) {
         let mut failing = self.lock();
         let entry = failing
             .entry((topic.to_owned(), partition))
@@ -123,7 +123,7 @@ impl FailingPartitions {
     }
 
     /// The partition's batch committed, or its task stopped.
-    pub fn recovered(&self, topic: &str, partition: i32) {
+    pub(crate) fn recovered(&self, topic: &str, partition: i32) {
         let mut failing = self.lock();
         // Called after every batch; nearly always there is nothing to
         // remove, and no key need be made.
@@ -134,7 +134,7 @@ impl FailingPartitions {
 
     /// The partition failing the longest, if it has failed for at least
     /// `longer_than`.
-    pub fn stalled(&self, longer_than: Duration) -> Option<Stalled> {
+    pub(crate) fn stalled(&self, longer_than: Duration) -> Option<Stalled> {
         let failing = self.lock();
         let ((topic, partition), (since, error)) =
             failing.iter().min_by_key(|(_, (since, _))| *since)?;
@@ -150,7 +150,7 @@ impl FailingPartitions {
 
 /// Whether the database has every migration this binary embeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Schema {
+pub(crate) enum Schema {
     Current,
     /// Some are missing: the newest applied (`None`: none at all) and the
     /// newest this binary needs.
@@ -164,7 +164,7 @@ pub enum Schema {
 
 impl Schema {
     /// The reason `/readyz` gives, one line.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         match self {
             Schema::Current => "schema current".to_owned(),
             Schema::Behind {
@@ -185,7 +185,7 @@ impl Schema {
 /// A database that also has migrations this binary does not know (a newer
 /// version's) counts as current here: whether this binary may still run on
 /// it is the upgrade procedure's business (README "Upgrades").
-pub async fn schema(pool: &PgPool) -> Schema {
+pub(crate) async fn schema(pool: &PgPool) -> Schema {
     let needed: BTreeSet<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     let Some(&needs) = needed.last() else {
         return Schema::Current;

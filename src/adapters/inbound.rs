@@ -13,18 +13,18 @@ use crate::service_layer::Idempotent;
 
 /// The header a replayed message carries (set by `replay-dead-letters`):
 /// where it was first read, `topic/partition/offset`.
-pub const REPLAY_ORIGINAL_POSITION_HEADER: &str = "replay.original-position";
+pub(crate) const REPLAY_ORIGINAL_POSITION_HEADER: &str = "replay.original-position";
 
 /// Where a message stands in the order of its partition: its own offset, or,
 /// for a replay back to the partition it was first read from, the offset it
 /// was first read at (its `replay.original-position`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrderPosition {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
+pub(crate) struct OrderPosition {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
     /// True for a replay: it may be older than what was applied since.
-    pub replayed: bool,
+    pub(crate) replayed: bool,
 }
 
 /// An inbound Kafka message as the worker keeps it: owned, Kafka-type free.
@@ -40,7 +40,7 @@ pub struct InboundMessage {
 }
 
 impl InboundMessage {
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
+    pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -51,7 +51,7 @@ impl InboundMessage {
     /// [`OrderPosition`]). A `replay.original-position` that does not parse,
     /// or names another topic or partition, is ignored: the message then
     /// counts as read where it is.
-    pub fn order_position(&self) -> OrderPosition {
+    pub(crate) fn order_position(&self) -> OrderPosition {
         let original = self
             .header(REPLAY_ORIGINAL_POSITION_HEADER)
             .and_then(|v| std::str::from_utf8(v).ok())
@@ -73,7 +73,7 @@ impl InboundMessage {
 
     /// `ce_id` when the producer set one (so a re-publish is recognised),
     /// otherwise the message's position, which a redelivery shares.
-    pub fn context(&self) -> MessageContext {
+    pub(crate) fn context(&self) -> MessageContext {
         // A ce_id that is not clean text (invalid UTF-8 would collide once
         // converted; NUL cannot be stored) identifies nothing: use the position.
         let ce_id = self
@@ -120,7 +120,7 @@ pub enum InboundKind {
 }
 
 impl InboundKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             InboundKind::BatchCreated => "BatchCreated",
             InboundKind::BatchQuantityChanged => "BatchQuantityChanged",

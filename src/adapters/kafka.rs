@@ -66,7 +66,7 @@ impl Topics {
         ]
     }
 
-    pub fn inbound_kind(&self, topic: &str) -> Option<InboundKind> {
+    pub(crate) fn inbound_kind(&self, topic: &str) -> Option<InboundKind> {
         if topic == self.batch_created {
             Some(InboundKind::BatchCreated)
         } else if topic == self.batch_quantity_changed {
@@ -78,7 +78,7 @@ impl Topics {
         }
     }
 
-    pub fn outbound(&self, kind: OutboxKind) -> &str {
+    pub(crate) fn outbound(&self, kind: OutboxKind) -> &str {
         match kind {
             OutboxKind::Allocated => &self.allocated,
             OutboxKind::Deallocated => &self.deallocated,
@@ -115,7 +115,7 @@ impl KafkaSettings {
     /// A consumer that stores offsets only when told to (after the message's
     /// effects are durable) and auto-commits what was stored. Its group
     /// membership goes to `health` (`consumer_assigned`), for `/readyz`.
-    pub fn consumer(
+    pub(crate) fn consumer(
         &self,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -145,7 +145,7 @@ impl KafkaSettings {
     }
 
     /// An admin client, for reading the inbound topics' settings at start.
-    pub fn admin(
+    pub(crate) fn admin(
         &self,
     ) -> Result<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>, KafkaError>
     {
@@ -193,18 +193,18 @@ pub struct WorkerContext {
 
 impl WorkerContext {
     /// How far the consumer has read, from its statistics.
-    pub fn reading(&self) -> Arc<Reading> {
+    pub(crate) fn reading(&self) -> Arc<Reading> {
         Arc::clone(&self.reading)
     }
 
     /// Sets what is done with revoked partitions (once; later calls are
     /// ignored).
-    pub fn set_hand_over(&self, hand_over: Arc<dyn HandOver>) {
+    pub(crate) fn set_hand_over(&self, hand_over: Arc<dyn HandOver>) {
         let _ = self.hand_over.set(hand_over);
     }
 
     /// True between an assignment and the next revocation.
-    pub fn is_assigned(&self) -> bool {
+    pub(crate) fn is_assigned(&self) -> bool {
         self.health
             .as_ref()
             .is_some_and(|h| h.consumer_assigned.load(Ordering::Relaxed))
@@ -217,7 +217,7 @@ pub struct KafkaConsumer {
 }
 
 impl KafkaConsumer {
-    pub fn new(consumer: StreamConsumer<WorkerContext>) -> Self {
+    pub(crate) fn new(consumer: StreamConsumer<WorkerContext>) -> Self {
         Self {
             consumer: Arc::new(consumer),
         }
@@ -312,7 +312,7 @@ impl InboundConsumer for KafkaConsumer {
 /// statistics report them, forgotten at every rebalance so that a report
 /// never speaks of another assignment.
 #[derive(Debug, Default)]
-pub struct Reading {
+pub(crate) struct Reading {
     state: Mutex<ReadingState>,
 }
 
@@ -328,7 +328,7 @@ impl Reading {
     /// Unread messages of each assigned partition of `topic`, per the latest
     /// statistics; `None` when there is no report since the latest rebalance,
     /// or the latest is older than `fresh`.
-    pub fn unread(&self, topic: &str, fresh: std::time::Duration) -> Option<Vec<i64>> {
+    pub(crate) fn unread(&self, topic: &str, fresh: std::time::Duration) -> Option<Vec<i64>> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.reported.is_none_or(|at| at.elapsed() > fresh) {
             return None;
@@ -403,7 +403,7 @@ fn unread_of(p: &rdkafka::statistics::Partition) -> i64 {
 /// the matching level. The properties of `KAFKA_PROPERTIES` go to consumers
 /// and producers alike, and each ignores the other's with a warning that is
 /// noise, not news: that one is logged at debug.
-pub fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
+pub(crate) fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, message: &str) {
     if fac == "CONFWARN" && message.contains("will be ignored by this") {
         tracing::debug!(target: "librdkafka", fac, "{message}");
         return;
@@ -537,7 +537,7 @@ impl ConsumerContext for WorkerContext {
 /// partitions' offsets. Past it the partitions are released all the same:
 /// what was stored and not committed is consumed again by the next owner and
 /// found processed (contract §6.2).
-pub const REVOKE_COMMIT_BOUND: Duration = Duration::from_secs(5);
+pub(crate) const REVOKE_COMMIT_BOUND: Duration = Duration::from_secs(5);
 
 /// Commits the offsets stored for the consumer's current assignment and
 /// waits at most `bound` for the coordinator's answer. rdkafka's
@@ -545,7 +545,7 @@ pub const REVOKE_COMMIT_BOUND: Duration = Duration::from_secs(5);
 /// coordinator is unknown or silent. The commit is sent through a queue of
 /// our own, polled with a timeout; a commit still in flight at the bound
 /// goes on in librdkafka, its answer dropped with the queue.
-pub fn commit_stored_within<C: ConsumerContext>(
+pub(crate) fn commit_stored_within<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     bound: Duration,
 ) -> Result<(), KafkaError> {
@@ -619,7 +619,7 @@ fn partition_names(tpl: &rdkafka::TopicPartitionList) -> Vec<String> {
 /// An owned, Kafka-type-free copy of a consumed message. Taken at once so
 /// that no borrowed message outlives the poll (a consumer dropped while one is
 /// alive blocks forever).
-pub fn to_inbound(message: &BorrowedMessage<'_>) -> InboundMessage {
+pub(crate) fn to_inbound(message: &BorrowedMessage<'_>) -> InboundMessage {
     InboundMessage {
         topic: message.topic().to_owned(),
         partition: message.partition(),

@@ -13,31 +13,30 @@ use crate::service_layer::DeadLetterReason;
 
 pub struct Metrics {
     registry: Registry,
-    pub messages_consumed: IntCounterVec,
-    pub handling_duration: HistogramVec,
-    pub batch_messages: Histogram,
-    pub events_published: IntCounterVec,
-    pub dead_letters: IntCounterVec,
-    pub outbox_backlog: IntGauge,
-    pub outbox_oldest_age: prometheus::Gauge,
-    pub outbox_quarantined: IntGauge,
-    pub outbox_quarantined_total: IntCounter,
-    pub consumer_lag: IntGaugeVec,
-    pub concurrency_retries: IntCounter,
-    pub ready: IntGauge,
-    pub build_info: IntGaugeVec,
-    pub retention_removed: IntCounterVec,
-    pub retention_kept: IntGaugeVec,
-    pub waiting_messages: IntGaugeVec,
-    pub waiting_oldest_age: GaugeVec,
-    pub consumer_errors: IntCounterVec,
+    pub(crate) messages_consumed: IntCounterVec,
+    pub(crate) handling_duration: HistogramVec,
+    pub(crate) batch_messages: Histogram,
+    pub(crate) events_published: IntCounterVec,
+    pub(crate) dead_letters: IntCounterVec,
+    pub(crate) outbox_backlog: IntGauge,
+    pub(crate) outbox_oldest_age: prometheus::Gauge,
+    pub(crate) outbox_quarantined: IntGauge,
+    pub(crate) outbox_quarantined_total: IntCounter,
+    pub(crate) consumer_lag: IntGaugeVec,
+    pub(crate) concurrency_retries: IntCounter,
+    pub(crate) ready: IntGauge,
+    pub(crate) retention_removed: IntCounterVec,
+    pub(crate) retention_kept: IntGaugeVec,
+    pub(crate) waiting_messages: IntGaugeVec,
+    pub(crate) waiting_oldest_age: GaugeVec,
+    pub(crate) consumer_errors: IntCounterVec,
     /// The worker's database pool, read at scrape time: connections by
     /// state (`in_use`, which counts those the partitions keep between
     /// batches, and `idle`), its size limit, and the batch attempts waiting
     /// for a connection or a share of the pool.
-    pub db_pool_connections: IntGaugeVec,
-    pub db_pool_max_connections: IntGauge,
-    pub db_pool_waiting: IntGauge,
+    pub(crate) db_pool_connections: IntGaugeVec,
+    pub(crate) db_pool_max_connections: IntGauge,
+    pub(crate) db_pool_waiting: IntGauge,
     pub statement_timeouts: IntCounter,
 }
 
@@ -250,7 +249,6 @@ impl Metrics {
             consumer_lag,
             concurrency_retries,
             ready,
-            build_info,
             retention_removed,
             retention_kept,
             waiting_messages,
@@ -273,14 +271,14 @@ impl Metrics {
 
 impl Metrics {
     /// Counts an error the consumer returned instead of a message, by kind.
-    pub fn consumer_error(&self, error: &rdkafka::error::KafkaError) {
+    pub(crate) fn consumer_error(&self, error: &rdkafka::error::KafkaError) {
         self.consumer_errors
             .with_label_values(&[ConsumerErrorKind::of(error).as_str()])
             .inc();
     }
 
     /// Reads the pool's gauges from `pool` (at scrape time).
-    pub fn observe_pool(&self, pool: &sqlx::PgPool) {
+    pub(crate) fn observe_pool(&self, pool: &sqlx::PgPool) {
         let size = i64::from(pool.size());
         let idle = i64::try_from(pool.num_idle()).unwrap_or(i64::MAX);
         self.db_pool_connections
@@ -294,7 +292,7 @@ impl Metrics {
     }
 
     /// Creates the consumed-message series of `topics` at 0 (see `new`).
-    pub fn init_topics(&self, topics: &[&str]) {
+    pub(crate) fn init_topics(&self, topics: &[&str]) {
         for topic in topics {
             for outcome in ["applied", "duplicate", "dead_lettered", "superseded"] {
                 self.messages_consumed.with_label_values(&[topic, outcome]);
@@ -305,12 +303,12 @@ impl Metrics {
 
 /// The tables retention trims (adapters/retention.rs), as named in the
 /// `table` label of its metrics.
-pub const RETENTION_TABLES: [&str; 2] = ["processed_messages", "outbox"];
+pub(crate) const RETENTION_TABLES: [&str; 2] = ["processed_messages", "outbox"];
 
 /// What a consumer error means for the partition it came from: the
 /// `kind` label of `allocation_consumer_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConsumerErrorKind {
+pub(crate) enum ConsumerErrorKind {
     /// librdkafka cannot decode a message set: compressed with a codec it was
     /// built without, corrupt, or failing its CRC. It reports the error again
     /// at every fetch of that offset: the partition stays at that message
@@ -322,10 +320,10 @@ pub enum ConsumerErrorKind {
 }
 
 impl ConsumerErrorKind {
-    pub const ALL: [ConsumerErrorKind; 2] =
+    pub(crate) const ALL: [ConsumerErrorKind; 2] =
         [ConsumerErrorKind::Undecodable, ConsumerErrorKind::Other];
 
-    pub fn of(error: &rdkafka::error::KafkaError) -> Self {
+    pub(crate) fn of(error: &rdkafka::error::KafkaError) -> Self {
         use rdkafka::types::RDKafkaErrorCode as Code;
         match error {
             rdkafka::error::KafkaError::MessageConsumption(code)
@@ -344,7 +342,7 @@ impl ConsumerErrorKind {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ConsumerErrorKind::Undecodable => "undecodable",
             ConsumerErrorKind::Other => "other",

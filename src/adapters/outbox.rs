@@ -30,14 +30,14 @@ pub enum OutboxKind {
 }
 
 impl OutboxKind {
-    pub const ALL: [OutboxKind; 4] = [
+    pub(crate) const ALL: [OutboxKind; 4] = [
         OutboxKind::Allocated,
         OutboxKind::Deallocated,
         OutboxKind::OutOfStock,
         OutboxKind::DeadLetter,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OutboxKind::Allocated => "Allocated",
             OutboxKind::Deallocated => "Deallocated",
@@ -46,13 +46,13 @@ impl OutboxKind {
         }
     }
 
-    pub fn parse(value: &str) -> Option<Self> {
+    pub(crate) fn parse(value: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == value)
     }
 
     /// The `ce_type` of an event's kind; `None` for a dead letter, which
     /// carries the inbound message's headers instead.
-    pub fn ce_type(self) -> Option<&'static str> {
+    pub(crate) fn ce_type(self) -> Option<&'static str> {
         match self {
             OutboxKind::Allocated => Some("allocation.Allocated"),
             OutboxKind::Deallocated => Some("allocation.Deallocated"),
@@ -194,7 +194,7 @@ pub fn dead_letter_record(
 
 /// Header added to a dead letter whose value the broker refused as too large
 /// (see the relay); the original stays at `dlq.original.*` on its topic.
-pub const VALUE_OMITTED_HEADER: &str = "dlq.value-omitted";
+pub(crate) const VALUE_OMITTED_HEADER: &str = "dlq.value-omitted";
 
 /// Longest `dlq.error`: serde quotes the offending value, which can be huge.
 const MAX_DLQ_ERROR: usize = 1024;
@@ -213,14 +213,14 @@ fn truncate(text: &str, max: usize) -> String {
 /// Outbox records as the columns of one set-based insert.
 #[derive(Default)]
 pub(crate) struct OutboxColumns<'a> {
-    pub kinds: Vec<&'static str>,
-    pub keys: Vec<Option<&'a [u8]>>,
-    pub payloads: Vec<Option<&'a [u8]>>,
-    pub headers: Vec<Vec<u8>>,
+    pub(crate) kinds: Vec<&'static str>,
+    pub(crate) keys: Vec<Option<&'a [u8]>>,
+    pub(crate) payloads: Vec<Option<&'a [u8]>>,
+    pub(crate) headers: Vec<Vec<u8>>,
 }
 
 impl<'a> OutboxColumns<'a> {
-    pub fn new(records: &'a [OutboxRecord]) -> Result<Self, HeaderTooLarge> {
+    pub(crate) fn new(records: &'a [OutboxRecord]) -> Result<Self, HeaderTooLarge> {
         let mut columns = Self::default();
         for record in records {
             columns.kinds.push(record.kind.as_str());

@@ -17,14 +17,14 @@ use sqlx::PgPool;
 pub struct QuarantinedRow {
     /// Its id in the outbox when it was quarantined.
     pub id: i64,
-    pub kind: String,
-    pub message_key: Option<Vec<u8>>,
+    pub(crate) kind: String,
+    pub(crate) message_key: Option<Vec<u8>>,
     /// Value and headers, in bytes.
-    pub bytes: i64,
-    pub created_at: DateTime<Utc>,
-    pub quarantined_at: DateTime<Utc>,
-    pub attempts: i32,
-    pub error: String,
+    pub(crate) bytes: i64,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) quarantined_at: DateTime<Utc>,
+    pub(crate) attempts: i32,
+    pub(crate) error: String,
 }
 
 /// Which quarantined rows a command acts on.

@@ -77,7 +77,7 @@ const MAX_PASS_BYTES: i64 = 16 * 1024 * 1024;
 /// How many shards the outbox has: the modulus in `outbox_shard()`
 /// (migration `20261206000020`). Changing it needs a migration that
 /// rewrites the pending rows' shards, with every relay stopped.
-pub const SHARDS: i16 = 32;
+pub(crate) const SHARDS: i16 = 32;
 
 /// The lock of the single relay of versions before the shards, which took
 /// it exclusively for each pass. Every relay of this version holds it shared
@@ -115,7 +115,7 @@ const IDLE_SESSION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts at a row the broker refuses (topic missing or not authorised,
 /// record refused) before it is quarantined: a topic being created, or an
 /// ACL being granted, gets a few seconds.
-pub const MAX_REFUSALS: u32 = 5;
+pub(crate) const MAX_REFUSALS: u32 = 5;
 
 /// Per-key back-off after a failure: from 100 ms, doubling, to 5 s.
 const KEY_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -141,7 +141,7 @@ pub struct OutboundRecord<'a> {
     pub topic: &'a str,
     pub key: Option<&'a [u8]>,
     pub payload: Option<&'a [u8]>,
-    pub headers: Vec<(&'a str, &'a [u8])>,
+    pub(crate) headers: Vec<(&'a str, &'a [u8])>,
 }
 
 /// Resolves once the broker acknowledged a record (`Ok`) or its delivery
@@ -274,7 +274,7 @@ impl<C> Default for State<C> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantine {
     pub id: i64,
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     pub error: String,
 }
 
@@ -387,7 +387,7 @@ pub struct PgRelayStore {
 }
 
 impl PgRelayStore {
-    pub fn new(pool: PgPool) -> Self {
+    pub(crate) fn new(pool: PgPool) -> Self {
         Self { pool }
     }
 }
@@ -1370,7 +1370,7 @@ fn verdict(error: &KafkaError) -> Verdict {
 /// Unsent outbox rows and the age of the oldest, in seconds. Looked up by
 /// primary key, like the relay's rows, not joined: the outbox keeps every row
 /// ever written.
-pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
+pub(crate) async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 \
          FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox_pending))",

@@ -49,7 +49,7 @@ pub struct RetentionSettings {
 impl RetentionSettings {
     /// Time between passes: a quarter of the shorter retention, between 1 s
     /// and 1 min. Rows are kept at most that much longer than their retention.
-    pub fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         (self.idempotency.min(self.outbox) / 4)
             .clamp(Duration::from_secs(1), Duration::from_secs(60))
     }
@@ -98,7 +98,7 @@ impl Retention {
     /// Passes every [`RetentionSettings::interval`] until `shutdown`. An
     /// error (database unreachable, schema not there yet) ends the pass; the
     /// next one tries again.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+    pub(crate) async fn run_until_stopped(self, shutdown: CancellationToken) {
         let interval = self.settings.interval();
         tracing::info!(
             idempotency = %humantime::format_duration(self.settings.idempotency),

@@ -26,11 +26,11 @@ use crate::configuration::ConfigError;
 const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The setting the check is about, as the error names it.
-pub const SETTING: &str = "IDEMPOTENCY_RETENTION (--idempotency-retention)";
+pub(crate) const SETTING: &str = "IDEMPOTENCY_RETENTION (--idempotency-retention)";
 
 /// What one topic says of how long it keeps messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Redelivery {
+pub(crate) enum Redelivery {
     /// Up to this long after they were written: retention plus segment time.
     Within(Duration),
     /// For ever (`retention.ms = -1`).
@@ -40,7 +40,7 @@ pub enum Redelivery {
 }
 
 /// Reads what `retention.ms` and `segment.ms` of a topic come to.
-pub fn redelivery_of(result: &ConfigResourceResult) -> Redelivery {
+pub(crate) fn redelivery_of(result: &ConfigResourceResult) -> Redelivery {
     let resource = match result {
         Ok(resource) => resource,
         Err(code) => return Redelivery::Unknown(format!("the broker answered {code}")),
@@ -76,7 +76,7 @@ pub fn redelivery_of(result: &ConfigResourceResult) -> Redelivery {
 
 /// The decision for one topic: `Err` when `idempotency` is not longer than
 /// what the topic can redeliver; otherwise a warning to log, if any.
-pub fn judge(
+pub(crate) fn judge(
     topic: &str,
     redelivery: &Redelivery,
     idempotency: Duration,
@@ -108,7 +108,7 @@ pub fn judge(
 
 /// Checks `idempotency` against every topic of `topics`, with `admin`.
 /// `Err` refuses the start; otherwise the warnings to log.
-pub async fn check(
+pub(crate) async fn check(
     admin: &AdminClient<DefaultClientContext>,
     topics: &[&str],
     idempotency: Duration,

@@ -34,7 +34,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// librdkafka refused the properties when a client was made (an unknown
     /// name, a bad value): a setting error too.
-    pub fn refused_property(error: rdkafka::error::KafkaError) -> Self {
+    pub(crate) fn refused_property(error: rdkafka::error::KafkaError) -> Self {
         Self {
             setting: "KAFKA_PROPERTIES / KAFKA_PROPERTY_<NAME> / --kafka-property",
             reason: error.to_string(),
@@ -45,27 +45,27 @@ impl ConfigError {
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
 pub struct RunSettings {
-    pub database: DatabaseSettings,
-    pub kafka: KafkaSettings,
-    pub topics: Topics,
-    pub migrate: bool,
-    pub http_addr: std::net::SocketAddr,
+    pub(crate) database: DatabaseSettings,
+    pub(crate) kafka: KafkaSettings,
+    pub(crate) topics: Topics,
+    pub(crate) migrate: bool,
+    pub(crate) http_addr: std::net::SocketAddr,
     /// The read model's own listener, if any (`READ_MODEL_ADDR`).
-    pub read_model_addr: Option<std::net::SocketAddr>,
+    pub(crate) read_model_addr: Option<std::net::SocketAddr>,
     /// The read model's own pool (`READ_MODEL_MAX_CONNECTIONS`).
-    pub read_model_max_connections: u32,
-    pub worker: WorkerSettings,
-    pub retention: RetentionSettings,
-    pub health_poll_timeout: Duration,
+    pub(crate) read_model_max_connections: u32,
+    pub(crate) worker: WorkerSettings,
+    pub(crate) retention: RetentionSettings,
+    pub(crate) health_poll_timeout: Duration,
     /// `/readyz` fails once a partition has failed its batch this long.
-    pub partition_stall_timeout: Duration,
+    pub(crate) partition_stall_timeout: Duration,
 }
 
 /// Where PostgreSQL is, and how many connections the worker may open.
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
-    pub options: PgConnectOptions,
-    pub max_connections: u32,
+    pub(crate) options: PgConnectOptions,
+    pub(crate) max_connections: u32,
 }
 
 impl DatabaseSettings {
@@ -73,7 +73,7 @@ impl DatabaseSettings {
     /// names (`file`): exactly one of them. A blank `url` counts as not set,
     /// as an empty variable in a manifest often is. The URL is never echoed
     /// back: it usually holds a password.
-    pub fn from_url_or_file(
+    pub(crate) fn from_url_or_file(
         url: Option<&str>,
         file: Option<&std::path::Path>,
         max_connections: u32,
@@ -159,7 +159,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(
+    pub(crate) fn new(
         bootstrap_servers: &str,
         properties: Vec<(String, String)>,
     ) -> Result<Self, ConfigError> {

@@ -37,7 +37,7 @@ pub enum Command {
 
 impl Command {
     /// A stable, low-cardinality name, used in logs and metric labels.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Command::CreateBatch(_) => "CreateBatch",
             Command::ChangeBatchQuantity(_) => "ChangeBatchQuantity",

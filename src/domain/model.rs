@@ -284,7 +284,7 @@ impl Product {
     }
 
     /// Changes made since the last [`Self::take_changes`], oldest first.
-    pub fn changes(&self) -> &[Change] {
+    pub(crate) fn changes(&self) -> &[Change] {
         &self.changes
     }
 

@@ -27,10 +27,10 @@ use crate::telemetry;
 /// [`Processor::plan`], and whether its window has closed (an unknown
 /// reference is then dead-lettered rather than `Deferred`).
 #[derive(Debug, Clone, Copy)]
-pub struct Planned<'a> {
-    pub message: &'a InboundMessage,
-    pub plan: &'a Plan,
-    pub give_up: bool,
+pub(crate) struct Planned<'a> {
+    pub(crate) message: &'a InboundMessage,
+    pub(crate) plan: &'a Plan,
+    pub(crate) give_up: bool,
 }
 
 /// Handles batches of messages, one transaction per batch. It keeps
@@ -98,22 +98,22 @@ impl<S: WorkerStore> Processor<S> {
         }
     }
 
-    pub fn topics(&self) -> &Topics {
+    pub(crate) fn topics(&self) -> &Topics {
         &self.topics
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// Hands the connections kept between batches back to the pool, and
     /// keeps none from now on (see [`WorkerStore::close`]).
-    pub fn close_connections(&self) {
+    pub(crate) fn close_connections(&self) {
         WorkerStore::close(&self.store);
     }
 
     /// Changes after every commit that applied a BatchCreated.
-    pub fn references_changed(&self) -> watch::Receiver<u64> {
+    pub(crate) fn references_changed(&self) -> watch::Receiver<u64> {
         self.references.subscribe()
     }
 
@@ -131,7 +131,7 @@ impl<S: WorkerStore> Processor<S> {
     /// The error of an attempt that outlived `bound` (see
     /// `TRANSACTION_TIMEOUT`): the database counts as unreachable until an
     /// attempt succeeds, as after any other lost connection.
-    pub fn attempt_timed_out(&self, bound: std::time::Duration) -> RepositoryError {
+    pub(crate) fn attempt_timed_out(&self, bound: std::time::Duration) -> RepositoryError {
         self.store_reachable.store(false, Ordering::Relaxed);
         RepositoryError::Unavailable(
             format!(
@@ -182,7 +182,7 @@ impl<S: WorkerStore> Processor<S> {
     /// lowest offset not yet settled as the batch begins: it is recorded
     /// with the batch, for a rewind after a restore of the database
     /// ([`ReadPosition`]).
-    pub async fn process_planned(
+    pub(crate) async fn process_planned(
         &self,
         chunk: &[Planned<'_>],
         resume_from: Option<i64>,
@@ -286,7 +286,7 @@ impl<S: WorkerStore> Processor<S> {
     }
 
     /// Decodes a message: what to do with it, and the keys it names.
-    pub fn plan(&self, message: &InboundMessage) -> Plan {
+    pub(crate) fn plan(&self, message: &InboundMessage) -> Plan {
         let Some(kind) = self.topics.inbound_kind(&message.topic) else {
             let error = format!("topic {} is not an inbound topic", message.topic);
             return Plan::DeadLetter(DeadLetterReason::UnknownTopic, error);

@@ -95,11 +95,6 @@ impl<K: Eq + Hash + Clone, T> Tracker<K, T> {
             .collect()
     }
 
-    /// What is kept of a waiting message.
-    pub fn waiting_item(&self, offset: i64) -> Option<&T> {
-        self.waiting.get(&offset).map(|w| &w.item)
-    }
-
     /// Every waiting message, in offset order.
     pub fn waiting(&self) -> impl Iterator<Item = (i64, &T)> {
         self.waiting.iter().map(|(o, w)| (*o, &w.item))
@@ -127,7 +122,7 @@ impl<K: Eq + Hash + Clone, T> Tracker<K, T> {
 
     /// Drops everything (the partition was revoked); what was not settled is
     /// read again by whoever owns the partition next.
-    pub fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.in_hand.clear();
         self.waiting.clear();
         self.held.clear();

@@ -22,18 +22,18 @@ use tokio::time::Instant;
 /// the window would wake to find every waiting message's window closed, and
 /// dead-letter late references the group had not read yet.
 #[derive(Debug)]
-pub struct UsableClock {
+pub(crate) struct UsableClock {
     counted: Duration,
     /// When the conditions were last seen to hold, while they do.
     since: Option<Instant>,
 }
 
 /// The most time one observation counts (the caller looks every 250 ms).
-pub const MAX_STEP: Duration = Duration::from_secs(1);
+pub(crate) const MAX_STEP: Duration = Duration::from_secs(1);
 
 impl UsableClock {
     /// A clock that does not run yet.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             counted: Duration::ZERO,
             since: None,
@@ -43,19 +43,15 @@ impl UsableClock {
     /// The conditions as seen at `now`: the time since the last look counts
     /// (up to [`MAX_STEP`]) if they held then; from `now` on, it counts if
     /// `usable`.
-    pub fn set_usable(&mut self, usable: bool, now: Instant) {
+    pub(crate) fn set_usable(&mut self, usable: bool, now: Instant) {
         if let Some(since) = self.since {
             self.counted += now.saturating_duration_since(since).min(MAX_STEP);
         }
         self.since = usable.then_some(now);
     }
 
-    pub fn is_usable(&self) -> bool {
-        self.since.is_some()
-    }
-
     /// Usable time up to `now`.
-    pub fn read(&self, now: Instant) -> Duration {
+    pub(crate) fn read(&self, now: Instant) -> Duration {
         self.counted
             + self.since.map_or(Duration::ZERO, |s| {
                 now.saturating_duration_since(s).min(MAX_STEP)
@@ -72,28 +68,28 @@ impl Default for UsableClock {
 /// What the worker knows of its inputs, gathered by its loop: whether the
 /// window's clock runs. See [`Conditions::usable`].
 #[derive(Debug, Clone, Default)]
-pub struct Conditions {
+pub(crate) struct Conditions {
     /// The last database transaction committed (or nothing failed since).
-    pub database_reachable: bool,
+    pub(crate) database_reachable: bool,
     /// The consumer has an assignment (and, through `unread_references`,
     /// its group is up).
-    pub consumer_connected: bool,
+    pub(crate) consumer_connected: bool,
     /// Messages of the reference-bringing topic fetched and not yet handled.
-    pub unhandled_references: usize,
+    pub(crate) unhandled_references: usize,
     /// Unread messages of each assigned partition of the reference-bringing
     /// topic, from statistics reported after the latest assignment; `None`
     /// while there are none.
-    pub unread_references: Option<Vec<i64>>,
+    pub(crate) unread_references: Option<Vec<i64>>,
     /// Unread messages of the reference-bringing topic for the whole group
     /// (each partition's end minus the group's committed offset, summed),
     /// whoever holds them; `None` until it could be asked.
-    pub group_unread_references: Option<i64>,
+    pub(crate) group_unread_references: Option<i64>,
     /// Most messages of one batch: unread below this counts as caught up
     /// (watermarks reported by a broker may lag by a batch).
-    pub batch: usize,
+    pub(crate) batch: usize,
     /// Waiting messages hold so much of the memory bound that nothing more
     /// can be read until some are given up.
-    pub waiting_memory_full: bool,
+    pub(crate) waiting_memory_full: bool,
 }
 
 impl Conditions {
@@ -104,7 +100,7 @@ impl Conditions {
     /// between its committed offsets and the ends of that topic, whichever
     /// member holds them), or while waiting messages fill their share of
     /// memory (reading on would need them given up).
-    pub fn usable(&self) -> bool {
+    pub(crate) fn usable(&self) -> bool {
         let caught_up = self.unhandled_references == 0
             && self
                 .unread_references

@@ -33,7 +33,7 @@ use crate::engine::tracker::Tracker;
 use crate::engine::window::{Conditions, UsableClock};
 use crate::service_layer::chunk::MessageKey;
 
-pub use crate::configuration::WorkerSettings;
+pub(crate) use crate::configuration::WorkerSettings;
 
 /// The consumer loop around a [`Processor`]. Its partitions' tasks are
 /// methods of it too (in [`crate::engine::partition`]), which share the

@@ -48,7 +48,7 @@ pub fn router(state: HttpState) -> Router {
 
 /// The endpoints of `HTTP_ADDR` when the read model has a listener of its
 /// own: metrics and the probes, for Prometheus and the kubelet.
-pub fn operations_router(state: HttpState) -> Router {
+pub(crate) fn operations_router(state: HttpState) -> Router {
     operations_routes().with_state(state)
 }
 
@@ -57,7 +57,7 @@ pub fn operations_router(state: HttpState) -> Router {
 /// so that a load balancer keeps sending reads to a pod whose database is
 /// fine while its consumer waits out a broker outage or a rebalance
 /// (docs/design.md, "Probes").
-pub fn read_model_router(state: HttpState) -> Router {
+pub(crate) fn read_model_router(state: HttpState) -> Router {
     read_model_routes()
         .route("/readyz", get(read_model_readyz))
         .with_state(state)

@@ -11,7 +11,7 @@ use crate::command_error::CommandError;
 use crate::configuration::DatabaseSettings;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum QuarantineAction {
+pub(crate) enum QuarantineAction {
     List,
     Retry(Which),
     Discard(Which),
@@ -19,8 +19,8 @@ pub enum QuarantineAction {
 
 #[derive(Debug, Clone)]
 pub struct QuarantineSettings {
-    pub database: DatabaseSettings,
-    pub action: QuarantineAction,
+    pub(crate) database: DatabaseSettings,
+    pub(crate) action: QuarantineAction,
 }
 
 pub async fn run(settings: QuarantineSettings) -> Result<(), CommandError> {

@@ -47,13 +47,13 @@ use crate::command_error::CommandError;
 use crate::configuration::{topic, Connection};
 
 /// The header that names the dead letter a replayed message came from.
-pub const REPLAYED_FROM_HEADER: &str = "replayed-from";
+pub(crate) const REPLAYED_FROM_HEADER: &str = "replayed-from";
 
 /// The header that says where a replayed message was first read
 /// (`topic/partition/offset`), kept when it is dead-lettered and replayed
 /// again. The worker compares it with the last quantity change it applied to
 /// the batch (contract §7).
-pub use crate::adapters::inbound::REPLAY_ORIGINAL_POSITION_HEADER;
+pub(crate) use crate::adapters::inbound::REPLAY_ORIGINAL_POSITION_HEADER;
 
 /// Namespace of the replayed messages' `ce_id`s (UUIDv5), distinct from the
 /// one of the events the worker publishes.
@@ -69,39 +69,39 @@ const QUIET_AT_WATERMARK: Duration = Duration::from_secs(5);
 
 /// Which letters to replay. An empty list selects any value.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selection {
-    pub reasons: Vec<String>,
-    pub topics: Vec<String>,
-    pub since: Option<DateTime<Utc>>,
-    pub until: Option<DateTime<Utc>>,
+pub(crate) struct Selection {
+    pub(crate) reasons: Vec<String>,
+    pub(crate) topics: Vec<String>,
+    pub(crate) since: Option<DateTime<Utc>>,
+    pub(crate) until: Option<DateTime<Utc>>,
 }
 
 /// Everything the replay needs, validated.
 #[derive(Debug, Clone)]
 pub struct ReplaySettings {
-    pub connection: Connection,
-    pub dead_letter_topic: String,
-    pub selection: Selection,
-    pub dry_run: bool,
+    pub(crate) connection: Connection,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) selection: Selection,
+    pub(crate) dry_run: bool,
 }
 
 // ------------------------------------------------------------------ letters
 
 /// One record of the dead-letter topic, owned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Letter {
-    pub partition: i32,
-    pub offset: i64,
+pub(crate) struct Letter {
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
     /// The record's timestamp: when it was dead-lettered.
-    pub time: Option<DateTime<Utc>>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    pub(crate) time: Option<DateTime<Utc>>,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Option<Vec<u8>>,
     /// `None` is a header with a null value.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub(crate) headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl Letter {
-    pub fn header(&self, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -109,11 +109,11 @@ impl Letter {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
-    pub fn reason(&self) -> Option<String> {
+    pub(crate) fn reason(&self) -> Option<String> {
         self.header("dlq.reason")
     }
 
-    pub fn original_topic(&self) -> Option<String> {
+    pub(crate) fn original_topic(&self) -> Option<String> {
         self.header("dlq.original.topic")
     }
 
@@ -122,7 +122,7 @@ impl Letter {
     }
 
     /// Whether `selection` picks this letter.
-    pub fn selected_by(&self, selection: &Selection) -> bool {
+    pub(crate) fn selected_by(&self, selection: &Selection) -> bool {
         let reason_ok = selection.reasons.is_empty()
             || self
                 .reason()
@@ -141,7 +141,7 @@ impl Letter {
     }
 
     /// Why this letter cannot be published again, if it cannot.
-    pub fn unreplayable(&self) -> Option<&'static str> {
+    pub(crate) fn unreplayable(&self) -> Option<&'static str> {
         match self.original_topic() {
             None => Some("no dlq.original.topic header"),
             Some(t) if topic("", &t).is_err() => Some("dlq.original.topic is not a topic name"),
@@ -158,7 +158,7 @@ impl Letter {
     /// on every replay. Not the original `ce_id` itself: the worker recorded
     /// that one as handled when it dead-lettered the message. A letter that
     /// names no origin falls back to its own position.
-    pub fn replay_ce_id(&self, dead_letter_topic: &str) -> String {
+    pub(crate) fn replay_ce_id(&self, dead_letter_topic: &str) -> String {
         let name = match (self.original_ce_id(), self.original_position()) {
             (Some(id), _) => format!("ce_id:{id}"),
             (None, Some(position)) => position,
@@ -193,7 +193,7 @@ impl Letter {
     }
 
     /// `topic/partition/offset` of the dead letter.
-    pub fn position(&self, dead_letter_topic: &str) -> String {
+    pub(crate) fn position(&self, dead_letter_topic: &str) -> String {
         format!("{dead_letter_topic}/{}/{}", self.partition, self.offset)
     }
 
@@ -201,7 +201,7 @@ impl Letter {
     /// and without the `ce_id`, `replayed-from` and original position of an
     /// earlier life, then the new `ce_id`, `replayed-from` and the first
     /// original position.
-    pub fn replay_headers(&self, dead_letter_topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
+    pub(crate) fn replay_headers(&self, dead_letter_topic: &str) -> Vec<(String, Option<Vec<u8>>)> {
         let mut headers: Vec<(String, Option<Vec<u8>>)> = self
             .headers
             .iter()
@@ -232,7 +232,7 @@ impl Letter {
 
     /// One line for the listing: position, time, reason, original position,
     /// error.
-    pub fn line(&self, dead_letter_topic: &str) -> String {
+    pub(crate) fn line(&self, dead_letter_topic: &str) -> String {
         let unknown = || "?".to_owned();
         format!(
             "{} {} {} {}/{}/{} {}",

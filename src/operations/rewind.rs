@@ -23,10 +23,10 @@ use crate::configuration::{Connection, DatabaseSettings};
 /// What the command needs, validated.
 #[derive(Debug, Clone)]
 pub struct RewindSettings {
-    pub database: DatabaseSettings,
-    pub connection: Connection,
-    pub group_id: String,
-    pub dry_run: bool,
+    pub(crate) database: DatabaseSettings,
+    pub(crate) connection: Connection,
+    pub(crate) group_id: String,
+    pub(crate) dry_run: bool,
 }
 
 /// One partition's recorded position in the restored database.

@@ -60,14 +60,14 @@ pub enum Plan {
 /// What a message names, for the waiting rule (docs/design.md, "Late references"): the
 /// messages naming one key apply in the order of their partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum MessageKey {
+pub(crate) enum MessageKey {
     Sku(Sku),
     Batch(BatchRef),
 }
 
 impl Plan {
     /// The SKU and batch the message names; none for a dead letter.
-    pub fn keys(&self) -> Vec<MessageKey> {
+    pub(crate) fn keys(&self) -> Vec<MessageKey> {
         match self {
             Plan::Handle(Command::Allocate(c)) => vec![MessageKey::Sku(c.sku.clone())],
             Plan::Handle(Command::CreateBatch(c)) => vec![
@@ -83,7 +83,7 @@ impl Plan {
 
     /// Whether applying it may make a SKU or batch known, which messages
     /// waiting for one need to hear of.
-    pub fn creates_batch(&self) -> bool {
+    pub(crate) fn creates_batch(&self) -> bool {
         matches!(self, Plan::Handle(Command::CreateBatch(_)))
     }
 }
@@ -122,7 +122,7 @@ impl<K: Eq + Hash + Clone> ChunkGate<K> {
         self.held.extend(keys.iter().cloned());
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
 }

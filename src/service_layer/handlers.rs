@@ -22,7 +22,7 @@ pub enum HandlerError {
     Repository(#[from] RepositoryError),
 }
 
-pub async fn create_batch<U: UnitOfWork>(
+pub(crate) async fn create_batch<U: UnitOfWork>(
     cmd: CreateBatch,
     uow: &mut U,
 ) -> Result<(), HandlerError> {
@@ -45,7 +45,7 @@ pub async fn create_batch<U: UnitOfWork>(
     Ok(())
 }
 
-pub async fn change_batch_quantity<U: UnitOfWork>(
+pub(crate) async fn change_batch_quantity<U: UnitOfWork>(
     cmd: ChangeBatchQuantity,
     uow: &mut U,
 ) -> Result<(), HandlerError> {
@@ -62,7 +62,10 @@ pub async fn change_batch_quantity<U: UnitOfWork>(
     Ok(())
 }
 
-pub async fn allocate<U: UnitOfWork>(cmd: Allocate, uow: &mut U) -> Result<(), HandlerError> {
+pub(crate) async fn allocate<U: UnitOfWork>(
+    cmd: Allocate,
+    uow: &mut U,
+) -> Result<(), HandlerError> {
     let product = uow
         .products()
         .get_for_line(&cmd.sku, &cmd.orderid)
@@ -77,13 +80,13 @@ pub async fn allocate<U: UnitOfWork>(cmd: Allocate, uow: &mut U) -> Result<(), H
 }
 
 /// Every outbound event goes through the outbox of the same transaction.
-pub fn publish_event<U: UnitOfWork>(event: &Event, uow: &mut U) {
+pub(crate) fn publish_event<U: UnitOfWork>(event: &Event, uow: &mut U) {
     uow.publish(event);
 }
 
 /// A freed line is allocated again by the normal rule, in the same unit of
 /// work, so a deallocated line is never left unallocated and unreported.
-pub async fn reallocate<U: UnitOfWork>(
+pub(crate) async fn reallocate<U: UnitOfWork>(
     event: &Deallocated,
     uow: &mut U,
 ) -> Result<(), HandlerError> {

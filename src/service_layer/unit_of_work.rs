@@ -28,7 +28,7 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 7] = [
+    pub(crate) const ALL: [DeadLetterReason; 7] = [
         DeadLetterReason::MalformedJson,
         DeadLetterReason::InvalidMessage,
         DeadLetterReason::UnknownSku,
@@ -57,9 +57,9 @@ impl DeadLetterReason {
 /// this batch began. Recorded in the batch's own transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadPosition {
-    pub topic: String,
-    pub partition: i32,
-    pub next_offset: i64,
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) next_offset: i64,
 }
 
 /// Why the store could not do what was asked. Every kind is transient: the

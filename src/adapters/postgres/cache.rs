@@ -42,10 +42,10 @@ pub struct ProductCache {
 /// owners below, a catalogue of 20,000 products took the worker's peak RSS
 /// from 37 to about 70 MiB, over the 64 MiB the deployment plans for
 /// (BENCHMARKS.md, "A wide catalogue").
-pub const CACHE_BYTES: u64 = 8 << 20;
+pub(crate) const CACHE_BYTES: u64 = 8 << 20;
 
 /// Batch owners kept: about 100 bytes each.
-pub const CACHED_OWNERS: usize = 32_768;
+pub(crate) const CACHED_OWNERS: usize = 32_768;
 
 impl Default for ProductCache {
     fn default() -> Self {
@@ -80,7 +80,7 @@ impl Weighter<Sku, Stored> for StoredWeight {
 
 impl ProductCache {
     /// A cache of at most about `bytes` of products and `owners` batch owners.
-    pub fn with_capacity(bytes: u64, owners: usize) -> Self {
+    pub(crate) fn with_capacity(bytes: u64, owners: usize) -> Self {
         let estimated = usize::try_from(bytes / (PRODUCT_BYTES + BATCH_BYTES)).unwrap_or(1);
         Self {
             products: Cache::with_weighter(estimated.max(1), bytes, StoredWeight),
@@ -89,11 +89,13 @@ impl ProductCache {
     }
 
     /// How many products are kept now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.products.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.products.is_empty()
     }
 

@@ -71,10 +71,10 @@ pub fn worker_connect_options(options: PgConnectOptions) -> PgConnectOptions {
 }
 
 /// `application_name` of the worker's connections.
-pub const APPLICATION_NAME: &str = "allocation-worker";
+pub(crate) const APPLICATION_NAME: &str = "allocation-worker";
 
 /// See [`worker_connect_options`].
-pub const SESSION_TIMEOUTS: [(&str, &str); 3] = [
+pub(crate) const SESSION_TIMEOUTS: [(&str, &str); 3] = [
     ("statement_timeout", "30s"),
     ("lock_timeout", "10s"),
     ("idle_in_transaction_session_timeout", "2min"),
@@ -115,7 +115,7 @@ const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 /// acquire, to have been kept for `IDLE_BEFORE_PING` or longer goes back to
 /// the pool too instead of being used, so a connection that sat idle is
 /// checked as any other. Until then, kept connections count as in use.
-pub struct KeptConnections {
+pub(crate) struct KeptConnections {
     pool: PgPool,
     kept: Mutex<Vec<(PoolConnection<Postgres>, std::time::Instant)>>,
     most: usize,
@@ -126,7 +126,7 @@ pub struct KeptConnections {
 impl KeptConnections {
     /// Keeps at most `most` connections, which the pool counts as in use:
     /// leave it some for the others (the HTTP probes).
-    pub fn new(pool: PgPool, most: usize) -> Self {
+    pub(crate) fn new(pool: PgPool, most: usize) -> Self {
         Self {
             pool,
             kept: Mutex::new(Vec::with_capacity(most)),
@@ -136,7 +136,7 @@ impl KeptConnections {
     }
 
     /// The most recently kept connection, or one from the pool.
-    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    pub(crate) async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         loop {
             let next = self.lock().pop();
             match next {
@@ -150,7 +150,7 @@ impl KeptConnections {
 
     /// Keeps `conn` for the next [`Self::acquire`]; hands it back to the pool
     /// when enough are kept.
-    pub fn keep(&self, conn: PoolConnection<Postgres>) {
+    pub(crate) fn keep(&self, conn: PoolConnection<Postgres>) {
         let mut kept = self.lock();
         if kept.len() < self.most && !self.closed.load(Ordering::Relaxed) {
             kept.push((conn, std::time::Instant::now()));
@@ -160,7 +160,7 @@ impl KeptConnections {
     /// Hands every kept connection back to the pool, and keeps none from now
     /// on: closing the pool waits for all its connections, and a task still
     /// running at shutdown (a message stuck on a lock) keeps this alive.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut kept = self.lock();
         self.closed.store(true, Ordering::Relaxed);
         kept.clear();
@@ -180,7 +180,7 @@ impl KeptConnections {
 /// `query_canceled`, which a cancel request also gives) is `TimedOut`, so
 /// that it is counted and reported rather than retried unseen; anything else
 /// means the database is not usable right now.
-pub fn classify(error: sqlx::Error) -> RepositoryError {
+pub(crate) fn classify(error: sqlx::Error) -> RepositoryError {
     if let sqlx::Error::Database(db) = &error {
         match db.code().as_deref() {
             Some("23505" | "40001" | "40P01") => {
@@ -195,7 +195,7 @@ pub fn classify(error: sqlx::Error) -> RepositoryError {
 
 /// SQLSTATE `query_canceled`: what a statement cancelled by
 /// `statement_timeout` fails with.
-pub const STATEMENT_TIMEOUT: &str = "57014";
+pub(crate) const STATEMENT_TIMEOUT: &str = "57014";
 
 /// Stored names were validated on the way in; one that no longer parses means
 /// the data was changed by hand, which retrying will not fix but must not panic.

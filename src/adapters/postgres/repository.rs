@@ -121,7 +121,7 @@ impl PgProductRepository<'_> {
     /// are recorded as processed already (in the same round trip). Locks are
     /// taken in SKU order, so two batches naming the same products wait for
     /// each other instead of deadlocking.
-    pub async fn preload(
+    pub(crate) async fn preload(
         &mut self,
         skus: &[&Sku],
         refs: &[&BatchRef],
@@ -245,7 +245,10 @@ impl PgProductRepository<'_> {
     /// Tells the tracked products whether each of `lines` is allocated, and
     /// where, in one statement for all of them. Lines of products not
     /// loaded, or that know them already, are not read.
-    pub async fn load_lines(&mut self, lines: &[(&Sku, &OrderId)]) -> Result<(), RepositoryError> {
+    pub(crate) async fn load_lines(
+        &mut self,
+        lines: &[(&Sku, &OrderId)],
+    ) -> Result<(), RepositoryError> {
         let mut wanted: Vec<(usize, &OrderId)> = Vec::new();
         let mut orderids: Vec<&str> = Vec::new();
         let mut skus: Vec<&str> = Vec::new();

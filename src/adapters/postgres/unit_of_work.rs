@@ -95,10 +95,10 @@ pub struct PgStore {
 
 /// Pool connections the partitions leave to the relay (one) and the HTTP
 /// probes and metrics (two).
-pub const RESERVED_CONNECTIONS: usize = 3;
+pub(crate) const RESERVED_CONNECTIONS: usize = 3;
 
 impl PgStore {
-    pub fn new(pool: PgPool) -> Self {
+    pub(crate) fn new(pool: PgPool) -> Self {
         // Up to one connection per busy partition, leaving three of the pool
         // to the relay and the HTTP probes (with a pool of fewer than four,
         // one for the partitions all the same).
@@ -114,14 +114,14 @@ impl PgStore {
     }
 
     /// Counts the attempts waiting for a session in `waiting`.
-    pub fn with_waiting_gauge(mut self, waiting: prometheus::IntGauge) -> Self {
+    pub(crate) fn with_waiting_gauge(mut self, waiting: prometheus::IntGauge) -> Self {
         self.waiting = Some(waiting);
         self
     }
 
     /// Hands every kept connection back to the pool (see
     /// [`KeptConnections::close`]): closing the pool waits for them.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.connections.close();
     }
 }

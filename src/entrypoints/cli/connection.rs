@@ -17,7 +17,7 @@ pub struct KafkaPropertyArgs {
     /// KAFKA_PROPERTY_<NAME> variables, one per property (the name upper-cased,
     /// dots as `_`, e.g. KAFKA_PROPERTY_SASL_PASSWORD). Applied last.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
-    pub flags: Vec<String>,
+    pub(crate) flags: Vec<String>,
 
     /// librdkafka properties as one list: one KEY=VALUE per line (values may
     /// hold commas), or, on a single line, comma-separated.
@@ -27,7 +27,7 @@ pub struct KafkaPropertyArgs {
         hide_env_values = true,
         value_name = "LIST"
     )]
-    pub list: Option<String>,
+    pub(crate) list: Option<String>,
 
     /// A file of librdkafka properties, one KEY=VALUE a line (`#` starts a
     /// comment), e.g. a mounted Kubernetes Secret with SASL credentials.
@@ -37,12 +37,12 @@ pub struct KafkaPropertyArgs {
         env = "KAFKA_PROPERTIES_FILE",
         value_name = "PATH"
     )]
-    pub file: Option<std::path::PathBuf>,
+    pub(crate) file: Option<std::path::PathBuf>,
 }
 
 impl KafkaPropertyArgs {
     /// Every property given, in the order they apply; values never echoed.
-    pub fn properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
+    pub(crate) fn properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
         kafka_properties(
             self.file.as_deref(),
             self.list.as_deref(),
@@ -57,10 +57,10 @@ impl KafkaPropertyArgs {
 pub struct ConnectionArgs {
     /// Kafka bootstrap servers, host:port[,host:port...]
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub kafka_bootstrap_servers: String,
+    pub(crate) kafka_bootstrap_servers: String,
 
     #[command(flatten)]
-    pub kafka_properties: KafkaPropertyArgs,
+    pub(crate) kafka_properties: KafkaPropertyArgs,
 }
 
 impl ConnectionArgs {

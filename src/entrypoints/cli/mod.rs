@@ -17,10 +17,10 @@ use clap::{Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 pub use connection::{ConnectionArgs, KafkaPropertyArgs};
-pub use quarantine::{ChosenRows, QuarantineArgs, QuarantineCommand};
-pub use replay::ReplayArgs;
-pub use rewind::RewindArgs;
-pub use run::{DatabaseArgs, RunArgs};
+pub(crate) use quarantine::QuarantineArgs;
+pub(crate) use replay::ReplayArgs;
+pub(crate) use rewind::RewindArgs;
+pub(crate) use run::{DatabaseArgs, RunArgs};
 pub use topics::{InboundTopicArgs, OutboundTopicArgs};
 
 #[derive(Debug, Parser)]

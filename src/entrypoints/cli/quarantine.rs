@@ -10,11 +10,11 @@ use crate::operations::quarantine::{QuarantineAction, QuarantineSettings};
 #[derive(Debug, Args)]
 pub struct QuarantineArgs {
     #[command(subcommand)]
-    pub action: QuarantineCommand,
+    pub(crate) action: QuarantineCommand,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum QuarantineCommand {
+pub(crate) enum QuarantineCommand {
     /// List the quarantined outbox rows, one a line.
     List(DatabaseArgs),
     /// Publish quarantined rows again, once their cause is fixed: each
@@ -25,9 +25,9 @@ pub enum QuarantineCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct ChosenRows {
+pub(crate) struct ChosenRows {
     #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub(crate) database: DatabaseArgs,
 
     /// The rows' ids, as `list` shows them (repeat, or separate with commas).
     #[arg(
@@ -37,11 +37,11 @@ pub struct ChosenRows {
         required_unless_present = "all",
         conflicts_with = "all"
     )]
-    pub ids: Vec<i64>,
+    pub(crate) ids: Vec<i64>,
 
     /// Every quarantined row.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
 }
 
 impl ChosenRows {

@@ -10,39 +10,39 @@ use crate::service_layer::DeadLetterReason;
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
     #[command(flatten)]
-    pub connection: ConnectionArgs,
+    pub(crate) connection: ConnectionArgs,
 
     #[arg(
         long,
         env = "TOPIC_DEAD_LETTER",
         default_value = "allocation.dead-letter"
     )]
-    pub topic_dead_letter: String,
+    pub(crate) topic_dead_letter: String,
 
     /// Only letters with this `dlq.reason` (repeat, or separate with commas):
     /// malformed-json, invalid-message, unknown-sku, unknown-batch,
     /// duplicate-batch, duplicate-line, unknown-topic.
     #[arg(long, value_delimiter = ',', value_name = "REASON")]
-    pub reason: Vec<String>,
+    pub(crate) reason: Vec<String>,
 
     /// Only letters that came from this topic (`dlq.original.topic`; repeat,
     /// or separate with commas).
     #[arg(long, value_delimiter = ',', value_name = "TOPIC")]
-    pub topic: Vec<String>,
+    pub(crate) topic: Vec<String>,
 
     /// Only letters dead-lettered at or after this time: RFC 3339
     /// (2026-11-29T10:00:00Z) or a UTC date (2026-11-29).
     #[arg(long, value_name = "TIME")]
-    pub since: Option<String>,
+    pub(crate) since: Option<String>,
 
     /// Only letters dead-lettered before this time: RFC 3339 or a UTC date
     /// (the start of that day).
     #[arg(long, value_name = "TIME")]
-    pub until: Option<String>,
+    pub(crate) until: Option<String>,
 
     /// List the selected letters, one a line, and send nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 impl ReplayArgs {

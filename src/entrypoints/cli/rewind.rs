@@ -9,19 +9,19 @@ use crate::operations::rewind::RewindSettings;
 #[derive(Debug, Args)]
 pub struct RewindArgs {
     #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub(crate) database: DatabaseArgs,
 
     #[command(flatten)]
-    pub connection: ConnectionArgs,
+    pub(crate) connection: ConnectionArgs,
 
     /// Consumer group of the worker's instances, whose offsets are rewound.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "allocation-worker")]
-    pub kafka_group_id: String,
+    pub(crate) kafka_group_id: String,
 
     /// List each partition's committed offset and the database's position,
     /// and commit nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 impl RewindArgs {

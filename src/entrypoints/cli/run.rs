@@ -16,43 +16,43 @@ use crate::configuration::{
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user:password@host:5432/db
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub(crate) database_url: Option<String>,
 
     /// A file holding the PostgreSQL URL, e.g. a mounted Kubernetes Secret;
     /// surrounding whitespace is ignored. Instead of DATABASE_URL.
     #[arg(long, env = "DATABASE_URL_FILE", value_name = "PATH")]
-    pub database_url_file: Option<std::path::PathBuf>,
+    pub(crate) database_url_file: Option<std::path::PathBuf>,
 
     /// Most connections the worker opens to PostgreSQL.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub database_max_connections: u32,
+    pub(crate) database_max_connections: u32,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub database: DatabaseArgs,
+    pub(crate) database: DatabaseArgs,
 
     /// Kafka bootstrap servers, host:port[,host:port...]
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub kafka_bootstrap_servers: String,
+    pub(crate) kafka_bootstrap_servers: String,
 
     /// Consumer group of the worker's instances.
     #[arg(long, env = "KAFKA_GROUP_ID", default_value = "allocation-worker")]
-    pub kafka_group_id: String,
+    pub(crate) kafka_group_id: String,
 
     #[command(flatten)]
-    pub kafka_properties: KafkaPropertyArgs,
+    pub(crate) kafka_properties: KafkaPropertyArgs,
 
     #[command(flatten)]
-    pub inbound_topics: InboundTopicArgs,
+    pub(crate) inbound_topics: InboundTopicArgs,
     #[command(flatten)]
-    pub outbound_topics: OutboundTopicArgs,
+    pub(crate) outbound_topics: OutboundTopicArgs,
 
     /// Address of the HTTP endpoints (/metrics, /healthz, /readyz,
     /// /allocations/{orderid}); port 0 picks a free port.
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:9464")]
-    pub http_addr: std::net::SocketAddr,
+    pub(crate) http_addr: std::net::SocketAddr,
 
     /// Address of a listener of its own for the read model: when set,
     /// /allocations/{orderid} and a /readyz that judges only what the read
@@ -60,18 +60,18 @@ pub struct RunArgs {
     /// /allocations no longer on HTTP_ADDR. Keeps client traffic apart from
     /// the metrics and probes; port 0 picks a free port.
     #[arg(long, env = "READ_MODEL_ADDR")]
-    pub read_model_addr: Option<std::net::SocketAddr>,
+    pub(crate) read_model_addr: Option<std::net::SocketAddr>,
 
     /// Most connections the read model's queries (/allocations) open to
     /// PostgreSQL, apart from the worker's DATABASE_MAX_CONNECTIONS, so that
     /// client traffic never takes the connections the worker and the probes
     /// need.
     #[arg(long, env = "READ_MODEL_MAX_CONNECTIONS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub read_model_max_connections: u32,
+    pub(crate) read_model_max_connections: u32,
 
     /// Do not apply migrations at start (when a separate `migrate` job does).
     #[arg(long, env = "SKIP_MIGRATIONS")]
-    pub skip_migrations: bool,
+    pub(crate) skip_migrations: bool,
 
     /// How long a message naming an unknown SKU or batch is retried before it
     /// is dead-lettered, e.g. 30s, 2m; a bare number is seconds.
@@ -87,7 +87,7 @@ pub struct RunArgs {
     /// Whatever has arrived is taken, up to this many; 1 is one transaction
     /// per message.
     #[arg(long, env = "MAX_BATCH_MESSAGES", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub max_batch_messages: u32,
+    pub(crate) max_batch_messages: u32,
 
     /// How long one attempt at a batch's transaction may last, e.g. 60s,
     /// before its connection is given up as lost and the batch retried
@@ -96,7 +96,7 @@ pub struct RunArgs {
     /// connection whose route has gone is otherwise waited on for as long as
     /// TCP retransmits. Keep it above statement_timeout.
     #[arg(long, env = "TRANSACTION_TIMEOUT", default_value = "60s", value_parser = duration)]
-    pub transaction_timeout: Duration,
+    pub(crate) transaction_timeout: Duration,
 
     /// How long idempotency records are kept, e.g. 7d. Keep it longer than
     /// the inbound topics' retention.ms: a redelivered message whose record
@@ -118,7 +118,7 @@ pub struct RunArgs {
     /// long (a statement that times out, a lock never released), e.g. 60s;
     /// a bare number is seconds.
     #[arg(long, env = "PARTITION_STALL_TIMEOUT", default_value = "60s", value_parser = duration)]
-    pub partition_stall_timeout: Duration,
+    pub(crate) partition_stall_timeout: Duration,
 }
 
 impl DatabaseArgs {

@@ -9,19 +9,19 @@ use crate::configuration::{distinct_inbound, topic, ConfigError};
 #[derive(Debug, Clone, Args)]
 pub struct InboundTopicArgs {
     #[arg(long, env = "TOPIC_BATCH_CREATED", default_value = "erp.batch-created")]
-    pub topic_batch_created: String,
+    pub(crate) topic_batch_created: String,
     #[arg(
         long,
         env = "TOPIC_BATCH_QUANTITY_CHANGED",
         default_value = "erp.batch-quantity-changed"
     )]
-    pub topic_batch_quantity_changed: String,
+    pub(crate) topic_batch_quantity_changed: String,
     #[arg(
         long,
         env = "TOPIC_ALLOCATION_REQUIRED",
         default_value = "erp.allocation-required"
     )]
-    pub topic_allocation_required: String,
+    pub(crate) topic_allocation_required: String,
 }
 
 impl InboundTopicArgs {
@@ -44,25 +44,25 @@ impl InboundTopicArgs {
 #[derive(Debug, Clone, Args)]
 pub struct OutboundTopicArgs {
     #[arg(long, env = "TOPIC_ALLOCATED", default_value = "allocation.allocated")]
-    pub topic_allocated: String,
+    pub(crate) topic_allocated: String,
     #[arg(
         long,
         env = "TOPIC_DEALLOCATED",
         default_value = "allocation.deallocated"
     )]
-    pub topic_deallocated: String,
+    pub(crate) topic_deallocated: String,
     #[arg(
         long,
         env = "TOPIC_OUT_OF_STOCK",
         default_value = "allocation.out-of-stock"
     )]
-    pub topic_out_of_stock: String,
+    pub(crate) topic_out_of_stock: String,
     #[arg(
         long,
         env = "TOPIC_DEAD_LETTER",
         default_value = "allocation.dead-letter"
     )]
-    pub topic_dead_letter: String,
+    pub(crate) topic_dead_letter: String,
 }
 
 impl OutboundTopicArgs {
