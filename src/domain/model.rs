@@ -1,7 +1,7 @@
 //! The `Product` aggregate and its parts. Every rule of contract §2 lives here;
 //! handlers only load the aggregate, call it and let the bus collect events.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::NaiveDate;
 
@@ -221,6 +221,20 @@ pub struct Product {
     version_number: i64,
     /// In creation order, which breaks ties between equal ETAs.
     batches: Vec<Batch>,
+    /// Each batch's position in `batches`, by reference.
+    positions: HashMap<BatchRef, usize>,
+    /// The batches with some quantity available, keyed in the order the
+    /// choice of a batch prefers them: warehouse stock first (`None` sorts
+    /// before `Some`), then the earliest ETA, ties by creation order. A
+    /// product's batches only grow, and most of an old product's are taken
+    /// in full: the choice looks only here, so that it costs the same however
+    /// many batches the product has had.
+    open: BTreeSet<(Option<NaiveDate>, usize)>,
+    /// The batches with something allocated (whose sum is not zero).
+    allocated_batches: usize,
+    /// The batches whose `allocations` may not be empty: what
+    /// [`Self::forget_lines`] clears, rather than every batch.
+    with_lines: Vec<usize>,
     events: Vec<Event>,
     /// Lines this copy knows of, by order id (the SKU is the product's).
     lines: HashMap<OrderId, KnownLine>,
@@ -242,19 +256,51 @@ impl Product {
     pub fn restore(sku: Sku, version_number: i64, batches: Vec<Batch>) -> Self {
         let complete = batches.iter().all(Batch::knows_every_line);
         let mut lines = HashMap::new();
+        let mut positions = HashMap::with_capacity(batches.len());
+        let mut open = BTreeSet::new();
+        let mut with_lines = Vec::new();
         for (i, batch) in batches.iter().enumerate() {
+            // The first of a reference given twice, as a scan would find it.
+            positions.entry(batch.reference.clone()).or_insert(i);
+            if batch.available_quantity() > 0 {
+                open.insert((batch.eta, i));
+            }
+            if !batch.allocations.is_empty() {
+                with_lines.push(i);
+            }
             for line in &batch.allocations {
                 lines.insert(line.orderid.clone(), Some((i, line.clone())));
             }
         }
+        let allocated_batches = batches.iter().filter(|b| b.allocated != 0).count();
         Self {
             sku,
             version_number,
             batches,
+            positions,
+            open,
+            allocated_batches,
+            with_lines,
             events: Vec::new(),
             lines,
             complete,
             changes: Vec::new(),
+        }
+    }
+
+    /// Brings the indexes up to date after batch `i`'s allocated quantity
+    /// or purchased quantity changed from `was_allocated` allocated.
+    fn reindex(&mut self, i: usize, was_allocated: i64) {
+        let batch = &self.batches[i];
+        match (was_allocated == 0, batch.allocated == 0) {
+            (true, false) => self.allocated_batches += 1,
+            (false, true) => self.allocated_batches -= 1,
+            _ => {}
+        }
+        if batch.available_quantity() > 0 {
+            self.open.insert((batch.eta, i));
+        } else {
+            self.open.remove(&(batch.eta, i));
         }
     }
 
@@ -271,11 +317,11 @@ impl Product {
     }
 
     pub fn batch(&self, reference: &BatchRef) -> Option<&Batch> {
-        self.batches.iter().find(|b| &b.reference == reference)
+        self.position(reference).map(|i| &self.batches[i])
     }
 
     fn position(&self, reference: &BatchRef) -> Option<usize> {
-        self.batches.iter().position(|b| &b.reference == reference)
+        self.positions.get(reference).copied()
     }
 
     /// Events recorded since the last call, oldest first.
@@ -348,6 +394,9 @@ impl Product {
                 .or_insert_with(|| Some((i, line.clone())));
         }
         let batch = &mut self.batches[i];
+        if batch.allocations.is_empty() && !earlier.is_empty() {
+            self.with_lines.push(i);
+        }
         let later = std::mem::replace(&mut batch.allocations, earlier);
         batch.allocations.extend(later);
     }
@@ -355,11 +404,11 @@ impl Product {
     /// Forgets every line it knows, keeping how much of each batch is
     /// allocated: what is worth keeping between transactions.
     pub fn forget_lines(&mut self) {
-        for batch in &mut self.batches {
-            batch.allocations = Vec::new();
+        for i in self.with_lines.drain(..) {
+            self.batches[i].allocations = Vec::new();
         }
         self.lines = HashMap::new();
-        self.complete = self.batches.iter().all(|b| b.allocated == 0);
+        self.complete = self.allocated_batches == 0;
     }
 
     /// Adds a batch. The message that created the batch, again, is a no-op
@@ -378,10 +427,12 @@ impl Product {
                 Err(DomainError::DuplicateBatch(reference))
             };
         }
+        let i = self.batches.len();
+        self.positions.insert(reference.clone(), i);
         self.batches
             .push(Batch::new(reference, self.sku.clone(), qty, eta));
-        self.changes
-            .push(Change::BatchAdded(self.batches.len() - 1));
+        self.reindex(i, 0);
+        self.changes.push(Change::BatchAdded(i));
         self.version_number += 1;
         Ok(())
     }
@@ -425,21 +476,37 @@ impl Product {
                 })
             };
         }
-        let chosen = self
-            .batches
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.can_allocate(&line))
-            // `None` sorts before `Some`: warehouse stock first. min_by_key keeps
-            // the first of equal keys, so ties go to the earliest created batch.
-            .min_by_key(|(_, b)| b.eta)
-            .map(|(i, _)| i);
+        let chosen = if line.qty > 0 {
+            // The open batches in order of preference: the first that can
+            // take the line. A batch not open has nothing available, so it
+            // could take no line of a positive quantity.
+            self.open
+                .iter()
+                .map(|&(_, i)| i)
+                .find(|&i| self.batches[i].can_allocate(&line))
+        } else {
+            // Any batch can take nothing: the preferred of them all. (The
+            // messages cannot carry a quantity of 0; the domain allows it.)
+            self.batches
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.can_allocate(&line))
+                // `None` sorts before `Some`: warehouse stock first. min_by_key
+                // keeps the first of equal keys: ties go to the earliest created.
+                .min_by_key(|(_, b)| b.eta)
+                .map(|(i, _)| i)
+        };
         match chosen {
             Some(i) => {
                 let batch = &mut self.batches[i];
+                let was_allocated = batch.allocated;
+                if batch.allocations.is_empty() {
+                    self.with_lines.push(i);
+                }
                 batch.allocations.push(line.clone());
                 batch.allocated += i64::from(line.qty);
                 let batchref = batch.reference.clone();
+                self.reindex(i, was_allocated);
                 self.version_number += 1;
                 self.lines
                     .insert(line.orderid.clone(), Some((i, line.clone())));
@@ -490,6 +557,7 @@ impl Product {
             return Err(DomainError::LinesNotLoaded(reference.clone()));
         }
         let batch = &mut self.batches[i];
+        let was_allocated = batch.allocated;
         batch.purchased_quantity = qty;
         let mut freed = Vec::new();
         while batch.available_quantity() < 0 {
@@ -501,6 +569,7 @@ impl Product {
                 None => break,
             }
         }
+        self.reindex(i, was_allocated);
         self.version_number += 1;
         self.changes.push(Change::QuantityChanged(i));
         for line in &freed {

@@ -245,6 +245,47 @@ fn skips_batches_that_cannot_take_the_whole_line() {
 }
 
 #[test]
+fn a_batch_taken_in_full_and_raised_again_keeps_its_place_in_the_preference() {
+    // The choice looks only at batches with something available; a batch
+    // taken in full leaves it, and a quantity raise brings it back in its
+    // place (earliest created among equal ETAs), not at the end.
+    let mut p = product(
+        "SPOON",
+        &[
+            ("first", 10, tomorrow()),
+            ("second", 100, tomorrow()),
+            ("empty", 0, None),
+        ],
+    );
+    assert_eq!(
+        p.allocate(line("o1", "SPOON", 10)).unwrap(),
+        Some(bref("first"))
+    );
+    assert_eq!(
+        p.allocate(line("o2", "SPOON", 1)).unwrap(),
+        Some(bref("second"))
+    );
+    assert!(p.change_batch_quantity(&bref("first"), 15));
+    assert_eq!(
+        p.allocate(line("o3", "SPOON", 5)).unwrap(),
+        Some(bref("first"))
+    );
+    // A warehouse batch created with nothing, raised: preferred to both.
+    assert!(p.change_batch_quantity(&bref("empty"), 3));
+    assert_eq!(
+        p.allocate(line("o4", "SPOON", 3)).unwrap(),
+        Some(bref("empty"))
+    );
+    // Dropped back under what it holds: it frees its line and leaves again.
+    assert!(p.change_batch_quantity(&bref("empty"), 0));
+    assert_eq!(available(&p, "empty"), 0);
+    assert_eq!(
+        p.allocate(line("o5", "SPOON", 1)).unwrap(),
+        Some(bref("second"))
+    );
+}
+
+#[test]
 fn returns_allocated_batch_ref() {
     let mut p = product(
         "HIGHBROW-POSTER",

@@ -67,10 +67,11 @@ pub(super) struct Stored {
 pub(super) struct StoredWeight;
 
 /// Per product (the structs, its SKU, the maps) and per batch (the batch,
-/// its reference and SKU, its id), measured roughly with `size_of` and a
+/// its reference and SKU, its id, and its entries in the product's indexes
+/// by reference and by preference), measured roughly with `size_of` and a
 /// name of twenty bytes.
 const PRODUCT_BYTES: u64 = 256;
-const BATCH_BYTES: u64 = 256;
+const BATCH_BYTES: u64 = 320;
 
 impl Weighter<Sku, Stored> for StoredWeight {
     fn weight(&self, _sku: &Sku, stored: &Stored) -> u64 {

@@ -175,16 +175,24 @@ pub(super) async fn save_all(
         ));
     }
     let revisions = std::mem::take(&mut writes.revisions);
+    let new_batch_owners: HashMap<String, usize> = writes
+        .new_batches
+        .references
+        .iter()
+        .zip(&writes.new_batches.owners)
+        .map(|(reference, owner)| ((*reference).to_owned(), *owner))
+        .collect();
     drop(lines);
     drop(writes);
     for NewRevision { owner, revision } in revisions {
         seen[owner].revision = revision;
     }
-    for tracked in seen.iter_mut() {
-        for batch in tracked.product.batches() {
-            if let Some(id) = new_ids.get(batch.reference()) {
-                tracked.batch_ids.insert(batch.reference().clone(), *id);
-            }
+    // The new batches' ids go to the products that added them: a walk of
+    // what was added, not of every batch of every product used, which grew
+    // with each product's history of restocks.
+    for (reference, id) in new_ids {
+        if let Some(&owner) = new_batch_owners.get(reference.as_str()) {
+            seen[owner].batch_ids.insert(reference, id);
         }
     }
     Ok(())
@@ -231,6 +239,8 @@ struct NewBatches<'a> {
     etas: Vec<Option<NaiveDate>>,
     /// The quantity the batch was created with (see `Batch::created_with`).
     created: Vec<i64>,
+    /// Which product of `seen` added it.
+    owners: Vec<usize>,
 }
 
 /// Batches whose purchased quantity changed.
@@ -334,6 +344,7 @@ impl<'a> Writes<'a> {
                         rows.purchased.push(i64::from(batch.purchased_quantity()));
                         rows.etas.push(batch.eta());
                         rows.created.push(i64::from(batch.created_quantity()));
+                        rows.owners.push(position);
                     }
                 }
                 Change::QuantityChanged(i) => {
