@@ -1,7 +1,7 @@
 //! The `Product` aggregate and its parts. Every rule of contract §2 lives here;
 //! handlers only load the aggregate, call it and let the bus collect events.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use chrono::NaiveDate;
 
@@ -33,6 +33,15 @@ pub enum DomainError {
     /// recent lines to free (see [`Product::lines_wanted`]).
     #[error("the lines a quantity change of batch {0} frees were not loaded")]
     LinesNotLoaded(BatchRef),
+    /// The repository did not tell the product whether batch `{0}` is one
+    /// of its own (see [`Product::knows_batch`]).
+    #[error("batch {0} was not looked up before it was used")]
+    BatchNotLoaded(BatchRef),
+    /// A line of quantity 0 can go to any batch, the preferred of all of
+    /// them, which a product loaded with only the batches with stock left
+    /// does not know. (The messages cannot carry such a line.)
+    #[error("a line of quantity 0 for SKU {0} needs every batch, which was not loaded")]
+    EveryBatchNotLoaded(Sku),
 }
 
 /// A customer's request for `qty` units of `sku`; identified by `(orderid, sku)`.
@@ -215,21 +224,40 @@ type KnownLine = Option<(usize, OrderLine)>;
 /// lines ([`Self::learn_earlier_lines`]) before a quantity drop frees more
 /// than it knows ([`Self::lines_wanted`]). It refuses, rather than guesses,
 /// when it was not told.
+///
+/// A product restored with some of its batches ([`Self::restore_some`]:
+/// those with stock left, which is all a choice of a batch looks at) does
+/// not know every batch either. Whoever loads it gives it a batch a message
+/// names ([`Self::learn_batch`]), or tells it the reference is not one of
+/// its own ([`Self::learn_not_a_batch`]), before a quantity change or a
+/// creation with that reference; a line's lookup brings the batch the line
+/// is allocated to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Product {
     sku: Sku,
     version_number: i64,
-    /// In creation order, which breaks ties between equal ETAs.
+    /// The batches this copy knows, in the order it came to know them.
     batches: Vec<Batch>,
+    /// By position in `batches`: the batch's place in creation order, which
+    /// breaks ties between equal ETAs (a stored batch's row id; a batch
+    /// added in memory comes after every stored one).
+    ties: Vec<i64>,
+    /// The tie of the next batch added.
+    next_tie: i64,
+    /// Every batch of the product is in `batches`.
+    all_batches: bool,
+    /// References the product was told are not its batches.
+    not_batches: HashSet<BatchRef>,
     /// Each batch's position in `batches`, by reference.
     positions: HashMap<BatchRef, usize>,
     /// The batches with some quantity available, keyed in the order the
     /// choice of a batch prefers them: warehouse stock first (`None` sorts
-    /// before `Some`), then the earliest ETA, ties by creation order. A
+    /// before `Some`), then the earliest ETA, ties by creation order
+    /// (`ties`), then the position. A
     /// product's batches only grow, and most of an old product's are taken
     /// in full: the choice looks only here, so that it costs the same however
     /// many batches the product has had.
-    open: BTreeSet<(Option<NaiveDate>, usize)>,
+    open: BTreeSet<(Option<NaiveDate>, i64, usize)>,
     /// The batches with something allocated (whose sum is not zero).
     allocated_batches: usize,
     /// The batches whose `allocations` may not be empty: what
@@ -250,42 +278,77 @@ impl Product {
         Self::restore(sku, 0, Vec::new())
     }
 
-    /// Rebuilds a stored product; `batches` must be in creation order, each
-    /// with every line ([`Batch::restore`]) or with a summary
+    /// Rebuilds a stored product from every batch it has, in creation order,
+    /// each with every line ([`Batch::restore`]) or with a summary
     /// ([`Batch::restore_summary`]).
     pub fn restore(sku: Sku, version_number: i64, batches: Vec<Batch>) -> Self {
-        let complete = batches.iter().all(Batch::knows_every_line);
-        let mut lines = HashMap::new();
-        let mut positions = HashMap::with_capacity(batches.len());
-        let mut open = BTreeSet::new();
-        let mut with_lines = Vec::new();
-        for (i, batch) in batches.iter().enumerate() {
-            // The first of a reference given twice, as a scan would find it.
-            positions.entry(batch.reference.clone()).or_insert(i);
-            if batch.available_quantity() > 0 {
-                open.insert((batch.eta, i));
-            }
-            if !batch.allocations.is_empty() {
-                with_lines.push(i);
-            }
-            for line in &batch.allocations {
-                lines.insert(line.orderid.clone(), Some((i, line.clone())));
-            }
-        }
-        let allocated_batches = batches.iter().filter(|b| b.allocated != 0).count();
-        Self {
+        let next_tie = batches.len() as i64;
+        let batches = (0..next_tie).zip(batches).collect();
+        Self::build(sku, version_number, batches, true, next_tie)
+    }
+
+    /// Rebuilds a stored product from some of its batches, each with its
+    /// place in creation order (its row id, below [`Self::NEW_TIES`]), in
+    /// any order: those with stock left, which is what a decision looks at.
+    /// The product then refuses what needs another batch until it is told
+    /// of it (see [`Self::knows_batch`]).
+    pub fn restore_some(sku: Sku, version_number: i64, batches: Vec<(i64, Batch)>) -> Self {
+        Self::build(sku, version_number, batches, false, Self::NEW_TIES)
+    }
+
+    /// Where the ties of batches added in memory begin: after every stored
+    /// batch's row id.
+    pub const NEW_TIES: i64 = 1 << 62;
+
+    fn build(
+        sku: Sku,
+        version_number: i64,
+        batches: Vec<(i64, Batch)>,
+        all_batches: bool,
+        next_tie: i64,
+    ) -> Self {
+        let mut product = Self {
             sku,
             version_number,
-            batches,
-            positions,
-            open,
-            allocated_batches,
-            with_lines,
+            batches: Vec::with_capacity(batches.len()),
+            ties: Vec::with_capacity(batches.len()),
+            next_tie,
+            all_batches,
+            not_batches: HashSet::new(),
+            positions: HashMap::with_capacity(batches.len()),
+            open: BTreeSet::new(),
+            allocated_batches: 0,
+            with_lines: Vec::new(),
             events: Vec::new(),
-            lines,
-            complete,
+            lines: HashMap::new(),
+            complete: all_batches,
             changes: Vec::new(),
+        };
+        for (tie, batch) in batches {
+            product.push_batch(tie, batch);
         }
+        product
+    }
+
+    /// Appends a batch the product did not have, with its lines, to the
+    /// indexes.
+    fn push_batch(&mut self, tie: i64, batch: Batch) {
+        let i = self.batches.len();
+        // The first of a reference given twice, as a scan would find it.
+        self.positions.entry(batch.reference.clone()).or_insert(i);
+        if !batch.knows_every_line() {
+            self.complete = false;
+        }
+        if !batch.allocations.is_empty() {
+            self.with_lines.push(i);
+        }
+        for line in &batch.allocations {
+            self.lines
+                .insert(line.orderid.clone(), Some((i, line.clone())));
+        }
+        self.batches.push(batch);
+        self.ties.push(tie);
+        self.reindex(i, 0);
     }
 
     /// Brings the indexes up to date after batch `i`'s allocated quantity
@@ -297,10 +360,11 @@ impl Product {
             (false, true) => self.allocated_batches -= 1,
             _ => {}
         }
+        let key = (batch.eta, self.ties[i], i);
         if batch.available_quantity() > 0 {
-            self.open.insert((batch.eta, i));
+            self.open.insert(key);
         } else {
-            self.open.remove(&(batch.eta, i));
+            self.open.remove(&key);
         }
     }
 
@@ -316,8 +380,42 @@ impl Product {
         &self.batches
     }
 
+    /// The batch `reference`, if this copy knows it (see
+    /// [`Self::knows_batch`]).
     pub fn batch(&self, reference: &BatchRef) -> Option<&Batch> {
         self.position(reference).map(|i| &self.batches[i])
+    }
+
+    /// Whether this copy knows if `reference` is one of its batches: it has
+    /// the batch, it has every batch, or it was told the reference is not
+    /// one of them.
+    pub fn knows_batch(&self, reference: &BatchRef) -> bool {
+        self.all_batches
+            || self.positions.contains_key(reference)
+            || self.not_batches.contains(reference)
+    }
+
+    /// Whether every batch of the product is known here.
+    pub fn knows_every_batch(&self) -> bool {
+        self.all_batches
+    }
+
+    /// Gives the product one of its stored batches, with its place in
+    /// creation order (its row id), as stored: a batch it had not loaded.
+    /// A batch it has already is kept as it is (its own changes win).
+    pub fn learn_batch(&mut self, tie: i64, batch: Batch) {
+        if self.positions.contains_key(&batch.reference) || batch.sku != self.sku {
+            return;
+        }
+        self.not_batches.remove(&batch.reference);
+        self.push_batch(tie, batch);
+    }
+
+    /// Tells the product that `reference` is not one of its stored batches.
+    pub fn learn_not_a_batch(&mut self, reference: BatchRef) {
+        if !self.knows_batch(&reference) {
+            self.not_batches.insert(reference);
+        }
     }
 
     fn position(&self, reference: &BatchRef) -> Option<usize> {
@@ -401,14 +499,38 @@ impl Product {
         batch.allocations.extend(later);
     }
 
-    /// Forgets every line it knows, keeping how much of each batch is
-    /// allocated: what is worth keeping between transactions.
+    /// Forgets every line it knows, and every batch with no stock left,
+    /// keeping the batches a decision looks at and how much of each is
+    /// allocated: what is worth keeping between transactions. A product's
+    /// batches only grow, and most of an old product's are taken in full:
+    /// what is kept does not grow with them. The batches stay while changes
+    /// are recorded and not taken ([`Self::take_changes`]): those name
+    /// batches by position.
     pub fn forget_lines(&mut self) {
         for i in self.with_lines.drain(..) {
             self.batches[i].allocations = Vec::new();
         }
         self.lines = HashMap::new();
-        self.complete = self.allocated_batches == 0;
+        self.not_batches = HashSet::new();
+        if self.open.len() < self.batches.len() && self.changes.is_empty() {
+            let batches = std::mem::take(&mut self.batches);
+            let ties = std::mem::take(&mut self.ties);
+            let kept: Vec<(i64, Batch)> = ties
+                .into_iter()
+                .zip(batches)
+                .filter(|(_, b)| b.available_quantity() > 0)
+                .collect();
+            let events = std::mem::take(&mut self.events);
+            *self = Self::build(
+                self.sku.clone(),
+                self.version_number,
+                kept,
+                false,
+                self.next_tie,
+            );
+            self.events = events;
+        }
+        self.complete = self.all_batches && self.allocated_batches == 0;
     }
 
     /// Adds a batch. The message that created the batch, again, is a no-op
@@ -427,11 +549,14 @@ impl Product {
                 Err(DomainError::DuplicateBatch(reference))
             };
         }
+        if !self.knows_batch(&reference) {
+            return Err(DomainError::BatchNotLoaded(reference));
+        }
+        self.not_batches.remove(&reference);
         let i = self.batches.len();
-        self.positions.insert(reference.clone(), i);
-        self.batches
-            .push(Batch::new(reference, self.sku.clone(), qty, eta));
-        self.reindex(i, 0);
+        let tie = self.next_tie;
+        self.next_tie += 1;
+        self.push_batch(tie, Batch::new(reference, self.sku.clone(), qty, eta));
         self.changes.push(Change::BatchAdded(i));
         self.version_number += 1;
         Ok(())
@@ -482,19 +607,21 @@ impl Product {
             // could take no line of a positive quantity.
             self.open
                 .iter()
-                .map(|&(_, i)| i)
+                .map(|&(_, _, i)| i)
                 .find(|&i| self.batches[i].can_allocate(&line))
-        } else {
+        } else if self.all_batches {
             // Any batch can take nothing: the preferred of them all. (The
             // messages cannot carry a quantity of 0; the domain allows it.)
             self.batches
                 .iter()
                 .enumerate()
                 .filter(|(_, b)| b.can_allocate(&line))
-                // `None` sorts before `Some`: warehouse stock first. min_by_key
-                // keeps the first of equal keys: ties go to the earliest created.
-                .min_by_key(|(_, b)| b.eta)
+                // `None` sorts before `Some`: warehouse stock first, then
+                // the earliest created.
+                .min_by_key(|&(i, b)| (b.eta, self.ties[i]))
                 .map(|(i, _)| i)
+        } else {
+            return Err(DomainError::EveryBatchNotLoaded(line.sku));
         };
         match chosen {
             Some(i) => {
@@ -548,7 +675,11 @@ impl Product {
     /// ([`Self::lines_wanted`]).
     pub fn change_quantity(&mut self, reference: &BatchRef, qty: u32) -> Result<bool, DomainError> {
         let Some(i) = self.position(reference) else {
-            return Ok(false);
+            return if self.knows_batch(reference) {
+                Ok(false)
+            } else {
+                Err(DomainError::BatchNotLoaded(reference.clone()))
+            };
         };
         if self.batches[i].purchased_quantity == qty {
             return Ok(true);

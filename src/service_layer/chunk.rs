@@ -154,7 +154,9 @@ impl Rejection {
             HandlerError::Rejected(
                 DomainError::WrongSku { .. }
                 | DomainError::LineNotLoaded { .. }
-                | DomainError::LinesNotLoaded(_),
+                | DomainError::LinesNotLoaded(_)
+                | DomainError::BatchNotLoaded(_)
+                | DomainError::EveryBatchNotLoaded(_),
             )
             | HandlerError::Repository(_) => (DeadLetterReason::InvalidMessage, false),
         };

@@ -38,7 +38,7 @@ pub(crate) async fn create_batch<U: UnitOfWork>(
         repo.add(Product::new(cmd.sku.clone()));
     }
     let product = repo
-        .get(&cmd.sku)
+        .get_for_batch(&cmd.sku, &cmd.reference)
         .await?
         .ok_or_else(|| HandlerError::UnknownSku(cmd.sku.clone()))?;
     product.add_batch(cmd.reference, cmd.qty, cmd.eta)?;

@@ -111,6 +111,19 @@ pub trait ProductRepository: Send {
         self.get(sku)
     }
 
+    /// [`Self::get`], with the product told whether `reference` is one of
+    /// its batches ([`Product::knows_batch`]), which
+    /// [`Product::add_batch`] needs. A repository of whole products (every
+    /// batch in memory) has nothing to add.
+    fn get_for_batch(
+        &mut self,
+        sku: &Sku,
+        reference: &BatchRef,
+    ) -> impl Future<Output = Result<Option<&mut Product>, RepositoryError>> + Send {
+        let _ = reference;
+        self.get(sku)
+    }
+
     /// [`Self::get_by_batchref`], with the product given the batch's lines
     /// that a change of its quantity to `qty` frees
     /// ([`Product::lines_wanted`]). A repository of whole products has

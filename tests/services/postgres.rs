@@ -254,10 +254,16 @@ async fn of_two_transactions_on_one_product_the_second_decides_on_the_first_ones
     let first_cache = ProductCache::default();
     let mut first = PgUnitOfWork::begin(&pool, &first_cache).await.unwrap();
     first.start_message(context("first"));
-    let product = first.products().get(&sku).await.unwrap().unwrap();
+    let o1 = OrderId::parse("o1").unwrap();
+    let product = first
+        .products()
+        .get_for_line(&sku, &o1)
+        .await
+        .unwrap()
+        .unwrap();
     product
         .allocate(OrderLine {
-            orderid: OrderId::parse("o1").unwrap(),
+            orderid: o1.clone(),
             sku: sku.clone(),
             qty: 4,
         })
@@ -694,7 +700,13 @@ async fn a_message_that_changed_a_product_cannot_be_taken_back_alone_and_reset_u
     let cache = ProductCache::default();
     let mut uow = PgUnitOfWork::begin(&pool, &cache).await.unwrap();
     uow.start_message(context("first"));
-    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    let o1 = OrderId::parse("o1").unwrap();
+    let product = uow
+        .products()
+        .get_for_line(&sku, &o1)
+        .await
+        .unwrap()
+        .unwrap();
     product.allocate(line("o1")).unwrap();
     drop(product.take_events());
     uow.finish_message();
@@ -706,7 +718,13 @@ async fn a_message_that_changed_a_product_cannot_be_taken_back_alone_and_reset_u
 
     // One that changed the product first cannot be.
     uow.start_message(context("changed"));
-    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    let o2 = OrderId::parse("o2").unwrap();
+    let product = uow
+        .products()
+        .get_for_line(&sku, &o2)
+        .await
+        .unwrap()
+        .unwrap();
     product.allocate(line("o2")).unwrap();
     assert!(!uow.reject_message());
     uow.reset();

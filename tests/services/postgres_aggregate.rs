@@ -17,6 +17,7 @@ use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
 use allocation_worker::domain::{BatchRef, Event, OrderId, OrderLine, Sku};
 use allocation_worker::engine::processor::Processor;
 use allocation_worker::service_layer::chunk::Outcome;
+use allocation_worker::service_layer::DeadLetterReason;
 use allocation_worker::service_layer::{
     ChunkUnitOfWork, ProductRepository, RepositoryError, UnitOfWork,
 };
@@ -379,5 +380,159 @@ async fn a_batch_keeps_its_allocated_sum_whoever_writes_its_lines() {
         .unwrap();
     assert_eq!(placed, ["o2", "o3", "o5"]);
     assert_eq!(sum().await, 10);
+    drop_database(pool).await;
+}
+
+async fn allocated_to(pool: &PgPool, orderid: &str) -> Option<String> {
+    sqlx::query_scalar(
+        "SELECT b.reference FROM allocations a JOIN batches b ON b.id = a.batch_id \
+         WHERE a.orderid = $1",
+    )
+    .bind(orderid)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// A product is loaded with its batches with stock left only; a batch taken
+/// in full is read by reference when a message names it (a creation again,
+/// a quantity change, a line allocated to it), and keeps its place in the
+/// order of creation among the others. Each step runs on a cold processor
+/// (a load from the database) and the next on a warm one (its cache).
+#[tokio::test]
+async fn a_batch_taken_in_full_is_not_loaded_until_a_message_names_it() {
+    let (pool, _) = fresh_database().await;
+    let t = topics();
+    let sku = Sku::parse("SHELF").unwrap();
+    let warm = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let mut offset = 0;
+    let mut run = |cold: bool, topic: &str, value: serde_json::Value| {
+        offset += 1;
+        let m = message(topic, offset, value);
+        let fresh = cold.then(|| processor(&pool, Arc::new(Metrics::new().unwrap())));
+        let warm = &warm;
+        async move {
+            fresh
+                .as_ref()
+                .unwrap_or(warm)
+                .process_one(&m, true)
+                .await
+                .unwrap()
+        }
+    };
+    // "full" is created first and taken in full; "open" after it, same ETA.
+    for (cold, topic, value) in [
+        (
+            true,
+            &t.batch_created,
+            json!({"ref": "full", "sku": "SHELF", "qty": 2}),
+        ),
+        (
+            false,
+            &t.allocation_required,
+            json!({"orderid": "o1", "sku": "SHELF", "qty": 2}),
+        ),
+        (
+            true,
+            &t.batch_created,
+            json!({"ref": "open", "sku": "SHELF", "qty": 10}),
+        ),
+    ] {
+        assert_eq!(run(cold, topic, value).await, Outcome::Applied);
+    }
+    assert_eq!(allocated_to(&pool, "o1").await.as_deref(), Some("full"));
+
+    // Loaded, the product has only the batch with stock.
+    let cache = ProductCache::default();
+    let mut uow = PgUnitOfWork::begin(&pool, &cache).await.unwrap();
+    uow.load(&[&sku], &[], &[]).await.unwrap();
+    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    let loaded: Vec<String> = product
+        .batches()
+        .iter()
+        .map(|b| b.reference().to_string())
+        .collect();
+    assert_eq!(loaded, ["open"], "the batch taken in full is not read");
+    assert!(!product.knows_every_batch());
+    drop(uow);
+
+    for cold in [true, false] {
+        // The creation of "full" again is a no-op; with other data, refused.
+        let again = json!({"ref": "full", "sku": "SHELF", "qty": 2});
+        assert_eq!(run(cold, &t.batch_created, again).await, Outcome::Applied);
+        let other = json!({"ref": "full", "sku": "SHELF", "qty": 3});
+        assert_eq!(
+            run(cold, &t.batch_created, other).await,
+            Outcome::DeadLettered(DeadLetterReason::DuplicateBatch)
+        );
+        // The line allocated to it, again: a no-op; with another quantity,
+        // refused.
+        let line = json!({"orderid": "o1", "sku": "SHELF", "qty": 2});
+        assert_eq!(
+            run(cold, &t.allocation_required, line).await,
+            Outcome::Applied
+        );
+        let line = json!({"orderid": "o1", "sku": "SHELF", "qty": 1});
+        assert_eq!(
+            run(cold, &t.allocation_required, line).await,
+            Outcome::DeadLettered(DeadLetterReason::DuplicateLine)
+        );
+    }
+    let lines: i64 = sqlx::query_scalar("SELECT count(*) FROM allocations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(lines, 1, "nothing allocated twice");
+
+    // Raised, "full" takes the next line before "open": created first, it
+    // comes first among batches of the same ETA, though the cached product
+    // read it after.
+    let raise = json!({"ref": "full", "qty": 3});
+    assert_eq!(
+        run(false, &t.batch_quantity_changed, raise).await,
+        Outcome::Applied
+    );
+    let line = json!({"orderid": "o2", "sku": "SHELF", "qty": 1});
+    assert_eq!(
+        run(false, &t.allocation_required, line).await,
+        Outcome::Applied
+    );
+    assert_eq!(allocated_to(&pool, "o2").await.as_deref(), Some("full"));
+
+    // Taken in full again, then dropped to nothing on both paths: its lines
+    // go to "open", the last allocated first.
+    for (cold, orderid) in [(true, "o3"), (false, "o4")] {
+        let drop_to_zero = json!({"ref": "full", "qty": 0});
+        assert_eq!(
+            run(cold, &t.batch_quantity_changed, drop_to_zero).await,
+            Outcome::Applied
+        );
+        let raise = json!({"ref": "full", "qty": 1});
+        assert_eq!(
+            run(cold, &t.batch_quantity_changed, raise).await,
+            Outcome::Applied
+        );
+        let line = json!({"orderid": orderid, "sku": "SHELF", "qty": 1});
+        assert_eq!(
+            run(!cold, &t.allocation_required, line).await,
+            Outcome::Applied
+        );
+        assert_eq!(allocated_to(&pool, orderid).await.as_deref(), Some("full"));
+    }
+    let drop_to_zero = json!({"ref": "full", "qty": 0});
+    assert_eq!(
+        run(true, &t.batch_quantity_changed, drop_to_zero).await,
+        Outcome::Applied
+    );
+    for orderid in ["o1", "o2", "o3", "o4"] {
+        assert_eq!(allocated_to(&pool, orderid).await.as_deref(), Some("open"));
+    }
+    let (available, batches): (i64, i64) = sqlx::query_as(
+        "SELECT sum(purchased_quantity - allocated_quantity)::int8, count(*) FROM batches",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((available, batches), (10 - 5, 2));
     drop_database(pool).await;
 }

@@ -6,11 +6,14 @@
 //!   (tests/unit/reference/full_history_model.rs, the model before the change);
 //! - the aggregate under test, as the PostgreSQL repository drives it: it is
 //!   stored after every few messages by applying the changes it recorded
-//!   (never by comparing copies), and loaded again from batch summaries
-//!   alone, or kept as the cache keeps it (its lines forgotten). It is told
-//!   what a decision needs the way the repository tells it: whether a line
-//!   is allocated, by key, and a batch's most recent stored lines, newest
-//!   first, a few at a time, for a quantity drop.
+//!   (never by comparing copies), and loaded again from the summaries of
+//!   its batches with stock left (or of every batch), or kept as the cache
+//!   keeps it (its lines and its batches taken in full forgotten). It is
+//!   told what a decision needs the way the repository tells it: whether a
+//!   line is allocated, by key, with the batch it is allocated to; a batch
+//!   a message names, by reference, or that the reference is not one of
+//!   its batches; and a batch's most recent stored lines, newest first, a
+//!   few at a time, for a quantity drop.
 //!
 //! Both must record the same events, refuse the same messages, and end
 //! with the same batches, versions and stored lines in the same order.
@@ -43,8 +46,11 @@ fn cmd() -> impl Strategy<Value = Cmd> {
 /// How the aggregate under test is kept between two transactions.
 #[derive(Debug, Clone, Copy)]
 enum Between {
-    /// Read back from the stored batch summaries.
+    /// Read back from the summaries of the stored batches with stock left,
+    /// as the repository loads a product.
     Reload,
+    /// Read back from the summaries of every stored batch.
+    ReloadEvery,
     /// Kept in memory without its lines, as the cache keeps it.
     Cached,
 }
@@ -64,6 +70,7 @@ fn step() -> impl Strategy<Value = Step> {
         prop_oneof![
             2 => Just(None),
             1 => Just(Some(Between::Reload)),
+            1 => Just(Some(Between::ReloadEvery)),
             1 => Just(Some(Between::Cached)),
         ],
         1usize..4,
@@ -109,17 +116,55 @@ struct StoredBatch {
 }
 
 impl Stored {
+    /// A stored batch as the repository reads it, with its row id (here its
+    /// place in creation order).
+    fn batch_summary(&self, reference: &BatchRef) -> Option<(i64, Batch)> {
+        self.batches
+            .iter()
+            .enumerate()
+            .find(|(_, b)| &b.reference == reference)
+            .map(|(id, b)| {
+                let allocated = b.lines.values().map(|l| i64::from(l.qty)).sum();
+                let batch = Batch::restore_summary(
+                    b.reference.clone(),
+                    sku(),
+                    b.purchased,
+                    b.eta,
+                    allocated,
+                )
+                .created_with(b.created);
+                (id as i64, batch)
+            })
+    }
+
+    /// The product as the repository loads it: its batches with stock left.
     fn summary(&self) -> Product {
         let batches = self
             .batches
             .iter()
-            .map(|b| {
-                let allocated = b.lines.values().map(|l| i64::from(l.qty)).sum();
-                Batch::restore_summary(b.reference.clone(), sku(), b.purchased, b.eta, allocated)
-                    .created_with(b.created)
-            })
+            .filter_map(|b| self.batch_summary(&b.reference))
+            .filter(|(_, b)| b.available_quantity() > 0)
+            .collect();
+        Product::restore_some(sku(), self.version, batches)
+    }
+
+    /// The product from every batch's summary.
+    fn every_summary(&self) -> Product {
+        let batches = self
+            .batches
+            .iter()
+            .filter_map(|b| self.batch_summary(&b.reference))
+            .map(|(_, b)| b)
             .collect();
         Product::restore(sku(), self.version, batches)
+    }
+
+    fn position(&self, product: &Product, i: usize) -> usize {
+        let reference = product.batches()[i].reference();
+        self.batches
+            .iter()
+            .position(|b| &b.reference == reference)
+            .expect("a changed batch is stored")
     }
 
     /// The lookup by (orderid, sku).
@@ -155,7 +200,10 @@ impl Stored {
             match change {
                 Change::BatchAdded(i) => {
                     let b = &product.batches()[i];
-                    assert_eq!(self.batches.len(), i, "batches are appended");
+                    assert!(
+                        self.batch_summary(b.reference()).is_none(),
+                        "a new batch is not stored"
+                    );
                     self.batches.push(StoredBatch {
                         reference: b.reference().clone(),
                         purchased: b.purchased_quantity(),
@@ -165,14 +213,17 @@ impl Stored {
                     });
                 }
                 Change::QuantityChanged(i) => {
-                    self.batches[i].purchased = product.batches()[i].purchased_quantity();
+                    let at = self.position(product, i);
+                    self.batches[at].purchased = product.batches()[i].purchased_quantity();
                 }
                 Change::LineAllocated { batch, line } => {
+                    let at = self.position(product, batch);
                     self.next_id += 1;
-                    self.batches[batch].lines.insert(self.next_id, line);
+                    self.batches[at].lines.insert(self.next_id, line);
                 }
                 Change::LineFreed { batch, line } => {
-                    let lines = &mut self.batches[batch].lines;
+                    let at = self.position(product, batch);
+                    let lines = &mut self.batches[at].lines;
                     let id = lines
                         .iter()
                         .find(|(_, l)| l.orderid == line.orderid)
@@ -201,16 +252,35 @@ impl UnderTest {
         }
     }
 
-    /// What the repository does before an allocation.
+    /// What the repository does before an allocation: the line, with the
+    /// batch it is allocated to.
     fn look_up(&mut self, stored: &Stored, orderid: &OrderId) {
         if !self.product.knows_line(orderid) {
-            self.product
-                .learn_line(orderid.clone(), stored.line(orderid));
+            let at = stored.line(orderid);
+            if let Some((reference, _)) = at {
+                if let Some((id, batch)) = stored.batch_summary(reference) {
+                    self.product.learn_batch(id, batch);
+                }
+            }
+            self.product.learn_line(orderid.clone(), at);
+        }
+    }
+
+    /// What the repository does before a message that names a batch (a
+    /// creation, a quantity change): the batch, by reference, or that it is
+    /// not one of the product's.
+    fn name(&mut self, stored: &Stored, reference: &BatchRef) {
+        if !self.product.knows_batch(reference) {
+            match stored.batch_summary(reference) {
+                Some((id, batch)) => self.product.learn_batch(id, batch),
+                None => self.product.learn_not_a_batch(reference.clone()),
+            }
         }
     }
 
     /// What the repository does before a quantity change.
     fn read_freed(&mut self, stored: &Stored, reference: &BatchRef, qty: u32, page: usize) {
+        self.name(stored, reference);
         while self.product.lines_wanted(reference, qty) > 0 {
             let below = self
                 .read_down_to
@@ -289,10 +359,12 @@ fn run_under_test(
 ) -> (Vec<Event>, Option<String>) {
     let mut events = Vec::new();
     let outcome = match cmd {
-        Cmd::AddBatch { batch, qty, eta: e } => t
-            .product
-            .add_batch(bref(*batch), *qty, eta(*e))
-            .map_err(|e| refusal(&e)),
+        Cmd::AddBatch { batch, qty, eta: e } => {
+            t.name(stored, &bref(*batch));
+            t.product
+                .add_batch(bref(*batch), *qty, eta(*e))
+                .map_err(|e| refusal(&e))
+        }
         Cmd::Allocate { order, qty } => {
             t.look_up(stored, &oid(*order));
             t.product
@@ -393,7 +465,13 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
         let got = run_under_test(&mut under_test, &stored, &step.cmd, step.page);
         prop_assert_eq!(&got, &expected, "message {} ({:?})", n, step.cmd);
         prop_assert_eq!(under_test.product.version_number(), model.version_number());
-        for (b, r) in under_test.product.batches().iter().zip(model.batches()) {
+        for b in under_test.product.batches() {
+            let r = model
+                .batches()
+                .iter()
+                .find(|r| r.reference() == b.reference());
+            prop_assert!(r.is_some(), "{} is the model's", b.reference());
+            let r = r.unwrap();
             prop_assert_eq!(b.allocated_quantity(), r.allocated_quantity());
             prop_assert_eq!(b.available_quantity(), r.available_quantity());
         }
@@ -402,6 +480,7 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
             prop_assert_eq!(stored_state(&stored), reference_state(&model));
             under_test = match between {
                 Between::Reload => UnderTest::loaded(stored.summary()),
+                Between::ReloadEvery => UnderTest::loaded(stored.every_summary()),
                 Between::Cached => {
                     let mut product = under_test.product;
                     product.forget_lines();
@@ -434,6 +513,7 @@ proptest! {
 fn a_quantity_drop_needs_only_the_lines_it_frees() {
     let mut stored = Stored::default();
     let mut t = UnderTest::loaded(stored.summary());
+    t.name(&stored, &bref(0));
     t.product.add_batch(bref(0), 1000, None).unwrap();
     for order in 0..200u8 {
         t.look_up(&stored, &oid(order));
@@ -447,12 +527,17 @@ fn a_quantity_drop_needs_only_the_lines_it_frees() {
     }
     stored.apply(&mut t.product);
     let mut t = UnderTest::loaded(stored.summary());
-    assert!(t.product.batches()[0].allocations().is_empty());
+    assert!(
+        t.product.batch(&bref(0)).is_none(),
+        "taken in full: not loaded"
+    );
+    t.name(&stored, &bref(0));
+    assert!(t.product.batch(&bref(0)).unwrap().allocations().is_empty());
     // 1000 allocated; down to 988 frees three lines of 5.
     assert_eq!(t.product.lines_wanted(&bref(0), 988), 12);
     t.read_freed(&stored, &bref(0), 988, 2);
     assert_eq!(
-        t.product.batches()[0].allocations().len(),
+        t.product.batch(&bref(0)).unwrap().allocations().len(),
         4,
         "two pages of two"
     );
@@ -474,7 +559,10 @@ fn a_quantity_drop_needs_only_the_lines_it_frees() {
 fn a_summary_product_refuses_what_it_was_not_told() {
     let mut stored = Stored::default();
     let mut t = UnderTest::loaded(stored.summary());
+    t.name(&stored, &bref(0));
     t.product.add_batch(bref(0), 10, None).unwrap();
+    t.name(&stored, &bref(1));
+    t.product.add_batch(bref(1), 0, None).unwrap();
     t.look_up(&stored, &oid(1));
     t.product
         .allocate(OrderLine {
@@ -498,7 +586,55 @@ fn a_summary_product_refuses_what_it_was_not_told() {
         product.change_quantity(&bref(0), 2),
         Err(DomainError::LinesNotLoaded(_))
     ));
+    // Batch b1 has no stock, so is not loaded: the product does not know
+    // whether b1, or a reference it has never seen, is one of its batches.
+    assert!(product.batch(&bref(1)).is_none());
+    assert_eq!(
+        product.change_quantity(&bref(1), 9),
+        Err(DomainError::BatchNotLoaded(bref(1)))
+    );
+    assert_eq!(
+        product.add_batch(bref(1), 0, None),
+        Err(DomainError::BatchNotLoaded(bref(1))),
+        "a creation delivered again cannot be told from a new one"
+    );
+    assert_eq!(
+        product.add_batch(bref(2), 5, None),
+        Err(DomainError::BatchNotLoaded(bref(2)))
+    );
+    assert!(matches!(
+        product.allocate(OrderLine {
+            orderid: oid(2),
+            sku: sku(),
+            qty: 0,
+        }),
+        Err(DomainError::LineNotLoaded { .. })
+    ));
+    product.learn_line(oid(2), None);
+    assert_eq!(
+        product.allocate(OrderLine {
+            orderid: oid(2),
+            sku: sku(),
+            qty: 0,
+        }),
+        Err(DomainError::EveryBatchNotLoaded(sku())),
+        "any batch could take nothing, the preferred of all of them"
+    );
     assert_eq!(product.version_number(), stored.version, "nothing changed");
     product.learn_line(oid(1), stored.line(&oid(1)));
     assert_eq!(product.allocate(line), Ok(None), "the same line again");
+    // Told, it decides.
+    let (id, b1) = stored.batch_summary(&bref(1)).unwrap();
+    product.learn_batch(id, b1);
+    assert_eq!(
+        product.add_batch(bref(1), 0, None),
+        Ok(()),
+        "delivered again"
+    );
+    assert_eq!(
+        product.add_batch(bref(1), 3, None),
+        Err(DomainError::DuplicateBatch(bref(1)))
+    );
+    product.learn_not_a_batch(bref(2));
+    assert_eq!(product.add_batch(bref(2), 5, None), Ok(()));
 }

@@ -4,12 +4,14 @@
 //! tracked beside the state they were loaded in, for a message taken back.
 //! A commit writes what each product recorded as changed (see `writes`).
 //!
-//! A product is loaded as its batches and how much of each is allocated
-//! (`batches.allocated_quantity`), never as every line it ever had: what
-//! else a decision needs is read when it is needed, by key: whether a line
-//! is allocated (all the lines of a batch of messages in one statement,
-//! [`PgProductRepository::load_lines`]), and the most recent lines of a
-//! batch whose quantity drops, as many as it frees, newest first.
+//! A product is loaded as its batches with stock left and how much of each
+//! is allocated (`batches.allocated_quantity`), never as every batch or
+//! every line it ever had: what else a decision needs is read when it is
+//! needed, by key: whether a line is allocated, with the batch it is
+//! allocated to (all the lines of a chunk of messages in one statement,
+//! [`PgProductRepository::load_lines`]); a batch taken in full that a
+//! message names, by reference; and the most recent lines of a batch whose
+//! quantity drops, as many as it frees, newest first.
 
 use std::collections::{HashMap, HashSet};
 
@@ -59,6 +61,20 @@ pub(super) struct Touched {
 
 type ProductRow = (String, i64, i64);
 type BatchRow = (i64, String, String, i64, i64, Option<NaiveDate>, i64);
+/// A product's batches as read, with their row ids, and the ids by reference.
+type LoadedBatches = (Vec<(i64, Batch)>, HashMap<BatchRef, i64>);
+/// A line's order id and quantity, then its batch's row.
+type LineRow = (
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    Option<NaiveDate>,
+    i64,
+);
 
 /// The most lines read back in one statement for a quantity drop; the
 /// first read asks for as many as the quantity to free could need, up to
@@ -222,6 +238,20 @@ impl PgProductRepository<'_> {
         if !to_read.is_empty() {
             self.read(to_read).await?;
         }
+        // The batches named by the chunk that their loaded products do not
+        // know (taken in full, so not loaded with them): in one statement.
+        let mut named: Vec<(usize, BatchRef)> = Vec::new();
+        for reference in refs {
+            let Some(&i) = self.owners.get(*reference).and_then(|s| self.index.get(s)) else {
+                continue;
+            };
+            if !self.seen[i].product.knows_batch(reference)
+                && !named.iter().any(|(_, r)| r == *reference)
+            {
+                named.push((i, (*reference).clone()));
+            }
+        }
+        self.learn_batches(&named).await?;
         Ok(done)
     }
 
@@ -264,9 +294,12 @@ impl PgProductRepository<'_> {
         if wanted.is_empty() {
             return Ok(());
         }
-        // (orderid, sku) is unique: the index answers each line.
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT a.orderid, a.sku, b.reference, a.qty \
+        // (orderid, sku) is unique: the index answers each line. The batch
+        // comes with it: a line may be allocated to a batch taken in full,
+        // which its product did not load.
+        let rows: Vec<LineRow> = sqlx::query_as(
+            "SELECT a.orderid, a.qty, b.id, b.sku, b.reference, b.purchased_quantity, \
+             COALESCE(b.created_quantity, b.purchased_quantity), b.eta, b.allocated_quantity \
              FROM unnest($1::text[], $2::text[]) AS v(o, s) \
              JOIN allocations a ON a.orderid = v.o AND a.sku = v.s \
              JOIN batches b ON b.id = a.batch_id",
@@ -277,9 +310,15 @@ impl PgProductRepository<'_> {
         .await
         .map_err(classify)?;
         let mut found: HashMap<(String, String), (BatchRef, u32)> = HashMap::new();
-        for (orderid, sku, reference, qty) in rows {
-            let at = (stored_name(BatchRef::parse(reference))?, stored_qty(qty)?);
-            found.insert((orderid, sku), at);
+        for (orderid, qty, id, sku, reference, purchased, created, eta, allocated) in rows {
+            let (id, batch) =
+                stored_batch((id, sku, reference, purchased, created, eta, allocated))?;
+            let key = (orderid, batch.sku().as_str().to_owned());
+            let at = (batch.reference().clone(), stored_qty(qty)?);
+            if let Some(&i) = self.index.get(batch.sku()) {
+                self.learn_batch(i, id, batch);
+            }
+            found.insert(key, at);
         }
         for (i, orderid) in wanted {
             let key = (
@@ -351,15 +390,17 @@ impl PgProductRepository<'_> {
         }
     }
 
-    /// Reads locked products' batches, in creation order, with how much of
-    /// each is allocated: not their lines.
+    /// Reads locked products' batches with stock left (the partial index
+    /// `batches_open`), with how much of each is allocated: not their lines,
+    /// nor the batches taken in full, however many the product has had.
     async fn read(&mut self, products: Vec<(Sku, i64, i64)>) -> Result<(), RepositoryError> {
         let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
         let batch_rows: Vec<BatchRow> = sqlx::query_as(
             "SELECT id, sku, reference, purchased_quantity, \
              COALESCE(created_quantity, purchased_quantity), eta, allocated_quantity \
-             FROM batches WHERE sku = ANY($1) ORDER BY id",
+             FROM batches WHERE sku = ANY($1) AND purchased_quantity > allocated_quantity \
+             ORDER BY id",
         )
         .bind(&skus)
         .fetch_all(&mut *conn)
@@ -373,38 +414,65 @@ impl PgProductRepository<'_> {
                 RepositoryError::Unavailable(format!("unexpected SKU {name} in a read").into())
             })
         };
-        let mut batches: HashMap<&str, (Vec<Batch>, HashMap<BatchRef, i64>)> = HashMap::new();
-        for (id, sku, reference, purchased, created, eta, allocated) in batch_rows {
-            let owner = sku_of(&sku)?;
-            let reference = stored_name(BatchRef::parse(reference))?;
+        let mut batches: HashMap<&str, LoadedBatches> = HashMap::new();
+        // Owners are not learnt here: a load reads every open batch of a
+        // product, and caching each one's owner cost a cache insert per
+        // batch per load. A message that names a batch looks its owner up.
+        for row in batch_rows {
+            let owner = sku_of(&row.1)?;
+            let (id, batch) = stored_batch(row)?;
             let entry = batches.entry(owner.as_str()).or_default();
-            entry.1.insert(reference.clone(), id);
-            self.owners.insert(reference.clone(), owner.clone());
-            if allocated < 0 {
-                return Err(RepositoryError::Unavailable(
-                    format!("invalid stored allocated quantity {allocated}").into(),
-                ));
-            }
-            entry.0.push(
-                Batch::restore_summary(
-                    reference,
-                    owner.clone(),
-                    stored_qty(purchased)?,
-                    eta,
-                    allocated,
-                )
-                .created_with(stored_qty(created)?),
-            );
+            entry.1.insert(batch.reference().clone(), id);
+            entry.0.push((id, batch));
         }
         for (sku, version, revision) in &products {
             let (list, ids) = batches.remove(sku.as_str()).unwrap_or_default();
             self.push_loaded(
-                Product::restore(sku.clone(), *version, list),
+                Product::restore_some(sku.clone(), *version, list),
                 ids,
                 *revision,
             );
         }
         Ok(())
+    }
+
+    /// Gives tracked products batches of theirs they do not know, by
+    /// reference, in one statement: `(i, reference)` asks for the batch
+    /// `reference` of tracked product `i`. A reference that is not one of
+    /// product `i`'s batches is told to it as such.
+    async fn learn_batches(&mut self, wanted: &[(usize, BatchRef)]) -> Result<(), RepositoryError> {
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&str> = wanted.iter().map(|(_, r)| r.as_str()).collect();
+        let rows: Vec<BatchRow> = sqlx::query_as(
+            "SELECT id, sku, reference, purchased_quantity, \
+             COALESCE(created_quantity, purchased_quantity), eta, allocated_quantity \
+             FROM batches WHERE reference = ANY($1)",
+        )
+        .bind(&refs)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(classify)?;
+        for row in rows {
+            let (id, batch) = stored_batch(row)?;
+            if let Some(&i) = self.index.get(batch.sku()) {
+                self.learn_batch(i, id, batch);
+            }
+        }
+        for (i, reference) in wanted {
+            self.seen[*i].product.learn_not_a_batch(reference.clone());
+        }
+        Ok(())
+    }
+
+    /// Gives tracked product `i` its stored batch `batch`, row `id`.
+    fn learn_batch(&mut self, i: usize, id: i64, batch: Batch) {
+        let tracked = &mut self.seen[i];
+        if tracked.product.batch(batch.reference()).is_none() {
+            tracked.batch_ids.insert(batch.reference().clone(), id);
+            tracked.product.learn_batch(id, batch);
+        }
     }
 
     /// Called when a message is done: its new batches become known by
@@ -468,6 +536,25 @@ impl PgProductRepository<'_> {
     }
 }
 
+/// A `batches` row as the domain's batch, with its row id.
+fn stored_batch(row: BatchRow) -> Result<(i64, Batch), RepositoryError> {
+    let (id, sku, reference, purchased, created, eta, allocated) = row;
+    if allocated < 0 {
+        return Err(RepositoryError::Unavailable(
+            format!("invalid stored allocated quantity {allocated}").into(),
+        ));
+    }
+    let batch = Batch::restore_summary(
+        stored_name(BatchRef::parse(reference))?,
+        stored_name(Sku::parse(sku))?,
+        stored_qty(purchased)?,
+        eta,
+        allocated,
+    )
+    .created_with(stored_qty(created)?);
+    Ok((id, batch))
+}
+
 impl ProductRepository for PgProductRepository<'_> {
     fn add(&mut self, product: Product) {
         let i = self.seen.len();
@@ -523,6 +610,16 @@ impl ProductRepository for PgProductRepository<'_> {
             }
         };
         let Some(sku) = owner else { return Ok(None) };
+        let knows = self
+            .get(&sku)
+            .await?
+            .is_some_and(|p| p.knows_batch(reference));
+        if !knows {
+            // A batch taken in full, not loaded with its product.
+            if let Some(&i) = self.index.get(&sku) {
+                self.learn_batches(&[(i, reference.clone())]).await?;
+            }
+        }
         let holds = self
             .get(&sku)
             .await?
@@ -544,6 +641,38 @@ impl ProductRepository for PgProductRepository<'_> {
         }
     }
 
+    async fn get_for_batch(
+        &mut self,
+        sku: &Sku,
+        reference: &BatchRef,
+    ) -> Result<Option<&mut Product>, RepositoryError> {
+        if self.get(sku).await?.is_none() {
+            return Ok(None);
+        }
+        let Some(&i) = self.index.get(sku) else {
+            return Ok(None);
+        };
+        if !self.seen[i].product.knows_batch(reference) {
+            let owner = self
+                .owners
+                .get(reference)
+                .or_else(|| self.new_owners.get(reference));
+            match owner {
+                // Stored nowhere when the unit of work began (the usual
+                // case: a new batch), or another product's: not this one's,
+                // which needs no statement.
+                None if self.absent_refs.contains(reference) => {
+                    self.seen[i].product.learn_not_a_batch(reference.clone());
+                }
+                Some(owner) if owner != sku => {
+                    self.seen[i].product.learn_not_a_batch(reference.clone());
+                }
+                _ => self.learn_batches(&[(i, reference.clone())]).await?,
+            }
+        }
+        Ok(Some(&mut self.seen[i].product))
+    }
+
     async fn get_for_line(
         &mut self,
         sku: &Sku,
@@ -558,8 +687,11 @@ impl ProductRepository for PgProductRepository<'_> {
         if !self.seen[i].product.knows_line(orderid) {
             // Not looked up with its batch of messages (a reallocated line
             // is known already; a test, or a handler reaching further).
-            let row: Option<(String, i64)> = sqlx::query_as(
-                "SELECT b.reference, a.qty FROM allocations a \
+            let row: Option<LineRow> = sqlx::query_as(
+                "SELECT a.orderid, a.qty, b.id, b.sku, b.reference, b.purchased_quantity, \
+                 COALESCE(b.created_quantity, b.purchased_quantity), b.eta, \
+                 b.allocated_quantity \
+                 FROM allocations a \
                  JOIN batches b ON b.id = a.batch_id WHERE a.orderid = $1 AND a.sku = $2",
             )
             .bind(orderid.as_str())
@@ -568,8 +700,12 @@ impl ProductRepository for PgProductRepository<'_> {
             .await
             .map_err(classify)?;
             let at = match row {
-                Some((reference, qty)) => {
-                    Some((stored_name(BatchRef::parse(reference))?, stored_qty(qty)?))
+                Some((_, qty, id, sku, reference, purchased, created, eta, allocated)) => {
+                    let (id, batch) =
+                        stored_batch((id, sku, reference, purchased, created, eta, allocated))?;
+                    let reference = batch.reference().clone();
+                    self.learn_batch(i, id, batch);
+                    Some((reference, stored_qty(qty)?))
                 }
                 None => None,
             };

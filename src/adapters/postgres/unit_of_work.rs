@@ -406,10 +406,18 @@ impl<'c> ChunkUnitOfWork for PgUnitOfWork<'c> {
         owners.extend(new_owners);
         // Products go back in the cache before the commit, owners only after
         // it (see ProductCache::put_back and learn_owners).
-        // Without the lines they learnt: what is kept between transactions
-        // is a product's batches and sums, whatever its history.
+        // Without the lines they learnt, nor their batches taken in full:
+        // what is kept between transactions is a product's batches with
+        // stock and their sums, whatever its history.
         cache.put_back(seen.into_iter().map(|mut tracked| {
             tracked.product.forget_lines();
+            // The batches taken in full are forgotten too: their ids with them.
+            let product = &tracked.product;
+            if tracked.batch_ids.len() > product.batches().len() {
+                tracked
+                    .batch_ids
+                    .retain(|reference, _| product.batch(reference).is_some());
+            }
             Stored {
                 product: tracked.product,
                 batch_ids: tracked.batch_ids,
