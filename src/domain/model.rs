@@ -282,9 +282,8 @@ impl Product {
     /// each with every line ([`Batch::restore`]) or with a summary
     /// ([`Batch::restore_summary`]).
     pub fn restore(sku: Sku, version_number: i64, batches: Vec<Batch>) -> Self {
-        let next_tie = batches.len() as i64;
-        let batches = (0..next_tie).zip(batches).collect();
-        Self::build(sku, version_number, batches, true, next_tie)
+        let batches = (0..).zip(batches).collect();
+        Self::build(sku, version_number, batches, true, Self::NEW_TIES)
     }
 
     /// Rebuilds a stored product from some of its batches, each with its
@@ -297,7 +296,9 @@ impl Product {
     }
 
     /// Where the ties of batches added in memory begin: after every stored
-    /// batch's row id.
+    /// batch's row id (or position). Once stored, a batch takes its row id
+    /// as its tie ([`Self::stored_as`]), so that a batch read later by
+    /// reference, with its row id, sorts among them in creation order.
     pub const NEW_TIES: i64 = 1 << 62;
 
     fn build(
@@ -409,6 +410,22 @@ impl Product {
         }
         self.not_batches.remove(&batch.reference);
         self.push_batch(tie, batch);
+    }
+
+    /// Records that batch `reference`, added in memory, is stored as row
+    /// `id`: its place in creation order from now on. Every batch a product
+    /// keeps between transactions then has its row id as its tie, as a
+    /// batch read by reference will, whichever way it was first known.
+    pub fn stored_as(&mut self, reference: &BatchRef, id: i64) {
+        let Some(i) = self.position(reference) else {
+            return;
+        };
+        let eta = self.batches[i].eta;
+        let was_open = self.open.remove(&(eta, self.ties[i], i));
+        self.ties[i] = id;
+        if was_open {
+            self.open.insert((eta, id, i));
+        }
     }
 
     /// Tells the product that `reference` is not one of its stored batches.

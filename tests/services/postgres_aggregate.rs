@@ -536,3 +536,92 @@ async fn a_batch_taken_in_full_is_not_loaded_until_a_message_names_it() {
     assert_eq!((available, batches), (10 - 5, 2));
     drop_database(pool).await;
 }
+
+/// Ties between equal ETAs go to the earliest created whichever way the
+/// worker came to know each batch: created by this instance and kept in its
+/// cache, or read back by reference once taken in full. Every step but the
+/// first runs on one warm processor, so its cache holds both kinds.
+#[tokio::test]
+async fn ties_go_to_the_earliest_created_however_the_cache_came_to_know_each_batch() {
+    let (pool, _) = fresh_database().await;
+    let t = topics();
+    let warm = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let cold = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let mut offset = 0;
+    let mut next = |topic: &str, value: serde_json::Value| {
+        offset += 1;
+        message(topic, offset, value)
+    };
+    // A product this instance creates: "a" is taken in full and dropped
+    // from the cached copy, "b" is created after it, then "a" is raised.
+    let steps = [
+        (
+            &t.batch_created,
+            json!({"ref": "a", "sku": "DESK", "qty": 10}),
+        ),
+        (
+            &t.allocation_required,
+            json!({"orderid": "d1", "sku": "DESK", "qty": 10}),
+        ),
+        (
+            &t.batch_created,
+            json!({"ref": "b", "sku": "DESK", "qty": 10}),
+        ),
+        (&t.batch_quantity_changed, json!({"ref": "a", "qty": 20})),
+        (
+            &t.allocation_required,
+            json!({"orderid": "d2", "sku": "DESK", "qty": 5}),
+        ),
+    ];
+    for (topic, value) in steps {
+        let m = next(topic, value);
+        assert_eq!(warm.process_one(&m, true).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(allocated_to(&pool, "d2").await.as_deref(), Some("a"));
+
+    // A product another instance made, loaded by this one without its batch
+    // taken in full: "d" and "e" are created here, "e" is taken in full and
+    // dropped, then raised.
+    let setup = [
+        (
+            &t.batch_created,
+            json!({"ref": "x", "sku": "LAMP", "qty": 1}),
+        ),
+        (
+            &t.allocation_required,
+            json!({"orderid": "l0", "sku": "LAMP", "qty": 1}),
+        ),
+    ];
+    for (topic, value) in setup {
+        let m = next(topic, value);
+        assert_eq!(cold.process_one(&m, true).await.unwrap(), Outcome::Applied);
+    }
+    let steps = [
+        (
+            &t.batch_created,
+            json!({"ref": "d", "sku": "LAMP", "qty": 2}),
+        ),
+        (
+            &t.batch_created,
+            json!({"ref": "e", "sku": "LAMP", "qty": 3}),
+        ),
+        (
+            &t.allocation_required,
+            json!({"orderid": "l1", "sku": "LAMP", "qty": 3}),
+        ),
+        (&t.batch_quantity_changed, json!({"ref": "e", "qty": 6})),
+        (
+            &t.allocation_required,
+            json!({"orderid": "l2", "sku": "LAMP", "qty": 1}),
+        ),
+    ];
+    for (topic, value) in steps {
+        let m = next(topic, value);
+        assert_eq!(warm.process_one(&m, true).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(allocated_to(&pool, "l1").await.as_deref(), Some("e"));
+    assert_eq!(allocated_to(&pool, "l2").await.as_deref(), Some("d"));
+    drop(cold);
+    drop(warm);
+    drop_database(pool).await;
+}

@@ -196,6 +196,7 @@ impl Stored {
 
     /// Applies what the product recorded, in order.
     fn apply(&mut self, product: &mut Product) {
+        let mut added = Vec::new();
         for change in product.take_changes() {
             match change {
                 Change::BatchAdded(i) => {
@@ -204,6 +205,7 @@ impl Stored {
                         self.batch_summary(b.reference()).is_none(),
                         "a new batch is not stored"
                     );
+                    added.push((b.reference().clone(), self.batches.len() as i64));
                     self.batches.push(StoredBatch {
                         reference: b.reference().clone(),
                         purchased: b.purchased_quantity(),
@@ -232,6 +234,10 @@ impl Stored {
                     lines.remove(&id);
                 }
             }
+        }
+        // As a commit does: the new batches' row ids become their ties.
+        for (reference, id) in added {
+            product.stored_as(&reference, id);
         }
         self.version = product.version_number();
     }

@@ -188,6 +188,9 @@ impl PgProductRepository<'_> {
         wanted.sort_unstable();
         wanted.dedup();
         if wanted.is_empty() && keys.is_empty() {
+            // Nothing to lock; a named batch of a product loaded already
+            // may still be unknown to it.
+            self.learn_named(refs).await?;
             return Ok(HashSet::new());
         }
         // A processed key comes back as a row without a version.
@@ -238,8 +241,13 @@ impl PgProductRepository<'_> {
         if !to_read.is_empty() {
             self.read(to_read).await?;
         }
-        // The batches named by the chunk that their loaded products do not
-        // know (taken in full, so not loaded with them): in one statement.
+        self.learn_named(refs).await?;
+        Ok(done)
+    }
+
+    /// Gives the loaded products the batches of `refs` they own and do not
+    /// know (taken in full, so not loaded with them), in one statement.
+    async fn learn_named(&mut self, refs: &[&BatchRef]) -> Result<(), RepositoryError> {
         let mut named: Vec<(usize, BatchRef)> = Vec::new();
         for reference in refs {
             let Some(&i) = self.owners.get(*reference).and_then(|s| self.index.get(s)) else {
@@ -251,8 +259,7 @@ impl PgProductRepository<'_> {
                 named.push((i, (*reference).clone()));
             }
         }
-        self.learn_batches(&named).await?;
-        Ok(done)
+        self.learn_batches(&named).await
     }
 
     fn push_loaded(&mut self, product: Product, batch_ids: HashMap<BatchRef, i64>, revision: i64) {

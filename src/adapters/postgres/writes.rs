@@ -189,9 +189,12 @@ pub(super) async fn save_all(
     }
     // The new batches' ids go to the products that added them: a walk of
     // what was added, not of every batch of every product used, which grew
-    // with each product's history of restocks.
+    // with each product's history of restocks. Each becomes the batch's
+    // place in creation order (`Product::stored_as`): a batch read later by
+    // reference comes with its row id, and must sort among these by it.
     for (reference, id) in new_ids {
         if let Some(&owner) = new_batch_owners.get(reference.as_str()) {
+            seen[owner].product.stored_as(&reference, id);
             seen[owner].batch_ids.insert(reference, id);
         }
     }
