@@ -239,8 +239,9 @@ pub struct Product {
     /// The batches this copy knows, in the order it came to know them.
     batches: Vec<Batch>,
     /// By position in `batches`: the batch's place in creation order, which
-    /// breaks ties between equal ETAs (a stored batch's row id; a batch
-    /// added in memory comes after every stored one).
+    /// breaks ties between equal ETAs: a stored batch's row id; a batch
+    /// added in memory comes after every stored one until it is stored
+    /// ([`Self::stored_as`]).
     ties: Vec<i64>,
     /// The tie of the next batch added.
     next_tie: i64,
