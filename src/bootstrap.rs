@@ -15,7 +15,9 @@ use crate::adapters::backoff::Backoff;
 use crate::adapters::health::Health;
 use crate::adapters::kafka::KafkaConsumer;
 use crate::adapters::metrics::Metrics;
+use crate::adapters::outbox::WrittenShards;
 use crate::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
+use crate::adapters::postgres::unit_of_work::PgStore;
 use crate::adapters::relay::Relay;
 use crate::adapters::retention::Retention;
 use crate::adapters::topic_retention;
@@ -195,13 +197,16 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     }
 
     let wake = Arc::new(Notify::new());
+    // What the worker's commits wrote, for the relay beside it.
+    let written = Arc::new(WrittenShards::default());
     let relay = Relay::new(
         pool.clone(),
         producer,
         settings.topics.clone(),
         Arc::clone(&wake),
         Arc::clone(&metrics),
-    );
+    )
+    .with_written_shards(Arc::clone(&written));
     let relay_stop = CancellationToken::new();
     let (relay_deadline, relay_deadline_rx) = tokio::sync::oneshot::channel();
     let relay_task = tokio::spawn(relay.run_until_stopped(relay_stop.clone(), relay_deadline_rx));
@@ -213,7 +218,10 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     );
 
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
-    let processor = Processor::new(pool.clone(), settings.topics, wake, metrics);
+    let store = PgStore::new(pool.clone())
+        .with_waiting_gauge(metrics.db_pool_waiting.clone())
+        .with_written_shards(written);
+    let processor = Processor::with_store(store, settings.topics, wake, metrics);
     let worker = Worker::new(
         processor,
         KafkaConsumer::new(consumer),

@@ -5,11 +5,15 @@
 //! event's row stores only the headers that differ from event to event; the
 //! relay adds the constant ones when it publishes ([`wire_headers`]).
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use chrono::{SecondsFormat, Utc};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::inbound::{InboundMessage, MessageContext};
+use super::relay::SHARDS;
 use crate::domain::Event;
 use crate::service_layer::DeadLetterReason;
 
@@ -189,6 +193,49 @@ pub fn dead_letter_record(
         key: message.key.clone(),
         payload: message.payload.clone(),
         headers,
+    }
+}
+
+/// The outbox shard of a message key, as the database's `outbox_shard()`
+/// computes it (migration `20261206000020`): the first byte of the key's
+/// SHA-256, modulo [`SHARDS`]. A service test compares the two.
+pub fn shard_of(key: Option<&[u8]>) -> i16 {
+    let digest = Sha256::digest(key.unwrap_or_default());
+    i16::from(digest[0] % SHARDS as u8)
+}
+
+// A shard is a bit of a u32 in WrittenShards.
+const _: () = assert!(SHARDS as u32 <= u32::BITS);
+
+/// The shards this process's worker has committed outbox rows to since its
+/// relay last looked: the relay asks the database only for those between
+/// its periodic passes over every shard it holds (see the relay's
+/// `pass`). A commit records its shards after it has committed, before it
+/// wakes the relay.
+#[derive(Debug, Default)]
+pub struct WrittenShards(AtomicU32);
+
+impl WrittenShards {
+    /// Records that rows of `shard` were committed.
+    pub fn record(&self, shard: i16) {
+        self.0
+            .fetch_or(1 << (shard as u32 % u32::BITS), Ordering::Release);
+    }
+
+    /// Records the shards of the rows of `records`, once committed.
+    pub(crate) fn record_rows(&self, records: &[OutboxRecord]) {
+        let mut bits = 0u32;
+        for record in records {
+            bits |= 1 << (shard_of(record.key.as_deref()) as u32 % u32::BITS);
+        }
+        if bits != 0 {
+            self.0.fetch_or(bits, Ordering::Release);
+        }
+    }
+
+    /// The shards recorded since the last call, one bit each; clears them.
+    pub(crate) fn take(&self) -> u32 {
+        self.0.swap(0, Ordering::Acquire)
     }
 }
 

@@ -65,7 +65,7 @@ use super::backoff::Backoff;
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
 use super::outbox::{
-    decode_headers, encode_headers, wire_headers, OutboxKind, VALUE_OMITTED_HEADER,
+    decode_headers, encode_headers, wire_headers, OutboxKind, WrittenShards, VALUE_OMITTED_HEADER,
 };
 use super::postgres::pool::classify;
 use crate::service_layer::RepositoryError;
@@ -240,6 +240,13 @@ struct Session<C> {
     /// in flight: not published before the instant given.
     fenced: BTreeMap<i16, Instant>,
     balanced_at: Option<Instant>,
+    /// When a pass last asked for every ready shard.
+    asked_all_at: Option<Instant>,
+    /// The ready shards of the last pass: a pass after a change asks them all.
+    ready_before: Vec<i16>,
+    /// Shards the last pass left rows in (it was full, or a key failed or
+    /// backs off): the next pass asks them again, written or not.
+    carry: u32,
 }
 
 /// Where one key stands after failures.
@@ -660,6 +667,11 @@ pub struct Relay<S: RelayStore = PgRelayStore> {
     /// Rung by the worker after each commit, so events leave without waiting
     /// for the next poll.
     wake: Arc<Notify>,
+    /// The shards this process's worker committed rows to since the last
+    /// pass: between its passes over every shard, which come each
+    /// `poll_interval`, a pass asks only for these. `None` (a relay without a
+    /// worker beside it, as in tests): every pass asks every shard.
+    written: Option<Arc<WrittenShards>>,
     batch_size: i64,
     /// Set by each pass: it was full, so the next one need not wait.
     more_waiting: AtomicBool,
@@ -712,6 +724,7 @@ impl<S: RelayStore> Relay<S> {
             publisher,
             topics,
             wake,
+            written: None,
             batch_size: 2000,
             more_waiting: AtomicBool::new(false),
             poll_interval: Duration::from_millis(500),
@@ -729,6 +742,20 @@ impl<S: RelayStore> Relay<S> {
     /// rotation starts, and a run must be the same for the same seed.
     pub fn with_holder(mut self, holder: i64) -> Self {
         self.holder = holder;
+        self
+    }
+
+    /// Asks only the shards the worker recorded in `written` between its
+    /// passes over every shard (see [`Relay::pass`]).
+    pub fn with_written_shards(mut self, written: Arc<WrittenShards>) -> Self {
+        self.written = Some(written);
+        self
+    }
+
+    /// How often a pass asks every shard this relay holds, and how long the
+    /// relay waits for a wake before its next pass (500 ms by default).
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
         self
     }
 
@@ -785,7 +812,35 @@ impl<S: RelayStore> Relay<S> {
             .copied()
             .filter(|s| !session.fenced.contains_key(s))
             .collect();
-        if ready.is_empty() {
+        // Which of them to ask. Asking costs an index scan per shard, and
+        // at a steady rate a pass comes after nearly every commit, which
+        // wrote to one shard or two of 32: so between passes over every
+        // ready shard, one each `poll_interval`, a pass asks only those this
+        // process's worker committed rows to since the last pass, and those
+        // the last pass left rows in. Rows of another instance's worker (or
+        // of the quarantine's retry) in a shard this relay holds wait for a
+        // pass over every shard, as they waited for the poll before. A pass
+        // after the ready shards changed (taken, fenced, unfenced) or on a
+        // new session asks them all.
+        let written = self.written.as_ref().map(|w| w.take());
+        let ask_all = written.is_none()
+            || session.ready_before != ready
+            || session
+                .asked_all_at
+                .is_none_or(|at| at.elapsed() >= self.poll_interval);
+        let wanted = written.unwrap_or(0) | std::mem::take(&mut session.carry);
+        let asked: Vec<i16> = if ask_all {
+            session.asked_all_at = Some(now);
+            ready.clone()
+        } else {
+            ready
+                .iter()
+                .copied()
+                .filter(|s| wanted & shard_bit(*s) != 0)
+                .collect()
+        };
+        session.ready_before = ready;
+        if asked.is_empty() {
             self.more_waiting.store(false, Ordering::Relaxed);
             return Ok(0);
         }
@@ -804,7 +859,7 @@ impl<S: RelayStore> Relay<S> {
             .store
             .take_pending(
                 &mut session.conn,
-                &ready,
+                &asked,
                 self.batch_size,
                 MAX_PASS_BYTES,
                 self.holder,
@@ -947,6 +1002,16 @@ impl<S: RelayStore> Relay<S> {
         }
         // Marked in id order, as the rows were read.
         sent.sort_unstable();
+        // What this pass leaves pending in the shards it asked is asked for
+        // again by the next: all of them when it was full.
+        if full {
+            session.carry = asked.iter().fold(0, |bits, s| bits | shard_bit(*s));
+        }
+        for row in &rows {
+            if sent.binary_search(&row.id).is_err() && !quarantine.iter().any(|q| q.id == row.id) {
+                session.carry |= shard_bit(row.shard);
+            }
+        }
         let acknowledged = started.elapsed();
 
         // One statement (see PgRelayStore::mark).
@@ -1007,6 +1072,9 @@ impl<S: RelayStore> Relay<S> {
             held: BTreeSet::new(),
             fenced: BTreeMap::new(),
             balanced_at: None,
+            asked_all_at: None,
+            ready_before: Vec::new(),
+            carry: 0,
         })
     }
 
@@ -1305,6 +1373,11 @@ impl<S: RelayStore> Relay<S> {
         }
         tracing::info!("outbox relay stopped");
     }
+}
+
+/// The bit of `shard` in [`WrittenShards`] and `Session::carry`.
+fn shard_bit(shard: i16) -> u32 {
+    1 << (shard as u32 % u32::BITS)
 }
 
 /// A holder id for `outbox_relay_shards`, distinct for every relay of every

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use allocation_worker::adapters::inbound::{InboundMessage, MessageContext};
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
+use allocation_worker::adapters::outbox::{self, WrittenShards};
 use allocation_worker::adapters::postgres::cache::ProductCache;
 use allocation_worker::adapters::postgres::pool::{lazy_pool, worker_connect_options, MIGRATOR};
-use allocation_worker::adapters::postgres::unit_of_work::PgUnitOfWork;
+use allocation_worker::adapters::postgres::unit_of_work::{PgStore, PgUnitOfWork};
 use allocation_worker::adapters::relay::{Delivery, OutboundRecord, Publisher, Relay};
 use allocation_worker::domain::{BatchRef, OrderId, OrderLine, Sku};
 use allocation_worker::engine::processor::Processor;
@@ -1349,6 +1350,119 @@ async fn publish_until_nothing_pending(pool: &PgPool, relay: &Relay) -> Vec<Stri
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The worker's shard of a key (the relay's fakes and the pass's choice of
+/// shards use it) is the database's `outbox_shard()`, which decides the
+/// shard of every pending row.
+#[tokio::test]
+async fn the_workers_shard_of_a_key_is_the_databases() {
+    let pool = fresh_database().await;
+    let mut rng = rand::rng();
+    let mut keys: Vec<Option<Vec<u8>>> = vec![None, Some(Vec::new()), Some(b"SKU-1".to_vec())];
+    keys.extend((0..500).map(|_| {
+        let n = rng.random_range(1..40);
+        Some((0..n).map(|_| rng.random::<u8>()).collect())
+    }));
+    let sql: Vec<i16> = sqlx::query_scalar(
+        "SELECT outbox_shard(k) FROM unnest($1::bytea[]) WITH ORDINALITY AS x(k, n) ORDER BY n",
+    )
+    .bind(&keys)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let rust: Vec<i16> = keys
+        .iter()
+        .map(|k| outbox::shard_of(k.as_deref()))
+        .collect();
+    assert_eq!(rust, sql);
+    assert!(
+        rust.iter().collect::<HashSet<_>>().len() == 32,
+        "500 keys fall in every one of the 32 shards"
+    );
+    drop_database(pool).await;
+}
+
+/// Between its passes over every shard it holds, a relay beside a worker
+/// asks only the shards that worker committed rows to: rows another
+/// instance's worker committed wait for the next pass over every shard, and
+/// are published by it.
+#[tokio::test]
+async fn between_passes_over_every_shard_a_relay_asks_only_the_shards_its_worker_wrote_to() {
+    let pool = fresh_database().await;
+    assert_ne!(
+        outbox::shard_of(Some(b"A")),
+        outbox::shard_of(Some(b"B")),
+        "the test needs A and B in two shards"
+    );
+    let written = Arc::new(WrittenShards::default());
+    let broker = Arc::new(FlakyBroker::default());
+    // Long enough that passes 1 to 3 fall between two passes over every
+    // shard on a slow machine; short enough for the last step's wait.
+    let relay = relay_through(&pool, &broker)
+        .with_written_shards(Arc::clone(&written))
+        .with_poll_interval(Duration::from_secs(5));
+    // A new session's pass asks every shard: nothing yet.
+    assert_eq!(relay.publish_pending().await.unwrap(), 0);
+
+    let t = topics();
+    // Another instance's worker: it records nothing here.
+    let other = processor(&pool);
+    for m in [
+        message(
+            &t.batch_created,
+            0,
+            json!({"ref": "ba", "sku": "A", "qty": 5}),
+        ),
+        message(
+            &t.allocation_required,
+            1,
+            json!({"orderid": "a1", "sku": "A", "qty": 1}),
+        ),
+    ] {
+        assert_eq!(
+            other.process_one(&m, false).await.unwrap(),
+            Outcome::Applied
+        );
+    }
+    // This process's worker, as bootstrap wires it.
+    let store = PgStore::new(pool.clone()).with_written_shards(Arc::clone(&written));
+    let own = Processor::with_store(
+        store,
+        topics(),
+        Arc::new(Notify::new()),
+        Arc::new(Metrics::new().expect("metrics register")),
+    );
+    for m in [
+        message(
+            &t.batch_created,
+            2,
+            json!({"ref": "bb", "sku": "B", "qty": 5}),
+        ),
+        message(
+            &t.allocation_required,
+            3,
+            json!({"orderid": "b1", "sku": "B", "qty": 1}),
+        ),
+    ] {
+        assert_eq!(own.process_one(&m, false).await.unwrap(), Outcome::Applied);
+    }
+    assert_eq!(pending_orders(&pool).await, ["a1", "b1"]);
+
+    // B's shard was written by this worker: asked, and b1 goes.
+    assert_eq!(relay.publish_pending().await.unwrap(), 1);
+    assert_eq!(pending_orders(&pool).await, ["a1"]);
+    // Nothing written since: A's shard is not asked yet.
+    assert_eq!(relay.publish_pending().await.unwrap(), 0);
+    assert_eq!(pending_orders(&pool).await, ["a1"]);
+    // The pass over every shard, once the interval is out, finds a1.
+    let failed = publish_until_nothing_pending(&pool, &relay).await;
+    assert_eq!(failed, Vec::<String>::new());
+    let by_sku = delivered_by_sku(&broker);
+    assert_eq!(by_sku["A"], ["a1"]);
+    assert_eq!(by_sku["B"], ["b1"]);
+    drop(relay);
+    drop_database(pool).await;
 }
 
 /// Finding 1 of issue 22: a row the broker refuses at every attempt (an

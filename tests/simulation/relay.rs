@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use allocation_worker::adapters::kafka::Topics;
 use allocation_worker::adapters::metrics::Metrics;
-use allocation_worker::adapters::outbox::encode_headers;
+use allocation_worker::adapters::outbox::{encode_headers, WrittenShards};
 use allocation_worker::adapters::relay::Relay;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng};
@@ -84,6 +84,8 @@ enum RowKind {
 struct Instance {
     name: String,
     wake: Arc<Notify>,
+    /// The shards its worker committed rows to, as the worker records them.
+    written: Arc<WrittenShards>,
     stop: CancellationToken,
     deadline: Option<oneshot::Sender<Instant>>,
     task: Option<JoinHandle<()>>,
@@ -129,7 +131,8 @@ impl Sim {
             Arc::clone(&inst.wake),
             Arc::clone(&self.metrics),
         )
-        .with_holder(holder);
+        .with_holder(holder)
+        .with_written_shards(Arc::clone(&inst.written));
         let stop = CancellationToken::new();
         let (deadline, deadline_rx) = oneshot::channel::<Instant>();
         inst.stop = stop.clone();
@@ -185,6 +188,7 @@ async fn simulate(seed: u64) -> Result<Run, String> {
             .map(|i| Instance {
                 name: format!("relay{i}"),
                 wake: Arc::new(Notify::new()),
+                written: Arc::new(WrittenShards::default()),
                 stop: CancellationToken::new(),
                 deadline: None,
                 task: None,
@@ -302,6 +306,9 @@ async fn simulate(seed: u64) -> Result<Run, String> {
                 let up: Vec<usize> = (0..relays).filter(|i| sim.running(*i)).collect();
                 if !up.is_empty() {
                     let i = up[rng.with(|r| r.random_range(0..up.len()))];
+                    sim.instances[i]
+                        .written
+                        .record(testkit::relay_fakes::shard_of(Some(key.as_bytes())));
                     sim.instances[i].wake.notify_one();
                 }
             }

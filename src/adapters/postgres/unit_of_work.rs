@@ -6,6 +6,7 @@
 //! partitions' share of the pool.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPool;
@@ -13,7 +14,7 @@ use sqlx::Postgres;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::adapters::inbound::{InboundMessage, MessageContext};
-use crate::adapters::outbox::{self, OutboxRecord};
+use crate::adapters::outbox::{self, OutboxRecord, WrittenShards};
 use crate::domain::{BatchRef, Event, OrderId, Sku};
 use crate::service_layer::{ChunkUnitOfWork, RepositoryError, Store, UnitOfWork};
 use crate::service_layer::{DeadLetterReason, ReadPosition};
@@ -47,6 +48,9 @@ pub struct PgUnitOfWork<'c> {
     /// ...and those of the changes applied in this unit of work, written
     /// with them.
     positions_applied: HashMap<PositionKey, i64>,
+    /// Told the shards of the outbox rows once they are committed, for the
+    /// relay of this process ([`PgStore::with_written_shards`]).
+    written: Option<&'c WrittenShards>,
 }
 
 /// A batch, and the topic and partition a change to it came from.
@@ -73,7 +77,14 @@ impl<'c> PgUnitOfWork<'c> {
             position: None,
             positions_read: HashMap::new(),
             positions_applied: HashMap::new(),
+            written: None,
         })
+    }
+
+    /// Records the shards of its outbox rows in `written` once committed.
+    pub fn recording_shards(mut self, written: Option<&'c WrittenShards>) -> Self {
+        self.written = written;
+        self
     }
 }
 
@@ -91,6 +102,9 @@ pub struct PgStore {
     transactions: Semaphore,
     /// Attempts waiting in [`Store::session`] (`allocation_db_pool_waiting`).
     waiting: Option<prometheus::IntGauge>,
+    /// Where a commit records the shards of its outbox rows for this
+    /// process's relay.
+    written: Option<Arc<WrittenShards>>,
 }
 
 /// Pool connections the partitions leave to the relay (one) and the HTTP
@@ -98,7 +112,7 @@ pub struct PgStore {
 pub(crate) const RESERVED_CONNECTIONS: usize = 3;
 
 impl PgStore {
-    pub(crate) fn new(pool: PgPool) -> Self {
+    pub fn new(pool: PgPool) -> Self {
         // Up to one connection per busy partition, leaving three of the pool
         // to the relay and the HTTP probes (with a pool of fewer than four,
         // one for the partitions all the same).
@@ -110,7 +124,15 @@ impl PgStore {
             cache: ProductCache::default(),
             transactions: Semaphore::new(most),
             waiting: None,
+            written: None,
         }
+    }
+
+    /// Records the shards each commit wrote outbox rows to in `written`,
+    /// which this process's relay reads ([`crate::adapters::relay::Relay::with_written_shards`]).
+    pub fn with_written_shards(mut self, written: Arc<WrittenShards>) -> Self {
+        self.written = Some(written);
+        self
     }
 
     /// Counts the attempts waiting for a session in `waiting`.
@@ -194,7 +216,8 @@ impl Store for PgStore {
         let conn = session.conn.as_mut().ok_or_else(|| {
             RepositoryError::Unavailable("the session's connection was already given back".into())
         })?;
-        PgUnitOfWork::begin(&mut **conn, &self.cache).await
+        let uow = PgUnitOfWork::begin(&mut **conn, &self.cache).await?;
+        Ok(uow.recording_shards(self.written.as_deref()))
     }
 
     fn end_session(&self, mut session: PgSession<'_>, committed: bool) {
@@ -426,6 +449,10 @@ impl<'c> ChunkUnitOfWork for PgUnitOfWork<'c> {
         }));
         tx.commit().await.map_err(classify)?;
         cache.learn_owners(owners);
+        // After the commit, so that the relay this wakes finds the rows.
+        if let Some(written) = self.written {
+            written.record_rows(&self.outbox);
+        }
         Ok(())
     }
 }

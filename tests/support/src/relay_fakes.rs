@@ -32,6 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use allocation_worker::adapters::outbox;
 use allocation_worker::adapters::relay::{
     Delivery, OutboundRecord, OutboxRow, Publisher, Quarantine, RelayError, RelayStore,
 };
@@ -66,14 +67,10 @@ impl Rng {
     }
 }
 
-/// The shard of a key. Not `outbox_shard()`'s SHA-256 (no such crate here):
-/// which shard a key falls in changes who publishes it, not what must hold.
+/// The shard of a key: the worker's own ([`outbox::shard_of`], which a
+/// service test holds to the database's `outbox_shard()`).
 pub fn shard_of(key: Option<&[u8]>) -> i16 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in key.unwrap_or_default() {
-        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
-    }
-    (h % 32) as i16
+    outbox::shard_of(key)
 }
 
 #[derive(Debug, Clone)]
