@@ -383,6 +383,151 @@ async fn a_batch_keeps_its_allocated_sum_whoever_writes_its_lines() {
     drop_database(pool).await;
 }
 
+/// `open_batches` (which a load reads) holds exactly the batches with stock
+/// left after every step of a seeded run, whoever writes: this version
+/// through its messages (creations, lines, quantity raises and drops that
+/// free lines), and what an older version or a person in psql writes
+/// straight into `batches` and `allocations`.
+#[tokio::test]
+async fn open_batches_holds_exactly_the_batches_with_stock_left_whoever_writes() {
+    use rand::{Rng, SeedableRng};
+    let (pool, _) = fresh_database().await;
+    let p = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let t = topics();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let skus = ["LAMP", "DESK", "SOFA"];
+    let mut refs: Vec<String> = Vec::new();
+    let (mut offset, mut order) = (0i64, 0usize);
+    let mut kinds_seen = [0usize; 7];
+    for step in 0..300 {
+        let kind = if refs.is_empty() {
+            0
+        } else {
+            rng.random_range(0..7)
+        };
+        kinds_seen[kind] += 1;
+        let sku = skus[rng.random_range(0..skus.len())];
+        offset += 1;
+        match kind {
+            // A batch created through the worker.
+            0 => {
+                let reference = format!("b{step}");
+                let m = message(
+                    &t.batch_created,
+                    offset,
+                    json!({"ref": reference, "sku": sku, "qty": rng.random_range(1..8)}),
+                );
+                assert_eq!(p.process_one(&m, false).await.unwrap(), Outcome::Applied);
+                refs.push(reference);
+            }
+            // Lines through the worker: they take batches in full.
+            1 | 2 => {
+                order += 1;
+                let m = message(
+                    &t.allocation_required,
+                    offset,
+                    json!({"orderid": format!("o{order}"), "sku": sku, "qty": rng.random_range(1..5)}),
+                );
+                // Deferred while the SKU has no batch yet.
+                let outcome = p.process_one(&m, false).await.unwrap();
+                assert!(
+                    matches!(outcome, Outcome::Applied | Outcome::Deferred),
+                    "{outcome:?}"
+                );
+            }
+            // A quantity raised or dropped through the worker (a drop frees lines).
+            3 => {
+                let reference = &refs[rng.random_range(0..refs.len())];
+                let m = message(
+                    &t.batch_quantity_changed,
+                    offset,
+                    json!({"ref": reference, "qty": rng.random_range(0..10)}),
+                );
+                p.process_one(&m, false).await.unwrap();
+            }
+            // An older version's line, into any batch of the SKU with room.
+            4 => {
+                order += 1;
+                sqlx::query(
+                    "INSERT INTO allocations (batch_id, orderid, sku, qty) \
+                     SELECT id, $1, sku, 1 FROM batches \
+                     WHERE sku = $2 AND purchased_quantity > allocated_quantity \
+                     ORDER BY id LIMIT 1",
+                )
+                .bind(format!("o{order}"))
+                .bind(sku)
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            // A line removed, and a quantity set, by hand.
+            5 => {
+                sqlx::query(
+                    "DELETE FROM allocations WHERE id = \
+                     (SELECT id FROM allocations ORDER BY random() LIMIT 1)",
+                )
+                .execute(&pool)
+                .await
+                .unwrap();
+            }
+            _ => {
+                sqlx::query("UPDATE batches SET purchased_quantity = $1 WHERE reference = $2")
+                    .bind(rng.random_range(0..10i64))
+                    .bind(&refs[rng.random_range(0..refs.len())])
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        if kind >= 4 {
+            // The product moved on, as an older version's commit moves it.
+            sqlx::query(
+                "UPDATE products SET version_number = version_number + 1, \
+                 revision = revision + 1",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let (truth, kept): (Vec<String>, Vec<String>) = sqlx::query_as(
+            "SELECT ARRAY(SELECT sku || '/' || id FROM batches \
+                          WHERE purchased_quantity > allocated_quantity ORDER BY 1), \
+                    ARRAY(SELECT sku || '/' || batch_id FROM open_batches ORDER BY 1)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(kept, truth, "after step {step} (kind {kind})");
+    }
+    // The run crossed both ways many times.
+    let (open, full): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE purchased_quantity > allocated_quantity), \
+                count(*) FILTER (WHERE purchased_quantity <= allocated_quantity) FROM batches",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(open > 0 && full > 0, "{open} open, {full} full at the end");
+    assert!(kinds_seen.iter().all(|n| *n > 10), "{kinds_seen:?}");
+    // A batch removed by hand leaves the table too.
+    sqlx::query(
+        "DELETE FROM batches b WHERE NOT EXISTS \
+         (SELECT 1 FROM allocations a WHERE a.batch_id = b.id)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let stale: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM open_batches o WHERE NOT EXISTS \
+         (SELECT 1 FROM batches b WHERE b.id = o.batch_id)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stale, 0);
+    drop_database(pool).await;
+}
+
 async fn allocated_to(pool: &PgPool, orderid: &str) -> Option<String> {
     sqlx::query_scalar(
         "SELECT b.reference FROM allocations a JOIN batches b ON b.id = a.batch_id \

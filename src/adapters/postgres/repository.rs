@@ -397,17 +397,20 @@ impl PgProductRepository<'_> {
         }
     }
 
-    /// Reads locked products' batches with stock left (the partial index
-    /// `batches_open`), with how much of each is allocated: not their lines,
-    /// nor the batches taken in full, however many the product has had.
+    /// Reads locked products' batches with stock left (their ids are in
+    /// `open_batches`, kept by triggers), with how much of each is
+    /// allocated: not their lines, nor the batches taken in full, however
+    /// many the product has had. The predicate is repeated on the batch's
+    /// row, which is what decides.
     async fn read(&mut self, products: Vec<(Sku, i64, i64)>) -> Result<(), RepositoryError> {
         let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
         let batch_rows: Vec<BatchRow> = sqlx::query_as(
-            "SELECT id, sku, reference, purchased_quantity, \
-             COALESCE(created_quantity, purchased_quantity), eta, allocated_quantity \
-             FROM batches WHERE sku = ANY($1) AND purchased_quantity > allocated_quantity \
-             ORDER BY id",
+            "SELECT b.id, b.sku, b.reference, b.purchased_quantity, \
+             COALESCE(b.created_quantity, b.purchased_quantity), b.eta, b.allocated_quantity \
+             FROM open_batches o JOIN batches b ON b.id = o.batch_id \
+             WHERE o.sku = ANY($1) AND b.purchased_quantity > b.allocated_quantity \
+             ORDER BY b.id",
         )
         .bind(&skus)
         .fetch_all(&mut *conn)
