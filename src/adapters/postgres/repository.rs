@@ -412,9 +412,9 @@ impl PgProductRepository<'_> {
     /// allocated: not their lines, nor the batches taken in full, however
     /// many the product has had. The predicate is repeated on the batch's
     /// row, which is what decides. The ids go by array, not by a join: as a
-    /// join, on a table not analysed yet, the plan hashed every batch (a
-    /// sequential scan a load, seen in a `--products 20000` run), whereas an
-    /// array of ids is looked up by primary key whatever the statistics say.
+    /// join, on tables not analysed yet, `EXPLAIN` showed a hash join over a
+    /// sequential scan of every batch, for each load, whereas an array of
+    /// ids is looked up by primary key whatever the statistics say.
     async fn read(&mut self, products: Vec<(Sku, i64, i64)>) -> Result<(), RepositoryError> {
         let skus: Vec<&str> = products.iter().map(|(s, _, _)| s.as_str()).collect();
         let conn: &mut PgConnection = &mut self.tx;
