@@ -54,9 +54,14 @@ impl Default for ProductCache {
 }
 
 /// A product as saved, with the ids of its batch rows and its revision.
+/// The product is boxed: the cache keeps its entries in slots that grow by
+/// doubling and stay allocated, so a slot should be small. Inline, a product
+/// made every slot about 500 bytes, empty or not (heaptrack of a
+/// `--products 20000` run: 7 MB of slots); boxed, an empty slot costs about
+/// 100 bytes, and a product's memory is allocated only while it is cached.
 #[derive(Clone)]
 pub(super) struct Stored {
-    pub(super) product: Product,
+    pub(super) product: Box<Product>,
     pub(super) batch_ids: HashMap<BatchRef, i64>,
     pub(super) revision: i64,
 }
@@ -178,7 +183,7 @@ mod tests {
             })
             .collect();
         Stored {
-            product: Product::restore(sku, 4, list),
+            product: Box::new(Product::restore(sku, 4, list)),
             batch_ids: HashMap::new(),
             revision,
         }

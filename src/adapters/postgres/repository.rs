@@ -241,7 +241,7 @@ impl PgProductRepository<'_> {
             }
         }
         for stored in hits {
-            self.push_loaded(stored.product, stored.batch_ids, stored.revision);
+            self.push_loaded(*stored.product, stored.batch_ids, stored.revision);
         }
         for sku in wanted.iter().filter(|s| !found.contains(s.as_str())) {
             if let Ok(sku) = Sku::parse(sku.as_str()) {

@@ -442,7 +442,7 @@ impl<'c> ChunkUnitOfWork for PgUnitOfWork<'c> {
                     .retain(|reference, _| product.batch(reference).is_some());
             }
             Stored {
-                product: tracked.product,
+                product: Box::new(tracked.product),
                 batch_ids: tracked.batch_ids,
                 revision: tracked.revision,
             }
