@@ -13,7 +13,6 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::inbound::{InboundMessage, MessageContext};
-use super::relay::SHARDS;
 use crate::domain::Event;
 use crate::service_layer::DeadLetterReason;
 
@@ -195,6 +194,11 @@ pub fn dead_letter_record(
         headers,
     }
 }
+
+/// How many shards the outbox has: the modulus in `outbox_shard()`
+/// (migration `20261206000020`). Changing it needs a migration that
+/// rewrites the pending rows' shards, with every relay stopped.
+pub(crate) const SHARDS: i16 = 32;
 
 /// The outbox shard of a message key, as the database's `outbox_shard()`
 /// computes it (migration `20261206000020`): the first byte of the key's

@@ -65,7 +65,8 @@ use super::backoff::Backoff;
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
 use super::outbox::{
-    decode_headers, encode_headers, wire_headers, OutboxKind, WrittenShards, VALUE_OMITTED_HEADER,
+    decode_headers, encode_headers, wire_headers, OutboxKind, WrittenShards, SHARDS,
+    VALUE_OMITTED_HEADER,
 };
 use super::postgres::pool::classify;
 use crate::service_layer::RepositoryError;
@@ -73,11 +74,6 @@ use crate::service_layer::RepositoryError;
 /// Most bytes of values in one relay pass (beyond its first row), so that a
 /// run of large dead letters does not load gigabytes at once.
 const MAX_PASS_BYTES: i64 = 16 * 1024 * 1024;
-
-/// How many shards the outbox has: the modulus in `outbox_shard()`
-/// (migration `20261206000020`). Changing it needs a migration that
-/// rewrites the pending rows' shards, with every relay stopped.
-pub(crate) const SHARDS: i16 = 32;
 
 /// The lock of the single relay of versions before the shards, which took
 /// it exclusively for each pass. Every relay of this version holds it shared
