@@ -211,10 +211,15 @@ pub fn shard_of(key: Option<&[u8]>) -> i16 {
 // A shard is a bit of a u32 in WrittenShards.
 const _: () = assert!(SHARDS as u32 <= u32::BITS);
 
+/// The bit of `shard` in a set of shards ([`WrittenShards`], the relay's).
+pub(crate) fn shard_bit(shard: i16) -> u32 {
+    1 << (shard as u32 % u32::BITS)
+}
+
 /// The shards this process's worker has committed outbox rows to since its
-/// relay last looked: the relay asks the database only for those between
-/// its periodic passes over every shard it holds (see the relay's
-/// `pass`). A commit records its shards after it has committed, before it
+/// relay last looked: a relay that holds every shard asks the database
+/// only for those between its periodic passes over all of them (see the
+/// relay's `pass`). A commit records its shards after it has committed, before it
 /// wakes the relay.
 #[derive(Debug, Default)]
 pub struct WrittenShards(AtomicU32);
@@ -222,15 +227,14 @@ pub struct WrittenShards(AtomicU32);
 impl WrittenShards {
     /// Records that rows of `shard` were committed.
     pub fn record(&self, shard: i16) {
-        self.0
-            .fetch_or(1 << (shard as u32 % u32::BITS), Ordering::Release);
+        self.0.fetch_or(shard_bit(shard), Ordering::Release);
     }
 
     /// Records the shards of the rows of `records`, once committed.
     pub(crate) fn record_rows(&self, records: &[OutboxRecord]) {
         let mut bits = 0u32;
         for record in records {
-            bits |= 1 << (shard_of(record.key.as_deref()) as u32 % u32::BITS);
+            bits |= shard_bit(shard_of(record.key.as_deref()));
         }
         if bits != 0 {
             self.0.fetch_or(bits, Ordering::Release);

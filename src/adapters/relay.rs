@@ -65,7 +65,7 @@ use super::backoff::Backoff;
 use super::kafka::{Topics, WorkerContext};
 use super::metrics::Metrics;
 use super::outbox::{
-    decode_headers, encode_headers, wire_headers, OutboxKind, WrittenShards, SHARDS,
+    decode_headers, encode_headers, shard_bit, wire_headers, OutboxKind, WrittenShards, SHARDS,
     VALUE_OMITTED_HEADER,
 };
 use super::postgres::pool::classify;
@@ -664,9 +664,10 @@ pub struct Relay<S: RelayStore = PgRelayStore> {
     /// for the next poll.
     wake: Arc<Notify>,
     /// The shards this process's worker committed rows to since the last
-    /// pass: between its passes over every shard, which come each
-    /// `poll_interval`, a pass asks only for these. `None` (a relay without a
-    /// worker beside it, as in tests): every pass asks every shard.
+    /// pass: while this relay holds every shard, a pass between its passes
+    /// over all of them (one each `poll_interval`) asks only for these.
+    /// `None` (a relay without a worker beside it, as in tests): every pass
+    /// asks every shard.
     written: Option<Arc<WrittenShards>>,
     batch_size: i64,
     /// Set by each pass: it was full, so the next one need not wait.
@@ -741,8 +742,8 @@ impl<S: RelayStore> Relay<S> {
         self
     }
 
-    /// Asks only the shards the worker recorded in `written` between its
-    /// passes over every shard (see [`Relay::pass`]).
+    /// While it holds every shard, asks only those the worker recorded in
+    /// `written` between its passes over all of them (see `Relay::pass`).
     pub fn with_written_shards(mut self, written: Arc<WrittenShards>) -> Self {
         self.written = Some(written);
         self
@@ -810,16 +811,21 @@ impl<S: RelayStore> Relay<S> {
             .collect();
         // Which of them to ask. Asking costs an index scan per shard, and
         // at a steady rate a pass comes after nearly every commit, which
-        // wrote to one shard or two of 32: so between passes over every
-        // ready shard, one each `poll_interval`, a pass asks only those this
-        // process's worker committed rows to since the last pass, and those
-        // the last pass left rows in. Rows of another instance's worker (or
-        // of the quarantine's retry) in a shard this relay holds wait for a
-        // pass over every shard, as they waited for the poll before. A pass
-        // after the ready shards changed (taken, fenced, unfenced) or on a
-        // new session asks them all.
+        // wrote to one shard or two of 32: so a relay that holds every shard
+        // (the only one running) asks, between its passes over all of them
+        // (one each `poll_interval`), only those its own worker committed
+        // rows to since the last pass, and those the last pass left rows
+        // in. Rows written by anyone else (the quarantine's retry, an
+        // earlier version during an upgrade) wait for the pass over every
+        // shard, as they waited for the poll before. With several relays,
+        // the other instances' workers write into this relay's shards all
+        // the time, and their rows must not wait: every pass asks every
+        // ready shard, as does a pass after the ready shards changed
+        // (taken, fenced, unfenced) or on a new session.
         let written = self.written.as_ref().map(|w| w.take());
-        let ask_all = written.is_none()
+        let alone = session.held.len() == SHARDS as usize;
+        let ask_all = !alone
+            || written.is_none()
             || session.ready_before != ready
             || session
                 .asked_all_at
@@ -1369,11 +1375,6 @@ impl<S: RelayStore> Relay<S> {
         }
         tracing::info!("outbox relay stopped");
     }
-}
-
-/// The bit of `shard` in [`WrittenShards`] and `Session::carry`.
-fn shard_bit(shard: i16) -> u32 {
-    1 << (shard as u32 % u32::BITS)
 }
 
 /// A holder id for `outbox_relay_shards`, distinct for every relay of every
