@@ -220,6 +220,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let store = PgStore::new(pool.clone())
         .with_waiting_gauge(metrics.db_pool_waiting.clone())
+        .with_cache_lookups(&metrics.product_cache_lookups)
         .with_written_shards(written);
     let processor = Processor::with_store(store, settings.topics, wake, metrics);
     let worker = Worker::new(

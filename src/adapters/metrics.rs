@@ -38,6 +38,9 @@ pub struct Metrics {
     pub(crate) db_pool_max_connections: IntGauge,
     pub(crate) db_pool_waiting: IntGauge,
     pub statement_timeouts: IntCounter,
+    /// Products a batch's transaction locked, by `result`: `hit` when the
+    /// cached copy was current, `miss` when it was read from the database.
+    pub(crate) product_cache_lookups: IntCounterVec,
 }
 
 impl Metrics {
@@ -217,6 +220,19 @@ impl Metrics {
              (SQLSTATE 57014); each is retried after a back-off.",
         )?;
         registry.register(Box::new(statement_timeouts.clone()))?;
+        let product_cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "allocation_product_cache_lookups_total",
+                "Products a batch's transaction locked, by result: hit (the cached copy was \
+                 current) or miss (read from the database: never cached, evicted, or changed \
+                 by another instance since).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(product_cache_lookups.clone()))?;
+        for result in ["hit", "miss"] {
+            product_cache_lookups.with_label_values(&[result]);
+        }
         // Every bounded label value exists from the start at 0, so that
         // `increase()` sees the first occurrence after a restart.
         for reason in DeadLetterReason::ALL {
@@ -258,6 +274,7 @@ impl Metrics {
             db_pool_max_connections,
             db_pool_waiting,
             statement_timeouts,
+            product_cache_lookups,
         })
     }
 

@@ -75,7 +75,9 @@ impl Processor<PgStore> {
         relay_wake: Arc<Notify>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let store = PgStore::new(pool).with_waiting_gauge(metrics.db_pool_waiting.clone());
+        let store = PgStore::new(pool)
+            .with_waiting_gauge(metrics.db_pool_waiting.clone())
+            .with_cache_lookups(&metrics.product_cache_lookups);
         Self::with_store(store, topics, relay_wake, metrics)
     }
 }

@@ -152,7 +152,16 @@ fn run_with(flags: &[String], vars: &[(String, String)]) -> Output {
     args.extend(flags.iter().map(String::as_str));
     let mut env = vec![DB, KAFKA];
     env.extend(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    worker(&args, &env)
+    let out = worker(&args, &env);
+    // The file made for this invocation (properties_file), read by now:
+    // left behind, every run of the suite added a dozen to the temporary
+    // directory.
+    for (name, path) in vars {
+        if name == "KAFKA_PROPERTIES_FILE" && path.contains("aw-cli-") {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    out
 }
 
 #[test]

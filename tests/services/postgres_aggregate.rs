@@ -574,6 +574,61 @@ async fn a_load_reads_its_batches_by_key_whatever_the_statistics() {
     drop_database(pool).await;
 }
 
+/// `allocation_product_cache_lookups_total` counts each product a batch's
+/// transaction locks: a hit when the cached copy is current, a miss when the
+/// product is read (here: changed by another instance since).
+#[tokio::test]
+async fn the_product_cache_counts_its_hits_and_misses() {
+    let (pool, _) = fresh_database().await;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let p = processor(&pool, Arc::clone(&metrics));
+    let other = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    let t = topics();
+    let line = |offset: i64, orderid: &str| {
+        message(
+            &t.allocation_required,
+            offset,
+            json!({"orderid": orderid, "sku": "LAMP", "qty": 1}),
+        )
+    };
+    let lookups = |result: &str| {
+        let text = metrics.render().unwrap();
+        let wanted = format!("allocation_product_cache_lookups_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&wanted))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    assert_eq!((lookups("hit"), lookups("miss")), (Some(0.0), Some(0.0)));
+    // A new product is created, not looked up.
+    let created = message(
+        &t.batch_created,
+        0,
+        json!({"ref": "b1", "sku": "LAMP", "qty": 10}),
+    );
+    assert_eq!(
+        p.process_one(&created, false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!((lookups("hit"), lookups("miss")), (Some(0.0), Some(0.0)));
+    // The copy it put back is current.
+    assert_eq!(
+        p.process_one(&line(1, "o1"), false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!((lookups("hit"), lookups("miss")), (Some(1.0), Some(0.0)));
+    // Another instance changes the product: this one's copy is stale.
+    assert_eq!(
+        other.process_one(&line(2, "o2"), false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!(
+        p.process_one(&line(3, "o3"), false).await.unwrap(),
+        Outcome::Applied
+    );
+    assert_eq!((lookups("hit"), lookups("miss")), (Some(1.0), Some(1.0)));
+    drop_database(pool).await;
+}
+
 async fn allocated_to(pool: &PgPool, orderid: &str) -> Option<String> {
     sqlx::query_scalar(
         "SELECT b.reference FROM allocations a JOIN batches b ON b.id = a.batch_id \

@@ -9,6 +9,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus::{IntCounter, IntCounterVec};
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
@@ -32,6 +33,9 @@ pub struct ProductCache {
     /// A batch reference never changes product, so its owner is kept until
     /// evicted.
     owners: Cache<BatchRef, Sku>,
+    /// Counts each [`Self::take_current`]: hits, then misses
+    /// (`allocation_product_cache_lookups_total`).
+    lookups: Option<(IntCounter, IntCounter)>,
 }
 
 /// Bytes, roughly, that the cached products may take (see [`StoredWeight`]):
@@ -91,6 +95,7 @@ impl ProductCache {
         Self {
             products: Cache::with_weighter(estimated.max(1), bytes, StoredWeight),
             owners: Cache::new(owners.max(1)),
+            lookups: None,
         }
     }
 
@@ -105,15 +110,28 @@ impl ProductCache {
         self.products.is_empty()
     }
 
+    /// Counts its lookups in `lookups` (`result` = `hit` or `miss`).
+    pub(crate) fn count_lookups(&mut self, lookups: &IntCounterVec) {
+        self.lookups = Some((
+            lookups.with_label_values(&["hit"]),
+            lookups.with_label_values(&["miss"]),
+        ));
+    }
+
     /// Takes out the copy of `sku` if it is the one its locked row holds
     /// (the same revision and version); a copy that is not is dropped.
     pub(super) fn take_current(&self, sku: &Sku, version: i64, revision: i64) -> Option<Stored> {
-        self.products
+        let current = self
+            .products
             .remove(sku)
             .map(|(_, stored)| stored)
             .filter(|stored| {
                 stored.revision == revision && stored.product.version_number() == version
-            })
+            });
+        if let Some((hits, misses)) = &self.lookups {
+            if current.is_some() { hits } else { misses }.inc();
+        }
+        current
     }
 
     /// Copies the known owner of each of `refs` into `owners`.

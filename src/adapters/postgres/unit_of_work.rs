@@ -135,6 +135,12 @@ impl PgStore {
         self
     }
 
+    /// Counts the product cache's hits and misses in `lookups`.
+    pub(crate) fn with_cache_lookups(mut self, lookups: &prometheus::IntCounterVec) -> Self {
+        self.cache.count_lookups(lookups);
+        self
+    }
+
     /// Counts the attempts waiting for a session in `waiting`.
     pub(crate) fn with_waiting_gauge(mut self, waiting: prometheus::IntGauge) -> Self {
         self.waiting = Some(waiting);
