@@ -297,6 +297,15 @@ async fn attempt_in<S: Store>(
         })
         .collect();
     uow.load_lines(&lines).await?;
+    // The stored lines each quantity drop frees, for every drop in one go.
+    let drops: Vec<(&BatchRef, u32)> = chunk
+        .iter()
+        .filter_map(|entry| match entry.plan {
+            Plan::Handle(Command::ChangeBatchQuantity(c)) => Some((&c.reference, c.qty)),
+            _ => None,
+        })
+        .collect();
+    uow.load_freed_lines(&drops).await?;
     let locked = started.elapsed();
 
     // Rejections depend on the state, so they are decided anew in every

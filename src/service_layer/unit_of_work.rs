@@ -201,6 +201,19 @@ pub trait ChunkUnitOfWork: UnitOfWork {
         async { Ok(()) }
     }
 
+    /// Gives the products loaded by [`Self::load`] the stored lines that
+    /// each of `changes` (a batch and the quantity it is lowered to) would
+    /// free, in one go, so that a batch of quantity changes reads no lines
+    /// message by message. What a message needs beyond them, the repository
+    /// still reads. A unit of work of whole products has nothing to do.
+    fn load_freed_lines(
+        &mut self,
+        changes: &[(&BatchRef, u32)],
+    ) -> impl Future<Output = Result<(), RepositoryError>> + Send {
+        let _ = changes;
+        async { Ok(()) }
+    }
+
     /// The message whose handling follows: its events carry its context.
     fn start_message(&mut self, context: Self::Context);
 

@@ -871,3 +871,82 @@ async fn ties_go_to_the_earliest_created_however_the_cache_came_to_know_each_bat
     drop(warm);
     drop_database(pool).await;
 }
+
+#[tokio::test]
+async fn a_batch_of_quantity_drops_knows_the_lines_they_free_before_its_first_message() {
+    let (pool, _) = fresh_database().await;
+    let t = topics();
+    let sku = Sku::parse("DESK").unwrap();
+    let p = processor(&pool, Arc::new(Metrics::new().unwrap()));
+    // d1 is created first, so it takes o0..o9 (20), and d2 o10..o13 (8).
+    let mut messages = vec![
+        (
+            &t.batch_created,
+            json!({"ref": "d1", "sku": "DESK", "qty": 20}),
+        ),
+        (
+            &t.batch_created,
+            json!({"ref": "d2", "sku": "DESK", "qty": 20}),
+        ),
+    ];
+    for n in 0..14 {
+        messages.push((
+            &t.allocation_required,
+            json!({"orderid": format!("o{n}"), "sku": "DESK", "qty": 2}),
+        ));
+    }
+    for (offset, (topic, value)) in messages.into_iter().enumerate() {
+        let m = message(topic, offset as i64, value);
+        assert_eq!(p.process_one(&m, false).await.unwrap(), Outcome::Applied);
+    }
+
+    // What a batch of three drops does before its first message: its
+    // products loaded, then the lines the drops free, in one go.
+    let (d1, d2) = (
+        BatchRef::parse("d1").unwrap(),
+        BatchRef::parse("d2").unwrap(),
+    );
+    let cache = ProductCache::default();
+    let mut uow = PgUnitOfWork::begin(&pool, &cache).await.unwrap();
+    uow.load(&[], &[&d1, &d2], &[]).await.unwrap();
+    uow.load_freed_lines(&[(&d1, 15), (&d2, 5), (&d1, 11)])
+        .await
+        .unwrap();
+    uow.start_message(context("drops"));
+    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    // A message's own read happens only when the product wants lines.
+    for (batch, qty) in [(&d1, 15), (&d1, 11), (&d2, 5)] {
+        assert_eq!(
+            product.lines_wanted(batch, qty),
+            0,
+            "{batch} lowered to {qty} would read its lines again, message by message"
+        );
+    }
+    let known = |batch: &BatchRef| -> Vec<String> {
+        product
+            .batch(batch)
+            .unwrap()
+            .allocations()
+            .iter()
+            .map(|l| l.orderid.to_string())
+            .collect()
+    };
+    // As many lines as the lowest quantity could free (each is at least
+    // 1), the most recent, in allocation order: not the batch's history.
+    let d1_known: Vec<String> = (1..10).map(|n| format!("o{n}")).collect();
+    assert_eq!(known(&d1), d1_known);
+    assert_eq!(known(&d2), ["o11", "o12", "o13"]);
+    // The drops free the most recent lines first, as ever.
+    assert!(product.change_quantity(&d1, 11).unwrap());
+    let freed: Vec<String> = product
+        .take_events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Deallocated(d) => Some(d.orderid.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(freed, ["o9", "o8", "o7", "o6", "o5"]);
+    drop(uow);
+    drop_database(pool).await;
+}

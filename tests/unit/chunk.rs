@@ -9,7 +9,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use allocation_worker::domain::commands::{Allocate, CreateBatch};
+use allocation_worker::domain::commands::{Allocate, ChangeBatchQuantity, CreateBatch};
 use allocation_worker::domain::events::Allocated;
 use allocation_worker::domain::{BatchRef, Command, Event, OrderId, Product, Sku};
 use allocation_worker::service_layer::chunk::{
@@ -68,6 +68,9 @@ struct FakeStore {
     begun: AtomicUsize,
     /// Commits that succeeded.
     commits: AtomicUsize,
+    /// The quantity drops each unit of work was told of before its first
+    /// message, and how many messages it had handled by then.
+    drops_told: Mutex<Vec<(Vec<(String, u32)>, usize)>>,
 }
 
 impl FakeStore {
@@ -202,6 +205,19 @@ impl ChunkUnitOfWork for FakeBatchUnitOfWork<'_> {
             .collect())
     }
 
+    async fn load_freed_lines(
+        &mut self,
+        changes: &[(&BatchRef, u32)],
+    ) -> Result<(), RepositoryError> {
+        let told = changes
+            .iter()
+            .map(|(reference, qty)| (reference.as_str().to_owned(), *qty))
+            .collect();
+        let handled = self.processed.len();
+        self.store.drops_told.lock().unwrap().push((told, handled));
+        Ok(())
+    }
+
     fn start_message(&mut self, context: FakeMessage) {
         self.context = Some(context);
         self.message_start = self.outbox.len();
@@ -288,6 +304,13 @@ fn allocate(orderid: &str, sku_: &str, qty: u32) -> Plan {
     Plan::Handle(Command::Allocate(Allocate {
         orderid: OrderId::parse(orderid).unwrap(),
         sku: sku(sku_),
+        qty,
+    }))
+}
+
+fn change_quantity(reference: &str, qty: u32) -> Plan {
+    Plan::Handle(Command::ChangeBatchQuantity(ChangeBatchQuantity {
+        reference: bref(reference),
         qty,
     }))
 }
@@ -588,4 +611,28 @@ async fn an_unavailable_store_is_reported_at_once_and_nothing_is_half_applied() 
     assert_eq!(outcomes(&store, &b).await, [Outcome::Applied; 3]);
     assert_eq!(store.available("LAMP", "b1"), 2);
     assert_eq!(store.committed().processed, ["m0", "m1", "m2"]);
+}
+
+#[tokio::test]
+async fn a_batch_tells_its_unit_of_work_every_quantity_drop_before_its_first_message() {
+    // The store reads the lines those drops free in one go (PostgreSQL:
+    // tests/services/postgres_aggregate.rs), not one read a message with the
+    // batch's products locked.
+    let store = FakeStore::default();
+    let b = batch(vec![
+        ("m0", create_batch("b1", "LAMP", 10)),
+        ("m1", allocate("o1", "LAMP", 3)),
+        ("m2", change_quantity("b1", 5)),
+        ("m3", allocate("o2", "LAMP", 1)),
+        ("m4", change_quantity("b1", 2)),
+    ]);
+
+    assert_eq!(outcomes(&store, &b).await, [Outcome::Applied; 5]);
+
+    let told = store.drops_told.lock().unwrap();
+    assert_eq!(
+        *told,
+        [(vec![("b1".to_owned(), 5), ("b1".to_owned(), 2)], 0)],
+        "once, with every drop in batch order, before any message"
+    );
 }

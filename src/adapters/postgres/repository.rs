@@ -348,6 +348,108 @@ impl PgProductRepository<'_> {
         Ok(())
     }
 
+    /// Gives the loaded products, for every batch that `changes` lower, the
+    /// stored lines the lowest quantity asked of it would free, newest
+    /// first, in one statement for all of them. A batch of quantity changes
+    /// then reads no lines message by message: each such read was a round
+    /// trip made while the batch's products were locked, and the products'
+    /// locks are what a batch of changes queues on. A message that needs
+    /// more (its batch was allocated to since) reads the rest itself
+    /// ([`Self::load_freed_lines`]); a batch whose lines are not there is
+    /// left to it too, and refused there.
+    pub(crate) async fn load_lines_freed_by(
+        &mut self,
+        changes: &[(&BatchRef, u32)],
+    ) -> Result<(), RepositoryError> {
+        // The lowest quantity asked of a batch frees the most.
+        let mut lowest: Vec<(&BatchRef, u32)> = Vec::new();
+        let mut at: HashMap<&BatchRef, usize> = HashMap::new();
+        for &(reference, qty) in changes {
+            match at.get(reference) {
+                Some(&k) => lowest[k].1 = lowest[k].1.min(qty),
+                None => {
+                    at.insert(reference, lowest.len());
+                    lowest.push((reference, qty));
+                }
+            }
+        }
+        let mut owners: Vec<(usize, &BatchRef)> = Vec::new();
+        let mut batch_ids: Vec<i64> = Vec::new();
+        let mut belows: Vec<i64> = Vec::new();
+        let mut limits: Vec<i64> = Vec::new();
+        for (reference, qty) in lowest {
+            let Some(&i) = self.owners.get(reference).and_then(|s| self.index.get(s)) else {
+                continue;
+            };
+            let tracked = &self.seen[i];
+            let wanted = tracked.product.lines_wanted(reference, qty);
+            // A batch new in this unit of work has no stored lines.
+            let Some(&batch_id) = tracked.batch_ids.get(reference) else {
+                continue;
+            };
+            if wanted == 0 {
+                continue;
+            }
+            owners.push((i, reference));
+            batch_ids.push(batch_id);
+            belows.push(
+                tracked
+                    .read_down_to
+                    .get(reference)
+                    .copied()
+                    .unwrap_or(i64::MAX),
+            );
+            // Every line has a quantity of at least 1.
+            limits.push(wanted.min(MOST_LINES));
+        }
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<(i64, i64, String, i64)> = sqlx::query_as(
+            "SELECT v.n, a.id, a.orderid, a.qty \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[]) \
+             WITH ORDINALITY AS v(batch_id, below, most, n) \
+             CROSS JOIN LATERAL ( \
+                 SELECT id, orderid, qty FROM allocations \
+                 WHERE batch_id = v.batch_id AND id < v.below \
+                 ORDER BY id DESC LIMIT v.most) a \
+             ORDER BY v.n, a.id DESC",
+        )
+        .bind(&batch_ids)
+        .bind(&belows)
+        .bind(&limits)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(classify)?;
+        // Newest first within each batch; a batch's lines are learnt oldest
+        // first.
+        let mut read: Vec<Vec<(i64, String, i64)>> = vec![Vec::new(); owners.len()];
+        for (n, id, orderid, qty) in rows {
+            // n counts the batches asked from 1.
+            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|k| read.get_mut(k)) {
+                slot.push((id, orderid, qty));
+            }
+        }
+        for ((i, reference), rows) in owners.into_iter().zip(read) {
+            let Some(&(earliest, _, _)) = rows.last() else {
+                continue;
+            };
+            let sku = self.seen[i].product.sku().clone();
+            let mut lines = Vec::with_capacity(rows.len());
+            for (_, orderid, qty) in rows.into_iter().rev() {
+                lines.push(OrderLine {
+                    orderid: stored_name(OrderId::parse(orderid))?,
+                    sku: sku.clone(),
+                    qty: stored_qty(qty)?,
+                });
+            }
+            let tracked = &mut self.seen[i];
+            tracked.product.learn_earlier_lines(reference, lines);
+            tracked.read_down_to.insert(reference.clone(), earliest);
+        }
+        Ok(())
+    }
+
     /// Gives tracked product `i` the stored lines of batch `reference` that
     /// a change of its quantity to `qty` frees, newest first, a few
     /// statements at most, each reading only lines it needs (or a few more).

@@ -282,6 +282,13 @@ impl<'c> ChunkUnitOfWork for PgUnitOfWork<'c> {
         self.products.load_lines(lines).await
     }
 
+    async fn load_freed_lines(
+        &mut self,
+        changes: &[(&BatchRef, u32)],
+    ) -> Result<(), RepositoryError> {
+        self.products.load_lines_freed_by(changes).await
+    }
+
     /// The message whose handling follows: its events carry its context.
     fn start_message(&mut self, context: MessageContext) {
         self.context = context;
