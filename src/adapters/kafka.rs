@@ -102,6 +102,14 @@ impl KafkaSettings {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.bootstrap_servers)
+            // Every request is sent as soon as it is made, as Kafka's own
+            // clients do (TCP_NODELAY): the relay waits for a key's
+            // acknowledgements before it sends that key's next event to
+            // another topic, and a commit or fetch waits for its answer, so
+            // a request held back for a previous segment's ACK is latency
+            // on the path of every event (BENCHMARKS.md, "The relay's round
+            // trips").
+            .set("socket.nagle.disable", "true")
             .set_log_level(RDKafkaLogLevel::Warning);
         config
     }
@@ -161,10 +169,13 @@ impl KafkaSettings {
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            // The relay hands a whole pass of rows over at once and waits for
-            // the acknowledgements before the next pass: lingering would only
-            // make every pass longer, not the requests fewer.
-            .set("linger.ms", "1")
+            // The relay hands a whole pass of rows over at once, and waits
+            // for a key's acknowledgements before that key's next event goes
+            // to another topic (a quantity change's Deallocated, then its
+            // Allocated): every wait is a round trip, and lingering only
+            // lengthens each. What is handed over while a request is in
+            // flight still goes out batched in the next one.
+            .set("linger.ms", "0")
             // A dead letter carries the inbound value back, plus headers: let
             // the broker, not librdkafka's 1 MB default, decide what fits.
             .set("message.max.bytes", "16777216")
