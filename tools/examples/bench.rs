@@ -135,6 +135,10 @@ struct Args {
     soak_report_secs: u64,
     /// The soak fails when the worker's peak RSS exceeds this.
     rss_limit_mib: f64,
+    /// `--no-analyze`: the tables are not vacuumed and analysed after the untimed loads
+    /// (the stock, the history), as in the first minute after a bulk
+    /// import into an empty database ([`Bench::analyze`]).
+    no_analyze: bool,
 }
 
 /// `90`, `90s`, `30m`, `2h`.
@@ -168,12 +172,14 @@ fn parse_args() -> Res<Args> {
         soak_duration: Duration::from_secs(30 * 60),
         soak_report_secs: 60,
         rss_limit_mib: 64.0,
+        no_analyze: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--small" => args.small = true,
             "--keep" => args.keep = true,
+            "--no-analyze" => args.no_analyze = true,
             "--seed" => {
                 args.seed = it
                     .next()
@@ -255,7 +261,7 @@ fn parse_args() -> Res<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--small] [--seed N] [--keep] [--latency-rate MSG_PER_S] [--latency-secs S] [--retention DURATION] [--backlog ROWS] [--products N] [--history LINES_PER_PRODUCT] [--soak-rate MSG_PER_S [--soak-duration 30m] [--soak-report-secs 60] [--rss-limit-mib 64]]"
+                    "usage: bench [--small] [--seed N] [--keep] [--latency-rate MSG_PER_S] [--latency-secs S] [--retention DURATION] [--backlog ROWS] [--products N] [--history LINES_PER_PRODUCT] [--no-analyze] [--soak-rate MSG_PER_S [--soak-duration 30m] [--soak-report-secs 60] [--rss-limit-mib 64]]"
                 );
                 std::process::exit(0);
             }
@@ -878,6 +884,32 @@ struct PhaseResult {
 }
 
 impl Bench {
+    /// Vacuums and analyses the bench's database, untimed, after a load
+    /// that filled it in seconds. A database that grows as a business does
+    /// is vacuumed and analysed by autovacuum as it goes; one filled in a
+    /// second is not until autovacuum's next visit, up to
+    /// `autovacuum_naptime` (a minute) later. Meanwhile each of the
+    /// worker's connections keeps the generic plans PostgreSQL made for its
+    /// statements while the tables were nearly empty (with 20,000
+    /// products, a sequential scan of `products` in every transaction),
+    /// and the visit, when it comes, vacuums the load's tables on the same
+    /// two cores as a timed phase (BENCHMARKS.md, "Bursts were plans made
+    /// on empty tables"). The runs measured whether a visit fell inside
+    /// them. `--no-analyze` keeps that state.
+    async fn analyze(&self, after: &str, skip: bool) -> Res<()> {
+        if skip {
+            eprintln!("{after}: the tables are neither vacuumed nor analysed (--no-analyze)");
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        sqlx::query("VACUUM (ANALYZE)").execute(&self.db).await?;
+        eprintln!(
+            "{after}: tables vacuumed and analysed in {:.2}s, untimed (as autovacuum would within a minute)",
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
     /// Hands one message to the producer; returns its delivery future.
     fn send(&mut self, m: &Msg) -> Res<rdkafka::producer::DeliveryFuture> {
         self.seq += 1;
@@ -1196,6 +1228,7 @@ async fn soak(bench: &mut Bench, args: &Args, rate: u64, bootstrap: &str, pid: u
             Duration::from_secs(600 + stock_len as u64 / 100),
         )
         .await?;
+    bench.analyze("soak stock", args.no_analyze).await?;
 
     // The witness reads the decisions all through the soak. Their Kafka
     // timestamps are set when the worker publishes them, so a long fetch
@@ -1754,12 +1787,16 @@ async fn drive(
     let lat_stock_msgs = take(&mut workload, stock_len);
     let lat_msgs = take(&mut workload, n_lat);
     let history = if args.history > 0 {
-        Some(bench.history(&skus_of(&stock_msgs), args.history).await?)
+        let history = bench.history(&skus_of(&stock_msgs), args.history).await?;
+        bench.analyze("history", args.no_analyze).await?;
+        Some(history)
     } else {
         None
     };
+    let stock = bench.phase("stock", &stock_msgs).await?;
+    bench.analyze("stock", args.no_analyze).await?;
     let phases = vec![
-        bench.phase("stock", &stock_msgs).await?,
+        stock,
         bench.phase("allocations", &alloc_msgs).await?,
         bench.phase("quantity-changes", &change_msgs).await?,
     ];
@@ -1779,6 +1816,9 @@ async fn drive(
     Bench::await_deliveries(ds).await?;
     bench
         .wait_done("latency stock", Duration::from_secs(300))
+        .await?;
+    bench
+        .analyze("latency run's stock", args.no_analyze)
         .await?;
     eprintln!(
         "latency run: {n_lat} AllocationRequired at {} msg/s",
