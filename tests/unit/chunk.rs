@@ -70,8 +70,12 @@ struct FakeStore {
     commits: AtomicUsize,
     /// The quantity drops each unit of work was told of before its first
     /// message, and how many messages it had handled by then.
-    drops_told: Mutex<Vec<(Vec<(String, u32)>, usize)>>,
+    drops_told: Mutex<Vec<DropsTold>>,
 }
+
+/// Quantity drops (batch, quantity) a unit of work was told of, and how
+/// many messages it had handled by then.
+type DropsTold = (Vec<(String, u32)>, usize);
 
 impl FakeStore {
     fn fail_next_commits(&self, fault: Fault, times: usize) {
