@@ -229,6 +229,36 @@ async fn a_product_with_100000_lines_is_loaded_and_decided_well_within_the_state
     .await
     .unwrap();
     assert_eq!((count, allocated), (LINES as i64 - 9, LINES as i64 - 9));
+
+    // A batch of messages that would drop the batch to nothing reads its
+    // lines before its first message in one bounded statement (the
+    // repository's page of 16,384 at most, not the history); the message
+    // reads the rest itself, newest first, down to the first line.
+    let mut uow = PgUnitOfWork::begin(&tight, &cache).await.unwrap();
+    uow.load(&[&sku], &[&big], &["drop-all"]).await.unwrap();
+    uow.load_freed_lines(&[(&big, 0)]).await.unwrap();
+    uow.start_message(context("drop-all"));
+    let product = uow.products().get(&sku).await.unwrap().unwrap();
+    let read_first = product.batch(&big).unwrap().allocations().len();
+    assert!(
+        (1..=16_384).contains(&read_first),
+        "one statement's bound: {read_first} lines"
+    );
+    let product = uow
+        .products()
+        .get_for_quantity_change(&big, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let lines = product.batch(&big).unwrap().allocations();
+    assert_eq!(lines.len(), LINES - 9, "every line, once");
+    assert_eq!(
+        lines[0].orderid,
+        oid(0),
+        "in allocation order, the first first"
+    );
+    assert_eq!(lines[lines.len() - 1].orderid, oid(LINES - 10));
+    drop(uow);
     drop(tight);
     drop_database(pool).await;
 }

@@ -354,9 +354,12 @@ impl PgProductRepository<'_> {
     /// then reads no lines message by message: each such read was a round
     /// trip made while the batch's products were locked, and the products'
     /// locks are what a batch of changes queues on. A message that needs
-    /// more (its batch was allocated to since) reads the rest itself
-    /// ([`Self::load_freed_lines`]); a batch whose lines are not there is
-    /// left to it too, and refused there.
+    /// more (its batch was allocated to since, or the statement's bound
+    /// left it out) reads the rest itself ([`Self::load_freed_lines`]); a
+    /// batch whose lines are not there is left to it too, and refused
+    /// there. The statement reads [`MOST_LINES`] lines at most, as one of
+    /// those reads may: a batch of drops of big batches must not make a
+    /// statement that `statement_timeout` could stop every time.
     pub(crate) async fn load_lines_freed_by(
         &mut self,
         changes: &[(&BatchRef, u32)],
@@ -377,7 +380,11 @@ impl PgProductRepository<'_> {
         let mut batch_ids: Vec<i64> = Vec::new();
         let mut belows: Vec<i64> = Vec::new();
         let mut limits: Vec<i64> = Vec::new();
+        let mut budget = MOST_LINES;
         for (reference, qty) in lowest {
+            if budget == 0 {
+                break;
+            }
             let Some(&i) = self.owners.get(reference).and_then(|s| self.index.get(s)) else {
                 continue;
             };
@@ -400,7 +407,9 @@ impl PgProductRepository<'_> {
                     .unwrap_or(i64::MAX),
             );
             // Every line has a quantity of at least 1.
-            limits.push(wanted.min(MOST_LINES));
+            let limit = wanted.min(budget);
+            budget -= limit;
+            limits.push(limit);
         }
         if owners.is_empty() {
             return Ok(());
