@@ -440,23 +440,37 @@ impl PgProductRepository<'_> {
             }
         }
         for ((i, reference), rows) in owners.into_iter().zip(read) {
-            let Some(&(earliest, _, _)) = rows.last() else {
-                continue;
-            };
-            let sku = self.seen[i].product.sku().clone();
-            let mut lines = Vec::with_capacity(rows.len());
-            for (_, orderid, qty) in rows.into_iter().rev() {
-                lines.push(OrderLine {
-                    orderid: stored_name(OrderId::parse(orderid))?,
-                    sku: sku.clone(),
-                    qty: stored_qty(qty)?,
-                });
-            }
-            let tracked = &mut self.seen[i];
-            tracked.product.learn_earlier_lines(reference, lines);
-            tracked.read_down_to.insert(reference.clone(), earliest);
+            self.learn_earlier_rows(i, reference, rows)?;
         }
         Ok(())
+    }
+
+    /// Gives tracked product `i` the rows of batch `reference` read below
+    /// every line it knows, newest first (id, order id, quantity), and
+    /// records how far down the batch is now known. `false` when there were
+    /// none.
+    fn learn_earlier_rows(
+        &mut self,
+        i: usize,
+        reference: &BatchRef,
+        rows: Vec<(i64, String, i64)>,
+    ) -> Result<bool, RepositoryError> {
+        let Some(&(earliest, _, _)) = rows.last() else {
+            return Ok(false);
+        };
+        let sku = self.seen[i].product.sku().clone();
+        let mut lines = Vec::with_capacity(rows.len());
+        for (_, orderid, qty) in rows.into_iter().rev() {
+            lines.push(OrderLine {
+                orderid: stored_name(OrderId::parse(orderid))?,
+                sku: sku.clone(),
+                qty: stored_qty(qty)?,
+            });
+        }
+        let tracked = &mut self.seen[i];
+        tracked.product.learn_earlier_lines(reference, lines);
+        tracked.read_down_to.insert(reference.clone(), earliest);
+        Ok(true)
     }
 
     /// Gives tracked product `i` the stored lines of batch `reference` that
@@ -497,23 +511,11 @@ impl PgProductRepository<'_> {
             .fetch_all(&mut *self.tx)
             .await
             .map_err(classify)?;
-            let Some(&(earliest, _, _)) = rows.last() else {
+            if !self.learn_earlier_rows(i, reference, rows)? {
                 // The stored sum counts lines that are not there: the
                 // product refuses the change rather than guess.
                 return Ok(());
-            };
-            let sku = self.seen[i].product.sku().clone();
-            let mut lines = Vec::with_capacity(rows.len());
-            for (_, orderid, qty) in rows.into_iter().rev() {
-                lines.push(OrderLine {
-                    orderid: stored_name(OrderId::parse(orderid))?,
-                    sku: sku.clone(),
-                    qty: stored_qty(qty)?,
-                });
             }
-            let tracked = &mut self.seen[i];
-            tracked.product.learn_earlier_lines(reference, lines);
-            tracked.read_down_to.insert(reference.clone(), earliest);
             most = (most * 4).min(MOST_LINES);
         }
     }
