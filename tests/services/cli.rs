@@ -265,6 +265,28 @@ fn help_lists_every_command() {
     assert!(help.contains("outbox-quarantine"), "{help}");
 }
 
+/// The binary allocates with jemalloc, set to give freed pages back at once
+/// and to keep one arena (src/main.rs): what bounds the worker's RSS after a
+/// burst (BENCHMARKS.md, "The allocator"). jemalloc prints its settings at
+/// exit when `MALLOC_CONF` asks for its statistics (only the general part,
+/// which lists them); the C library's malloc prints nothing.
+#[test]
+fn the_binary_allocates_with_jemalloc_set_to_return_freed_pages_at_once() {
+    let out = worker(
+        &["--help"],
+        &[("MALLOC_CONF", "stats_print:true,stats_print_opts:mdablxe")],
+    );
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for setting in [
+        "opt.narenas: 1\n",
+        "opt.dirty_decay_ms: 0 ",
+        "opt.muzzy_decay_ms: 0 ",
+    ] {
+        assert!(stats.contains(setting), "no {setting:?} in:\n{stats}");
+    }
+}
+
 /// Every duration setting reads a bare number as seconds, as the README's
 /// "`--duration 15`" does, and still takes humantime strings (the tools'
 /// `simulate` and `watch` flags: tools/tests/simulate.rs).
