@@ -2,7 +2,7 @@
 //! one fresh database per test. Needs DATABASE_URL (see scripts/services.sh),
 //! or a Docker engine (a PostgreSQL container, see tests/support/src/containers.rs).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1380,6 +1380,75 @@ async fn the_workers_shard_of_a_key_is_the_databases() {
         rust.iter().collect::<HashSet<_>>().len() == 32,
         "500 keys fall in every one of the 32 shards"
     );
+    drop_database(pool).await;
+}
+
+/// A relay's pass takes the lowest pending ids of the shards it holds,
+/// across those shards, with the rows an older release left without a shard
+/// found by their key's shard, and nothing of the shards it does not hold:
+/// for every shard held (each is a branch of its own in the statement), a
+/// few, one, or none, and limits below and above what is pending.
+#[tokio::test]
+async fn a_pass_takes_the_lowest_pending_ids_of_the_shards_it_holds() {
+    use allocation_worker::adapters::relay::{PgRelayStore, RelayStore};
+
+    let pool = fresh_database().await;
+    // 2,000 events of 400 keys, in key order round by round so that every
+    // shard's ids interleave with the others'; every ninth pending id
+    // without its shard, as an older release writes it.
+    sqlx::query(
+        "WITH r AS ( \
+             INSERT INTO outbox (kind, message_key, payload, headers) \
+             SELECT 'Allocated', convert_to('SKU-' || (g % 400), 'UTF8'), '{}', '' \
+             FROM generate_series(0, 1999) g ORDER BY g RETURNING id, message_key) \
+         INSERT INTO outbox_pending (id, shard) \
+         SELECT id, CASE WHEN id % 9 = 0 THEN NULL ELSE outbox_shard(message_key) END FROM r",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let shard_of_id: BTreeMap<i64, i16> = sqlx::query_as::<_, (i64, i16)>(
+        "SELECT id, outbox_shard(message_key) FROM outbox ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let used: BTreeSet<i16> = shard_of_id.values().copied().collect();
+    assert_eq!(used.len(), 32, "400 keys fall in every shard");
+
+    let store = PgRelayStore::new(pool.clone());
+    let mut session = store.connect(Duration::from_secs(60)).await.unwrap();
+    let every: Vec<i16> = (0..32).collect();
+    let even: Vec<i16> = (0..32).filter(|s| s % 2 == 0).collect();
+    let last: Vec<i16> = vec![31, 3, 17];
+    for held in [every, even, last, vec![5], vec![]] {
+        for limit in [1_i64, 7, 100, 3_000] {
+            let taken: Vec<i64> = store
+                .take_pending(
+                    &mut session,
+                    &held,
+                    limit,
+                    i64::MAX,
+                    1,
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|row| row.id)
+                .collect();
+            let wanted: Vec<i64> = shard_of_id
+                .iter()
+                .filter(|(_, shard)| held.contains(shard))
+                .map(|(id, _)| *id)
+                .take(usize::try_from(limit).unwrap())
+                .collect();
+            assert_eq!(taken, wanted, "shards {held:?}, limit {limit}");
+        }
+    }
+    store.close(session).await;
     drop_database(pool).await;
 }
 

@@ -336,21 +336,15 @@ impl RelayStore for MemStore {
         self.statement(session, |db, _| {
             let wanted: BTreeSet<i16> = shards.iter().copied().collect();
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            // Per shard its first `limit` pending ids, then the first
-            // `limit` of those in id order: as the SQL reads them.
-            let mut per_shard: BTreeMap<i16, usize> = BTreeMap::new();
-            let mut ids: Vec<i64> = Vec::new();
-            for id in &db.pending {
-                let shard = db.rows[id].shard;
-                if wanted.contains(&shard) {
-                    let n = per_shard.entry(shard).or_default();
-                    if *n < limit {
-                        *n += 1;
-                        ids.push(*id);
-                    }
-                }
-            }
-            ids.truncate(limit);
+            // The first `limit` pending ids of those shards, in id order,
+            // as the SQL reads them.
+            let ids: Vec<i64> = db
+                .pending
+                .iter()
+                .filter(|id| wanted.contains(&db.rows[*id].shard))
+                .take(limit)
+                .copied()
+                .collect();
             let total = ids.len() as i64;
             let mut upto = 0i64;
             let mut rows = Vec::new();
