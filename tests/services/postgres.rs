@@ -1422,8 +1422,8 @@ async fn a_pass_takes_the_lowest_pending_ids_of_the_shards_it_holds() {
     let mut session = store.connect(Duration::from_secs(60)).await.unwrap();
     let every: Vec<i16> = (0..32).collect();
     let even: Vec<i16> = (0..32).filter(|s| s % 2 == 0).collect();
-    let last: Vec<i16> = vec![31, 3, 17];
-    for held in [every, even, last, vec![5], vec![]] {
+    let three_unsorted: Vec<i16> = vec![31, 3, 17];
+    for held in [every, even, three_unsorted, vec![5], vec![]] {
         for limit in [1_i64, 7, 100, 3_000] {
             let taken: Vec<i64> = store
                 .take_pending(
