@@ -550,7 +550,7 @@ impl PgProductRepository<'_> {
         // batch per load. A message that names a batch looks its owner up.
         for row in batch_rows {
             let owner = sku_of(&row.1)?;
-            let (id, batch) = stored_batch(row)?;
+            let (id, batch) = stored_batch_of(owner, row)?;
             let entry = batches.entry(owner.as_str()).or_default();
             entry.1.insert(batch.reference().clone(), id);
             entry.0.push((id, batch));
@@ -668,7 +668,17 @@ impl PgProductRepository<'_> {
 
 /// A `batches` row as the domain's batch, with its row id.
 fn stored_batch(row: BatchRow) -> Result<(i64, Batch), RepositoryError> {
-    let (id, sku, reference, purchased, created, eta, allocated) = row;
+    let sku = stored_name(Sku::parse(row.1.as_str()))?;
+    stored_batch_of(&sku, row)
+}
+
+/// A `batches` row of the product `sku` (the row's own `sku`, read by the
+/// caller) as the domain's batch, with its row id. The batch shares the
+/// product's name rather than holding a copy: a cached product of three
+/// batches was 1,392 bytes of heap in 13 allocations, 3 of them its
+/// batches' copies of its SKU (`tools/examples/cached_product.rs`).
+fn stored_batch_of(sku: &Sku, row: BatchRow) -> Result<(i64, Batch), RepositoryError> {
+    let (id, _, reference, purchased, created, eta, allocated) = row;
     if allocated < 0 {
         return Err(RepositoryError::Unavailable(
             format!("invalid stored allocated quantity {allocated}").into(),
@@ -676,7 +686,7 @@ fn stored_batch(row: BatchRow) -> Result<(i64, Batch), RepositoryError> {
     }
     let batch = Batch::restore_summary(
         stored_name(BatchRef::parse(reference))?,
-        stored_name(Sku::parse(sku))?,
+        sku.clone(),
         stored_qty(purchased)?,
         eta,
         allocated,
