@@ -219,6 +219,7 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<(
 
     let settings_shutdown_timeout = settings.worker.shutdown_timeout;
     let store = PgStore::new(pool.clone())
+        .with_product_cache_mib(settings.product_cache_mib)
         .with_waiting_gauge(metrics.db_pool_waiting.clone())
         .with_cache_lookups(&metrics.product_cache_lookups)
         .with_written_shards(written);

@@ -59,6 +59,9 @@ pub struct RunSettings {
     pub(crate) health_poll_timeout: Duration,
     /// `/readyz` fails once a partition has failed its batch this long.
     pub(crate) partition_stall_timeout: Duration,
+    /// The product cache's bound, in MiB of its estimate
+    /// (`PRODUCT_CACHE_MIB`).
+    pub(crate) product_cache_mib: u32,
 }
 
 /// Where PostgreSQL is, and how many connections the worker may open.

@@ -83,6 +83,16 @@ fn the_read_model_settings_are_checked() {
 }
 
 #[test]
+fn the_product_cache_bound_is_checked() {
+    for bad in ["0", "16385", "lots", "-1"] {
+        assert_config_error(
+            &worker(&["run"], &[DB, KAFKA, ("PRODUCT_CACHE_MIB", bad)]),
+            "--product-cache-mib",
+        );
+    }
+}
+
+#[test]
 fn rewind_offsets_refuses_a_group_id_among_the_properties() {
     // It would rewind another group than KAFKA_GROUP_ID names.
     assert_config_error(

@@ -38,22 +38,26 @@ pub struct ProductCache {
     lookups: Option<(IntCounter, IntCounter)>,
 }
 
-/// Bytes, roughly, that the cached products may take (see [`StoredWeight`]):
-/// about 16,000 products of one batch, or 3,000 of ten. A miss costs one
-/// indexed read of the product's batches (about 0.1 ms, in the same
-/// statement as the transaction's other misses), so the bound is set by the
-/// worker's memory, not by the catalogue: with 16 MiB here and 65,536
-/// owners below, a catalogue of 20,000 products took the worker's peak RSS
-/// from 37 to about 70 MiB, over the 64 MiB the deployment plans for
-/// (BENCHMARKS.md, "A wide catalogue").
-pub(crate) const CACHE_BYTES: u64 = 8 << 20;
+/// The bound by default, in MiB of the estimate ([`StoredWeight`]): about
+/// 16,000 products of one batch, 6,900 of three, or 3,000 of ten. A miss
+/// costs one indexed read of the product's batches (about 0.1 ms, in the
+/// same statement as the transaction's other misses), so the bound is set
+/// by the worker's memory, not by the catalogue: twice this, with twice the
+/// owners, took a catalogue of 20,000 products to a peak RSS of about 70
+/// MiB (with the C library's malloc), over the 64 MiB the deployment plans
+/// for (BENCHMARKS.md, "A wide catalogue"). `PRODUCT_CACHE_MIB` sets it for
+/// a deployment that can spare the memory: at 32, which holds all 20,000,
+/// their bursts took 56.5 ms of CPU per 1,000 lines against 84.5, at a
+/// peak RSS of 87.7 MiB against 56.2 ("A wide catalogue in a burst").
+pub(crate) const DEFAULT_MIB: u32 = 8;
 
-/// Batch owners kept: about 100 bytes each.
-pub(crate) const CACHED_OWNERS: usize = 32_768;
+/// Batch owners kept per MiB of the bound: about 100 bytes each, 32,768 at
+/// the default.
+const OWNERS_PER_MIB: usize = 4_096;
 
 impl Default for ProductCache {
     fn default() -> Self {
-        Self::with_capacity(CACHE_BYTES, CACHED_OWNERS)
+        Self::with_mib(DEFAULT_MIB)
     }
 }
 
@@ -89,6 +93,25 @@ impl Weighter<Sku, Stored> for StoredWeight {
 }
 
 impl ProductCache {
+    /// A cache of at most about `mib` MiB of products, as [`StoredWeight`]
+    /// estimates them, and of their batches' owners in proportion.
+    pub(crate) fn with_mib(mib: u32) -> Self {
+        let mib = mib.max(1);
+        Self::with_capacity(
+            u64::from(mib) << 20,
+            OWNERS_PER_MIB.saturating_mul(mib as usize),
+        )
+    }
+
+    /// The same cache, empty, bounded at `mib` instead; it counts its
+    /// lookups where this one did.
+    pub(crate) fn resized(self, mib: u32) -> Self {
+        Self {
+            lookups: self.lookups,
+            ..Self::with_mib(mib)
+        }
+    }
+
     /// A cache of at most about `bytes` of products and `owners` batch owners.
     pub(crate) fn with_capacity(bytes: u64, owners: usize) -> Self {
         let estimated = usize::try_from(bytes / (PRODUCT_BYTES + BATCH_BYTES)).unwrap_or(1);
@@ -235,6 +258,44 @@ mod tests {
             cache.take_current(&last, 4, 1).is_some(),
             "the newest is there"
         );
+    }
+
+    #[test]
+    fn the_bound_in_mib_sets_how_many_products_are_kept_and_survives_a_resize() {
+        let lookups = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("lookups", "lookups"),
+            &["result"],
+        )
+        .unwrap();
+        let mut cache = ProductCache::default();
+        cache.count_lookups(&lookups);
+        // 1 MiB: about 860 products of three batches by the estimate.
+        let cache = cache.resized(1);
+        let per_product = PRODUCT_BYTES + 3 * BATCH_BYTES;
+        for i in 0..3_000 {
+            cache.put_back([stored(&format!("SKU-{i}"), 3, 1)]);
+        }
+        let room = (1 << 20) / per_product as usize;
+        assert!(
+            cache.len() <= room + room / 10,
+            "bounded near {room}: {}",
+            cache.len()
+        );
+        assert!(cache.len() >= room / 2, "most of it kept: {}", cache.len());
+        let last = Sku::parse("SKU-2999").unwrap();
+        assert!(cache.take_current(&last, 4, 1).is_some());
+        assert_eq!(
+            lookups.with_label_values(&["hit"]).get(),
+            1,
+            "still counted"
+        );
+
+        // Eight times the room, as PRODUCT_CACHE_MIB=8 (the default) gives.
+        let cache = ProductCache::with_mib(DEFAULT_MIB);
+        for i in 0..3_000 {
+            cache.put_back([stored(&format!("SKU-{i}"), 3, 1)]);
+        }
+        assert_eq!(cache.len(), 3_000, "all of them fit in the default");
     }
 
     #[test]

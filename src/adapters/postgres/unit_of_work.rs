@@ -135,6 +135,13 @@ impl PgStore {
         self
     }
 
+    /// Bounds the product cache at `mib` MiB of its estimate
+    /// (`PRODUCT_CACHE_MIB`) instead of the default.
+    pub fn with_product_cache_mib(mut self, mib: u32) -> Self {
+        self.cache = std::mem::take(&mut self.cache).resized(mib);
+        self
+    }
+
     /// Counts the product cache's hits and misses in `lookups`.
     pub(crate) fn with_cache_lookups(mut self, lookups: &prometheus::IntCounterVec) -> Self {
         self.cache.count_lookups(lookups);
