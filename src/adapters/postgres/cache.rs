@@ -39,7 +39,7 @@ pub struct ProductCache {
 }
 
 /// The bound by default, in MiB of the estimate ([`StoredWeight`]): about
-/// 16,000 products of one batch, 6,900 of three, or 3,000 of ten. A miss
+/// 14,500 products of one batch, 6,900 of three, or 2,400 of ten. A miss
 /// costs one indexed read of the product's batches (about 0.1 ms, in the
 /// same statement as the transaction's other misses), so the bound is set
 /// by the worker's memory, not by the catalogue: twice this, with twice the
@@ -51,8 +51,10 @@ pub struct ProductCache {
 /// peak RSS of 87.7 MiB against 56.2 ("A wide catalogue in a burst").
 pub(crate) const DEFAULT_MIB: u32 = 8;
 
-/// Batch owners kept per MiB of the bound: about 100 bytes each, 32,768 at
-/// the default.
+/// Batch owners kept per MiB of the bound, 32,768 at the default: about
+/// 250 bytes of RSS each (27,000 more took 6.6 MiB more, BENCHMARKS.md, "A
+/// wide catalogue in a burst"), so about another MiB per MiB once there are
+/// that many batches.
 const OWNERS_PER_MIB: usize = 4_096;
 
 impl Default for ProductCache {
